@@ -1,0 +1,77 @@
+"""Pack a verified export into a TorchServe archive with torch-model-archiver.
+
+    python -m export.archive --model digits --artifacts artifacts/digits --out model_store
+
+The .mar holds the artifact chosen by the registry's serve_backend, the handler adapter, the shared
+`models` and `handlers` packages it imports, the export manifest (preprocessing preset), the labels
+as index_to_name.json and the model-config YAML from serve_config/. Refuses an export that has not
+passed verification or whose files changed since. Writes <model>.mar.sha256 beside the archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from export import manifest as mf
+from export.verify import STAMP
+from models import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("models", "handlers")
+
+
+def stage(spec: registry.ModelSpec, artifacts: Path, staging: Path) -> Path:
+    """Lay out the extra files the handler needs; torch-model-archiver copies the folder's contents."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, staging / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    manifest = mf.read(artifacts)
+    shutil.copy2(artifacts / mf.MANIFEST, staging / mf.MANIFEST)
+    (staging / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(manifest["labels"])}))
+    return staging
+
+
+def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Path, version: str = "1.0") -> Path:
+    manifest = mf.read(artifacts)
+    stamp_path = artifacts / STAMP
+    if not stamp_path.exists():
+        raise SystemExit(f"{artifacts} is not verified: run `make verify MODEL={spec.name}` first")
+    if json.loads(stamp_path.read_text())["manifest_sha256"] != mf.sha256(artifacts / mf.MANIFEST):
+        raise SystemExit(f"{artifacts}/{mf.MANIFEST} changed after verification: verify again")
+    mf.check_integrity(artifacts, manifest)
+    serialized = artifacts / manifest["artifacts"][spec.serve_artifact]["file"]
+    staging = stage(spec, artifacts, ROOT / "build" / spec.name / "mar-extra")
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", spec.name, "--version", version,
+         "--serialized-file", str(serialized), "--handler", str(ROOT / spec.handler), "--extra-files", str(staging),
+         "--config-file", str(config), "--export-path", str(out), "--force"],
+        check=True,
+    )
+    mar = out / f"{spec.name}.mar"
+    (out / f"{spec.name}.mar.sha256").write_text(f"{mf.sha256(mar)}  {mar.name}\n")
+    print(f"{spec.name}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, backend {spec.serve_backend}: {serialized.name})")
+    return mar
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="model-config YAML (default serve_config/<model>.yaml)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    spec = registry.get(args.model)
+    archive(spec, args.artifacts, args.out, config=args.config or ROOT / "serve_config" / f"{spec.name}.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Verify exported artifacts against the eager model; exit non-zero on any failure.
+
+    python -m export.verify --model digits --checkpoint checkpoints/digits --artifacts artifacts/digits
+
+Each artifact is loaded in a fresh Python process (so nothing cached by the export or by another
+artifact can hide a problem) with the backend that serves it: ONNX Runtime for .onnx, torch.jit.load
+for TorchScript. Each is compared with the eager model from the checkpoint on every batch size in the
+registry, with real held-out images and with random inputs: max |diff| per output against the
+registry's tolerance. Top-1 agreement is measured over the whole held-out split. All failures are
+collected and reported together; on success a stamp (verified.json) records the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export import manifest as mf
+from models import checkpoint, registry
+
+
+class ToleranceError(RuntimeError):
+    """An artifact differs from eager beyond the registry's tolerance."""
+
+
+STAMP = "verified.json"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_inputs(spec: registry.ModelSpec, batch: int, kind: str, real: torch.Tensor | None) -> list[torch.Tensor]:
+    """Inputs for one check: `batch` held-out images (cycled) or seeded random tensors of the input spec."""
+    if kind == "real":
+        idx = torch.arange(batch) % real.shape[0]
+        return [real[idx]]
+    generator = torch.Generator().manual_seed(1000 + batch)
+    return [torch.randn((batch, *t.example_shape[1:]), generator=generator, dtype=getattr(torch, t.dtype))
+            for t in spec.inputs]
+
+
+def held_out_inputs(spec: registry.ModelSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The test split through the model's preset, or None for a model without a dataset."""
+    if spec.dataset is None:
+        return None
+    from models.preprocessing import build_preset
+
+    split = registry.resolve(spec.dataset)()
+    preset = build_preset(spec.preset)
+    return torch.stack([preset.from_array(x) for x in split.test_images]), torch.as_tensor(split.test_labels)
+
+
+def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) -> dict[str, Any]:
+    """Run in the fresh process: compare one artifact with eager; return the figures (no judgement)."""
+    from handlers.runtime import ThreadBudget, load_runner
+
+    torch.manual_seed(0)
+    model, _ = checkpoint.load(checkpoint_dir)
+    runner = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
+    held_out = held_out_inputs(spec)
+    checks = []
+    for kind in (("real", "random") if held_out is not None else ("random",)):
+        for batch in spec.verify_batch_sizes:
+            inputs = reference_inputs(spec, batch, kind, held_out[0] if held_out else None)
+            with torch.inference_mode():
+                expected = model(*inputs)
+            expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+            got = runner(inputs)
+            for name, e, g in zip(spec.outputs, expected, got):
+                shape_ok = tuple(e.shape) == tuple(g.shape)
+                diff = (e.float() - g.float()).abs().max().item() if shape_ok else float("inf")
+                checks.append({"inputs": kind, "batch": batch, "output": name, "max_abs_diff": diff,
+                               "shape": list(g.shape), "expected_shape": list(e.shape)})
+    agreement = None
+    if held_out is not None:
+        images, _labels = held_out
+        agree = 0
+        for start in range(0, len(images), 64):
+            chunk = images[start : start + 64]
+            with torch.inference_mode():
+                eager_top1 = model(chunk).argmax(dim=1)
+            agree += (runner([chunk])[0].argmax(dim=1) == eager_top1).sum().item()
+        agreement = agree / len(images)
+    return {"artifact": artifact.name, "checks": checks, "top1_agreement": agreement}
+
+
+def judge(spec: registry.ModelSpec, fmt: str, report: dict[str, Any]) -> list[str]:
+    """Every way `report` misses the registry's tolerance, as named, actionable messages."""
+    failures = []
+    for c in report["checks"]:
+        if c["shape"] != c["expected_shape"]:
+            failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} shape {c['shape']} != eager "
+                            f"{c['expected_shape']} at batch {c['batch']} ({c['inputs']} inputs)")
+        elif not c["max_abs_diff"] <= spec.tolerance.atol:  # also catches NaN
+            failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} max abs diff {c['max_abs_diff']:.3g} > "
+                            f"atol {spec.tolerance.atol:g} at batch {c['batch']} ({c['inputs']} inputs)")
+    agreement = report["top1_agreement"]
+    if agreement is not None and agreement < spec.tolerance.min_top1_agreement:
+        failures.append(f"{report['artifact']} ({fmt}) top-1 agreement with eager {agreement:.4f} < "
+                        f"{spec.tolerance.min_top1_agreement} on the held-out split")
+    return failures
+
+
+def run_fresh(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) -> dict[str, Any]:
+    """check_artifact() in a new interpreter; its JSON report is the last line of its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.verify", "--model", spec.name, "--checkpoint", str(checkpoint_dir),
+         "--artifacts", str(artifact.parent), "--worker", artifact.name, "--spec-json", json.dumps(spec.to_json())],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        raise ToleranceError(f"{artifact} could not be loaded or run in a fresh process:\n{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) -> dict[str, Any]:
+    """Verify every artifact in the manifest; raise ToleranceError listing all failures, else return the stamp."""
+    manifest = mf.read(artifacts_dir)
+    mf.check_integrity(artifacts_dir, manifest)
+    results, failures = {}, []
+    for fmt, entry in manifest["artifacts"].items():
+        try:
+            report = run_fresh(spec, checkpoint_dir, artifacts_dir / entry["file"])
+        except ToleranceError as err:
+            failures.append(str(err))
+            continue
+        failures += judge(spec, fmt, report)
+        worst = max(report["checks"], key=lambda c: c["max_abs_diff"])
+        results[fmt] = {"file": entry["file"], "sha256": entry["sha256"], "max_abs_diff": worst["max_abs_diff"],
+                        "worst_at": {k: worst[k] for k in ("batch", "inputs", "output")},
+                        "top1_agreement": report["top1_agreement"], "checks": len(report["checks"])}
+        agreement = "n/a" if report["top1_agreement"] is None else f"{report['top1_agreement']:.4f}"
+        print(f"{spec.name}: {fmt:6s} max abs diff {worst['max_abs_diff']:.3g} (atol {spec.tolerance.atol:g}, "
+              f"worst at batch {worst['batch']} {worst['inputs']})  top-1 agreement {agreement}  "
+              f"[{len(report['checks'])} checks, batches {list(spec.verify_batch_sizes)}]", flush=True)
+    if failures:
+        raise ToleranceError(f"{len(failures)} verification failure(s) for {spec.name}:\n  " + "\n  ".join(failures))
+    stamp = {"model": spec.name, "manifest_sha256": mf.sha256(artifacts_dir / mf.MANIFEST),
+             "tolerance": {"atol": spec.tolerance.atol, "min_top1_agreement": spec.tolerance.min_top1_agreement},
+             "artifacts": results}
+    (artifacts_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    return stamp
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)  # internal: the fresh-process side
+    parser.add_argument("--spec-json", help=argparse.SUPPRESS)  # internal: the parent's spec, registered or not
+    args = parser.parse_args(argv)
+    spec = registry.ModelSpec.from_json(json.loads(args.spec_json)) if args.spec_json else registry.get(args.model)
+    if args.worker:
+        print(json.dumps(check_artifact(spec, args.checkpoint, args.artifacts / args.worker)))
+        return 0
+    stamp_path = args.artifacts / STAMP
+    stamp_path.unlink(missing_ok=True)
+    try:
+        verify(spec, args.checkpoint, args.artifacts)
+    except (ToleranceError, mf.IntegrityError) as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(f"{spec.name}: all artifacts verified; stamp {stamp_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

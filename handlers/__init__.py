@@ -1,0 +1,1 @@
+"""Serving: pure request/batch functions, the runtime (device policy and backends), TorchServe adapters."""

@@ -1,0 +1,197 @@
+"""Pure request and batch functions for image classifiers. Nothing here knows about TorchServe.
+
+One request in, one answer out: `ImageClassifier.process` takes a batch of requests and returns, per
+request, either a JSON string of predictions or a `RequestError` that carries its own HTTP status
+and JSON body. A bad request never fails its neighbours.
+
+Accepted request forms (per request):
+- the raw image bytes as the body (`curl --data-binary @digit.png`);
+- a multipart/form-data upload (`curl -F data=@digit.png`; the part named data, file or image, else
+  the first file part);
+- JSON `{"image": "<base64>"}` (a `data:image/...;base64,` prefix is accepted).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http
+import json
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from models.preprocessing import ImageTooLarge, InvalidImage, decode_image
+
+logger = logging.getLogger(__name__)
+
+PREFERRED_PARTS = ("data", "file", "image")
+
+
+class RequestError(Exception):
+    """A problem with one request: an HTTP status, a short type name and a message for the client."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+    @property
+    def phrase(self) -> str:
+        return http.HTTPStatus(self.status).phrase
+
+    def body(self) -> str:
+        return json.dumps({"code": self.status, "type": self.kind, "message": self.message})
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Per-model serving settings, read from the `handler:` section of the model-config YAML."""
+
+    topk: int = 5
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 16 * 1024 * 1024
+    intra_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 1:
+                raise ValueError(f"handler.{f.name} must be a positive integer, got {getattr(self, f.name)!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "ClassifierConfig":
+        """Build from the YAML mapping; unknown keys are an error so a typo does not pass silently."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown handler settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def content_type_of(headers: Mapping[str, Any] | None) -> str:
+    """The media type (no parameters, lower case) from a header mapping, or ''."""
+    for key, value in (headers or {}).items():
+        if key.lower() == "content-type" and isinstance(value, str):
+            return value.split(";", 1)[0].strip().lower()
+    return ""
+
+
+def _from_json(value: Any) -> bytes:
+    if not isinstance(value, dict):
+        raise RequestError(400, "InvalidJSON", f'JSON body must be an object like {{"image": "<base64>"}}, got {type(value).__name__}')
+    image = value.get("image")
+    if image is None:
+        raise RequestError(400, "InvalidJSON", 'JSON body has no "image" field; send {"image": "<base64>"}')
+    if not isinstance(image, str):
+        raise RequestError(400, "InvalidJSON", f'"image" must be a base64 string, got {type(image).__name__}')
+    if image.startswith("data:") and "," in image:
+        image = image.split(",", 1)[1]
+    try:
+        return base64.b64decode(image.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "InvalidBase64", '"image" is not valid base64') from None
+
+
+def _from_body(value: Any, content_type: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        if content_type == "application/json":  # TorchServe forwards undecodable JSON as raw bytes
+            try:
+                parsed = json.loads(bytes(value).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: {err}") from None
+            return _from_json(parsed)
+        return bytes(value)
+    if isinstance(value, str):
+        if content_type == "application/json":
+            return _from_json(_parse_json_text(value))
+        raise RequestError(400, "UnsupportedInput", f"a {content_type or 'text'} body is not an image; send the image "
+                                                    'bytes, a multipart upload, or JSON {"image": "<base64>"}')
+    return _from_json(value)  # TorchServe already parsed an application/json body
+
+
+def _parse_json_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: {err}") from None
+
+
+def extract_image_bytes(request: Mapping[str, Any], content_type: str = "", *, max_bytes: int) -> bytes:
+    """The image bytes of one TorchServe request dict, whichever of the three forms it came in."""
+    if content_type == "application/x-www-form-urlencoded":
+        # TorchServe's frontend parses such bodies as HTML forms and drops the raw bytes, so an image
+        # sent this way (curl --data-binary without a Content-Type) cannot be recovered here.
+        raise RequestError(415, "UnsupportedMediaType",
+                           "the body was sent as application/x-www-form-urlencoded (curl's default for --data-binary), "
+                           "which the server parses as a form; send the image with -H 'Content-Type: image/png' "
+                           "(or application/octet-stream), with curl -T, or as a multipart upload (-F data=@file)")
+    if not request:
+        raise RequestError(400, "EmptyRequest", "the request has no body")
+    if "body" in request:
+        data = _from_body(request["body"], content_type)
+    else:  # multipart/form-data: one entry per part
+        name = next((n for n in PREFERRED_PARTS if n in request), None)
+        if name is None:
+            name = next((n for n, v in request.items() if isinstance(v, (bytes, bytearray))), None)
+        if name is None:
+            raise RequestError(400, "UnsupportedInput", f"the multipart request has no file part; "
+                                                        f"upload the image as one of {list(PREFERRED_PARTS)}")
+        value = request[name]
+        data = bytes(value) if isinstance(value, (bytes, bytearray)) else _from_body(value, "")
+    if not data:
+        raise RequestError(400, "EmptyRequest", "the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise RequestError(413, "PayloadTooLarge", f"the image is {len(data)} bytes; this model accepts at most {max_bytes}")
+    return data
+
+
+def topk_predictions(probs: torch.Tensor, labels: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
+    """(B, C) probabilities -> per row, the top k as [{"label", "index", "score"}], best first."""
+    scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [
+        [{"label": labels[i], "index": i, "score": round(s, 6)} for s, i in zip(row_s.tolist(), row_i.tolist())]
+        for row_s, row_i in zip(scores, indices)
+    ]
+
+
+class ImageClassifier:
+    """decode -> collate -> one forward pass -> top-k, with one answer per request."""
+
+    def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: Callable,
+                 labels: Sequence[str], config: ClassifierConfig) -> None:
+        self.runner, self.preset, self.labels, self.config = runner, preset, list(labels), config
+
+    def decode(self, request: Mapping[str, Any], content_type: str = "") -> torch.Tensor:
+        """One request -> its model input tensor, or RequestError naming what is wrong with it."""
+        data = extract_image_bytes(request, content_type, max_bytes=self.config.max_image_bytes)
+        try:
+            return self.preset(decode_image(data, max_pixels=self.config.max_image_pixels))
+        except ImageTooLarge as err:
+            raise RequestError(413, "ImageTooLarge", str(err)) from None
+        except InvalidImage as err:
+            raise RequestError(400, "InvalidImage", str(err)) from None
+
+    def predict(self, batch: torch.Tensor) -> list[list[dict[str, Any]]]:
+        """(B, C, H, W) -> top-k predictions per row."""
+        logits = self.runner([batch])[0]
+        return topk_predictions(torch.softmax(logits.float(), dim=1), self.labels, self.config.topk)
+
+    def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> list[str | RequestError]:
+        """A batch of requests -> per request, a JSON string of predictions or a RequestError."""
+        results: list[str | RequestError | None] = [None] * len(requests)
+        tensors, positions = [], []
+        for idx, (request, ctype) in enumerate(zip(requests, content_types)):
+            try:
+                tensors.append(self.decode(request, ctype))
+                positions.append(idx)
+            except RequestError as err:
+                results[idx] = err
+            except Exception:  # a decoder bug must cost this request only, never its batch
+                logger.exception("unexpected error decoding request %d", idx)
+                results[idx] = RequestError(500, "InternalError", "the request could not be processed")
+        if tensors:
+            for idx, prediction in zip(positions, self.predict(torch.stack(tensors))):
+                results[idx] = json.dumps(prediction)
+        return results  # type: ignore[return-value]

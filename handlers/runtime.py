@@ -1,0 +1,142 @@
+"""Device policy and model backends, shared by the handlers, export verification and the benchmarks.
+
+A runner takes a list of input tensors (batch first, on the CPU) and returns a list of output tensors
+on the CPU. Two backends:
+- ONNX Runtime: providers picked from what the host really has (asking for CUDA on a CPU-only host
+  makes onnxruntime-gpu log errors), threads and spinning set on purpose (ORT's spinning threads
+  otherwise starve PyTorch and other workers on the same cores); on a GPU, inputs are bound on the
+  device with IO binding;
+- TorchScript: torch.jit.load onto the worker's device; on a GPU, batches are copied from pinned
+  memory with non_blocking=True.
+Nothing here runs at import time; thread settings are applied by the caller that owns the process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+class Runner(Protocol):
+    device: torch.device
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+
+def select_device(gpu_id: int | str | None, *, cuda_available: bool | None = None) -> torch.device:
+    """The worker's device: cuda:<gpu_id> when TorchServe assigned a GPU and CUDA is usable, else CPU."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if gpu_id is None or gpu_id == "" or not cuda_available:
+        return torch.device("cpu")
+    return torch.device("cuda", int(gpu_id))
+
+
+def ort_providers(device: torch.device, available: Sequence[str] | None = None) -> list:
+    """ORT execution providers for `device`: CUDA with its device_id only on a CUDA device, else CPU alone."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """Threads one worker may use. `intra_op` is the parallelism of one forward pass; spinning is off
+    by default so idle ORT threads do not burn the cores other workers and the frontend need."""
+
+    intra_op: int = 1
+    inter_op: int = 1
+    spinning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.intra_op < 1 or self.inter_op < 1:
+            raise ValueError(f"thread counts must be >= 1, got intra_op={self.intra_op} inter_op={self.inter_op}")
+
+    def apply_to_torch(self) -> None:
+        """Set PyTorch's process-wide thread pools; call once from the process that owns them."""
+        torch.set_num_threads(self.intra_op)
+        try:
+            torch.set_num_interop_threads(self.inter_op)
+        except RuntimeError:
+            pass  # already fixed once parallel work has run in this process; intra-op is what matters
+
+
+class OrtRunner:
+    """An ONNX Runtime session with explicit threading and host-appropriate providers."""
+
+    def __init__(self, path: Path, device: torch.device, threads: ThreadBudget) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads.intra_op
+        options.inter_op_num_threads = threads.inter_op
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = "1" if threads.spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        if device.type == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels the installed PyTorch brought
+        self.device = device
+        self.session = ort.InferenceSession(str(path), options, providers=ort_providers(device))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.on_gpu = device.type == "cuda" and "CUDAExecutionProvider" in self.session.get_providers()
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"model takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        if self.on_gpu:
+            return self._run_bound(inputs)
+        feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.input_names, inputs)}
+        return [torch.from_numpy(out) for out in self.session.run(self.output_names, feeds)]
+
+    def _run_bound(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """GPU path: inputs stay on the device (bound by pointer); outputs are copied to the host once."""
+        binding = self.session.io_binding()
+        on_device = [t.pin_memory().to(self.device, non_blocking=True).contiguous() for t in inputs]
+        torch.cuda.current_stream(self.device).synchronize()
+        for name, tensor in zip(self.input_names, on_device):
+            binding.bind_input(name, "cuda", self.device.index or 0, _NUMPY_DTYPES[tensor.dtype], list(tensor.shape),
+                               tensor.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", self.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        return [torch.from_numpy(out) for out in binding.copy_outputs_to_cpu()]
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+
+
+class TorchScriptRunner:
+    """A TorchScript module on the worker's device, run under inference_mode."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.device = device
+        self.module = torch.jit.load(str(path), map_location=device).eval()
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                inputs = [t.pin_memory().to(self.device, non_blocking=True) for t in inputs]
+            out = self.module(*inputs)
+        outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [o.float().cpu() for o in outputs]
+
+
+def load_runner(path: Path, device: torch.device, threads: ThreadBudget) -> Runner:
+    """Pick the backend from the artifact's file type (.onnx -> ONNX Runtime, .pt -> TorchScript)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OrtRunner(path, device, threads)
+    if path.suffix == ".pt":
+        return TorchScriptRunner(path, device)
+    raise ValueError(f"no backend for {path.name}: expected a .onnx or a TorchScript .pt file")

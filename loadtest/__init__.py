@@ -1,0 +1,1 @@
+"""Clients of the running server: `make predict` and the Locust load test."""

@@ -1,0 +1,85 @@
+"""Run the Locust load test headless against a running server and summarise it (`make loadtest`).
+
+Writes Locust's CSV and HTML report under <out>/<model>-<timestamp>/, prints requests/s, p50/p95/p99
+and failures, and exits non-zero when any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve_config.server import ServerError, read_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Summary:
+    requests: int
+    failures: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+    def line(self) -> str:
+        return (f"requests {self.requests}  failures {self.failures}  {self.rps:.1f} req/s  "
+                f"p50 {self.p50_ms:.0f} ms  p95 {self.p95_ms:.0f} ms  p99 {self.p99_ms:.0f} ms")
+
+
+def summarise(stats_csv: Path) -> Summary:
+    """The 'Aggregated' row of Locust's <prefix>_stats.csv."""
+    with stats_csv.open() as handle:
+        row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+    return Summary(int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
+                   float(row["50%"]), float(row["95%"]), float(row["99%"]))
+
+
+def run(model: str, url: str, token: str, *, users: int, duration: str, out: Path) -> tuple[Summary, Path]:
+    report_dir = out / f"{model}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MODEL": model, "TS_TOKEN": token, "PYTHONPATH": str(ROOT)}
+    command = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
+               "--headless", "--host", url, "--users", str(users), "--spawn-rate", str(users), "--run-time", duration,
+               "--stop-timeout", "10", "--csv", str(report_dir / "locust"), "--html", str(report_dir / "report.html"),
+               "--only-summary", "--loglevel", "WARNING"]
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    (report_dir / "locust.log").write_text(proc.stdout + proc.stderr)
+    stats = report_dir / "locust_stats.csv"
+    if not stats.exists():
+        raise SystemExit(f"locust wrote no statistics (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return summarise(stats), report_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "run", help="where `make serve` keeps key_file.json")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--duration", default="30s", help="Locust run time, e.g. 30s or 2m")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest")
+    args = parser.parse_args(argv)
+    if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        print("error: load goes to loopback only", file=sys.stderr)
+        return 2
+    try:
+        token = read_keys(args.run_dir)["inference"]
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary, report_dir = run(args.model, args.url, token, users=args.users, duration=args.duration, out=args.out)
+    print(f"{args.model}: {args.users} users for {args.duration}: {summary.line()}")
+    print(f"report: {report_dir}/report.html, CSV: {report_dir}/locust_stats.csv")
+    return 1 if summary.failures or not summary.requests else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

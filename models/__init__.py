@@ -1,0 +1,1 @@
+"""Model definitions, data, preprocessing, checkpoints and training. Importing this package is cheap."""

@@ -1,0 +1,177 @@
+"""The model registry: one entry per servable model, read by every make target and test tier.
+
+An entry says how to build the model (an import path and keyword arguments, so a checkpoint can
+rebuild it), where its data and preprocessing come from, what its inputs look like for export,
+which artifacts to export and how closely they must match the eager model, and how it is served.
+
+This module imports nothing heavy (no torch), so the Makefile can query it with any Python 3.11:
+
+    python -m models.registry list [--default]
+    python -m models.registry get digits serve_backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMATS = ("trace", "script", "onnx")
+# Which exported artifact backs each serving backend; the archive step packs that file.
+BACKEND_ARTIFACT = {"onnx": "onnx", "torchscript-trace": "trace", "torchscript-script": "script"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input: name, dtype, example shape (batch first) and which axes are dynamic."""
+
+    name: str
+    dtype: str
+    example_shape: tuple[int, ...]
+    dynamic_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an exported artifact must be to eager: elementwise max |diff| and top-1 agreement."""
+
+    atol: float
+    min_top1_agreement: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Training recipe; `min_accuracy` is what training must reach on the held-out split."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    min_accuracy: float
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the pipeline knows about one model. Adding a model is adding one of these."""
+
+    name: str
+    builder: str  # "package.module:callable" returning an nn.Module
+    builder_kwargs: dict[str, Any]
+    preset: dict[str, Any]  # {"name": ..., **kwargs} for models.preprocessing.build_preset
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[str, ...]
+    labels: tuple[str, ...]
+    tolerance: Tolerance
+    dataset: str | None = None  # "module:function" returning a models.data.Split
+    samples: str | None = None  # "module:function(count)" -> [(bytes, label, filename)] real request payloads
+    train: TrainSpec | None = None
+    formats: tuple[str, ...] = FORMATS
+    onnx_opset: int = 18
+    verify_batch_sizes: tuple[int, ...] = (1, 2, 7, 32, 64)
+    serve_backend: str = "onnx"
+    handler: str = "handlers/classifier_handler.py"
+    serve_by_default: bool = True
+
+    def __post_init__(self) -> None:
+        if ":" not in self.builder:
+            raise ValueError(f"{self.name}: builder must look like 'package.module:callable', got {self.builder!r}")
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown export formats {sorted(unknown)}; choose from {FORMATS}")
+        if self.serve_backend not in BACKEND_ARTIFACT:
+            raise ValueError(
+                f"{self.name}: serve_backend {self.serve_backend!r} is not one of {sorted(BACKEND_ARTIFACT)}"
+            )
+        if BACKEND_ARTIFACT[self.serve_backend] not in self.formats:
+            raise ValueError(f"{self.name}: serve_backend {self.serve_backend!r} needs its format in `formats`")
+        if "name" not in self.preset:
+            raise ValueError(f"{self.name}: preset needs a 'name', like {{'name': 'digits'}}")
+        if not self.verify_batch_sizes or any(b < 1 for b in self.verify_batch_sizes):
+            raise ValueError(f"{self.name}: verify_batch_sizes must be positive integers")
+
+    @property
+    def serve_artifact(self) -> str:
+        """The export format whose file goes into the .mar."""
+        return BACKEND_ARTIFACT[self.serve_backend]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
+        """Inverse of to_json (used to hand a spec to a fresh verification process)."""
+        data = dict(data)
+        data["inputs"] = tuple(
+            TensorSpec(t["name"], t["dtype"], tuple(t["example_shape"]), {int(k): v for k, v in t["dynamic_axes"].items()})
+            for t in data["inputs"]
+        )
+        data["tolerance"] = Tolerance(**data["tolerance"])
+        data["train"] = TrainSpec(**data["train"]) if data.get("train") else None
+        for key in ("outputs", "labels", "formats", "verify_batch_sizes"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def resolve(path: str) -> Any:
+    """Import 'package.module:attr' and return the attribute."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+DIGITS = ModelSpec(
+    name="digits",
+    builder="models.lenet:LeNet5",
+    builder_kwargs={"in_channels": 1, "num_classes": 10},
+    preset={"name": "digits", "size": 32, "margin": 0.15, "mean": 0.5, "std": 0.5},
+    inputs=(TensorSpec(name="image", dtype="float32", example_shape=(2, 1, 32, 32)),),
+    outputs=("logits",),
+    labels=tuple(str(d) for d in range(10)),
+    tolerance=Tolerance(atol=1e-4, min_top1_agreement=1.0),
+    dataset="models.data:load_digits_split",
+    samples="models.samples:sample_digits",
+    train=TrainSpec(epochs=30, batch_size=64, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.97),
+    serve_backend="onnx",
+)
+
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS,)}
+
+
+def get(name: str) -> ModelSpec:
+    """Return the registered model `name`, or fail with the list of known names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.registry", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_list = sub.add_parser("list", help="print model names, one per line")
+    p_list.add_argument("--default", action="store_true", help="only the models `make serve` serves")
+    p_get = sub.add_parser("get", help="print one field of a model's entry")
+    p_get.add_argument("model")
+    p_get.add_argument("field")
+    args = parser.parse_args(argv)
+    if args.cmd == "list":
+        print("\n".join(n for n, s in REGISTRY.items() if s.serve_by_default or not args.default))
+        return 0
+    try:
+        spec = get(args.model)
+    except KeyError as err:
+        print(err.args[0], file=sys.stderr)
+        return 2
+    value = getattr(spec, args.field, None)
+    if value is None and not hasattr(spec, args.field):
+        print(f"model entry has no field {args.field!r}", file=sys.stderr)
+        return 2
+    print(value if isinstance(value, (str, int, float)) else json.dumps(value, default=list))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
