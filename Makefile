@@ -18,6 +18,7 @@ RUN_DIR ?= run
 INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
+GRPC_PORTS ?= 7070 7071
 USERS ?= 8
 DURATION ?= 30s
 PYTEST_ARGS ?=
@@ -67,7 +68,8 @@ archive: model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
 
 serve: $(MARS) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
 	$(PY) -m serve_config.server start --run-dir $(RUN_DIR) --models $(SERVE_MODELS) \
-		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
+		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
+		--grpc-ports $(GRPC_PORTS)
 
 stop: ## stop the TorchServe that `make serve` started (by its PID)
 	@$(PY) -m serve_config.server stop --run-dir $(RUN_DIR)

@@ -50,11 +50,12 @@ def export_script(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dic
 
 def export_onnx(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dict[str, Any]:
     """ONNX through the dynamo-based exporter (torch.export), named explicitly, with dynamic axes from the registry."""
-    dynamic_shapes = {
-        t.name: {axis: torch.export.Dim(f"{t.name}_{label}" if label != "batch" else "batch", min=1, max=4096)
-                 for axis, label in t.dynamic_axes.items()}
+    # Positional (one entry per input), so it holds whatever the model's forward() names its arguments.
+    dynamic_shapes = tuple(
+        {axis: torch.export.Dim(label if label == "batch" else f"{t.name}_{label}", min=1, max=4096)
+         for axis, label in t.dynamic_axes.items()}
         for t in spec.inputs
-    }
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(

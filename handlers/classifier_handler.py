@@ -47,6 +47,9 @@ class ClassifierHandler(BaseHandler):
             self.classifier.predict(torch.zeros((size, *sample_shape)))
 
     def handle(self, data, context):
+        if context.metrics is not None:  # counters on the Prometheus endpoint: mean batch size = requests / batches
+            context.metrics.add_counter("HandlerBatches", 1)
+            context.metrics.add_counter("HandlerBatchedRequests", len(data))
         content_types = [_content_type(context, idx) for idx in range(len(data))]
         answers = []
         for idx, result in enumerate(self.classifier.process(data, content_types)):

@@ -41,11 +41,13 @@ class Ports:
     inference: int = 8080
     management: int = 8081
     metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
 
     @classmethod
     def free(cls) -> "Ports":
-        """Three distinct free loopback ports, for tests that must not collide with anything."""
-        sockets = [socket.socket() for _ in range(3)]
+        """Five distinct free loopback ports, for tests that must not collide with anything."""
+        sockets = [socket.socket() for _ in range(5)]
         try:
             for s in sockets:
                 s.bind(("127.0.0.1", 0))
@@ -93,6 +95,10 @@ def render_config(template: Path, ports: Ports, model_store: Path, host: str = "
     for key, port in (("inference_address", ports.inference), ("management_address", ports.management),
                       ("metrics_address", ports.metrics)):
         text, count = re.subn(rf"^{key}=.*$", f"{key}=http://{host}:{port}", text, flags=re.M)
+        if count != 1:
+            raise ServerError(f"{template} must set {key} exactly once")
+    for key, port in (("grpc_inference_port", ports.grpc_inference), ("grpc_management_port", ports.grpc_management)):
+        text, count = re.subn(rf"^{key}=.*$", f"{key}={port}", text, flags=re.M)
         if count != 1:
             raise ServerError(f"{template} must set {key} exactly once")
     text, count = re.subn(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--inference-port", type=int, default=8080)
     p_start.add_argument("--management-port", type=int, default=8081)
     p_start.add_argument("--metrics-port", type=int, default=8082)
+    p_start.add_argument("--grpc-ports", type=int, nargs=2, default=(7070, 7071), metavar=("INFERENCE", "MANAGEMENT"))
     p_start.add_argument("--timeout", type=float, default=180.0)
     p_token = sub.add_parser("token")
     p_token.add_argument("--kind", choices=("inference", "management", "api"), default="inference")
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "start":
-            ports = Ports(args.inference_port, args.management_port, args.metrics_port)
+            ports = Ports(args.inference_port, args.management_port, args.metrics_port, *args.grpc_ports)
             server = start(args.run_dir, args.models, ports=ports, model_store=args.model_store, timeout=args.timeout)
             print(f"TorchServe is up (PID {server.pid()}), serving {', '.join(args.models)}\n"
                   f"  inference  {server.inference_url}\n  management {server.management_url}\n"

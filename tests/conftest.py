@@ -1,0 +1,65 @@
+"""Shared fixtures. Tiers live in folders: unit (pure functions), handler (in-process with TorchServe's
+own context objects), export (parity), integration (real TorchServe over HTTP), load (real Locust),
+gpu (CUDA paths; skipped visibly without CUDA). Model-specific tests are parametrized from the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVED = [spec for spec in registry.REGISTRY.values() if spec.serve_by_default]
+TRAINED = [spec for spec in registry.REGISTRY.values() if spec.train is not None]
+
+
+def built(path: Path) -> Path:
+    """A build artifact the tests need; `make test` builds them first, so absence is a failure, not a skip."""
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run the tests through `make test`, which builds it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real TorchServe serving every default model, on free loopback ports, with token auth on.
+    Shared by the integration and load tiers; stopped by its PID at the end of the session."""
+    from serve_config.server import Ports, start, stop
+
+    for spec in SERVED:
+        built(ROOT / "model_store" / f"{spec.name}.mar")
+    run_dir = tmp_path_factory.mktemp("torchserve")
+    instance = start(run_dir, [s.name for s in SERVED], ports=Ports.free())
+    try:
+        yield instance
+    finally:
+        stop(run_dir)
+
+
+class EagerReference:
+    """Offline predictions from the checkpoint's eager model and preset, to compare served answers with."""
+
+    def __init__(self, model_name: str) -> None:
+        from models import checkpoint
+        from models.preprocessing import build_preset
+
+        self.model, self.meta = checkpoint.load(built(ROOT / "checkpoints" / model_name))
+        self.preset = build_preset(self.meta["preset"])
+
+    def probs(self, body: bytes):
+        import torch
+
+        from models.preprocessing import decode_image
+
+        with torch.inference_mode():
+            return torch.softmax(self.model(self.preset(decode_image(body, max_pixels=10**8))[None]), dim=1)[0]
+
+    def assert_matches(self, answer: list[dict], body: bytes, *, atol: float = 1e-4) -> None:
+        """The served top-k equals the eager top-k: same classes in the same order, scores within atol."""
+        probs = self.probs(body)
+        scores, indices = probs.topk(len(answer))
+        assert [p["index"] for p in answer] == indices.tolist()
+        assert [p["label"] for p in answer] == [self.meta["labels"][i] for i in indices.tolist()]
+        assert [p["score"] for p in answer] == pytest.approx(scores.tolist(), abs=atol)

@@ -1,0 +1,94 @@
+"""Export parity: every registered model's artifacts match eager; failures are named and fatal;
+and an engineer's own model (a torchvision architecture outside the catalogue) goes the same way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from export import manifest as mf
+from export.export import export
+from export.verify import ToleranceError, verify
+from models import checkpoint, registry
+from tests.conftest import ROOT, SERVED, built
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_manifest_describes_each_artifact(spec):
+    directory = built(ROOT / "artifacts" / spec.name / mf.MANIFEST).parent
+    manifest = mf.read(directory)
+    assert manifest["model"] == spec.name and manifest["commit"] and manifest["preset"] == spec.preset
+    assert set(manifest["artifacts"]) == set(spec.formats)
+    assert manifest["artifacts"]["onnx"]["opset"] == spec.onnx_opset
+    assert manifest["artifacts"]["onnx"]["exporter"] == "torch.onnx.export(dynamo=True)"
+    assert manifest["inputs"][0]["dynamic_axes"] == {"0": "batch"}
+    mf.check_integrity(directory, manifest)
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_artifacts_match_eager_within_tolerance(spec):
+    stamp = verify(spec, built(ROOT / "checkpoints" / spec.name), ROOT / "artifacts" / spec.name)
+    for fmt, result in stamp["artifacts"].items():
+        assert result["max_abs_diff"] <= spec.tolerance.atol, fmt
+        assert result["top1_agreement"] >= spec.tolerance.min_top1_agreement, fmt
+        assert result["checks"] == 2 * len(spec.verify_batch_sizes) * len(spec.outputs)
+
+
+@pytest.fixture(scope="module")
+def digits_copy(tmp_path_factory):
+    """A private copy of the digits checkpoint and artifacts that tests may damage."""
+    root = tmp_path_factory.mktemp("digits")
+    shutil.copytree(built(ROOT / "checkpoints" / "digits"), root / "checkpoint")
+    shutil.copytree(built(ROOT / "artifacts" / "digits"), root / "artifacts")
+    return root
+
+
+def test_tampered_artifact_is_refused(digits_copy):
+    target = digits_copy / "artifacts" / "model.onnx"
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(mf.IntegrityError, match="model.onnx"):
+        verify(registry.get("digits"), digits_copy / "checkpoint", digits_copy / "artifacts")
+
+
+def test_a_drifted_export_fails_with_a_named_difference(tmp_path, digits_copy):
+    spec = registry.get("digits")
+    model, _ = checkpoint.load(digits_copy / "checkpoint")
+    with torch.no_grad():
+        model.classifier[-1].bias += 0.01  # a small, systematic drift on every logit
+    checkpoint.save(model, spec, tmp_path / "drifted", metrics={})
+    export(spec, tmp_path / "drifted", tmp_path / "artifacts")
+    with pytest.raises(ToleranceError) as info:
+        verify(spec, digits_copy / "checkpoint", tmp_path / "artifacts")
+    message = str(info.value)
+    for fmt in ("model.trace.pt", "model.script.pt", "model.onnx"):
+        assert f"{fmt}" in message
+    assert "output 'logits' max abs diff" in message and "> atol 0.0001 at batch 1" in message
+
+
+BRING_YOUR_OWN = registry.ModelSpec(
+    name="mobilenet-own",
+    builder="torchvision.models:mobilenet_v3_small",
+    builder_kwargs={"num_classes": 5, "weights": None},
+    preset={"name": "digits"},
+    inputs=(registry.TensorSpec(name="image", dtype="float32", example_shape=(2, 3, 64, 64)),),
+    outputs=("logits",),
+    labels=("a", "b", "c", "d", "e"),
+    tolerance=registry.Tolerance(atol=1e-4),
+    serve_by_default=False,
+)
+
+
+def test_an_engineers_own_torchvision_model_exports_and_verifies(tmp_path):
+    torch.manual_seed(0)
+    model = checkpoint.build_model(BRING_YOUR_OWN.builder, BRING_YOUR_OWN.builder_kwargs).eval()
+    checkpoint.save(model, BRING_YOUR_OWN, tmp_path / "checkpoint", metrics={})
+    manifest = export(BRING_YOUR_OWN, tmp_path / "checkpoint", tmp_path / "artifacts")
+    assert set(manifest["artifacts"]) == {"trace", "script", "onnx"}
+    stamp = verify(BRING_YOUR_OWN, tmp_path / "checkpoint", tmp_path / "artifacts")
+    assert all(r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] is None for r in stamp["artifacts"].values())
+    assert json.loads((tmp_path / "artifacts" / "verified.json").read_text())["model"] == "mobilenet-own"

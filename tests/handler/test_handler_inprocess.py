@@ -1,0 +1,79 @@
+"""The real .mar's handler, run in-process with TorchServe's own Context and RequestProcessor objects."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import zipfile
+
+import pytest
+import ts
+import yaml
+from ts.context import Context, RequestProcessor
+
+from loadtest.payloads import payloads
+from tests.conftest import ROOT, SERVED, EagerReference, built
+
+
+def load_handler(spec, tmp_path):
+    """Unpack the built archive and instantiate its handler as TorchServe's model loader would."""
+    model_dir = tmp_path / spec.name
+    with zipfile.ZipFile(built(ROOT / "model_store" / f"{spec.name}.mar")) as mar:
+        mar.extractall(model_dir)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+    module_spec = importlib.util.spec_from_file_location(f"mar_{spec.name}_handler", model_dir / manifest["model"]["handler"])
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    handler_class = next(v for v in vars(module).values() if isinstance(v, type) and v.__module__ == module.__name__)
+    context = Context(spec.name, str(model_dir), manifest, config["batchSize"], None, ts.__version__,
+                      model_yaml_config=config)
+    handler = handler_class()
+    handler.initialize(context)
+    return handler, context
+
+
+def call(handler, context, requests, headers):
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    return handler.handle(requests, context)
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_mixed_batch_gets_one_answer_each_matching_eager(spec, tmp_path):
+    handler, context = load_handler(spec, tmp_path)
+    samples = payloads(spec.name, 14)
+    bad = [({"body": b"not an image"}, {"body": {"content-type": "image/png"}}, 400, "InvalidImage"),
+           ({"body": b""}, {"body": {"content-type": "image/png"}}, 400, "EmptyRequest"),
+           ({"body": {"img": "x"}}, {"body": {"content-type": "application/json"}}, 400, "InvalidJSON"),
+           ({"body": b"\x89PNG"}, {"Content-Type": "application/x-www-form-urlencoded"}, 415, "UnsupportedMediaType")]
+    requests = [{"body": s.body} for s in samples]
+    headers = [{"body": {"content-type": s.content_type}} for s in samples]
+    for position, (req, hdr, _, _) in zip((0, 5, 9, 16), bad):
+        requests.insert(position, req)
+        headers.insert(position, hdr)
+    answers = call(handler, context, requests, headers)
+    assert len(answers) == len(requests) == 18
+
+    reference = EagerReference(spec.name)
+    good = iter(samples)
+    for idx, answer in enumerate(answers):
+        status, _phrase = context.get_response_status(idx)
+        assert context.get_response_content_type(idx) == "application/json"
+        body = json.loads(answer)
+        expected_bad = [b for p, b in zip((0, 5, 9, 16), bad) if p == idx]
+        if expected_bad:
+            assert (status, body["code"], body["type"]) == (expected_bad[0][2], expected_bad[0][2], expected_bad[0][3])
+            continue
+        sample = next(good)
+        assert status == 200 and len(body) == 5
+        reference.assert_matches(body, sample.body)
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_real_samples_are_classified_correctly(spec, tmp_path):
+    handler, context = load_handler(spec, tmp_path)
+    samples = payloads(spec.name, 70)
+    answers = call(handler, context, [{"body": s.body} for s in samples],
+                   [{"body": {"content-type": s.content_type}} for s in samples])
+    correct = sum(json.loads(a)[0]["index"] == s.label for a, s in zip(answers, samples))
+    assert correct / len(samples) >= 0.95, f"{correct}/{len(samples)} correct"

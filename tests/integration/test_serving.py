@@ -1,0 +1,137 @@
+"""A real TorchServe (token auth on, free loopback ports) answering real HTTP requests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from loadtest.payloads import payloads
+from tests.conftest import SERVED, EagerReference
+
+pytestmark = pytest.mark.integration
+
+
+def predict_url(server, model: str) -> str:
+    return f"{server.inference_url}/predictions/{model}"
+
+
+def batch_counters(server, model: str) -> tuple[float, float]:
+    """(batches, requests) the handler has processed, from its counters on the Prometheus endpoint."""
+    text = requests.get(f"{server.metrics_url}/metrics", headers=server.headers("management"), timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("HandlerBatches", "HandlerBatchedRequests"):
+            if line.startswith(name + "{") and f'ModelName="{model}"' in line:
+                values[name] = float(line.rsplit(" ", 1)[1])
+    return values.get("HandlerBatches", 0.0), values.get("HandlerBatchedRequests", 0.0)
+
+
+def worker_pids(server, model: str) -> list[int]:
+    answer = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
+    answer.raise_for_status()
+    return sorted(w["pid"] for w in answer.json()[0]["workers"])
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_all_three_input_forms_equal_offline_predictions(server, spec):
+    reference = EagerReference(spec.name)
+    auth = server.headers()
+    url = predict_url(server, spec.name)
+    for sample in payloads(spec.name, 7):
+        raw = requests.post(url, data=sample.body, headers={**auth, "Content-Type": sample.content_type}, timeout=30)
+        multipart = requests.post(url, files={"data": (sample.name, sample.body, sample.content_type)}, headers=auth,
+                                  timeout=30)
+        as_json = requests.post(url, json={"image": base64.b64encode(sample.body).decode()}, headers=auth, timeout=30)
+        put = requests.put(url, data=sample.body, headers=auth, timeout=30)  # curl -T: no Content-Type at all
+        for answer in (raw, multipart, as_json, put):
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["content-type"].startswith("application/json")
+            reference.assert_matches(answer.json(), sample.body)
+        assert raw.json()[0]["index"] == sample.label
+
+
+BAD = [
+    (b"", {"Content-Type": "image/png"}, 400, "EmptyRequest"),
+    (b"GIF89a truncated", {"Content-Type": "image/gif"}, 400, "InvalidImage"),
+    (b"%PDF-1.4 not an image", {"Content-Type": "application/octet-stream"}, 400, "InvalidImage"),
+    (b'{"image": "@@@"}', {"Content-Type": "application/json"}, 400, "InvalidBase64"),
+    (b'{"image": ', {"Content-Type": "application/json"}, 400, "InvalidJSON"),
+    (b'["not", "an", "object"]', {"Content-Type": "application/json"}, 400, "InvalidJSON"),
+    (b"\x89PNG\r\n\x1a\nxx", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "UnsupportedMediaType"),
+    (b"x" * (4 * 1024 * 1024 + 1), {"Content-Type": "image/png"}, 413, "PayloadTooLarge"),
+]
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_concurrent_mix_of_good_and_bad_requests_each_get_their_own_answer(server, spec):
+    reference = EagerReference(spec.name)
+    samples = payloads(spec.name, 24)
+    jobs = [("good", s.body, {"Content-Type": s.content_type}, s) for s in samples]
+    jobs += [("bad", body, headers, (status, kind)) for body, headers, status, kind in BAD]
+    jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7) % len(jobs))]  # interleave
+    pids_before = worker_pids(server, spec.name)
+    batches_before, requests_before = batch_counters(server, spec.name)
+    start = threading.Barrier(len(jobs))
+    auth = server.headers()
+
+    def send(job):
+        _, body, headers, _ = job
+        start.wait(timeout=30)  # release every request at once so the server batches them together
+        return requests.post(predict_url(server, spec.name), data=body, headers={**auth, **headers}, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    for (kind, body, _, expected), answer in zip(jobs, answers):
+        if kind == "good":
+            assert answer.status_code == 200, answer.text
+            reference.assert_matches(answer.json(), body)
+        else:
+            status, error_type = expected
+            assert answer.status_code == status, answer.text
+            assert answer.json() == {"code": status, "type": error_type, "message": answer.json()["message"]}
+    assert worker_pids(server, spec.name) == pids_before, "a bad request restarted the worker"
+    batches_after, requests_after = batch_counters(server, spec.name)
+    handled = requests_after - requests_before  # every request, good or bad, reaches the handler
+    assert handled >= len(samples), "the handler saw fewer requests than were sent"
+    assert batches_after - batches_before < handled, "concurrent requests were never batched together"
+
+
+def test_token_is_required(server):
+    model = SERVED[0].name
+    sample = payloads(model, 1)[0]
+    headers = {"Content-Type": sample.content_type}
+    missing = requests.post(predict_url(server, model), data=sample.body, headers=headers, timeout=30)
+    wrong = requests.post(predict_url(server, model), data=sample.body, timeout=30,
+                          headers={**headers, "Authorization": "Bearer wrong"})
+    management_key_for_inference = requests.post(predict_url(server, model), data=sample.body, timeout=30,
+                                                 headers={**headers, **server.headers("management")})
+    for answer in (missing, wrong, management_key_for_inference):
+        assert 400 <= answer.status_code < 500 and "Token Authorization failed" in answer.text
+    assert requests.get(f"{server.management_url}/models", timeout=10).status_code >= 400
+    assert requests.get(f"{server.inference_url}/ping", timeout=10).status_code >= 400
+    ping = requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=10)
+    assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
+
+
+def test_model_registration_api_is_off(server):
+    answer = requests.post(f"{server.management_url}/models", params={"url": "https://example.com/evil.mar"},
+                           headers=server.headers("management"), timeout=10)
+    assert answer.status_code == 405 and answer.json()["type"] == "MethodNotAllowedException"
+    listed = requests.get(f"{server.management_url}/models", headers=server.headers("management"), timeout=10).json()
+    assert sorted(m["modelName"] for m in listed["models"]) == sorted(s.name for s in SERVED)
+
+
+def test_unknown_model_is_404_json(server):
+    answer = requests.post(predict_url(server, "no-such-model"), data=b"x", timeout=10,
+                           headers={**server.headers(), "Content-Type": "image/png"})
+    assert answer.status_code == 404 and json.loads(answer.text)["code"] == 404
+
+
+def test_prometheus_metrics_are_served(server):
+    text = requests.get(f"{server.metrics_url}/metrics", headers=server.headers("management"), timeout=10).text
+    assert "ts_inference_requests_total" in text

@@ -1,0 +1,123 @@
+"""Pure request/batch functions of handlers.core, against a tiny fixed-weight model (exact outputs)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from handlers.core import (ClassifierConfig, ImageClassifier, RequestError, content_type_of, extract_image_bytes,
+                           topk_predictions)
+from models.preprocessing import DigitsPreset
+from models.samples import encode, render
+
+PNG = encode(render(torch.eye(8).numpy(), polarity="dark-on-light"))
+B64 = base64.b64encode(PNG).decode()
+
+
+@pytest.mark.parametrize("request_, ctype", [
+    ({"body": PNG}, "image/png"),
+    ({"body": PNG}, ""),
+    ({"body": {"image": B64}}, "application/json"),
+    ({"body": {"image": "data:image/png;base64," + B64}}, "application/json"),
+    ({"body": json.dumps({"image": B64}).encode()}, "application/json"),  # TorchServe left JSON undecoded
+    ({"data": PNG}, "multipart/form-data"),
+    ({"file": bytearray(PNG), "note": "hello"}, "multipart/form-data"),
+    ({"upload": PNG}, "multipart/form-data"),
+])
+def test_every_request_form_yields_the_image_bytes(request_, ctype):
+    assert extract_image_bytes(request_, ctype, max_bytes=10**6) == PNG
+
+
+@pytest.mark.parametrize("request_, ctype, status, kind", [
+    ({}, "", 400, "EmptyRequest"),
+    ({"body": b""}, "image/png", 400, "EmptyRequest"),
+    ({"body": b"{not json"}, "application/json", 400, "InvalidJSON"),
+    ({"body": b"\xff\xfe"}, "application/json", 400, "InvalidJSON"),
+    ({"body": [1, 2]}, "application/json", 400, "InvalidJSON"),
+    ({"body": {"img": B64}}, "application/json", 400, "InvalidJSON"),
+    ({"body": {"image": 42}}, "application/json", 400, "InvalidJSON"),
+    ({"body": {"image": "***not base64***"}}, "application/json", 400, "InvalidBase64"),
+    ({"body": "just some text"}, "text/plain", 400, "UnsupportedInput"),
+    ({"note": "no file here"}, "multipart/form-data", 400, "UnsupportedInput"),
+    ({"body": PNG}, "application/x-www-form-urlencoded", 415, "UnsupportedMediaType"),
+    ({"body": b"x" * 101}, "image/png", 413, "PayloadTooLarge"),
+])
+def test_bad_requests_get_their_own_status(request_, ctype, status, kind):
+    with pytest.raises(RequestError) as info:
+        extract_image_bytes(request_, ctype, max_bytes=100)
+    body = json.loads(info.value.body())
+    assert (info.value.status, info.value.kind) == (status, kind)
+    assert body == {"code": status, "type": kind, "message": info.value.message} and body["message"]
+
+
+def test_content_type_is_read_case_insensitively_without_parameters():
+    assert content_type_of({"Content-Type": "Application/JSON; charset=utf-8"}) == "application/json"
+    assert content_type_of({}) == "" and content_type_of(None) == ""
+
+
+def test_topk_is_best_first_and_clipped_to_the_class_count():
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    top = topk_predictions(probs, ["a", "b", "c"], k=5)
+    assert [p["label"] for p in top[0]] == ["b", "c", "a"] and [p["index"] for p in top[1]] == [0, 2, 1]
+    assert top[0][0]["score"] == pytest.approx(0.6)
+
+
+def test_config_is_checked_when_built():
+    assert ClassifierConfig.from_mapping({"topk": 3}).topk == 3
+    with pytest.raises(ValueError, match="unknown handler settings"):
+        ClassifierConfig.from_mapping({"top_k": 3})
+    with pytest.raises(ValueError, match="positive integer"):
+        ClassifierConfig(max_image_bytes=0)
+
+
+class Brightness(nn.Module):
+    """Fixed weights: logit 1 is the mean pixel, logit 0 its negative (exact, checkable outputs)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        mean = image.mean(dim=(1, 2, 3))
+        return torch.stack([-mean, mean], dim=1) * 10
+
+
+@pytest.fixture
+def classifier() -> ImageClassifier:
+    model = Brightness().eval()
+    return ImageClassifier(lambda inputs: [model(*inputs)], DigitsPreset(), ["dark", "bright"],
+                           ClassifierConfig(topk=2, max_image_bytes=10_000, max_image_pixels=10_000))
+
+
+def test_a_batch_gets_one_answer_per_request_and_bad_ones_do_not_spill(classifier):
+    big = encode(render(torch.ones(200, 200).numpy()))  # 1600x1600 pixels > max_image_pixels
+    requests = [{"body": PNG}, {"body": b"garbage"}, {"body": {"image": B64}}, {"body": big}, {}]
+    ctypes = ["image/png", "image/png", "application/json", "image/png", ""]
+    results = classifier.process(requests, ctypes)
+    assert len(results) == 5
+    good = [json.loads(results[i]) for i in (0, 2)]
+    assert good[0] == good[1] and [p["label"] for p in good[0]] == ["dark", "bright"]
+    assert [(r.status, r.kind) for r in (results[1], results[3], results[4])] == [
+        (400, "InvalidImage"), (413, "ImageTooLarge"), (400, "EmptyRequest")]
+
+
+def test_the_batch_is_one_forward_pass(classifier):
+    calls = []
+    inner = classifier.runner
+    classifier.runner = lambda inputs: calls.append(inputs[0].shape[0]) or inner(inputs)
+    classifier.process([{"body": PNG}] * 5 + [{"body": b""}], ["image/png"] * 6)
+    assert calls == [5]
+
+
+def test_an_unexpected_decoder_error_costs_only_its_request(classifier):
+    original = classifier.preset
+
+    def preset_with_a_bug(image):
+        if image.width == 65:
+            raise RuntimeError("a bug in the decoder")
+        return original(image)
+
+    classifier.preset = preset_with_a_bug
+    odd = encode(render(torch.zeros(8, 8).numpy(), scale=8).resize((65, 65)))
+    results = classifier.process([{"body": PNG}, {"body": odd}], ["image/png", "image/png"])
+    assert isinstance(results[0], str) and (results[1].status, results[1].kind) == (500, "InternalError")

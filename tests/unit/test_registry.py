@@ -1,0 +1,65 @@
+"""The registry and the checked-in serving config agree, for every model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from handlers.core import ClassifierConfig
+from models import registry
+from tests.conftest import ROOT, SERVED
+
+ALL = list(registry.REGISTRY.values())
+
+
+@pytest.mark.parametrize("spec", ALL, ids=lambda s: s.name)
+def test_entry_round_trips_and_resolves(spec):
+    assert registry.ModelSpec.from_json(spec.to_json()) == spec
+    assert callable(registry.resolve(spec.builder))
+    assert (ROOT / spec.handler).exists()
+    assert len(spec.labels) == spec.builder_kwargs.get("num_classes", len(spec.labels))
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_model_config_yaml_matches_the_registry(spec):
+    config = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
+    assert 1 <= config["minWorkers"] <= config["maxWorkers"]
+    assert 1 <= config["batchSize"] <= max(spec.verify_batch_sizes), "serve only batch sizes that were verified"
+    assert 0 <= config["maxBatchDelay"] <= 100 and config["responseTimeout"] >= 1
+    handler = ClassifierConfig.from_mapping(config["handler"])
+    assert 1 <= handler.topk <= len(spec.labels)
+
+
+def test_config_properties_is_locked_down():
+    props = dict(line.split("=", 1) for line in (ROOT / "serve_config" / "config.properties").read_text().splitlines()
+                 if line and not line.startswith("#"))
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    assert props["metrics_mode"] == "prometheus" and int(props["token_expiration_min"]) >= 60
+    for key in ("default_workers_per_model", "job_queue_size", "max_request_size", "number_of_netty_threads"):
+        assert int(props[key]) > 0
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(KeyError, match="registered models: digits"):
+        registry.get("nope")
+
+
+def test_invalid_entries_fail_when_built():
+    spec = registry.get("digits")
+    with pytest.raises(ValueError, match="serve_backend"):
+        registry.ModelSpec(**{**spec.__dict__, "serve_backend": "tensorrt"})
+    with pytest.raises(ValueError, match="needs its format"):
+        registry.ModelSpec(**{**spec.__dict__, "formats": ("trace",)})
+
+
+def test_cli_is_what_the_makefile_reads():
+    run = lambda *args: subprocess.run([sys.executable, "-m", "models.registry", *args], cwd=ROOT,
+                                       capture_output=True, text=True)
+    assert run("list", "--default").stdout.split() == [s.name for s in SERVED]
+    assert run("get", "digits", "serve_backend").stdout.strip() == "onnx"
+    assert run("get", "nope", "name").returncode == 2
