@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mimetypes
 import os
 import re
 import signal
@@ -217,6 +218,15 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def curl_example(server: Server, model: str) -> str:
+    """A ready-to-paste curl line for `model`, using its first committed fixture when it has one."""
+    fixtures = sorted((ROOT / "tests" / "fixtures" / model).glob("*.*"))
+    path = fixtures[0].relative_to(ROOT) if fixtures else Path("<image-file>")
+    media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return (f'curl -H "Authorization: Bearer $(make -s token)" -H "Content-Type: {media}" '
+            f"--data-binary @{path} {server.inference_url}/predictions/{model}")
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     if not path.exists():
         return f"({path} does not exist)"
@@ -247,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"TorchServe is up (PID {server.pid()}), serving {', '.join(args.models)}\n"
                   f"  inference  {server.inference_url}\n  management {server.management_url}\n"
                   f"  metrics    {server.metrics_url}/metrics\n  logs       {server.run_dir / 'logs'}\n"
-                  f"Try:\n  curl -H \"Authorization: Bearer $(make -s token)\" -H \"Content-Type: image/png\" "
-                  f"--data-binary @tests/fixtures/digits/seven.png {server.inference_url}/predictions/{args.models[0]}")
+                  f"Try:\n  {curl_example(server, args.models[0])}")
         elif args.cmd == "token":
             print(read_keys(args.run_dir)[args.kind])
         else:
