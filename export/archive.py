@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "handlers")
 
 
-def stage(spec: registry.ModelSpec, artifacts: Path, staging: Path) -> Path:
+def stage(artifacts: Path, staging: Path) -> Path:
     """Lay out the extra files the handler needs; torch-model-archiver copies the folder's contents."""
     if staging.exists():
         shutil.rmtree(staging)
@@ -47,7 +47,7 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
         raise SystemExit(f"{artifacts}/{mf.MANIFEST} changed after verification: verify again")
     mf.check_integrity(artifacts, manifest)
     serialized = artifacts / manifest["artifacts"][spec.serve_artifact]["file"]
-    staging = stage(spec, artifacts, ROOT / "build" / spec.name / "mar-extra")
+    staging = stage(artifacts, ROOT / "build" / spec.name / "mar-extra")
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", spec.name, "--version", version,

@@ -182,7 +182,7 @@ class ImageClassifier:
         """A batch of requests -> per request, a JSON string of predictions or a RequestError."""
         results: list[str | RequestError | None] = [None] * len(requests)
         tensors, positions = [], []
-        for idx, (request, ctype) in enumerate(zip(requests, content_types)):
+        for idx, (request, ctype) in enumerate(zip(requests, content_types, strict=True)):
             try:
                 tensors.append(self.decode(request, ctype))
                 positions.append(idx)
