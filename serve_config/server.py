@@ -91,20 +91,20 @@ class Server:
 
 
 def render_config(template: Path, ports: Ports, model_store: Path, host: str = "127.0.0.1") -> str:
-    """The checked-in config.properties with this instance's addresses and model store."""
+    """The checked-in config.properties with this instance's addresses, gRPC ports and model store."""
+    settings = {
+        "inference_address": f"http://{host}:{ports.inference}",
+        "management_address": f"http://{host}:{ports.management}",
+        "metrics_address": f"http://{host}:{ports.metrics}",
+        "grpc_inference_port": ports.grpc_inference,
+        "grpc_management_port": ports.grpc_management,
+        "model_store": model_store,
+    }
     text = template.read_text()
-    for key, port in (("inference_address", ports.inference), ("management_address", ports.management),
-                      ("metrics_address", ports.metrics)):
-        text, count = re.subn(rf"^{key}=.*$", f"{key}=http://{host}:{port}", text, flags=re.M)
+    for key, value in settings.items():
+        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
         if count != 1:
             raise ServerError(f"{template} must set {key} exactly once")
-    for key, port in (("grpc_inference_port", ports.grpc_inference), ("grpc_management_port", ports.grpc_management)):
-        text, count = re.subn(rf"^{key}=.*$", f"{key}={port}", text, flags=re.M)
-        if count != 1:
-            raise ServerError(f"{template} must set {key} exactly once")
-    text, count = re.subn(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
-    if count != 1:
-        raise ServerError(f"{template} must set model_store exactly once")
     return text
 
 
