@@ -21,6 +21,8 @@ METRICS_PORT ?= 8082
 GRPC_PORTS ?= 7070 7071
 USERS ?= 8
 DURATION ?= 30s
+# QUICK=1: the bench in under a minute (fewer concurrency levels, shorter steps).
+QUICK ?=
 PYTEST_ARGS ?=
 # Models `make serve` builds and serves: those the registry marks serve_by_default.
 SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)
@@ -29,7 +31,7 @@ MODEL_SRC := $(wildcard models/*.py)
 HANDLER_SRC := $(wildcard handlers/*.py)
 MARS = $(foreach m,$(SERVE_MODELS),model_store/$(m).mar)
 
-.PHONY: help prereqs venv train export verify archive serve stop token predict loadtest test clean
+.PHONY: help prereqs venv train export verify archive serve stop token predict loadtest bench sweep test clean
 
 help: ## show this help
 	@echo "Usage: make <target> [MODEL=name]   (MODEL defaults to $(MODEL))"
@@ -83,6 +85,12 @@ predict: ## send MODEL's sample input to the running server and print the answer
 loadtest: ## Locust against the running server: make loadtest MODEL=digits USERS=8 DURATION=30s
 	$(PY) -m loadtest.run --model $(MODEL) --users $(USERS) --duration $(DURATION) --run-dir $(RUN_DIR) \
 		--url http://127.0.0.1:$(INFERENCE_PORT) --out results/loadtest
+
+bench: model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
+	$(PY) -m loadtest.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
+
+sweep: model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
+	$(PY) -m loadtest.sweep --model $(MODEL) --out results/sweep
 
 test: $(MARS) | $(VENV_STAMP) ## set up, build the default models and run every test tier
 	$(PY) -m pytest tests $(PYTEST_ARGS)

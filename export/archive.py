@@ -38,7 +38,23 @@ def stage(artifacts: Path, staging: Path) -> Path:
     return staging
 
 
-def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Path, version: str = "1.0") -> Path:
+def pack(name: str, serialized: Path, handler: Path, staging: Path, config: Path, out: Path,
+         *, version: str = "1.0") -> Path:
+    """torch-model-archiver: one .mar named `name` in `out`, with its sha256 written beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name, "--version", version,
+         "--serialized-file", str(serialized), "--handler", str(handler), "--extra-files", str(staging),
+         "--config-file", str(config), "--export-path", str(out), "--force"],
+        check=True,
+    )
+    mar = out / f"{name}.mar"
+    (out / f"{name}.mar.sha256").write_text(f"{mf.sha256(mar)}  {mar.name}\n")
+    return mar
+
+
+def verified_manifest(spec: registry.ModelSpec, artifacts: Path) -> dict:
+    """The export manifest, once verification passed and no file changed since; else SystemExit."""
     manifest = mf.read(artifacts)
     stamp_path = artifacts / STAMP
     if not stamp_path.exists():
@@ -46,18 +62,18 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
     if json.loads(stamp_path.read_text())["manifest_sha256"] != mf.sha256(artifacts / mf.MANIFEST):
         raise SystemExit(f"{artifacts}/{mf.MANIFEST} changed after verification: verify again")
     mf.check_integrity(artifacts, manifest)
-    serialized = artifacts / manifest["artifacts"][spec.serve_artifact]["file"]
-    staging = stage(artifacts, ROOT / "build" / spec.name / "mar-extra")
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", spec.name, "--version", version,
-         "--serialized-file", str(serialized), "--handler", str(ROOT / spec.handler), "--extra-files", str(staging),
-         "--config-file", str(config), "--export-path", str(out), "--force"],
-        check=True,
-    )
-    mar = out / f"{spec.name}.mar"
-    (out / f"{spec.name}.mar.sha256").write_text(f"{mf.sha256(mar)}  {mar.name}\n")
-    print(f"{spec.name}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, backend {spec.serve_backend}: {serialized.name})")
+    return manifest
+
+
+def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Path, name: str | None = None,
+            artifact: str | None = None, handler: str | None = None, staging: Path | None = None) -> Path:
+    """Pack the verified export. By default: the registry's serve artifact and handler under the model's
+    name; the bench and the sweep pass another name, artifact, handler or config to pack variants."""
+    manifest = verified_manifest(spec, artifacts)
+    serialized = artifacts / manifest["artifacts"][artifact or spec.serve_artifact]["file"]
+    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra")
+    mar = pack(name or spec.name, serialized, ROOT / (handler or spec.handler), staging, config, out)
+    print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, {serialized.name}, handler {handler or spec.handler})")
     return mar
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.batch_metrics import StageClock, publish
 from handlers.core import ClassifierConfig, ImageClassifier, RequestError, content_type_of
-from handlers.runtime import ThreadBudget, load_runner, select_device
+from handlers.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 from models.preprocessing import build_preset
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,11 @@ class ClassifierHandler(BaseHandler):
         threads = ThreadBudget(intra_op=config.intra_op_threads)
         threads.apply_to_torch()
         self.device = select_device(properties.get("gpu_id"))
+        configure_cuda_math(self.device, allow_tf32=config.allow_tf32)
         export_manifest = json.loads((model_dir / "manifest.json").read_text())
         labels = json.loads((model_dir / "index_to_name.json").read_text())
-        runner = load_runner(model_dir / context.manifest["model"]["serializedFile"], self.device, threads)
+        runner = load_runner(model_dir / context.manifest["model"]["serializedFile"], self.device, threads,
+                             half=config.precision == "fp16")
         self.classifier = ImageClassifier(
             runner, build_preset(export_manifest["preset"]), [labels[str(i)] for i in range(len(labels))], config
         )
@@ -47,19 +50,22 @@ class ClassifierHandler(BaseHandler):
             self.classifier.predict(torch.zeros((size, *sample_shape)))
 
     def handle(self, data, context):
-        if context.metrics is not None:  # counters on the Prometheus endpoint: mean batch size = requests / batches
-            context.metrics.add_counter("HandlerBatches", 1)
-            context.metrics.add_counter("HandlerBatchedRequests", len(data))
-        content_types = [_content_type(context, idx) for idx in range(len(data))]
-        answers = []
-        for idx, result in enumerate(self.classifier.process(data, content_types)):
-            context.set_response_content_type(idx, "application/json")
-            if isinstance(result, RequestError):
-                context.set_response_status(result.status, result.phrase, idx)
-                answers.append(result.body())
-            else:
-                context.set_response_status(200, "OK", idx)
-                answers.append(result)
+        clock = StageClock()
+        with clock.stage("preprocess"):
+            batch = self.classifier.preprocess(data, [_content_type(context, idx) for idx in range(len(data))])
+        with clock.stage("inference"):
+            logits = None if batch.inputs is None else self.classifier.infer(batch.inputs)
+        with clock.stage("postprocess"):
+            answers = []
+            for idx, result in enumerate(self.classifier.postprocess(batch, logits)):
+                context.set_response_content_type(idx, "application/json")
+                if isinstance(result, RequestError):
+                    context.set_response_status(result.status, result.phrase, idx)
+                    answers.append(result.body())
+                else:
+                    context.set_response_status(200, "OK", idx)
+                    answers.append(result)
+        publish(context.metrics, len(data), clock)
         return answers
 
 

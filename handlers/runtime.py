@@ -69,10 +69,27 @@ class ThreadBudget:
             pass  # already fixed once parallel work has run in this process; intra-op is what matters
 
 
-class OrtRunner:
-    """An ONNX Runtime session with explicit threading and host-appropriate providers."""
+def configure_cuda_math(device: torch.device, *, allow_tf32: bool) -> None:
+    """TF32 for CUDA matmuls and convolutions, off unless asked for (fp32 parity depends on it).
+    Process-wide: call from the worker that owns the process, never at import."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
 
-    def __init__(self, path: Path, device: torch.device, threads: ThreadBudget) -> None:
+
+def half_onnx(path: Path) -> bytes:
+    """An fp16 copy of an fp32 ONNX model, inputs and outputs kept fp32 (the handler's tensors stay as they are)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(onnx.load(str(path)), keep_io_types=True).SerializeToString()
+
+
+class OrtRunner:
+    """An ONNX Runtime session with explicit threading and host-appropriate providers.
+    `half`: on a CUDA device, the session runs an fp16 conversion of the model."""
+
+    def __init__(self, path: Path, device: torch.device, threads: ThreadBudget, *, half: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -86,7 +103,10 @@ class OrtRunner:
         if device.type == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels the installed PyTorch brought
         self.device = device
-        self.session = ort.InferenceSession(str(path), options, providers=ort_providers(device))
+        providers = ort_providers(device)
+        self.half = half and device.type == "cuda" and "CUDAExecutionProvider" in str(providers)
+        model = half_onnx(path) if self.half else str(path)
+        self.session = ort.InferenceSession(model, options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.on_gpu = device.type == "cuda" and "CUDAExecutionProvider" in self.session.get_providers()
@@ -117,26 +137,33 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int
 
 
 class TorchScriptRunner:
-    """A TorchScript module on the worker's device, run under inference_mode."""
+    """A TorchScript module on the worker's device, run under inference_mode.
+    `half`: on a CUDA device, weights and floating inputs are fp16; outputs come back fp32."""
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, path: Path, device: torch.device, *, half: bool = False) -> None:
         self.device = device
+        self.half = half and device.type == "cuda"
         self.module = torch.jit.load(str(path), map_location=device).eval()
+        if self.half:
+            self.module = self.module.half()
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         with torch.inference_mode():
             if self.device.type == "cuda":
                 inputs = [t.pin_memory().to(self.device, non_blocking=True) for t in inputs]
+                if self.half:
+                    inputs = [t.half() if t.is_floating_point() else t for t in inputs]
             out = self.module(*inputs)
         outputs = list(out) if isinstance(out, (tuple, list)) else [out]
         return [o.float().cpu() for o in outputs]
 
 
-def load_runner(path: Path, device: torch.device, threads: ThreadBudget) -> Runner:
-    """Pick the backend from the artifact's file type (.onnx -> ONNX Runtime, .pt -> TorchScript)."""
+def load_runner(path: Path, device: torch.device, threads: ThreadBudget, *, half: bool = False) -> Runner:
+    """Pick the backend from the artifact's file type (.onnx -> ONNX Runtime, .pt -> TorchScript).
+    `half` asks for fp16 inference, honoured on a CUDA device only."""
     path = Path(path)
     if path.suffix == ".onnx":
-        return OrtRunner(path, device, threads)
+        return OrtRunner(path, device, threads, half=half)
     if path.suffix == ".pt":
-        return TorchScriptRunner(path, device)
+        return TorchScriptRunner(path, device, half=half)
     raise ValueError(f"no backend for {path.name}: expected a .onnx or a TorchScript .pt file")

@@ -52,6 +52,12 @@ class TrainSpec:
     weight_decay: float
     seed: int
     min_accuracy: float
+    augment: bool = True  # small affine jitter per batch (models.train.augment)
+    # Progressive resizing: the first `low_res_epochs` epochs see inputs downscaled to `low_res` pixels
+    # (a fully convolutional net with global pooling takes any size; 4x fewer pixels, ~4x faster),
+    # the remaining epochs the full input size the model is served at.
+    low_res: int | None = None
+    low_res_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,11 @@ class ModelSpec:
     serve_backend: str = "onnx"
     handler: str = "handlers/classifier_handler.py"
     serve_by_default: bool = True
+    # The bench's peer: TorchServe's stock path for the same weights, and the artifact it loads.
+    peer_handler: str = "handlers/stock_peer_handler.py"
+    peer_artifact: str = "trace"
+    # The bench picks each target's best concurrency among the levels whose p99 stays within this.
+    bench_p99_ms: float = 50.0
 
     def __post_init__(self) -> None:
         if ":" not in self.builder:
@@ -90,6 +101,8 @@ class ModelSpec:
             raise ValueError(f"{self.name}: serve_backend {self.serve_backend!r} needs its format in `formats`")
         if "name" not in self.preset:
             raise ValueError(f"{self.name}: preset needs a 'name', like {{'name': 'digits'}}")
+        if self.peer_artifact not in self.formats:
+            raise ValueError(f"{self.name}: peer_artifact {self.peer_artifact!r} must be one of formats {self.formats}")
         if not self.verify_batch_sizes or any(b < 1 for b in self.verify_batch_sizes):
             raise ValueError(f"{self.name}: verify_batch_sizes must be positive integers")
 
@@ -135,6 +148,23 @@ DIGITS = ModelSpec(
     samples="models.samples:sample_digits",
     train=TrainSpec(epochs=30, batch_size=64, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.97),
     serve_backend="onnx",
+)
+
+SHAPES = ModelSpec(
+    name="shapes",
+    builder="torchvision.models:resnet18",
+    builder_kwargs={"num_classes": 8},
+    preset={"name": "rgb", "resize": 128, "crop": 128, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    inputs=(TensorSpec(name="image", dtype="float32", example_shape=(2, 3, 128, 128)),),
+    outputs=("logits",),
+    # models.shapes.CLASSES, spelled out so this module imports nothing heavy (a unit test checks they agree)
+    labels=("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow"),
+    tolerance=Tolerance(atol=1e-3, min_top1_agreement=0.999),
+    dataset="models.data:load_shapes_split",
+    samples="models.samples:sample_shapes",
+    train=TrainSpec(epochs=6, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0, min_accuracy=0.95, augment=False),
+    serve_backend="onnx",
+    bench_p99_ms=1000.0,
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS,)}

@@ -1,7 +1,11 @@
-"""Real digit images as files, the way clients send them: rendered from the held-out test split
-in several encodings (PNG, JPEG, BMP), modes (L, RGB, RGBA, P, I;16) and both polarities.
+"""Request payloads as files, the way clients send them.
 
-    python -m models.samples --out build/samples/digits --count 20
+digits: rendered from the held-out test split in several encodings (PNG, JPEG, BMP), modes (L, RGB,
+RGBA, P, I;16) and both polarities. shapes: generated images (a stream never trained on) at photo
+sizes up to 1920x1080 in JPEG, PNG and WebP, grayscale, RGBA, palette, CMYK and EXIF-rotated, plus
+the two photos scikit-learn ships.
+
+    python -m models.samples --model shapes --out build/samples/shapes --count 20
 """
 
 from __future__ import annotations
@@ -64,13 +68,95 @@ def sample_digits(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
     return out
 
 
+# (width, height, format, mode): what photo clients send, up to full-HD JPEGs.
+SHAPE_VARIANTS = (
+    (1920, 1080, "JPEG", "RGB"),
+    (640, 480, "JPEG", "RGB"),
+    (1280, 720, "JPEG", "RGB"),
+    (128, 128, "PNG", "RGB"),
+    (1024, 1024, "JPEG", "RGB"),
+    (800, 600, "WEBP", "RGB"),
+    (512, 512, "PNG", "RGBA"),
+    (480, 480, "JPEG", "L"),
+    (720, 1280, "JPEG", "EXIF-rotated"),
+    (400, 400, "PNG", "P"),
+    (600, 600, "JPEG", "CMYK"),
+)
+
+
+def _fit(square: np.ndarray, width: int, height: int) -> Image.Image:
+    """Scale a square image to the shorter side and extend its edges to (width, height): a centre crop of
+    the result is the original picture, as in a photo whose subject sits in the middle."""
+    side = min(width, height)
+    big = np.asarray(Image.fromarray(square).resize((side, side), Image.Resampling.BICUBIC))
+    pad_x, pad_y = (width - side) // 2, (height - side) // 2
+    padded = np.pad(big, ((pad_y, height - side - pad_y), (pad_x, width - side - pad_x), (0, 0)), mode="edge")
+    return Image.fromarray(padded)
+
+
+def _encode_variant(square: np.ndarray, width: int, height: int, fmt: str, mode: str) -> bytes:
+    image = _fit(square, width, height)
+    buffer = io.BytesIO()
+    if mode == "EXIF-rotated":  # stored turned a quarter, with the EXIF tag that turns it back
+        stored = image.transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 CW to display
+        stored.save(buffer, format=fmt, quality=90, exif=exif.tobytes())
+        return buffer.getvalue()
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+    elif mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=128)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(buffer, format=fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
+    return buffer.getvalue()
+
+
+def sklearn_photos() -> list[tuple[bytes, int, str]]:
+    """The two photos scikit-learn ships (china.jpg, flower.jpg; 640x427), as JPEG and enlarged to
+    1920x1280, labelled -1: real photos of no shape class, for decoding cost and robustness."""
+    from sklearn.datasets import load_sample_image
+
+    out = []
+    for name in ("china.jpg", "flower.jpg"):
+        image = Image.fromarray(load_sample_image(name))
+        for width, height in ((image.width, image.height), (1920, 1280)):
+            buffer = io.BytesIO()
+            image.resize((width, height), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+            out.append((buffer.getvalue(), -1, f"photo-{name[:-4]}-{width}x{height}.jpeg"))
+    return out
+
+
+def sample_shapes(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
+    """`count` (bytes, label, filename) triples: generated shapes (their own stream, never trained on)
+    at the sizes, formats and modes of SHAPE_VARIANTS, with scikit-learn's photos as every 8th."""
+    from models.shapes import CLASSES, generate
+
+    images, labels = generate("samples", count, seed=seed)
+    photos = sklearn_photos()
+    out = []
+    for n in range(count):
+        if n % 8 == 7:
+            out.append(photos[(n // 8) % len(photos)])
+            continue
+        width, height, fmt, mode = SHAPE_VARIANTS[n % len(SHAPE_VARIANTS)]
+        label = int(labels[n])
+        name = f"{n:03d}-{CLASSES[label]}-{width}x{height}-{mode}.{fmt.lower().replace('jpeg', 'jpg')}"
+        out.append((_encode_variant(images[n], width, height, fmt, mode), label, name))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="digits")
     parser.add_argument("--count", type=int, default=len(VARIANTS))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    for data, _label, name in sample_digits(args.count):
+    from models import registry
+
+    for data, _label, name in registry.resolve(registry.get(args.model).samples)(args.count):
         (args.out / name).write_bytes(data)
     print(f"wrote {args.count} images to {args.out}")
     return 0

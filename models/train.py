@@ -41,9 +41,11 @@ def augment(batch: torch.Tensor, generator: torch.Generator, *, max_shift: float
 
 
 @torch.inference_mode()
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, chunk: int = 256) -> float:
     model.eval()
-    return (model(images).argmax(dim=1) == labels).float().mean().item()
+    correct = sum(int((model(images[i : i + chunk]).argmax(dim=1) == labels[i : i + chunk]).sum())
+                  for i in range(0, len(labels), chunk))
+    return correct / len(labels)
 
 
 def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None) -> dict:
@@ -60,7 +62,7 @@ def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None) -> 
     train_y, test_y = torch.as_tensor(split.train_labels), torch.as_tensor(split.test_labels)
     print(f"{spec.name}: {len(train_y)} train / {len(test_y)} test images, input {tuple(train_x.shape[1:])}", flush=True)
 
-    model = checkpoint.build_model(spec.builder, spec.builder_kwargs)
+    model = checkpoint.build_model(spec.builder, spec.builder_kwargs).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = -(-len(train_y) // recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=epochs * steps_per_epoch)
@@ -69,15 +71,22 @@ def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None) -> 
         model.train()
         order = torch.randperm(len(train_y), generator=generator)
         total_loss = 0.0
-        for start in range(0, len(order), recipe.batch_size):
+        for step, start in enumerate(range(0, len(order), recipe.batch_size), 1):
             idx = order[start : start + recipe.batch_size]
-            logits = model(augment(train_x[idx], generator))
+            batch = augment(train_x[idx], generator) if recipe.augment else train_x[idx]
+            if recipe.low_res and epoch <= recipe.low_res_epochs:
+                batch = F.interpolate(batch, size=(recipe.low_res, recipe.low_res), mode="bilinear", antialias=True,
+                                      align_corners=False)
+            logits = model(batch.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
+            if step % 25 == 0:
+                print(f"  epoch {epoch} step {step}/{steps_per_epoch}  loss {loss.item():.4f}  "
+                      f"{time.monotonic() - started:6.1f}s", flush=True)
         test_acc = accuracy(model, test_x, test_y)
         print(
             f"epoch {epoch:3d}/{epochs}  loss {total_loss / len(train_y):.4f}  test acc {test_acc:.4f}  "

@@ -51,10 +51,10 @@ class EagerReference:
     def probs(self, body: bytes):
         import torch
 
-        from models.preprocessing import decode_image
+        from models.preprocessing import decode_for
 
         with torch.inference_mode():
-            return torch.softmax(self.model(self.preset(decode_image(body, max_pixels=10**8))[None]), dim=1)[0]
+            return torch.softmax(self.model(self.preset(decode_for(self.preset, body, max_pixels=10**8))[None]), dim=1)[0]
 
     def assert_matches(self, answer: list[dict], body: bytes, *, atol: float = 1e-4) -> None:
         """The served top-k equals the eager top-k: same classes in the same order, scores within atol."""

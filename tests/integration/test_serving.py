@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
+from loadtest.prometheus import scrape
 from tests.conftest import SERVED, EagerReference
 
 pytestmark = pytest.mark.integration
@@ -22,13 +24,8 @@ def predict_url(server, model: str) -> str:
 
 def batch_counters(server, model: str) -> tuple[float, float]:
     """(batches, requests) the handler has processed, from its counters on the Prometheus endpoint."""
-    text = requests.get(f"{server.metrics_url}/metrics", headers=server.headers("management"), timeout=10).text
-    values = {}
-    for line in text.splitlines():
-        for name in ("HandlerBatches", "HandlerBatchedRequests"):
-            if line.startswith(name + "{") and f'ModelName="{model}"' in line:
-                values[name] = float(line.rsplit(" ", 1)[1])
-    return values.get("HandlerBatches", 0.0), values.get("HandlerBatchedRequests", 0.0)
+    counters = scrape(server.metrics_url, model, server.headers("management"))
+    return counters.get(BATCHES, 0.0), counters.get(REQUESTS, 0.0)
 
 
 def worker_pids(server, model: str) -> list[int]:

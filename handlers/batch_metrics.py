@@ -1,0 +1,48 @@
+"""Per-batch handler metrics, published through TorchServe's metrics API (so they reach /metrics).
+
+Counters only, so a reader takes differences between two scrapes: batches, requests, and the
+milliseconds spent in each stage. Mean batch size = requests / batches; mean stage time per batch =
+stage ms / batches. `HandlerBatchesBySize` splits batches by size (dimension BatchSize) to show the
+batch sizes the server really formed. The bench (loadtest/bench.py) reads these names.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+BATCHES = "HandlerBatches"
+REQUESTS = "HandlerBatchedRequests"
+BATCHES_BY_SIZE = "HandlerBatchesBySize"
+STAGES = ("preprocess", "inference", "postprocess")
+STAGE_MS = {stage: f"Handler{stage.capitalize()}Ms" for stage in STAGES}
+COUNTERS = (BATCHES, REQUESTS, *STAGE_MS.values())
+
+
+class StageClock:
+    """Wall-clock milliseconds per stage of one batch: `with clock.stage("inference"): ...`."""
+
+    def __init__(self) -> None:
+        self.ms = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] += (time.perf_counter() - start) * 1000.0
+
+
+def publish(metrics, batch_size: int, clock: StageClock) -> None:
+    """Add one batch to the counters; `metrics` is TorchServe's context.metrics (None outside a worker)."""
+    if metrics is None:
+        return
+    from ts.metrics.dimension import Dimension
+
+    metrics.add_counter(BATCHES, 1)
+    metrics.add_counter(REQUESTS, batch_size)
+    metrics.add_counter(BATCHES_BY_SIZE, 1, dimensions=[Dimension("BatchSize", str(batch_size))])
+    for stage, name in STAGE_MS.items():
+        metrics.add_counter(name, round(clock.ms[stage], 3))

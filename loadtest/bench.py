@@ -1,0 +1,139 @@
+"""`make bench MODEL=<name> [QUICK=1]`: served throughput against its own limits and the stock peer, in one run.
+
+On one machine, one after the other, in the same conditions:
+1. compute limit: in-process samples/s per backend and batch size, with a worker's thread budget
+   (loadtest/compute.py, its own process, run before the server starts);
+2. one TorchServe (free loopback ports, the checked-in config.properties) serving three models:
+   - served:  our archive, model_store/<model>.mar, as `make serve` serves it;
+   - ceiling: the same model config with an empty handler (handlers/empty_handler.py);
+   - peer:    TorchServe's stock image classifier on the same weights (registry `peer_handler`),
+              with TorchServe's default batching;
+3. Locust (loadtest/drive.py) drives each at rising concurrency, recording requests/s, latency
+   percentiles, failures, the handler's per-batch metrics, and the CPU of load generator and server.
+The report (JSON, Markdown, PNG) goes to results/bench/<model>-<timestamp>/; the ratios print last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from export import archive
+from loadtest import report
+from models import registry
+from serve_config import server as ts
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("served", "ceiling", "peer")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How long and how widely to measure. QUICK=1 keeps the whole run under a minute."""
+
+    levels: tuple[int, ...]
+    warmup_s: float
+    seconds: float
+    compute_batches: tuple[int, ...]
+    compute_seconds: float
+
+
+FULL = Mode(levels=(1, 4, 16, 64), warmup_s=2.0, seconds=8.0, compute_batches=(1, 2, 4, 8, 16, 32, 64),
+            compute_seconds=0.5)
+QUICK = Mode(levels=(4, 32), warmup_s=0.5, seconds=2.0, compute_batches=(1, 16, 64), compute_seconds=0.1)
+
+
+def serve_settings(spec: registry.ModelSpec) -> dict:
+    """The model's checked-in TorchServe model config (serve_config/<model>.yaml)."""
+    return yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
+
+
+def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, dict[str, str]]:
+    """A model store holding the three targets; returns it and {target: served model name}."""
+    store = work / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    mar = ROOT / "model_store" / f"{spec.name}.mar"
+    if not mar.exists():
+        raise SystemExit(f"{mar} is missing: run `make archive MODEL={spec.name}`")
+    shutil.copy2(mar, store / mar.name)
+    artifacts, config = ROOT / "artifacts" / spec.name, ROOT / "serve_config" / f"{spec.name}.yaml"
+    names = {"served": spec.name, "ceiling": f"{spec.name}-ceiling", "peer": f"{spec.name}-peer"}
+    archive.archive(spec, artifacts, store, config=config, name=names["ceiling"], handler="handlers/empty_handler.py",
+                    staging=work / "extra-ceiling")
+    workers = serve_settings(spec).get("minWorkers", 1)
+    peer_config = work / "peer.yaml"  # as a TorchServe user writes it: workers only, default batching
+    peer_config.write_text(f"minWorkers: {workers}\nmaxWorkers: {workers}\n")
+    archive.archive(spec, artifacts, store, config=peer_config, name=names["peer"], artifact=spec.peer_artifact,
+                    handler=spec.peer_handler, staging=work / "extra-peer")
+    return store, names
+
+
+def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path) -> dict:
+    print(f"[1/3] compute limit: in-process, {threads} intra-op thread(s) per worker", flush=True)
+    subprocess.run([sys.executable, "-m", "loadtest.compute", "--model", spec.name, "--threads", str(threads),
+                    "--seconds", str(mode.compute_seconds), "--out", str(out),
+                    "--batch-sizes", *map(str, mode.compute_batches)], cwd=ROOT, check=True)
+    return json.loads(out.read_text())
+
+
+def run_load(spec: registry.ModelSpec, store: Path, names: dict[str, str], mode: Mode, work: Path) -> list[dict]:
+    print(f"[2/3] starting TorchServe with {', '.join(names.values())}", flush=True)
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    server = ts.start(run_dir, list(names.values()), ports=ts.Ports.free(), model_store=store)
+    try:
+        keys = server.keys()
+        steps = [{"target": target, "endpoint": names[target], "users": users, "warmup": mode.warmup_s,
+                  "seconds": mode.seconds} for target in TARGETS for users in mode.levels]
+        plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
+                "inference_token": keys["inference"], "management_token": keys["management"],
+                "payload_model": spec.name, "steps": steps}
+        (work / "plan.json").write_text(json.dumps(plan, indent=1))
+        print(f"[3/3] Locust: {len(steps)} steps of {mode.seconds:g}s (+{mode.warmup_s:g}s warm-up)", flush=True)
+        subprocess.run([sys.executable, "-m", "loadtest.drive", "--plan", str(work / "plan.json"),
+                        "--out", str(work / "steps.json")], cwd=ROOT, check=True)
+        return json.loads((work / "steps.json").read_text())
+    finally:
+        ts.stop(run_dir)
+
+
+def bench(model: str, *, quick: bool, out_root: Path) -> Path:
+    spec = registry.get(model)
+    mode = QUICK if quick else FULL
+    settings = serve_settings(spec)
+    threads = int((settings.get("handler") or {}).get("intra_op_threads", 1))
+    report_dir = out_root / f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    report_dir.mkdir(parents=True)
+    work = ROOT / "build" / "bench" / spec.name
+    work.mkdir(parents=True, exist_ok=True)
+    compute = run_compute(spec, threads, mode, work / "compute.json")
+    store, names = build_store(spec, work)
+    steps = run_load(spec, store, names, mode, work)
+    data = report.assemble(spec, settings, compute, steps, quick=quick)
+    report.write(data, report_dir)
+    print(f"report: {report_dir}/report.md (JSON: bench.json, plots: *.png)")
+    print(report.ratios_text(data))
+    return report_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--quick", action="store_true", help="a run of under a minute: fewer levels, shorter steps")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    args = parser.parse_args(argv)
+    bench(args.model, quick=args.quick, out_root=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

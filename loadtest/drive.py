@@ -1,0 +1,104 @@
+"""The bench's load generator: real Locust, run as a library, through a plan of closed-loop steps.
+
+    python -m loadtest.drive --plan plan.json --out steps.json
+
+A plan names the server (URL, tokens, metrics URL, its PID) and a list of steps: which served model
+(endpoint) to call, with how many concurrent users, for how long after a warm-up. One Locust process
+runs every step, so no step pays Locust's start-up. Per step it records what Locust saw (requests/s,
+p50/p95/p99, failures), what the server's /metrics counters moved by (handler batches and stage
+times, frontend queue time) and the CPU seconds used by the load generator and by the server.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import psutil  # noqa: E402
+from locust.env import Environment  # noqa: E402
+
+from loadtest import prometheus  # noqa: E402
+from loadtest.payloads import payloads  # noqa: E402
+from loadtest.users import InferenceUser  # noqa: E402
+
+
+class BenchUser(InferenceUser):
+    """Endpoint, payloads and token are set from the plan before each step."""
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (TorchServe: launcher, Java, workers)."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def run_step(env: Environment, plan: dict, step: dict) -> dict:
+    BenchUser.endpoint = step["endpoint"]
+    runner = env.create_local_runner()
+    runner.start(step["users"], spawn_rate=max(step["users"], 1))
+    gevent.sleep(step["warmup"])
+    headers = {"Authorization": f"Bearer {plan['management_token']}"}
+    before = prometheus.scrape(plan["metrics_url"], step["endpoint"], headers)
+    env.stats.reset_all()
+    cpu0, server0, wall0 = time.process_time(), tree_cpu_seconds(plan["server_pid"]), time.perf_counter()
+    gevent.sleep(step["seconds"])
+    stats = env.stats.total
+    wall = time.perf_counter() - wall0
+    requests_done, failures = stats.num_requests, stats.num_failures
+    percentiles = {f"p{q}_ms": float(stats.get_response_time_percentile(q / 100)) if requests_done else float("nan")
+                   for q in (50, 95, 99)}
+    load_cpu, server_cpu = time.process_time() - cpu0, tree_cpu_seconds(plan["server_pid"]) - server0
+    runner.quit()
+    after = prometheus.scrape(plan["metrics_url"], step["endpoint"], headers)
+    errors = [f"{e.method} {e.name}: {e.error} x{e.occurrences}" for e in env.stats.errors.values()][:5]
+    return {
+        **step, "wall_s": wall, "requests": requests_done, "failures": failures, "rps": requests_done / wall,
+        "mean_ms": stats.avg_response_time, **percentiles,
+        "loadgen_cores": load_cpu / wall, "server_cores": server_cpu / wall,
+        # counters moved by warm-up tail and measurement alike: read as per-batch / per-request means
+        "server_metrics": prometheus.delta(after, before), "errors": errors,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    plan = json.loads(args.plan.read_text())
+    if not plan["host"].startswith(("http://127.", "http://localhost", "http://[::1]")):
+        raise SystemExit("load goes to loopback only")
+    BenchUser.payloads = payloads(plan["payload_model"], plan.get("samples", 64))
+    BenchUser.token = plan["inference_token"]
+    results = []
+    for step in plan["steps"]:
+        env = Environment(user_classes=[BenchUser], host=plan["host"])
+        result = run_step(env, plan, step)
+        print(f"  {step['target']:<8} {step['users']:>3} users: {result['rps']:8.1f} req/s  p99 {result['p99_ms']:6.0f} ms"
+              f"  failures {result['failures']}  loadgen {result['loadgen_cores']:.2f} cores", flush=True)
+        results.append(result)
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

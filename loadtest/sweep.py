@@ -1,0 +1,148 @@
+"""`make sweep MODEL=<name>`: measure serving settings to choose the defaults in serve_config/<name>.yaml.
+
+One factor at a time around the checked-in config: backend, batchSize, maxBatchDelay, and workers x
+intra-op threads. Every variant is packed as its own archive (<name>-<variant>.mar, the model config
+rewritten) and all are served by one TorchServe, so one start-up serves the whole sweep; idle
+workers cost no CPU. Locust (loadtest/drive.py) then drives each variant at the same concurrency levels.
+The result (JSON and a Markdown table, best first) goes to results/sweep/<name>-<timestamp>/; the best
+variant is the most requests/s with no failure and p99 within the registry's bench_p99_ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from export import archive
+from loadtest.bench import serve_settings
+from models import registry
+from models.registry import BACKEND_ARTIFACT
+from serve_config import server as ts
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS = (8, 32, 64)
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str
+    batch_size: int
+    delay_ms: int
+    workers: int
+    threads: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}-b{self.batch_size}-d{self.delay_ms}-w{self.workers}x{self.threads}"
+
+    def config(self, base: dict) -> dict:
+        config = copy.deepcopy(base)
+        config.update(batchSize=self.batch_size, maxBatchDelay=self.delay_ms, minWorkers=self.workers,
+                      maxWorkers=self.workers)
+        config.setdefault("handler", {})["intra_op_threads"] = self.threads
+        return config
+
+
+def variants(spec: registry.ModelSpec, base: dict, grid: tuple[list[int], list[int]] | None = None) -> list[Variant]:
+    """The checked-in config, then one factor changed at a time; with `grid` (batch sizes, delays),
+    the checked-in config and every batch size x delay pair instead."""
+    start = Variant(spec.serve_backend, base.get("batchSize", 1), base.get("maxBatchDelay", 100),
+                    base.get("minWorkers", 1), (base.get("handler") or {}).get("intra_op_threads", 1))
+    out = [start]
+    if grid:
+        out += [Variant(start.backend, n, d, start.workers, start.threads) for n in grid[0] for d in grid[1]]
+        return list(dict.fromkeys(out))
+    out += [Variant(b, start.batch_size, start.delay_ms, start.workers, start.threads)
+            for b in BACKEND_ARTIFACT if BACKEND_ARTIFACT[b] in spec.formats]
+    out += [Variant(start.backend, n, start.delay_ms, start.workers, start.threads) for n in (1, 4, 8, 16, 32)
+            if n <= max(spec.verify_batch_sizes)]
+    out += [Variant(start.backend, start.batch_size, d, start.workers, start.threads) for d in (1, 2, 5, 10, 20)]
+    out += [Variant(start.backend, start.batch_size, start.delay_ms, w, t) for w, t in ((1, 1), (1, 2), (2, 1))]
+    return list(dict.fromkeys(out))
+
+
+def sweep(model: str, out_root: Path, *, seconds: float, warmup: float,
+          grid: tuple[list[int], list[int]] | None = None) -> Path:
+    spec = registry.get(model)
+    base = serve_settings(spec)
+    work = ROOT / "build" / "sweep" / spec.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    store = work / "store"
+    points = variants(spec, base, grid)
+    names = {}
+    for v in points:
+        config = work / f"{v.name}.yaml"
+        config.write_text(yaml.safe_dump(v.config(base), sort_keys=False))
+        names[v] = f"{spec.name}-{v.name}"
+        archive.archive(spec, ROOT / "artifacts" / spec.name, store, config=config, name=names[v],
+                        artifact=BACKEND_ARTIFACT[v.backend], staging=work / "extra")
+    print(f"starting TorchServe with {len(points)} variants of {spec.name}", flush=True)
+    run_dir = work / "run"
+    server = ts.start(run_dir, list(names.values()), ports=ts.Ports.free(), model_store=store, timeout=600)
+    try:
+        keys = server.keys()
+        steps = [{"target": v.name, "endpoint": names[v], "users": u, "warmup": warmup, "seconds": seconds}
+                 for v in points for u in LEVELS]
+        plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
+                "inference_token": keys["inference"], "management_token": keys["management"],
+                "payload_model": spec.name, "steps": steps}
+        (work / "plan.json").write_text(json.dumps(plan))
+        subprocess.run([sys.executable, "-m", "loadtest.drive", "--plan", str(work / "plan.json"),
+                        "--out", str(work / "steps.json")], cwd=ROOT, check=True)
+        results = json.loads((work / "steps.json").read_text())
+    finally:
+        ts.stop(run_dir)
+    rows = []
+    for v in points:
+        mine = [s for s in results if s["target"] == v.name]
+        ok = [s for s in mine if s["failures"] == 0 and s["p99_ms"] <= spec.bench_p99_ms]
+        best = max(ok or mine, key=lambda s: s["rps"])
+        rows.append({**v.__dict__, "variant": v.name, "rps": best["rps"], "users": best["users"], "p50_ms": best["p50_ms"],
+                     "p99_ms": best["p99_ms"], "within_budget": bool(ok), "levels": {s["users"]: s["rps"] for s in mine}})
+    rows.sort(key=lambda r: (r["within_budget"], r["rps"]), reverse=True)
+    out = out_root / f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps({"model": spec.name, "base": base, "levels": LEVELS,
+                                                "seconds": seconds, "rows": rows}, indent=1))
+    table = ["| backend | batchSize | maxBatchDelay ms | workers x threads | best req/s | at users | p50 ms | p99 ms |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        flag = "" if r["within_budget"] else f" (p99 over {spec.bench_p99_ms:g} ms)"
+        table.append(f"| {r['backend']} | {r['batch_size']} | {r['delay_ms']} | {r['workers']} x {r['threads']} | "
+                     f"{r['rps']:.0f}{flag} | {r['users']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+    (out / "sweep.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    best = rows[0]
+    print(f"\nbest: {best['variant']}: {best['rps']:.0f} req/s at {best['users']} users, p99 {best['p99_ms']:.0f} ms")
+    print(f"report: {out}/sweep.md")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.5)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "sweep")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="with --delays: sweep this grid instead")
+    parser.add_argument("--delays", type=int, nargs="+", help="maxBatchDelay values (ms) for the grid")
+    args = parser.parse_args(argv)
+    if bool(args.batch_sizes) != bool(args.delays):
+        parser.error("--batch-sizes and --delays go together")
+    grid = (args.batch_sizes, args.delays) if args.batch_sizes else None
+    sweep(args.model, args.out, seconds=args.seconds, warmup=args.warmup, grid=grid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

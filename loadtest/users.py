@@ -1,0 +1,37 @@
+"""The Locust user both `make loadtest` (locustfile.py) and the bench driver (drive.py) run.
+
+Each user posts a real payload, picked at random, as the raw body with its media type and the
+inference bearer token, and waits for the answer before the next (closed loop: concurrency = users).
+Any non-200 answer is a failure.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from locust import FastHttpUser, constant, task
+
+from loadtest.payloads import Payload
+
+
+class InferenceUser(FastHttpUser):
+    abstract = True  # concrete subclasses set endpoint, payloads and token
+    wait_time = constant(0)
+    endpoint: str = ""
+    payloads: Sequence[Payload] = ()
+    token: str = ""
+
+    def on_start(self) -> None:
+        self.rng = random.Random(id(self))
+        self.auth = f"Bearer {self.token}"
+
+    @task
+    def predict(self) -> None:
+        payload = self.rng.choice(self.payloads)
+        with self.client.post(
+            f"/predictions/{self.endpoint}", data=payload.body, name=f"/predictions/{self.endpoint}",
+            catch_response=True, headers={"Authorization": self.auth, "Content-Type": payload.content_type},
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")

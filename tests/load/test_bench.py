@@ -1,0 +1,52 @@
+"""The bench harness in its quickest form (QUICK) against a real TorchServe: every section of the
+report is there with finite figures. No timing is asserted: these machines are noisy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from handlers.batch_metrics import STAGES
+from loadtest import bench
+from tests.conftest import SERVED
+
+pytestmark = pytest.mark.load
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
+    report_dir = bench.bench(spec.name, quick=True, out_root=tmp_path)
+    data = json.loads((report_dir / "bench.json").read_text())
+
+    table = data["compute"]["samples_per_s"]
+    assert set(table) == {"eager", *spec.formats}
+    assert all(_finite(v) and v > 0 for row in table.values() for v in row.values())
+    assert _finite(data["compute_limit"]["samples_per_s"])
+
+    for target in bench.TARGETS:
+        steps = data["targets"][target]["steps"]
+        assert [s["users"] for s in steps] == list(bench.QUICK.levels)
+        for s in steps:
+            assert s["requests"] > 0 and s["failures"] == 0, s["errors"]
+            for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "loadgen_cores", "server_cores"):
+                assert _finite(s[key]) and s[key] >= 0, (target, key, s[key])
+    for s in data["targets"]["served"]["steps"]:  # the handler's per-batch metrics reached /metrics
+        b = s["breakdown"]
+        assert b["batches"] > 0 and 1 <= b["mean_batch_size"] <= data["serve_config"]["batchSize"]
+        assert all(_finite(b[f"{stage}_ms_per_batch"]) for stage in STAGES)
+        assert _finite(b["queue_ms_per_request"]) and sum(b["batches_by_size"].values()) == b["batches"]
+
+    assert set(data["ratios"]) == {"served_over_compute_limit", "served_over_ceiling", "ours_over_peer"}
+    assert all(_finite(r["value"]) and r["value"] > 0 for r in data["ratios"].values())
+    report = (report_dir / "report.md").read_text()
+    for section in ("## Ratios", "## Load, per target", "## Where the time goes", "## Compute limit"):
+        assert section in report
+    for plot in ("throughput.png", "latency.png", "compute.png"):
+        assert (report_dir / plot).read_bytes().startswith(b"\x89PNG")
+    assert capsys.readouterr().out.rstrip().splitlines()[-4].startswith("ratios for")  # the ratios print last

@@ -1,0 +1,73 @@
+"""Pure parts of the bench: Prometheus parsing, per-step breakdowns, best-step choice, and the stock
+peer's torchvision transforms computing the same tensor as our preset."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from handlers.batch_metrics import BATCHES, REQUESTS, STAGE_MS
+from loadtest import prometheus
+from loadtest.report import best_step, breakdown
+from models.preprocessing import PRESETS, decode_image
+from models.samples import sample_digits
+
+TEXT = """# HELP ts_inference_requests_total Total number of inference requests.
+# TYPE ts_inference_requests_total counter
+ts_inference_requests_total{model_name="digits",model_version="default",hostname="h",} 40.0
+ts_inference_requests_total{model_name="other",model_version="default",hostname="h",} 7.0
+ts_queue_latency_microseconds{model_name="digits",model_version="default",hostname="h",} 80000.0
+HandlerBatches{ModelName="digits",Level="Model",Hostname="h",} 4.0
+HandlerBatchedRequests{ModelName="digits",Level="Model",Hostname="h",} 40.0
+HandlerBatchesBySize{BatchSize="8",ModelName="digits",Level="Model",Hostname="h",} 1.0
+HandlerBatchesBySize{BatchSize="16",ModelName="digits",Level="Model",Hostname="h",} 2.0
+HandlerBatchesBySize{BatchSize="0",ModelName="digits",Level="Model",Hostname="h",} 1.0
+HandlerPreprocessMs{ModelName="digits",Level="Model",Hostname="h",} 10.0
+HandlerInferenceMs{ModelName="digits",Level="Model",Hostname="h",} 2.0
+HandlerPostprocessMs{ModelName="digits",Level="Model",Hostname="h",} 1.0
+"""
+
+
+def test_model_counters_keep_one_model_and_split_batches_by_size():
+    counters = prometheus.model_counters(TEXT, "digits")
+    assert counters["ts_inference_requests_total"] == 40.0 and counters[BATCHES] == 4.0
+    assert counters["HandlerBatchesBySize[16]"] == 2.0
+    assert prometheus.model_counters(TEXT, "other") == {"ts_inference_requests_total": 7.0}
+    assert prometheus.delta({"a": 5.0, "b": 1.0}, {"a": 2.0}) == {"a": 3.0, "b": 1.0}
+
+
+def test_breakdown_turns_counter_deltas_into_means():
+    b = breakdown(prometheus.model_counters(TEXT, "digits"))
+    assert b["mean_batch_size"] == 10.0 and b["preprocess_ms_per_batch"] == 2.5
+    assert b["inference_ms_per_batch"] == 0.5 and b["postprocess_ms_per_batch"] == 0.25
+    assert b["queue_ms_per_request"] == 2.0
+    assert list(b["batches_by_size"]) == ["0", "8", "16"]  # numeric order
+    empty = breakdown({})
+    assert empty["mean_batch_size"] is None and empty["queue_ms_per_request"] is None
+    assert set(STAGE_MS.values()) | {BATCHES, REQUESTS} <= set(prometheus.model_counters(TEXT, "digits"))
+
+
+def step(users, rps, p99, failures=0):
+    return {"users": users, "rps": rps, "p99_ms": p99, "failures": failures, "requests": 100}
+
+
+def test_best_step_respects_the_p99_budget_and_failures():
+    steps = [step(1, 100, 5), step(4, 300, 20), step(16, 500, 80), step(64, 900, 30, failures=3)]
+    best = best_step(steps, 50)
+    assert best["users"] == 4 and best["within_p99_budget"]
+    over = best_step(steps, 10)  # nothing but users=1 within 10 ms
+    assert over["users"] == 1
+    none_within = best_step([step(1, 100, 60), step(4, 300, 90)], 50)
+    assert none_within["users"] == 4 and not none_within["within_p99_budget"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_stock_peer_transforms_give_the_presets_tensor(name):
+    preset = PRESETS[name]()
+    for body, _label, sample in sample_digits(7):
+        image = decode_image(body, max_pixels=10**8)
+        expected, got = preset(image), preset.torchvision_transforms()(image)
+        assert torch.equal(expected, got), sample
+        assert not math.isnan(float(got.sum()))
