@@ -26,12 +26,15 @@ QUICK ?=
 PYTEST_ARGS ?=
 # Models `make serve` builds and serves: those the registry marks serve_by_default.
 SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)
+# Training recipe for a missing checkpoint: `full` (the registry's recipe), except under `make test`, which
+# trains the registry's quick recipe when no checkpoint exists yet (a full one already there is used as is).
+TRAIN_RECIPE ?= full
 
 MODEL_SRC := $(wildcard models/*.py)
 HANDLER_SRC := $(wildcard handlers/*.py)
 MARS = $(foreach m,$(SERVE_MODELS),model_store/$(m).mar)
 
-.PHONY: help prereqs venv train export verify archive serve stop token predict loadtest bench sweep test clean
+.PHONY: help prereqs full-recipe venv train export verify archive serve stop token predict loadtest bench sweep test clean
 
 help: ## show this help
 	@echo "Usage: make <target> [MODEL=name]   (MODEL defaults to $(MODEL))"
@@ -52,7 +55,15 @@ $(VENV_STAMP): requirements.txt | prereqs
 venv: $(VENV_STAMP) ## create .venv and install the pinned dependencies
 
 checkpoints/%/model.pt: $(MODEL_SRC) | $(VENV_STAMP)
-	$(PY) -m models.train --model $* --out checkpoints/$*
+	$(PY) -m models.train --model $* --out checkpoints/$* --recipe $(TRAIN_RECIPE)
+
+# A checkpoint from the quick recipe (left by `make test`) is never served: the targets that serve, export or
+# measure a model remove it first, so the chain retrains it with the full recipe.
+full-recipe: ## (used by the targets below) replace quick-recipe test checkpoints by full ones
+	@for m in $(sort $(SERVE_MODELS) $(MODEL)); do \
+		if grep -qs '"recipe": "quick"' checkpoints/$$m/model.json; then \
+			echo "$$m: checkpoints/$$m was trained with the quick test recipe; retraining with the full recipe"; \
+			rm -f checkpoints/$$m/model.pt; fi; done
 
 artifacts/%/manifest.json: checkpoints/%/model.pt export/export.py export/manifest.py
 	$(PY) -m export.export --model $* --checkpoint checkpoints/$* --out artifacts/$*
@@ -63,12 +74,12 @@ artifacts/%/verified.json: artifacts/%/manifest.json export/verify.py handlers/r
 model_store/%.mar: artifacts/%/verified.json serve_config/%.yaml export/archive.py $(HANDLER_SRC) $(MODEL_SRC)
 	$(PY) -m export.archive --model $* --artifacts artifacts/$* --out model_store
 
-train: checkpoints/$(MODEL)/model.pt ## train MODEL and write its self-describing checkpoint
-export: artifacts/$(MODEL)/manifest.json ## export MODEL to TorchScript (trace, script) and ONNX
-verify: artifacts/$(MODEL)/verified.json ## check MODEL's exports against eager (fresh process each)
-archive: model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
+train: full-recipe checkpoints/$(MODEL)/model.pt ## train MODEL and write its self-describing checkpoint
+export: full-recipe artifacts/$(MODEL)/manifest.json ## export MODEL to TorchScript (trace, script) and ONNX
+verify: full-recipe artifacts/$(MODEL)/verified.json ## check MODEL's exports against eager (fresh process each)
+archive: full-recipe model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
 
-serve: $(MARS) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
+serve: full-recipe $(MARS) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
 	$(PY) -m serve_config.server start --run-dir $(RUN_DIR) --models $(SERVE_MODELS) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
 		--grpc-ports $(GRPC_PORTS)
@@ -86,12 +97,13 @@ loadtest: ## Locust against the running server: make loadtest MODEL=digits USERS
 	$(PY) -m loadtest.run --model $(MODEL) --users $(USERS) --duration $(DURATION) --run-dir $(RUN_DIR) \
 		--url http://127.0.0.1:$(INFERENCE_PORT) --out results/loadtest
 
-bench: model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
+bench: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
 	$(PY) -m loadtest.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
 
-sweep: model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
+sweep: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
 	$(PY) -m loadtest.sweep --model $(MODEL) --out results/sweep
 
+test: TRAIN_RECIPE = quick
 test: $(MARS) | $(VENV_STAMP) ## set up, build the default models and run every test tier
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 

@@ -49,7 +49,7 @@ def held_out_inputs(spec: registry.ModelSpec) -> tuple[torch.Tensor, torch.Tenso
         return None
     from models.preprocessing import build_preset
 
-    split = registry.resolve(spec.dataset)()
+    split = registry.resolve(spec.dataset)(test_only=True)
     preset = build_preset(spec.preset)
     return torch.stack([preset.from_array(x) for x in split.test_images]), torch.as_tensor(split.test_labels)
 

@@ -18,6 +18,7 @@ import binascii
 import http
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,6 +58,7 @@ class ClassifierConfig:
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024
     intra_op_threads: int = 1
+    preprocess_threads: int = 1  # decode a batch's images on this many threads (Pillow and torch release the GIL)
     precision: str = "fp32"
     allow_tf32: bool = False
 
@@ -184,6 +186,8 @@ class ImageClassifier:
     def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: Callable,
                  labels: Sequence[str], config: ClassifierConfig) -> None:
         self.runner, self.preset, self.labels, self.config = runner, preset, list(labels), config
+        self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="decode") \
+            if config.preprocess_threads > 1 else None
 
     def decode(self, request: Mapping[str, Any], content_type: str = "") -> torch.Tensor:
         """One request -> its model input tensor, or RequestError naming what is wrong with it."""
@@ -195,19 +199,25 @@ class ImageClassifier:
         except InvalidImage as err:
             raise RequestError(400, "InvalidImage", str(err)) from None
 
+    def _decode_or_error(self, idx: int, request: Mapping[str, Any], content_type: str) -> torch.Tensor | RequestError:
+        try:
+            return self.decode(request, content_type)
+        except RequestError as err:
+            return err
+        except Exception:  # a decoder bug must cost this request only, never its batch
+            logger.exception("unexpected error decoding request %d", idx)
+            return RequestError(500, "InternalError", "the request could not be processed")
+
     def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> Batch:
-        """Decode every request; a bad one gets its RequestError and leaves the batch."""
-        results: list = [None] * len(requests)
-        tensors, positions = [], []
-        for idx, (request, ctype) in enumerate(zip(requests, content_types, strict=True)):
-            try:
-                tensors.append(self.decode(request, ctype))
-                positions.append(idx)
-            except RequestError as err:
-                results[idx] = err
-            except Exception:  # a decoder bug must cost this request only, never its batch
-                logger.exception("unexpected error decoding request %d", idx)
-                results[idx] = RequestError(500, "InternalError", "the request could not be processed")
+        """Decode every request (on `preprocess_threads` threads); a bad one gets its RequestError and leaves the batch."""
+        jobs = list(zip(range(len(requests)), requests, content_types, strict=True))
+        if self._pool is not None and len(jobs) > 1:
+            decoded = list(self._pool.map(lambda job: self._decode_or_error(*job), jobs))
+        else:
+            decoded = [self._decode_or_error(*job) for job in jobs]
+        results: list = [d if isinstance(d, RequestError) else None for d in decoded]
+        positions = [i for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
+        tensors = [decoded[i] for i in positions]
         return Batch(results, torch.stack(tensors) if tensors else None, positions)
 
     def infer(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -45,9 +45,35 @@ def samples_per_second(run: Callable, inputs: list[torch.Tensor], batch: int, *,
         run(inputs)
     calls, start = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - start < seconds:
-        run(inputs)
+        run(inputs)  # runners return CPU tensors, so each call includes its device synchronisation
         calls += 1
     return calls * batch / (time.perf_counter() - start)
+
+
+def preprocess_cost(spec: registry.ModelSpec, *, count: int = 32, rounds: int = 3) -> dict:
+    """Mean milliseconds to turn one real payload into its model input (decode, convert, resize, normalise),
+    on one thread as the handler does it, over `count` payloads of the bench's mix; and the same without
+    reduced-size JPEG decoding, to show what that saves."""
+    from loadtest.payloads import payloads
+    from models.preprocessing import build_preset, decode_for, decode_image
+
+    preset = build_preset(spec.preset)
+    bodies = [p.body for p in payloads(spec.name, count)]
+    limit = 10**9
+
+    def mean_ms(step: Callable[[bytes], torch.Tensor]) -> float:
+        for body in bodies:
+            step(body)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for body in bodies:
+                step(body)
+        return (time.perf_counter() - start) * 1000 / (rounds * len(bodies))
+
+    with_draft = mean_ms(lambda b: preset(decode_for(preset, b, max_pixels=limit)))
+    without = mean_ms(lambda b: preset(decode_image(b, max_pixels=limit)))
+    print(f"  preprocess: {with_draft:.2f} ms/image ({without:.2f} ms without reduced-size JPEG decoding)", flush=True)
+    return {"ms_per_image": with_draft, "ms_per_image_full_decode": without, "payloads": len(bodies)}
 
 
 def measure(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts: Path, *, threads: int,
@@ -66,8 +92,9 @@ def measure(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts: Path, *, 
             inputs = reference_inputs(spec, batch, "random", None)
             table[backend][batch] = samples_per_second(run, inputs, batch, seconds=seconds)
             print(f"  {backend:<7} batch {batch:>3}: {table[backend][batch]:10.1f} samples/s", flush=True)
+    preprocess = preprocess_cost(spec)
     best_backend, best_batch = max(((b, n) for b in table for n in table[b]), key=lambda bn: table[bn[0]][bn[1]])
-    return {"threads": threads, "device": str(device), "seconds_per_point": seconds,
+    return {"threads": threads, "device": str(device), "seconds_per_point": seconds, "preprocess": preprocess,
             "samples_per_s": {b: {str(n): v for n, v in row.items()} for b, row in table.items()},
             "best": {"backend": best_backend, "batch": best_batch, "samples_per_s": table[best_backend][best_batch]}}
 
@@ -78,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, required=True, help="intra-op threads of one worker")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
     parser.add_argument("--seconds", type=float, default=1.0, help="measured time per backend and batch size")
+    parser.add_argument("--gpu-id", type=int, help="measure on cuda:<id> (the CPU when CUDA is not usable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     spec = registry.get(args.model)
     result = measure(spec, ROOT / "checkpoints" / spec.name, ROOT / "artifacts" / spec.name, threads=args.threads,
-                     batch_sizes=args.batch_sizes, seconds=args.seconds)
+                     batch_sizes=args.batch_sizes, seconds=args.seconds, gpu_id=args.gpu_id)
     args.out.write_text(json.dumps(result, indent=1))
     return 0
 

@@ -110,8 +110,12 @@ def markdown(data: dict[str, Any]) -> str:
     for key, r in data["ratios"].items():
         out.append(f"| {key.replace('_', ' ')} | {r['value']:.3f} | {r['served_rps']:.0f} | {r['served_users']} | "
                    f"{_f(r['served_p99_ms'], 0)} |")
+    pre = data["compute"]["preprocess"]
     out += ["", f"Compute limit: {limit['samples_per_s']:,.0f} samples/s ({limit['backend']}, batch {limit['batch']}, "
-                f"× {limit['workers']} worker(s)).", "", "## Load, per target and concurrency", "",
+                f"× {limit['workers']} worker(s)).", "",
+            f"Preprocessing (decode, convert, resize, normalise), in-process on one thread over {pre['payloads']} "
+            f"payloads of the load mix: **{pre['ms_per_image']:.2f} ms per image** "
+            f"({pre['ms_per_image_full_decode']:.2f} ms without reduced-size JPEG decoding).", "", "## Load, per target and concurrency", "",
             "| target | users | req/s | p50 ms | p95 ms | p99 ms | failures | mean batch | loadgen cores | server cores |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for target, t in data["targets"].items():

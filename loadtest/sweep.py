@@ -39,34 +39,40 @@ class Variant:
     delay_ms: int
     workers: int
     threads: int
+    decode_threads: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.backend}-b{self.batch_size}-d{self.delay_ms}-w{self.workers}x{self.threads}"
+        return f"{self.backend}-b{self.batch_size}-d{self.delay_ms}-w{self.workers}x{self.threads}-p{self.decode_threads}"
 
     def config(self, base: dict) -> dict:
         config = copy.deepcopy(base)
         config.update(batchSize=self.batch_size, maxBatchDelay=self.delay_ms, minWorkers=self.workers,
                       maxWorkers=self.workers)
         config.setdefault("handler", {})["intra_op_threads"] = self.threads
+        config["handler"]["preprocess_threads"] = self.decode_threads
         return config
 
 
 def variants(spec: registry.ModelSpec, base: dict, grid: tuple[list[int], list[int]] | None = None) -> list[Variant]:
     """The checked-in config, then one factor changed at a time; with `grid` (batch sizes, delays),
     the checked-in config and every batch size x delay pair instead."""
+    handler = base.get("handler") or {}
     start = Variant(spec.serve_backend, base.get("batchSize", 1), base.get("maxBatchDelay", 100),
-                    base.get("minWorkers", 1), (base.get("handler") or {}).get("intra_op_threads", 1))
+                    base.get("minWorkers", 1), handler.get("intra_op_threads", 1), handler.get("preprocess_threads", 1))
     out = [start]
     if grid:
-        out += [Variant(start.backend, n, d, start.workers, start.threads) for n in grid[0] for d in grid[1]]
+        out += [Variant(start.backend, n, d, start.workers, start.threads, start.decode_threads)
+                for n in grid[0] for d in grid[1]]
         return list(dict.fromkeys(out))
-    out += [Variant(b, start.batch_size, start.delay_ms, start.workers, start.threads)
-            for b in BACKEND_ARTIFACT if BACKEND_ARTIFACT[b] in spec.formats]
-    out += [Variant(start.backend, n, start.delay_ms, start.workers, start.threads) for n in (1, 4, 8, 16, 32)
+    same = {"batch_size": start.batch_size, "delay_ms": start.delay_ms, "workers": start.workers,
+            "threads": start.threads, "decode_threads": start.decode_threads}
+    out += [Variant(b, **same) for b in BACKEND_ARTIFACT if BACKEND_ARTIFACT[b] in spec.formats]
+    out += [Variant(start.backend, **{**same, "batch_size": n}) for n in (1, 4, 8, 16, 32)
             if n <= max(spec.verify_batch_sizes)]
-    out += [Variant(start.backend, start.batch_size, d, start.workers, start.threads) for d in (1, 2, 5, 10, 20)]
-    out += [Variant(start.backend, start.batch_size, start.delay_ms, w, t) for w, t in ((1, 1), (1, 2), (2, 1))]
+    out += [Variant(start.backend, **{**same, "delay_ms": d}) for d in (1, 2, 5, 10, 20)]
+    out += [Variant(start.backend, **{**same, "workers": w, "threads": t, "decode_threads": p})
+            for w, t, p in ((1, 1, 1), (1, 2, 1), (1, 2, 2), (2, 1, 1))]
     return list(dict.fromkeys(out))
 
 
@@ -114,11 +120,11 @@ def sweep(model: str, out_root: Path, *, seconds: float, warmup: float,
     out.mkdir(parents=True)
     (out / "sweep.json").write_text(json.dumps({"model": spec.name, "base": base, "levels": LEVELS,
                                                 "seconds": seconds, "rows": rows}, indent=1))
-    table = ["| backend | batchSize | maxBatchDelay ms | workers x threads | best req/s | at users | p50 ms | p99 ms |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    table = ["| backend | batchSize | maxBatchDelay ms | workers x threads | decode threads | best req/s | at users "
+             "| p50 ms | p99 ms |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         flag = "" if r["within_budget"] else f" (p99 over {spec.bench_p99_ms:g} ms)"
-        table.append(f"| {r['backend']} | {r['batch_size']} | {r['delay_ms']} | {r['workers']} x {r['threads']} | "
+        table.append(f"| {r['backend']} | {r['batch_size']} | {r['delay_ms']} | {r['workers']} x {r['threads']} | {r['decode_threads']} | "
                      f"{r['rps']:.0f}{flag} | {r['users']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
     (out / "sweep.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

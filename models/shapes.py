@@ -14,6 +14,7 @@ What makes it hard (a linear model on the pixels fails; see tests/unit/test_shap
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -139,4 +140,25 @@ def generate(split: str, count: int, *, seed: int = 0, size: int = SIZE) -> tupl
     labels = np.arange(count, dtype=np.int64) % len(CLASSES)
     for i in range(count):
         images[i] = render(int(labels[i]), _rng(seed, split, i), size)
+    return images, labels
+
+
+CACHE = Path(__file__).resolve().parent.parent / "build" / "data"
+
+
+def cached(split: str, count: int, *, seed: int = 0, cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
+    """generate(), kept in `cache` as .npz so training and verification generate each split once.
+    The file name holds everything the images depend on, and the generator's own source hash."""
+    import hashlib
+
+    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    path = cache / f"shapes-{split}-{count}-seed{seed}-{version}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            return data["images"], data["labels"]
+    images, labels = generate(split, count, seed=seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npz")
+    np.savez(partial, images=images, labels=labels)
+    partial.replace(path)
     return images, labels

@@ -121,3 +121,17 @@ def test_an_unexpected_decoder_error_costs_only_its_request(classifier):
     odd = encode(render(torch.zeros(8, 8).numpy(), scale=8).resize((65, 65)))
     results = classifier.process([{"body": PNG}, {"body": odd}], ["image/png", "image/png"])
     assert isinstance(results[0], str) and (results[1].status, results[1].kind) == (500, "InternalError")
+
+
+def test_decoding_on_several_threads_gives_the_same_answers_in_order(classifier):
+    from dataclasses import replace
+
+    threaded = ImageClassifier(classifier.runner, classifier.preset, classifier.labels,
+                               replace(classifier.config, preprocess_threads=3))
+    dark, light = encode(render(torch.zeros(8, 8).numpy())), encode(render(torch.ones(8, 8).numpy()))
+    requests = [{"body": dark}, {"body": b"garbage"}, {"body": light}, {"body": {"image": B64}}, {"body": dark}] * 3
+    ctypes = ["image/png", "image/png", "image/png", "application/json", "image/png"] * 3
+    serial, parallel = classifier.process(requests, ctypes), threaded.process(requests, ctypes)
+    assert [r if isinstance(r, str) else (r.status, r.kind) for r in serial] == \
+           [r if isinstance(r, str) else (r.status, r.kind) for r in parallel]
+    assert threaded._pool is not None and classifier._pool is None

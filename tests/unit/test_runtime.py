@@ -38,3 +38,28 @@ def test_thread_budget_is_validated():
     with pytest.raises(ValueError, match=">= 1"):
         ThreadBudget(intra_op=0)
     assert ThreadBudget().spinning is False
+
+
+def test_half_precision_and_tf32_are_gpu_only(tmp_path):
+    """On a CPU device, fp16 is not used (it would be slower) and TF32 settings are left alone."""
+    from handlers.runtime import TorchScriptRunner, configure_cuda_math
+
+    module = torch.jit.trace(torch.nn.Linear(4, 2).eval(), torch.zeros(2, 4))
+    module.save(str(tmp_path / "m.pt"))
+    runner = TorchScriptRunner(tmp_path / "m.pt", torch.device("cpu"), half=True)
+    assert runner.half is False and runner([torch.ones(3, 4)])[0].dtype == torch.float32
+    before = torch.backends.cuda.matmul.allow_tf32
+    configure_cuda_math(torch.device("cpu"), allow_tf32=not before)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_handler_config_checks_precision_and_tf32():
+    from handlers.core import ClassifierConfig
+
+    assert ClassifierConfig.from_mapping({"precision": "fp16", "allow_tf32": True}).precision == "fp16"
+    with pytest.raises(ValueError, match="precision"):
+        ClassifierConfig(precision="int8")
+    with pytest.raises(ValueError, match="true or false"):
+        ClassifierConfig(allow_tf32="yes")
+    with pytest.raises(ValueError, match="positive integer"):
+        ClassifierConfig(topk=True)
