@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import yaml
 
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
 from loadtest.prometheus import scrape
-from tests.conftest import SERVED, EagerReference
+from tests.conftest import ROOT, SERVED, EagerReference
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +60,14 @@ BAD = [
     (b'{"image": ', {"Content-Type": "application/json"}, 400, "InvalidJSON"),
     (b'["not", "an", "object"]', {"Content-Type": "application/json"}, 400, "InvalidJSON"),
     (b"\x89PNG\r\n\x1a\nxx", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "UnsupportedMediaType"),
-    (b"x" * (4 * 1024 * 1024 + 1), {"Content-Type": "image/png"}, 413, "PayloadTooLarge"),
 ]
+
+
+def bad_requests(spec) -> list[tuple[bytes, dict, int, str]]:
+    """BAD, plus a body one byte over this model's own max_image_bytes (serve_config/<model>.yaml)."""
+    config = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
+    limit = config["handler"]["max_image_bytes"]
+    return BAD + [(b"x" * (limit + 1), {"Content-Type": "image/png"}, 413, "PayloadTooLarge")]
 
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
@@ -68,7 +75,7 @@ def test_concurrent_mix_of_good_and_bad_requests_each_get_their_own_answer(serve
     reference = EagerReference(spec.name)
     samples = payloads(spec.name, 24)
     jobs = [("good", s.body, {"Content-Type": s.content_type}, s) for s in samples]
-    jobs += [("bad", body, headers, (status, kind)) for body, headers, status, kind in BAD]
+    jobs += [("bad", body, headers, (status, kind)) for body, headers, status, kind in bad_requests(spec)]
     jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7) % len(jobs))]  # interleave
     pids_before = worker_pids(server, spec.name)
     batches_before, requests_before = batch_counters(server, spec.name)
