@@ -48,7 +48,7 @@ class Mode:
 
 FULL = Mode(levels=(1, 4, 16, 64), warmup_s=2.0, seconds=8.0, compute_batches=(1, 2, 4, 8, 16, 32, 64),
             compute_seconds=0.5)
-QUICK = Mode(levels=(4, 32), warmup_s=0.5, seconds=2.0, compute_batches=(1, 16, 64), compute_seconds=0.1)
+QUICK = Mode(levels=(4, 32), warmup_s=0.5, seconds=2.0, compute_batches=(1, 8), compute_seconds=0.1)
 
 
 def serve_settings(spec: registry.ModelSpec) -> dict:
