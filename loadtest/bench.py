@@ -85,25 +85,33 @@ def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path) -
     return json.loads(out.read_text())
 
 
-def run_load(spec: registry.ModelSpec, store: Path, names: dict[str, str], mode: Mode, work: Path) -> list[dict]:
-    print(f"[2/3] starting TorchServe with {', '.join(names.values())}", flush=True)
+def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps: list[dict], work: Path, *,
+                    timeout: float = 180.0) -> list[dict]:
+    """Start one TorchServe serving `endpoints` from `store` on free loopback ports, let Locust
+    (loadtest/drive.py) run through `steps` with `payload_model`'s payloads, stop the server by its PID;
+    return the step results."""
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    server = ts.start(run_dir, list(names.values()), ports=ts.Ports.free(), model_store=store)
+    server = ts.start(run_dir, endpoints, ports=ts.Ports.free(), model_store=store, timeout=timeout)
     try:
         keys = server.keys()
-        steps = [{"target": target, "endpoint": names[target], "users": users, "warmup": mode.warmup_s,
-                  "seconds": mode.seconds} for target in TARGETS for users in mode.levels]
         plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
                 "inference_token": keys["inference"], "management_token": keys["management"],
-                "payload_model": spec.name, "steps": steps}
+                "payload_model": payload_model, "steps": steps}
         (work / "plan.json").write_text(json.dumps(plan, indent=1))
-        print(f"[3/3] Locust: {len(steps)} steps of {mode.seconds:g}s (+{mode.warmup_s:g}s warm-up)", flush=True)
         subprocess.run([sys.executable, "-m", "loadtest.drive", "--plan", str(work / "plan.json"),
                         "--out", str(work / "steps.json")], cwd=ROOT, check=True)
         return json.loads((work / "steps.json").read_text())
     finally:
         ts.stop(run_dir)
+
+
+def run_load(spec: registry.ModelSpec, store: Path, names: dict[str, str], mode: Mode, work: Path) -> list[dict]:
+    steps = [{"target": target, "endpoint": names[target], "users": users, "warmup": mode.warmup_s,
+              "seconds": mode.seconds} for target in TARGETS for users in mode.levels]
+    print(f"[2/3] starting TorchServe with {', '.join(names.values())}; then [3/3] Locust: {len(steps)} steps of "
+          f"{mode.seconds:g}s (+{mode.warmup_s:g}s warm-up)", flush=True)
+    return serve_and_drive(spec.name, store, list(names.values()), steps, work)
 
 
 def bench(model: str, *, quick: bool, out_root: Path) -> Path:

@@ -15,7 +15,6 @@ import copy
 import datetime as dt
 import json
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ from pathlib import Path
 import yaml
 
 from export import archive
-from loadtest.bench import serve_settings
+from loadtest.bench import serve_and_drive, serve_settings
 from models import registry
 from models.registry import BACKEND_ARTIFACT
-from serve_config import server as ts
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (8, 32, 64)
@@ -92,22 +90,10 @@ def sweep(model: str, out_root: Path, *, seconds: float, warmup: float,
         names[v] = f"{spec.name}-{v.name}"
         archive.archive(spec, ROOT / "artifacts" / spec.name, store, config=config, name=names[v],
                         artifact=BACKEND_ARTIFACT[v.backend], staging=work / "extra")
+    steps = [{"target": v.name, "endpoint": names[v], "users": u, "warmup": warmup, "seconds": seconds}
+             for v in points for u in LEVELS]
     print(f"starting TorchServe with {len(points)} variants of {spec.name}", flush=True)
-    run_dir = work / "run"
-    server = ts.start(run_dir, list(names.values()), ports=ts.Ports.free(), model_store=store, timeout=600)
-    try:
-        keys = server.keys()
-        steps = [{"target": v.name, "endpoint": names[v], "users": u, "warmup": warmup, "seconds": seconds}
-                 for v in points for u in LEVELS]
-        plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
-                "inference_token": keys["inference"], "management_token": keys["management"],
-                "payload_model": spec.name, "steps": steps}
-        (work / "plan.json").write_text(json.dumps(plan))
-        subprocess.run([sys.executable, "-m", "loadtest.drive", "--plan", str(work / "plan.json"),
-                        "--out", str(work / "steps.json")], cwd=ROOT, check=True)
-        results = json.loads((work / "steps.json").read_text())
-    finally:
-        ts.stop(run_dir)
+    results = serve_and_drive(spec.name, store, list(names.values()), steps, work, timeout=600)
     rows = []
     for v in points:
         mine = [s for s in results if s["target"] == v.name]
