@@ -152,18 +152,22 @@ def plot(data: dict[str, Any], directory: Path) -> None:
     import matplotlib.pyplot as plt
 
     styles = {"served": ("tab:blue", "-"), "ceiling": ("tab:gray", "--"), "peer": ("tab:orange", ":")}
+
+    def save(fig, ax, name: str, *, legend: dict | None = None, **axes) -> None:
+        ax.set(xscale="log", yscale="log", **axes)
+        ax.legend(**(legend or {}))
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for target, t in data["targets"].items():
         color, line = styles[target]
         ax.plot([s["users"] for s in t["steps"]], [s["rps"] for s in t["steps"]], marker="o", color=color,
                 linestyle=line, label=target)
     ax.axhline(data["compute_limit"]["samples_per_s"], color="tab:red", linewidth=1, label="compute limit")
-    ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests/s",
-           title=f"{data['model']}: throughput vs concurrency")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(directory / "throughput.png", dpi=110)
-    plt.close(fig)
+    save(fig, ax, "throughput.png", xlabel="concurrent clients", ylabel="requests/s",
+         title=f"{data['model']}: throughput vs concurrency")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for target, t in data["targets"].items():
@@ -171,19 +175,11 @@ def plot(data: dict[str, Any], directory: Path) -> None:
         for q, marker in (("p50", "o"), ("p95", "s"), ("p99", "^")):
             ax.plot([s["users"] for s in t["steps"]], [s[f"{q}_ms"] for s in t["steps"]], color=color, linestyle=line,
                     marker=marker, label=f"{target} {q}")
-    ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)",
-           title=f"{data['model']}: latency percentiles vs concurrency")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(directory / "latency.png", dpi=110)
-    plt.close(fig)
+    save(fig, ax, "latency.png", legend={"fontsize": 7, "ncol": 3}, xlabel="concurrent clients",
+         ylabel="latency (ms)", title=f"{data['model']}: latency percentiles vs concurrency")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for backend, row in data["compute"]["samples_per_s"].items():
         ax.plot([int(n) for n in row], list(row.values()), marker="o", label=backend)
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
-           title=f"{data['model']}: in-process throughput ({data['compute']['threads']} thread(s))")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(directory / "compute.png", dpi=110)
-    plt.close(fig)
+    save(fig, ax, "compute.png", xlabel="batch size", ylabel="samples/s",
+         title=f"{data['model']}: in-process throughput ({data['compute']['threads']} thread(s))")
