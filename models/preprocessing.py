@@ -81,6 +81,14 @@ def _full_range(mode: str, peak: float) -> float:
     return peak
 
 
+def _onto_white(image: Image.Image) -> Image.Image:
+    """A transparent image composited onto white paper (RGBA); any other image as it is."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image
+
+
 def to_gray_array(image: Image.Image) -> np.ndarray:
     """Any PIL image -> (H, W) float32 in [0, 1], with EXIF rotation applied.
 
@@ -91,11 +99,7 @@ def to_gray_array(image: Image.Image) -> np.ndarray:
     if image.mode in _WIDE_MODES:
         array = np.asarray(image, dtype=np.float32)
         return np.clip(array / _full_range(image.mode, float(array.max(initial=0.0))), 0.0, 1.0)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(paper, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return np.asarray(_onto_white(image).convert("L"), dtype=np.float32) / 255.0
 
 
 class DigitsPreset:
@@ -190,9 +194,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in _WIDE_MODES:
         return Image.fromarray((to_gray_array(image) * 255).round().astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    image = _onto_white(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

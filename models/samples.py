@@ -46,9 +46,10 @@ def render(gray: np.ndarray, *, mode: str = "L", polarity: str = "dark-on-light"
     return base.convert(mode)
 
 
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+def encode(image: Image.Image, fmt: str = "PNG", *, quality: int = 95, **options) -> bytes:
+    """`image` as `fmt` file bytes; `quality` applies to the lossy formats, `options` go to Pillow's save."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    image.save(buffer, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}), **options)
     return buffer.getvalue()
 
 
@@ -96,21 +97,17 @@ def _fit(square: np.ndarray, width: int, height: int) -> Image.Image:
 
 def _encode_variant(square: np.ndarray, width: int, height: int, fmt: str, mode: str) -> bytes:
     image = _fit(square, width, height)
-    buffer = io.BytesIO()
     if mode == "EXIF-rotated":  # stored turned a quarter, with the EXIF tag that turns it back
-        stored = image.transpose(Image.Transpose.ROTATE_90)
         exif = Image.Exif()
         exif[0x0112] = 6  # orientation: rotate 90 CW to display
-        stored.save(buffer, format=fmt, quality=90, exif=exif.tobytes())
-        return buffer.getvalue()
+        return encode(image.transpose(Image.Transpose.ROTATE_90), fmt, quality=90, exif=exif.tobytes())
     if mode == "RGBA":
         image = image.convert("RGBA")
     elif mode == "P":
         image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=128)
     elif mode != "RGB":
         image = image.convert(mode)
-    image.save(buffer, format=fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
-    return buffer.getvalue()
+    return encode(image, fmt, quality=90)
 
 
 def sklearn_photos() -> list[tuple[bytes, int, str]]:
@@ -122,9 +119,8 @@ def sklearn_photos() -> list[tuple[bytes, int, str]]:
     for name in ("china.jpg", "flower.jpg"):
         image = Image.fromarray(load_sample_image(name))
         for width, height in ((image.width, image.height), (1920, 1280)):
-            buffer = io.BytesIO()
-            image.resize((width, height), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
-            out.append((buffer.getvalue(), -1, f"photo-{name[:-4]}-{width}x{height}.jpeg"))
+            body = encode(image.resize((width, height), Image.Resampling.BICUBIC), "JPEG", quality=90)
+            out.append((body, -1, f"photo-{name[:-4]}-{width}x{height}.jpeg"))
     return out
 
 
