@@ -17,7 +17,6 @@ REQUESTS = "HandlerBatchedRequests"
 BATCHES_BY_SIZE = "HandlerBatchesBySize"
 STAGES = ("preprocess", "inference", "postprocess")
 STAGE_MS = {stage: f"Handler{stage.capitalize()}Ms" for stage in STAGES}
-COUNTERS = (BATCHES, REQUESTS, *STAGE_MS.values())
 
 
 class StageClock:

@@ -104,7 +104,7 @@ class OrtRunner:
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels the installed PyTorch brought
         self.device = device
         providers = ort_providers(device)
-        self.half = half and device.type == "cuda" and "CUDAExecutionProvider" in str(providers)
+        self.half = half and providers[0] != "CPUExecutionProvider"  # fp16 only where the CUDA provider leads
         model = half_onnx(path) if self.half else str(path)
         self.session = ort.InferenceSession(model, options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
