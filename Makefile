@@ -58,12 +58,14 @@ checkpoints/%/model.pt: $(MODEL_SRC) | $(VENV_STAMP)
 	$(PY) -m models.train --model $* --out checkpoints/$* --recipe $(TRAIN_RECIPE)
 
 # A checkpoint from the quick recipe (left by `make test`) is never served: the targets that serve, export or
-# measure a model remove it first, so the chain retrains it with the full recipe.
+# measure a model remove it first, with everything built from it, so the chain retrains with the full recipe.
+# (Removing the checkpoint alone is not enough: under .SECONDARY a missing intermediate file is not rebuilt
+# while the archive built from it still exists.)
 full-recipe: ## (used by the targets below) replace quick-recipe test checkpoints by full ones
 	@for m in $(sort $(SERVE_MODELS) $(MODEL)); do \
 		if grep -qs '"recipe": "quick"' checkpoints/$$m/model.json; then \
 			echo "$$m: checkpoints/$$m was trained with the quick test recipe; retraining with the full recipe"; \
-			rm -f checkpoints/$$m/model.pt; fi; done
+			rm -rf checkpoints/$$m artifacts/$$m model_store/$$m.mar model_store/$$m.mar.sha256; fi; done
 
 artifacts/%/manifest.json: checkpoints/%/model.pt export/export.py export/manifest.py
 	$(PY) -m export.export --model $* --checkpoint checkpoints/$* --out artifacts/$*
