@@ -50,6 +50,22 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def settled_scrape(metrics_url: str, model: str, headers: dict, tries: int = 20) -> dict[str, float]:
+    """Scrape after the load stopped, once the last batches' counter lines have reached /metrics.
+
+    The worker logs a batch's counters as separate lines that the frontend parses on its own time, so a
+    scrape can see part of a batch; two equal scrapes in a row mean nothing more is on its way.
+    """
+    last = prometheus.scrape(metrics_url, model, headers)
+    for _ in range(tries):
+        gevent.sleep(0.1)
+        now = prometheus.scrape(metrics_url, model, headers)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def run_step(env: Environment, plan: dict, step: dict) -> dict:
     BenchUser.endpoint = step["endpoint"]
     runner = env.create_local_runner()
@@ -67,7 +83,7 @@ def run_step(env: Environment, plan: dict, step: dict) -> dict:
                    for q in (50, 95, 99)}
     load_cpu, server_cpu = time.process_time() - cpu0, tree_cpu_seconds(plan["server_pid"]) - server0
     runner.quit()
-    after = prometheus.scrape(plan["metrics_url"], step["endpoint"], headers)
+    after = settled_scrape(plan["metrics_url"], step["endpoint"], headers)
     errors = [f"{e.method} {e.name}: {e.error} x{e.occurrences}" for e in env.stats.errors.values()][:5]
     return {
         **step, "wall_s": wall, "requests": requests_done, "failures": failures, "rps": requests_done / wall,

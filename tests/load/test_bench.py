@@ -41,7 +41,10 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
         b = s["breakdown"]
         assert b["batches"] > 0 and 1 <= b["mean_batch_size"] <= data["serve_config"]["batchSize"]
         assert all(_finite(b[f"{stage}_ms_per_batch"]) for stage in STAGES)
-        assert _finite(b["queue_ms_per_request"]) and sum(b["batches_by_size"].values()) == b["batches"]
+        assert _finite(b["queue_ms_per_request"])
+        # the first scrape is taken under load, so one batch's counter lines can straddle it; the last one
+        # waits for the counters to settle (drive.settled_scrape)
+        assert abs(sum(b["batches_by_size"].values()) - b["batches"]) <= 1, b
 
     assert set(data["ratios"]) == {"served_over_compute_limit", "served_over_ceiling", "ours_over_peer"}
     assert all(_finite(r["value"]) and r["value"] > 0 for r in data["ratios"].values())
