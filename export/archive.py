@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "handlers")
 
 
-def stage(artifacts: Path, staging: Path) -> Path:
-    """Lay out the extra files the handler needs; torch-model-archiver copies the folder's contents."""
+def stage(artifacts: Path, staging: Path, extra: tuple[Path, ...] = ()) -> Path:
+    """Lay out the extra files the handler needs (the export's assets, such as a tokenizer, and `extra`);
+    torch-model-archiver copies the folder's contents."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -34,6 +35,8 @@ def stage(artifacts: Path, staging: Path) -> Path:
         shutil.copytree(ROOT / package, staging / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     manifest = mf.read(artifacts)
     shutil.copy2(artifacts / mf.MANIFEST, staging / mf.MANIFEST)
+    for path in [*(artifacts / name for name in manifest.get("assets", {})), *extra]:
+        shutil.copy2(path, staging / path.name)
     (staging / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(manifest["labels"])}))
     return staging
 
@@ -66,12 +69,14 @@ def verified_manifest(spec: registry.ModelSpec, artifacts: Path) -> dict:
 
 
 def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Path, name: str | None = None,
-            artifact: str | None = None, handler: str | None = None, staging: Path | None = None) -> Path:
+            artifact: str | None = None, handler: str | None = None, staging: Path | None = None,
+            serialized: Path | None = None, extra: tuple[Path, ...] = ()) -> Path:
     """Pack the verified export. By default: the registry's serve artifact and handler under the model's
-    name; the bench and the sweep pass another name, artifact, handler or config to pack variants."""
+    name; the bench and the sweep pass another name, artifact, handler or config to pack variants (or a
+    `serialized` file of their own, with `extra` files, for a peer that loads the pretrained source)."""
     manifest = verified_manifest(spec, artifacts)
-    serialized = artifacts / manifest["artifacts"][artifact or spec.serve_artifact]["file"]
-    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra")
+    serialized = serialized or artifacts / manifest["artifacts"][artifact or spec.serve_artifact]["file"]
+    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", extra)
     mar = pack(name or spec.name, serialized, ROOT / (handler or spec.handler), staging, config, out)
     print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, {serialized.name}, handler {handler or spec.handler})")
     return mar

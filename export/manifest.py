@@ -10,7 +10,8 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 # File name per export format inside artifacts/<model>/.
-ARTIFACT_FILES = {"trace": "model.trace.pt", "script": "model.script.pt", "onnx": "model.onnx"}
+ARTIFACT_FILES = {"trace": "model.trace.pt", "script": "model.script.pt", "onnx": "model.onnx",
+                  "onnx_int8": "model.int8.onnx"}
 
 
 def sha256(path: Path) -> str:
@@ -39,12 +40,14 @@ class IntegrityError(RuntimeError):
 
 
 def check_integrity(directory: Path, manifest: dict[str, Any]) -> None:
-    """Raise IntegrityError naming every artifact whose sha256 no longer matches the manifest."""
+    """Raise IntegrityError naming every artifact or asset whose sha256 no longer matches the manifest."""
     bad = []
-    for fmt, entry in manifest["artifacts"].items():
-        path = directory / entry["file"]
+    entries = [(fmt, entry["file"], entry["sha256"]) for fmt, entry in manifest["artifacts"].items()]
+    entries += [("asset", name, digest) for name, digest in manifest.get("assets", {}).items()]
+    for what, file, expected in entries:
+        path = directory / file
         actual = sha256(path) if path.exists() else "missing"
-        if actual != entry["sha256"]:
-            bad.append(f"{path} ({fmt}): sha256 {actual} != manifest {entry['sha256']}")
+        if actual != expected:
+            bad.append(f"{path} ({what}): sha256 {actual} != manifest {expected}")
     if bad:
         raise IntegrityError("; ".join(bad))

@@ -13,6 +13,7 @@ collected and reported together; on success a stamp (verified.json) records the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -54,13 +55,38 @@ def held_out_inputs(spec: registry.ModelSpec) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([preset.from_array(x) for x in split.test_images]), torch.as_tensor(split.test_labels)
 
 
+def compare(name: str, expected: torch.Tensor, got: torch.Tensor, **where: Any) -> dict[str, Any]:
+    """One output's figures: max |diff| and, for 2-D outputs, the lowest row-wise cosine similarity."""
+    shape_ok = tuple(expected.shape) == tuple(got.shape)
+    e, g = expected.float(), got.float()
+    diff = (e - g).abs().max().item() if shape_ok else float("inf")
+    cosines = torch.nn.functional.cosine_similarity(e, g, dim=1) if shape_ok and e.dim() == 2 else None
+    return {**where, "output": name, "max_abs_diff": diff,
+            "min_cosine": None if cosines is None else cosines.min().item(),
+            "cosines": None if cosines is None else cosines.tolist(),
+            "shape": list(got.shape), "expected_shape": list(expected.shape)}
+
+
+def check_against_reference(spec: registry.ModelSpec, runner) -> dict[str, Any]:
+    """The artifact against the model's own reference library (registry `reference`), case by case."""
+    checks = []
+    for case in registry.resolve(spec.reference)(spec, spec.verify_batch_sizes):
+        got = runner(case["inputs"])
+        for name, e, g in zip(spec.outputs, case["expected"], got):
+            checks.append(compare(name, e, g, inputs="reference", batch=case["batch"],
+                                  max_tokens=max(case.get("tokens") or [0])))
+    return {"checks": checks, "top1_agreement": None}
+
+
 def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) -> dict[str, Any]:
-    """Run in the fresh process: compare one artifact with eager; return the figures (no judgement)."""
+    """Run in the fresh process: compare one artifact with its reference; return the figures (no judgement)."""
     from handlers.runtime import ThreadBudget, load_runner
 
     torch.manual_seed(0)
-    model, _ = checkpoint.load(checkpoint_dir)
     runner = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
+    if spec.reference is not None:
+        return {"artifact": artifact.name, **check_against_reference(spec, runner)}
+    model, _ = checkpoint.load(checkpoint_dir)
     held_out = held_out_inputs(spec)
     checks = []
     for kind in (("real", "random") if held_out is not None else ("random",)):
@@ -71,10 +97,7 @@ def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Pat
             expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
             got = runner(inputs)
             for name, e, g in zip(spec.outputs, expected, got):
-                shape_ok = tuple(e.shape) == tuple(g.shape)
-                diff = (e.float() - g.float()).abs().max().item() if shape_ok else float("inf")
-                checks.append({"inputs": kind, "batch": batch, "output": name, "max_abs_diff": diff,
-                               "shape": list(g.shape), "expected_shape": list(e.shape)})
+                checks.append(compare(name, e, g, inputs=kind, batch=batch))
     agreement = None
     if held_out is not None:
         images, _labels = held_out
@@ -88,21 +111,51 @@ def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Pat
     return {"artifact": artifact.name, "checks": checks, "top1_agreement": agreement}
 
 
+def mean_cosine(checks: list[dict[str, Any]]) -> float | None:
+    rows = [c for check in checks for c in (check.get("cosines") or [])]
+    return sum(rows) / len(rows) if rows else None
+
+
 def judge(spec: registry.ModelSpec, fmt: str, report: dict[str, Any]) -> list[str]:
-    """Every way `report` misses the registry's tolerance, as named, actionable messages."""
+    """Every way `report` misses the registry's tolerance for `fmt`, as named, actionable messages."""
+    tol = spec.tolerance_for(fmt)
     failures = []
     for c in report["checks"]:
+        where = f"at batch {c['batch']} ({c['inputs']} inputs)"
         if c["shape"] != c["expected_shape"]:
-            failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} shape {c['shape']} != eager "
-                            f"{c['expected_shape']} at batch {c['batch']} ({c['inputs']} inputs)")
-        elif not c["max_abs_diff"] <= spec.tolerance.atol:  # also catches NaN
+            failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} shape {c['shape']} != reference "
+                            f"{c['expected_shape']} {where}")
+            continue
+        if tol.atol is not None and not c["max_abs_diff"] <= tol.atol:  # `not <=` also catches NaN
             failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} max abs diff {c['max_abs_diff']:.3g} > "
-                            f"atol {spec.tolerance.atol:g} at batch {c['batch']} ({c['inputs']} inputs)")
+                            f"atol {tol.atol:g} {where}")
+        if tol.min_cosine is not None and not (c["min_cosine"] is not None and c["min_cosine"] >= tol.min_cosine):
+            failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} cosine similarity {c['min_cosine']} < "
+                            f"{tol.min_cosine} {where}")
+    if tol.min_mean_cosine is not None:
+        mean = mean_cosine(report["checks"])
+        if not (mean is not None and mean >= tol.min_mean_cosine):
+            failures.append(f"{report['artifact']} ({fmt}) mean cosine similarity {mean} < {tol.min_mean_cosine}")
     agreement = report["top1_agreement"]
-    if agreement is not None and agreement < spec.tolerance.min_top1_agreement:
+    if agreement is not None and agreement < tol.min_top1_agreement:
         failures.append(f"{report['artifact']} ({fmt}) top-1 agreement with eager {agreement:.4f} < "
-                        f"{spec.tolerance.min_top1_agreement} on the held-out split")
+                        f"{tol.min_top1_agreement} on the held-out split")
     return failures
+
+
+def summary(spec: registry.ModelSpec, fmt: str, result: dict[str, Any]) -> str:
+    """One printed line of a verified artifact's figures against its tolerance."""
+    tol = spec.tolerance_for(fmt)
+    worst = result["worst_at"]
+    parts = [f"{fmt:9s} max abs diff {result['max_abs_diff']:.3g} (atol {'unchecked' if tol.atol is None else f'{tol.atol:g}'},"
+             f" worst at batch {worst['batch']} {worst['inputs']})"]
+    if result["min_cosine"] is not None and tol.min_cosine is not None:
+        parts.append(f"min cosine {result['min_cosine']:.6f} (>= {tol.min_cosine:g})")
+    if result["mean_cosine"] is not None and tol.min_mean_cosine is not None:
+        parts.append(f"mean cosine {result['mean_cosine']:.6f} (>= {tol.min_mean_cosine:g})")
+    if result["top1_agreement"] is not None:
+        parts.append(f"top-1 agreement {result['top1_agreement']:.4f}")
+    return "  ".join(parts) + f"  [{result['checks']} checks, batches {list(spec.verify_batch_sizes)}]"
 
 
 def run_fresh(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) -> dict[str, Any]:
@@ -130,17 +183,20 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) 
             continue
         failures += judge(spec, fmt, report)
         worst = max(report["checks"], key=lambda c: c["max_abs_diff"])
+        cosines = [c["min_cosine"] for c in report["checks"] if c["min_cosine"] is not None]
         results[fmt] = {"file": entry["file"], "sha256": entry["sha256"], "max_abs_diff": worst["max_abs_diff"],
                         "worst_at": {k: worst[k] for k in ("batch", "inputs", "output")},
+                        "min_cosine": min(cosines) if cosines else None, "mean_cosine": mean_cosine(report["checks"]),
                         "top1_agreement": report["top1_agreement"], "checks": len(report["checks"])}
-        agreement = "n/a" if report["top1_agreement"] is None else f"{report['top1_agreement']:.4f}"
-        print(f"{spec.name}: {fmt:6s} max abs diff {worst['max_abs_diff']:.3g} (atol {spec.tolerance.atol:g}, "
-              f"worst at batch {worst['batch']} {worst['inputs']})  top-1 agreement {agreement}  "
-              f"[{len(report['checks'])} checks, batches {list(spec.verify_batch_sizes)}]", flush=True)
+        print(f"{spec.name}: {summary(spec, fmt, results[fmt])}", flush=True)
+    for fmt, reason in manifest.get("not_applicable", {}).items():
+        results[fmt] = {"not_applicable": reason}
+        print(f"{spec.name}: {fmt:6s} not applicable (not verified): {reason}", flush=True)
     if failures:
         raise ToleranceError(f"{len(failures)} verification failure(s) for {spec.name}:\n  " + "\n  ".join(failures))
     stamp = {"model": spec.name, "manifest_sha256": mf.sha256(artifacts_dir / mf.MANIFEST),
-             "tolerance": {"atol": spec.tolerance.atol, "min_top1_agreement": spec.tolerance.min_top1_agreement},
+             "reference": spec.reference or "eager checkpoint",
+             "tolerance": {fmt: dataclasses.asdict(spec.tolerance_for(fmt)) for fmt in manifest["artifacts"]},
              "artifacts": results}
     (artifacts_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return stamp

@@ -14,7 +14,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.batch_metrics import StageClock, publish
-from handlers.core import ClassifierConfig, ImageClassifier, RequestError, content_type_of
+from handlers.core import ClassifierConfig, ImageClassifier, answer_all, content_types
 from handlers.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 from models.preprocessing import build_preset
 
@@ -52,25 +52,10 @@ class ClassifierHandler(BaseHandler):
     def handle(self, data, context):
         clock = StageClock()
         with clock.stage("preprocess"):
-            batch = self.classifier.preprocess(data, [_content_type(context, idx) for idx in range(len(data))])
+            batch = self.classifier.preprocess(data, content_types(context, len(data)))
         with clock.stage("inference"):
             logits = None if batch.inputs is None else self.classifier.infer(batch.inputs)
         with clock.stage("postprocess"):
-            answers = []
-            for idx, result in enumerate(self.classifier.postprocess(batch, logits)):
-                context.set_response_content_type(idx, "application/json")
-                if isinstance(result, RequestError):
-                    context.set_response_status(result.status, result.phrase, idx)
-                    answers.append(result.body())
-                else:
-                    context.set_response_status(200, "OK", idx)
-                    answers.append(result)
+            answers = answer_all(context, self.classifier.postprocess(batch, logits))
         publish(context.metrics, len(data), clock)
         return answers
-
-
-def _content_type(context, idx: int) -> str:
-    """The body's media type: TorchServe keeps it per input part, beside the request's HTTP headers."""
-    headers = context.get_all_request_header(idx) or {}
-    part = headers.get("body")
-    return content_type_of(part if isinstance(part, dict) else headers)

@@ -91,6 +91,31 @@ def content_type_of(headers: Mapping[str, Any] | None) -> str:
     return ""
 
 
+def content_types(context, count: int) -> list[str]:
+    """Each request's body media type from a TorchServe context: kept per input part (the "body" entry)
+    beside the request's HTTP headers."""
+    types = []
+    for idx in range(count):
+        headers = context.get_all_request_header(idx) or {}
+        part = headers.get("body")
+        types.append(content_type_of(part if isinstance(part, dict) else headers))
+    return types
+
+
+def answer_all(context, results: Sequence[str | RequestError]) -> list[str]:
+    """Set each request's status and JSON content type on a TorchServe context; return the bodies."""
+    answers = []
+    for idx, result in enumerate(results):
+        context.set_response_content_type(idx, "application/json")
+        if isinstance(result, RequestError):
+            context.set_response_status(result.status, result.phrase, idx)
+            answers.append(result.body())
+        else:
+            context.set_response_status(200, "OK", idx)
+            answers.append(result)
+    return answers
+
+
 def _from_json(value: Any) -> bytes:
     if not isinstance(value, dict):
         raise RequestError(400, "InvalidJSON", f'JSON body must be an object like {{"image": "<base64>"}}, got {type(value).__name__}')
@@ -118,13 +143,13 @@ def _from_body(value: Any, content_type: str) -> bytes:
         return bytes(value)
     if isinstance(value, str):
         if content_type == "application/json":
-            return _from_json(_parse_json_text(value))
+            return _from_json(parse_json_body(value))
         raise RequestError(400, "UnsupportedInput", f"a {content_type or 'text'} body is not an image; send the image "
                                                     'bytes, a multipart upload, or JSON {"image": "<base64>"}')
     return _from_json(value)  # TorchServe already parsed an application/json body
 
 
-def _parse_json_text(text: str) -> Any:
+def parse_json_body(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

@@ -72,8 +72,13 @@ def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, dict[str, s
     workers = serve_settings(spec).get("minWorkers", 1)
     peer_config = work / "peer.yaml"  # as a TorchServe user writes it: workers only, default batching
     peer_config.write_text(f"minWorkers: {workers}\nmaxWorkers: {workers}\n")
+    source = {}
+    if spec.peer_artifact == "pretrained":  # the eager library model, from the checked pretrained files
+        folder = registry.resolve(spec.pretrained_files)()
+        source = {"serialized": folder / "model.safetensors",
+                  "extra": tuple(p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in (".json", ".txt"))}
     archive.archive(spec, artifacts, store, config=peer_config, name=names["peer"], artifact=spec.peer_artifact,
-                    handler=spec.peer_handler, staging=work / "extra-peer")
+                    handler=spec.peer_handler, staging=work / "extra-peer", **source)
     return store, names
 
 

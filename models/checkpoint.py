@@ -35,14 +35,16 @@ def build_model(builder: str, builder_kwargs: dict[str, Any]) -> nn.Module:
     return resolve(builder)(**builder_kwargs)
 
 
-def save(model: nn.Module, spec: ModelSpec, directory: Path, *, metrics: dict[str, Any]) -> Path:
-    """Write weights and metadata for `model` (an instance of spec.builder) into `directory`."""
+def save(model: nn.Module, spec: ModelSpec, directory: Path, *, metrics: dict[str, Any],
+         builder_kwargs: dict[str, Any] | None = None) -> Path:
+    """Write weights and metadata for `model` (an instance of spec.builder, built with `builder_kwargs`,
+    by default the registry's) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / WEIGHTS)
     meta = {
         "model": spec.name,
         "builder": spec.builder,
-        "builder_kwargs": spec.builder_kwargs,
+        "builder_kwargs": spec.builder_kwargs if builder_kwargs is None else builder_kwargs,
         "preset": spec.preset,
         "labels": list(spec.labels),
         "metrics": metrics,

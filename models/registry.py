@@ -19,9 +19,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FORMATS = ("trace", "script", "onnx")
+FORMATS = ("trace", "script", "onnx", "onnx_int8")
 # Which exported artifact backs each serving backend; the archive step packs that file.
-BACKEND_ARTIFACT = {"onnx": "onnx", "torchscript-trace": "trace", "torchscript-script": "script"}
+BACKEND_ARTIFACT = {"onnx": "onnx", "onnx-int8": "onnx_int8", "torchscript-trace": "trace",
+                    "torchscript-script": "script"}
+KINDS = ("image-classifier", "text-embedding")
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How close an exported artifact must be to eager: elementwise max |diff| and top-1 agreement."""
+    """How close an exported artifact must be to its reference: elementwise max |diff| (None: not
+    checked), top-1 agreement (classifiers) and, per output row, cosine similarity (embeddings)."""
 
-    atol: float
+    atol: float | None
     min_top1_agreement: float = 1.0
+    min_cosine: float | None = None  # every row
+    min_mean_cosine: float | None = None  # the mean over all rows checked
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,31 @@ class ModelSpec:
     serve_backend: str = "onnx"
     handler: str = "handlers/classifier_handler.py"
     serve_by_default: bool = True
-    # The bench's peer: TorchServe's stock path for the same weights, and the artifact it loads.
+    # The bench's peer: TorchServe's stock path for the same weights, and the artifact it loads
+    # ("pretrained": the pretrained source files themselves, for a peer that runs the eager library model).
     peer_handler: str = "handlers/stock_peer_handler.py"
     peer_artifact: str = "trace"
     # The bench picks each target's best concurrency among the levels whose p99 stays within this.
     bench_p99_ms: float = 50.0
+    kind: str = "image-classifier"
+    # Pretrained models: "module:function(spec, out)" writes the checkpoint from checked weights (no training).
+    pretrained: str | None = None
+    # ...and "module:function()" -> the folder of the checked pretrained files (for a peer that loads them).
+    pretrained_files: str | None = None
+    # "module:function(batch, length, seed=)" -> input tensors, for inputs randn cannot make (token ids).
+    example_inputs: str | None = None
+    # Export checks on other shapes: [batch, length] pairs fed to example_inputs (trace check_inputs).
+    check_shapes: tuple[tuple[int, int], ...] = ()
+    # "module:function(spec, batch_sizes)" -> verification cases [{"batch", "inputs", "expected"}] whose
+    # expected outputs come from the model's own reference library, instead of the eager checkpoint.
+    reference: str | None = None
+    # Formats that do not apply to this model, with the reason the tools report (never a pass).
+    not_applicable: dict[str, str] = field(default_factory=dict)
+    # Per-format tolerance where one differs from `tolerance` (a quantised variant).
+    format_tolerance: dict[str, Tolerance] = field(default_factory=dict)
+    # Files from the checkpoint folder the handler needs beside the model (a tokenizer), copied to the
+    # export and packed into the archive.
+    assets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if ":" not in self.builder:
@@ -107,8 +132,16 @@ class ModelSpec:
             raise ValueError(f"{self.name}: serve_backend {self.serve_backend!r} needs its format in `formats`")
         if "name" not in self.preset:
             raise ValueError(f"{self.name}: preset needs a 'name', like {{'name': 'digits'}}")
-        if self.peer_artifact not in self.formats:
+        if self.peer_artifact not in self.formats and not (self.peer_artifact == "pretrained" and self.pretrained_files):
             raise ValueError(f"{self.name}: peer_artifact {self.peer_artifact!r} must be one of formats {self.formats}")
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind {self.kind!r} is not one of {KINDS}")
+        if set(self.not_applicable) & set(self.formats):
+            raise ValueError(f"{self.name}: formats {sorted(set(self.not_applicable) & set(self.formats))} are both "
+                             "exported and marked not applicable")
+        if set(self.format_tolerance) - set(self.formats):
+            raise ValueError(f"{self.name}: format_tolerance names formats not exported: "
+                             f"{sorted(set(self.format_tolerance) - set(self.formats))}")
         if not self.verify_batch_sizes or any(b < 1 for b in self.verify_batch_sizes):
             raise ValueError(f"{self.name}: verify_batch_sizes must be positive integers")
 
@@ -119,6 +152,9 @@ class ModelSpec:
         if name not in ("full", "quick"):
             raise ValueError(f"recipe must be 'full' or 'quick', got {name!r}")
         return (self.train_quick or self.train) if name == "quick" else self.train
+
+    def tolerance_for(self, fmt: str) -> Tolerance:
+        return self.format_tolerance.get(fmt, self.tolerance)
 
     @property
     def serve_artifact(self) -> str:
@@ -137,10 +173,12 @@ class ModelSpec:
             for t in data["inputs"]
         )
         data["tolerance"] = Tolerance(**data["tolerance"])
+        data["format_tolerance"] = {k: Tolerance(**v) for k, v in data.get("format_tolerance", {}).items()}
+        data["check_shapes"] = tuple(tuple(s) for s in data.get("check_shapes", ()))
         for key in ("train", "train_quick"):
             if data.get(key):
                 data[key] = TrainSpec(**{**data[key], "epoch_sizes": tuple(data[key]["epoch_sizes"])})
-        for key in ("outputs", "labels", "formats", "verify_batch_sizes"):
+        for key in ("outputs", "labels", "formats", "verify_batch_sizes", "assets"):
             data[key] = tuple(data[key])
         return cls(**data)
 
@@ -188,7 +226,40 @@ SHAPES = ModelSpec(
     bench_p99_ms=1000.0,
 )
 
-REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES)}
+MINILM = ModelSpec(
+    name="minilm",
+    kind="text-embedding",
+    builder="models.minilm:SentenceEmbedder",
+    builder_kwargs={},  # the BERT config, read from the source at import and recorded in the checkpoint
+    pretrained="models.minilm:import_pretrained",
+    pretrained_files="models.minilm:checked_source",
+    preset={"name": "text", "max_length": 256, "tokenizer": "tokenizer.json"},
+    assets=("tokenizer.json",),
+    inputs=(TensorSpec("input_ids", "int64", (2, 16), {0: "batch", 1: "sequence"}),
+            TensorSpec("attention_mask", "int64", (2, 16), {0: "batch", 1: "sequence"})),
+    # not "embedding": the ONNX exporter already names a value so, and a duplicate name is an invalid model
+    outputs=("sentence_embedding",),
+    labels=(),
+    example_inputs="models.minilm:example_inputs",
+    check_shapes=((1, 1), (1, 5), (3, 40), (7, 128), (2, 256)),
+    reference="models.minilm:reference",
+    tolerance=Tolerance(atol=1e-4, min_cosine=0.9999),
+    # INT8: cosine >= 0.99 on average over the verification texts; texts of 1-3 real tokens fall to about
+    # 0.975 (quantisation noise weighs most in a mean over few tokens), so each row has a floor of 0.97.
+    format_tolerance={"onnx_int8": Tolerance(atol=None, min_mean_cosine=0.99, min_cosine=0.97)},
+    formats=("trace", "onnx", "onnx_int8"),
+    not_applicable={"script": "torch.jit.script cannot compile Hugging Face BertModel (it needs the source of "
+                              "BertConfig.__init__ and uses Python features TorchScript lacks); trace covers TorchScript"},
+    verify_batch_sizes=(1, 2, 7, 32),
+    serve_backend="onnx",
+    handler="handlers/embedding_handler.py",
+    samples="models.samples:sample_texts",
+    peer_handler="handlers/stock_text_handler.py",
+    peer_artifact="pretrained",
+    bench_p99_ms=1000.0,
+)
+
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES, MINILM)}
 
 
 def get(name: str) -> ModelSpec:

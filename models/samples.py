@@ -143,6 +143,22 @@ def sample_shapes(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
     return out
 
 
+def sample_texts(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
+    """`count` (bytes, label, filename) triples of real text in the length mix of models.text.mixed_texts:
+    three in four as text/plain (.txt), one in four as JSON {"text": ...} (.json); label -1 (no class)."""
+    import json
+
+    from models.text import mixed_texts
+
+    out = []
+    for n, text in enumerate(mixed_texts(count, seed=seed)):
+        if n % 4 == 3:
+            out.append((json.dumps({"text": text}).encode(), -1, f"{n:03d}-text.json"))
+        else:
+            out.append((text.encode("utf-8"), -1, f"{n:03d}-text.txt"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for data, _label, name in registry.resolve(registry.get(args.model).samples)(args.count):
         (args.out / name).write_bytes(data)
-    print(f"wrote {args.count} images to {args.out}")
+    print(f"wrote {args.count} samples to {args.out}")
     return 0
 
 

@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-accuracy-gate", action="store_true", help="keep a checkpoint below min_accuracy")
     args = parser.parse_args(argv)
     spec = registry.get(args.model)
+    if spec.pretrained is not None:  # nothing to train: import the checked pretrained weights
+        try:
+            registry.resolve(spec.pretrained)(spec, args.out)
+        except RuntimeError as err:
+            print(f"{type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        return 0
     metrics = train(spec, args.out, epochs=args.epochs, recipe_name=args.recipe)
     if not args.no_accuracy_gate and metrics["test_accuracy"] < metrics["min_accuracy"]:
         print(f"AccuracyError: {spec.name} test accuracy {metrics['test_accuracy']:.4f} < required "

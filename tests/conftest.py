@@ -13,6 +13,8 @@ from models import registry
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = [spec for spec in registry.REGISTRY.values() if spec.serve_by_default]
 TRAINED = [spec for spec in registry.REGISTRY.values() if spec.train is not None]
+CLASSIFIERS = [spec for spec in SERVED if spec.kind == "image-classifier"]
+EMBEDDERS = [spec for spec in SERVED if spec.kind == "text-embedding"]
 
 
 def built(path: Path) -> Path:
@@ -63,3 +65,30 @@ class EagerReference:
         assert [p["index"] for p in answer] == indices.tolist()
         assert [p["label"] for p in answer] == [self.meta["labels"][i] for i in indices.tolist()]
         assert [p["score"] for p in answer] == pytest.approx(scores.tolist(), abs=atol)
+
+
+class SentenceReference:
+    """sentence-transformers' own encode() of the pretrained source: what served embeddings must equal."""
+
+    def __init__(self) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        from models.minilm import checked_source
+
+        self.model = SentenceTransformer(str(checked_source()), device="cpu")
+
+    def encode(self, texts):
+        return self.model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=False)
+
+    def assert_matches(self, embeddings, texts, *, atol: float = 1e-4, min_cosine: float = 0.9999) -> None:
+        import numpy as np
+
+        got, expected = np.asarray(embeddings, dtype=np.float64), self.encode(texts).astype(np.float64)
+        assert got.shape == expected.shape
+        cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+        assert np.abs(got - expected).max() <= atol and cosine.min() >= min_cosine, (np.abs(got - expected).max(), cosine.min())
+
+
+@pytest.fixture(scope="session")
+def sentence_reference():
+    return SentenceReference()

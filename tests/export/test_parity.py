@@ -13,10 +13,10 @@ from export import manifest as mf
 from export.export import export
 from export.verify import ToleranceError, verify
 from models import checkpoint, registry
-from tests.conftest import ROOT, SERVED, built
+from tests.conftest import ROOT, CLASSIFIERS, SERVED, built
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_manifest_describes_each_artifact(spec):
     directory = built(ROOT / "artifacts" / spec.name / mf.MANIFEST).parent
     manifest = mf.read(directory)
@@ -28,7 +28,7 @@ def test_manifest_describes_each_artifact(spec):
     mf.check_integrity(directory, manifest)
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_artifacts_match_eager_within_tolerance(spec):
     stamp = verify(spec, built(ROOT / "checkpoints" / spec.name), ROOT / "artifacts" / spec.name)
     for fmt, result in stamp["artifacts"].items():

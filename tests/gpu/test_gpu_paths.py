@@ -11,7 +11,7 @@ import torch
 from export.verify import held_out_inputs
 from handlers.runtime import OrtRunner, ThreadBudget, TorchScriptRunner, configure_cuda_math, select_device
 from models import checkpoint
-from tests.conftest import ROOT, SERVED, built
+from tests.conftest import ROOT, CLASSIFIERS, SERVED, built
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")]
 ARTIFACTS = ["model.trace.pt", "model.script.pt", "model.onnx"]
@@ -36,7 +36,7 @@ def real_batch(spec, n=64):
     return images[:n], labels[:n]
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_gpu_backend_matches_eager_fp32(spec, artifact):
     configure_cuda_math(torch.device("cuda", 0), allow_tf32=False)
@@ -54,7 +54,7 @@ def test_gpu_backend_matches_eager_fp32(spec, artifact):
     assert torch.equal(got.argmax(1), expected.argmax(1))
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 @pytest.mark.parametrize("artifact", ["model.trace.pt", "model.onnx"])
 def test_fp16_on_gpu_is_within_fp16_tolerance(spec, artifact):
     path = built(ROOT / "artifacts" / spec.name / artifact)

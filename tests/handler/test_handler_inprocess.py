@@ -12,7 +12,7 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from loadtest.payloads import payloads
-from tests.conftest import ROOT, SERVED, EagerReference, built
+from tests.conftest import ROOT, CLASSIFIERS, SERVED, EagerReference, built
 
 
 def load_handler(spec, tmp_path):
@@ -38,7 +38,7 @@ def call(handler, context, requests, headers):
     return handler.handle(requests, context)
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_mixed_batch_gets_one_answer_each_matching_eager(spec, tmp_path):
     handler, context = load_handler(spec, tmp_path)
     samples = payloads(spec.name, 14)
@@ -69,7 +69,7 @@ def test_mixed_batch_gets_one_answer_each_matching_eager(spec, tmp_path):
         reference.assert_matches(body, sample.body)
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_real_samples_are_classified_correctly(spec, tmp_path):
     handler, context = load_handler(spec, tmp_path)
     samples = payloads(spec.name, 70)

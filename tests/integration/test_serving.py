@@ -14,7 +14,7 @@ import yaml
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
 from loadtest.prometheus import scrape
-from tests.conftest import ROOT, SERVED, EagerReference
+from tests.conftest import ROOT, CLASSIFIERS, SERVED, EagerReference
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def worker_pids(server, model: str) -> list[int]:
     return sorted(w["pid"] for w in answer.json()[0]["workers"])
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_all_three_input_forms_equal_offline_predictions(server, spec):
     reference = EagerReference(spec.name)
     auth = server.headers()
@@ -70,7 +70,7 @@ def bad_requests(spec) -> list[tuple[bytes, dict, int, str]]:
     return BAD + [(b"x" * (limit + 1), {"Content-Type": "image/png"}, 413, "PayloadTooLarge")]
 
 
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_concurrent_mix_of_good_and_bad_requests_each_get_their_own_answer(server, spec):
     reference = EagerReference(spec.name)
     samples = payloads(spec.name, 24)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from handlers.core import ClassifierConfig
+from handlers.text_core import EmbeddingConfig
 from models import registry
 from tests.conftest import ROOT, SERVED
 
@@ -29,8 +30,11 @@ def test_model_config_yaml_matches_the_registry(spec):
     assert 1 <= config["minWorkers"] <= config["maxWorkers"]
     assert 1 <= config["batchSize"] <= max(spec.verify_batch_sizes), "serve only batch sizes that were verified"
     assert 0 <= config["maxBatchDelay"] <= 100 and config["responseTimeout"] >= 1
-    handler = ClassifierConfig.from_mapping(config["handler"])
-    assert 1 <= handler.topk <= len(spec.labels)
+    if spec.kind == "image-classifier":
+        handler = ClassifierConfig.from_mapping(config["handler"])
+        assert 1 <= handler.topk <= len(spec.labels)
+    else:  # a forward pass never holds more texts than verification covered
+        assert EmbeddingConfig.from_mapping(config["handler"]).max_group_texts <= max(spec.verify_batch_sizes)
 
 
 def test_config_properties_is_locked_down():

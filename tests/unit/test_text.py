@@ -1,0 +1,144 @@
+"""Text preprocessing and request parsing for sentence embeddings: pure functions, no server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from handlers.core import RequestError
+from handlers.text_core import EmbeddingConfig, extract_texts
+from models import minilm, registry
+from models.text import TextPreset, corpus_sentences, length_groups, mixed_texts, padding_fraction
+
+CONFIG = EmbeddingConfig(max_texts_per_request=4, max_text_chars=50)
+
+
+def cost(lengths, groups, pass_cost=8):
+    return sum(pass_cost + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def brute_force_cost(lengths, max_tokens, max_texts, pass_cost=8):
+    """Least cost over every way to cut the sorted lengths into consecutive groups."""
+    sizes = sorted(lengths)
+    best = float("inf")
+    for cuts in itertools.product((False, True), repeat=len(sizes) - 1):
+        groups, current = [], [0]
+        for i, cut in enumerate(cuts, 1):
+            if cut:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        if all(len(g) <= max_texts and (len(g) == 1 or len(g) * sizes[g[-1]] <= max_tokens) for g in groups):
+            best = min(best, cost(sizes, groups, pass_cost))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_length_groups_are_an_optimal_partition_within_bounds(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice((3, 5, 12, 40, 41, 90, 200, 256)) for _ in range(rng.randint(1, 9))]
+    groups = length_groups(lengths, max_tokens=400, max_texts=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(len(g) <= 3 and (len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 400) for g in groups)
+    assert cost(lengths, groups) == brute_force_cost(lengths, 400, 3)
+
+
+def test_grouping_cuts_the_padding_of_a_mixed_batch():
+    lengths = [8, 250, 9, 12, 240, 10, 11, 255]
+    grouped = length_groups(lengths, max_tokens=10**6, max_texts=64)
+    assert padding_fraction(lengths, grouped) < 0.05 < 0.5 < padding_fraction(lengths, [list(range(8))])
+    assert length_groups([7] * 20, max_tokens=10**6, max_texts=64) == [list(range(20))]  # alike: one pass
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return TextPreset(minilm.source_dir() / minilm.TOKENIZER, max_length=256)
+
+
+def test_preset_pads_to_the_longest_and_flags_truncation(preset):
+    encoded = preset.encode(["hello world", "a b c d e f g", "word " * 400])
+    assert [e.tokens for e in encoded][:2] == [4, 9] and encoded[2].tokens == 256
+    assert [e.truncated for e in encoded] == [False, False, True]
+    ids, mask = preset.collate(encoded[:2])
+    assert ids.shape == mask.shape == (2, 9) and ids.dtype == mask.dtype == torch.int64
+    assert mask.sum(1).tolist() == [4, 9] and ids[0, 4:].eq(0).all() and ids[:, 0].eq(101).all()
+
+
+def test_payload_texts_follow_the_documented_length_mix(preset):
+    sentences = corpus_sentences()
+    assert len(sentences) > 1000 and len(set(sentences)) > 900
+    texts = mixed_texts(400)
+    lengths = [e.tokens for e in preset.encode(texts)]
+    truncated = sum(n == 256 for n in lengths) / len(lengths)
+    short = sum(n <= 64 for n in lengths) / len(lengths)
+    assert 0.05 <= truncated <= 0.2 and 0.4 <= short <= 0.8 and len(set(texts)) > 350
+
+
+@pytest.mark.parametrize("request_, ctype, expected, listed", [
+    ({"body": "plain text"}, "text/plain", ["plain text"], False),
+    ({"body": "héllo ✓".encode()}, "text/plain", ["héllo ✓"], False),
+    ({"body": "no type given"}, "", ["no type given"], False),
+    ({"body": {"text": "one"}}, "application/json", ["one"], False),
+    ({"body": {"texts": ["a", "b"]}}, "application/json", ["a", "b"], True),
+    ({"body": b'{"texts": ["x"]}'}, "application/json", ["x"], True),
+])
+def test_accepted_forms(request_, ctype, expected, listed):
+    assert extract_texts(request_, ctype, CONFIG) == (expected, listed)
+
+
+@pytest.mark.parametrize("request_, ctype, status, kind", [
+    ({}, "text/plain", 400, "EmptyRequest"),
+    ({"body": ""}, "text/plain", 400, "EmptyText"),
+    ({"body": "  \n\t"}, "text/plain", 400, "EmptyText"),
+    ({"body": b"\xff\xfe\x00bad"}, "text/plain", 400, "InvalidUTF8"),
+    ({"body": b'{"text": "\xff"}'}, "application/json", 400, "InvalidUTF8"),
+    ({"body": b"{not json"}, "application/json", 400, "InvalidJSON"),
+    ({"body": ["a", "b"]}, "application/json", 400, "InvalidJSON"),
+    ({"body": {"words": "a"}}, "application/json", 400, "InvalidJSON"),
+    ({"body": {"text": "a", "texts": ["b"]}}, "application/json", 400, "InvalidJSON"),
+    ({"body": {"text": 5}}, "application/json", 400, "InvalidText"),
+    ({"body": {"text": None}}, "application/json", 400, "InvalidText"),
+    ({"body": {"texts": "a"}}, "application/json", 400, "InvalidJSON"),
+    ({"body": {"texts": []}}, "application/json", 400, "EmptyText"),
+    ({"body": {"texts": ["a", 3]}}, "application/json", 400, "InvalidText"),
+    ({"body": {"texts": ["a", ""]}}, "application/json", 400, "EmptyText"),
+    ({"body": {"texts": ["a"] * 5}}, "application/json", 413, "TooManyTexts"),
+    ({"body": "x" * 51}, "text/plain", 413, "TextTooLong"),
+    ({"body": b"\x89PNG"}, "image/png", 415, "UnsupportedMediaType"),
+])
+def test_bad_requests_get_their_own_status(request_, ctype, status, kind):
+    with pytest.raises(RequestError) as info:
+        extract_texts(request_, ctype, CONFIG)
+    assert (info.value.status, info.value.kind) == (status, kind)
+    assert json.loads(info.value.body())["code"] == status
+
+
+def test_config_rejects_unknown_and_bad_settings():
+    with pytest.raises(ValueError, match="unknown handler settings"):
+        EmbeddingConfig.from_mapping({"max_txts": 3})
+    with pytest.raises(ValueError, match="positive integer"):
+        EmbeddingConfig.from_mapping({"max_batch_tokens": 0})
+
+
+def test_source_with_another_sha256_is_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not the published weights")
+    with pytest.raises(minilm.SourceError, match="refusing to build"):
+        minilm.checked_source(tmp_path)
+    with pytest.raises(minilm.SourceError, match="missing"):
+        minilm.checked_source(tmp_path / "nowhere")
+    assert minilm.checked_source() == minilm.source_dir()  # the installed package is the published file
+
+
+def test_script_is_really_not_applicable_to_the_embedder():
+    """The registry says torch.jit.script does not apply; if scripting ever works, this fails and the entry
+    must list `script` as a format instead."""
+    spec = registry.get("minilm")
+    assert "script" in spec.not_applicable and "script" not in spec.formats
+    model = minilm.SentenceEmbedder(minilm.bert_config(minilm.source_dir()))
+    with pytest.raises(Exception):
+        torch.jit.script(model)
