@@ -92,7 +92,7 @@ def _decode_utf8(data: bytes) -> str:
 
 def extract_texts(request: Mapping[str, Any], content_type: str, config: EmbeddingConfig) -> tuple[list[str], bool]:
     """The texts of one TorchServe request dict and whether it asked with "texts" (a list answer)."""
-    if not request or "body" not in request:
+    if not request or "body" not in request or request["body"] in (b"", ""):
         raise RequestError(400, "EmptyRequest", "the request has no body; send text/plain or JSON {\"text\": ...}")
     body = request["body"]
     if content_type == "application/json":

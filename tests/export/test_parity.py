@@ -3,6 +3,7 @@ and an engineer's own model (a torchvision architecture outside the catalogue) g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -13,7 +14,7 @@ from export import manifest as mf
 from export.export import export
 from export.verify import ToleranceError, verify
 from models import checkpoint, registry
-from tests.conftest import ROOT, CLASSIFIERS, SERVED, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, built
 
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
@@ -35,6 +36,54 @@ def test_artifacts_match_eager_within_tolerance(spec):
         assert result["max_abs_diff"] <= spec.tolerance.atol, fmt
         assert result["top1_agreement"] >= spec.tolerance.min_top1_agreement, fmt
         assert result["checks"] == 2 * len(spec.verify_batch_sizes) * len(spec.outputs)
+
+
+@pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
+def test_embedder_export_has_dynamic_batch_and_sequence_and_says_what_does_not_apply(spec):
+    directory = built(ROOT / "artifacts" / spec.name / mf.MANIFEST).parent
+    manifest = mf.read(directory)
+    assert set(manifest["artifacts"]) == set(spec.formats) and manifest["not_applicable"] == spec.not_applicable
+    assert all(t["dynamic_axes"] == {"0": "batch", "1": "sequence"} for t in manifest["inputs"])
+    assert manifest["artifacts"]["trace"]["checked_shapes"] == [list(s) for s in spec.check_shapes]
+    assert set(manifest["assets"]) == set(spec.assets)
+    mf.check_integrity(directory, manifest)
+    import onnx
+
+    graph = onnx.load(str(directory / "model.onnx")).graph
+    for tensor in graph.input:  # both axes symbolic in the graph itself, not fixed to the example (2, 16)
+        dims = tensor.type.tensor_type.shape.dim
+        assert all(d.dim_param and not d.dim_value for d in dims), tensor
+
+
+@pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
+def test_embedder_artifacts_match_sentence_transformers(spec):
+    """Verification in full (fresh process per artifact, sentence-transformers' encode() as the reference,
+    batches 1/2/7/32, token lengths 3 to 256 and past the limit): every artifact within its tolerance, the
+    not-applicable format reported as such, not as a pass."""
+    stamp = verify(spec, built(ROOT / "checkpoints" / spec.name), ROOT / "artifacts" / spec.name)
+    assert stamp["reference"] == spec.reference
+    for fmt in spec.formats:
+        result, tol = stamp["artifacts"][fmt], spec.tolerance_for(fmt)
+        assert result["min_cosine"] >= tol.min_cosine, fmt
+        assert tol.atol is None or result["max_abs_diff"] <= tol.atol, fmt
+        assert tol.min_mean_cosine is None or result["mean_cosine"] >= tol.min_mean_cosine, fmt
+        assert result["checks"] >= sum(-(-40 // b) for b in spec.verify_batch_sizes) - 4, fmt
+    assert stamp["artifacts"]["trace"]["min_cosine"] >= 0.9999 and stamp["artifacts"]["onnx"]["max_abs_diff"] <= 1e-4
+    assert stamp["artifacts"]["script"] == {"not_applicable": spec.not_applicable["script"]}
+
+
+def test_a_drifted_embedder_fails_verification_by_name(tmp_path):
+    spec = registry.get("minilm")
+    model, meta = checkpoint.load(built(ROOT / "checkpoints" / "minilm"))
+    with torch.no_grad():
+        model.bert.encoder.layer[-1].output.LayerNorm.bias += 0.05  # a small drift in the last layer
+    checkpoint.save(model, spec, tmp_path / "drifted", metrics={}, builder_kwargs=meta["builder_kwargs"])
+    shutil.copy2(ROOT / "checkpoints" / "minilm" / "tokenizer.json", tmp_path / "drifted")
+    drifted = dataclasses.replace(spec, formats=("onnx",), format_tolerance={})
+    export(drifted, tmp_path / "drifted", tmp_path / "artifacts")
+    with pytest.raises(ToleranceError) as info:
+        verify(drifted, tmp_path / "drifted", tmp_path / "artifacts")
+    assert "model.onnx (onnx) output 'sentence_embedding' max abs diff" in str(info.value)
 
 
 @pytest.fixture(scope="module")

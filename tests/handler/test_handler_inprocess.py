@@ -12,7 +12,7 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from loadtest.payloads import payloads
-from tests.conftest import ROOT, CLASSIFIERS, SERVED, EagerReference, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, EagerReference, built
 
 
 def load_handler(spec, tmp_path):
@@ -80,3 +80,42 @@ def test_real_samples_are_classified_correctly(spec, tmp_path):
     # the served model on real payloads (any size, mode, format) does about as well as on its test split
     test_accuracy = json.loads(built(ROOT / "checkpoints" / spec.name / "model.json").read_text())["metrics"]["test_accuracy"]
     assert correct / len(labelled) >= test_accuracy - 0.1, f"{correct}/{len(labelled)} correct; test split {test_accuracy}"
+
+
+@pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
+def test_embedder_batch_answers_each_request_in_order_and_matches_the_reference(spec, tmp_path, sentence_reference):
+    handler, context = load_handler(spec, tmp_path)
+    samples = payloads(spec.name, 12)
+    texts = [json.loads(s.body)["text"] if s.content_type == "application/json" else s.body.decode() for s in samples]
+    listed = ["short one", "word " * 400, "a middle-sized sentence about serving embeddings"]
+    requests = [{"body": s.body} for s in samples] + [{"body": {"texts": listed}}]
+    headers = [{"body": {"content-type": s.content_type}} for s in samples] + [{"body": {"content-type": "application/json"}}]
+    bad = [({"body": b"\xc3\x28"}, "text/plain", 400, "InvalidUTF8"),
+           ({"body": {"texts": ["ok", 7]}}, "application/json", 400, "InvalidText"),
+           ({"body": b"{oops"}, "application/json", 400, "InvalidJSON"),
+           ({"body": {"texts": ["x"] * 65}}, "application/json", 413, "TooManyTexts")]
+    for position, (req, ctype, _, _) in zip((0, 4, 8, 15), bad):
+        requests.insert(position, req)
+        headers.insert(position, {"body": {"content-type": ctype}})
+    answers = call(handler, context, requests, headers)
+    assert len(answers) == len(requests) == 17
+
+    good = iter(texts)
+    embeddings, expected_texts = [], []
+    for idx, answer in enumerate(answers):
+        status, _ = context.get_response_status(idx)
+        body = json.loads(answer)
+        expected_bad = [b for p, b in zip((0, 4, 8, 15), bad) if p == idx]
+        if expected_bad:
+            assert (status, body["code"], body["type"]) == (expected_bad[0][2], expected_bad[0][2], expected_bad[0][3])
+        elif "embeddings" in body:
+            assert status == 200 and [e["truncated"] for e in body["embeddings"]] == [False, True, False]
+            assert body["embeddings"][1]["tokens"] == 256
+            embeddings += [e["embedding"] for e in body["embeddings"]]
+            expected_texts += listed
+        else:
+            assert status == 200 and len(body["embedding"]) == 384 and 3 <= body["tokens"] <= 256
+            embeddings.append(body["embedding"])
+            expected_texts.append(next(good))
+    assert len(expected_texts) == len(texts) + len(listed)
+    sentence_reference.assert_matches(embeddings, expected_texts)

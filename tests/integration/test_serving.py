@@ -14,7 +14,7 @@ import yaml
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
 from loadtest.prometheus import scrape
-from tests.conftest import ROOT, CLASSIFIERS, SERVED, EagerReference
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, EagerReference
 
 pytestmark = pytest.mark.integration
 
@@ -102,6 +102,63 @@ def test_concurrent_mix_of_good_and_bad_requests_each_get_their_own_answer(serve
     handled = requests_after - requests_before  # every request, good or bad, reaches the handler
     assert handled >= len(samples), "the handler saw fewer requests than were sent"
     assert batches_after - batches_before < handled, "concurrent requests were never batched together"
+
+
+@pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
+def test_embedder_input_forms_equal_sentence_transformers(server, spec, sentence_reference):
+    auth, url = server.headers(), predict_url(server, spec.name)
+    texts = ["The quick brown fox jumps over the lazy dog.", "ünïcödé ✓ text", "token " * 300]
+    plain = [requests.post(url, data=t.encode(), headers={**auth, "Content-Type": "text/plain; charset=utf-8"}, timeout=30)
+             for t in texts]
+    single = [requests.post(url, json={"text": t}, headers=auth, timeout=30) for t in texts]
+    listed = requests.post(url, json={"texts": texts}, headers=auth, timeout=30)
+    for answer in (*plain, *single, listed):
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/json"), answer.text
+    for answers in (plain, single):
+        sentence_reference.assert_matches([a.json()["embedding"] for a in answers], texts)
+    items = listed.json()["embeddings"]
+    sentence_reference.assert_matches([i["embedding"] for i in items], texts)
+    assert [i["truncated"] for i in items] == [False, False, True] and items[2]["tokens"] == 256
+
+
+TEXT_BAD = [
+    (b"", {"Content-Type": "text/plain"}, 400, "EmptyRequest"),
+    (b"   ", {"Content-Type": "text/plain"}, 400, "EmptyText"),
+    (b"caf\xe9 latin-1", {"Content-Type": "text/plain"}, 400, "InvalidUTF8"),
+    (b'{"text": ', {"Content-Type": "application/json"}, 400, "InvalidJSON"),
+    (b'{"text": 12}', {"Content-Type": "application/json"}, 400, "InvalidText"),
+    (b'{"texts": ["a", null]}', {"Content-Type": "application/json"}, 400, "InvalidText"),
+    (json.dumps({"texts": ["t"] * 65}).encode(), {"Content-Type": "application/json"}, 413, "TooManyTexts"),
+    (b"\x89PNG\r\n", {"Content-Type": "image/png"}, 415, "UnsupportedMediaType"),
+]
+
+
+@pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
+def test_embedder_concurrent_mix_of_good_and_bad_requests(server, spec, sentence_reference):
+    samples = payloads(spec.name, 16)
+    jobs = [("good", s.body, {"Content-Type": s.content_type}, s) for s in samples]
+    jobs += [("bad", body, headers, (status, kind)) for body, headers, status, kind in TEXT_BAD]
+    jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7) % len(jobs))]
+    pids_before = worker_pids(server, spec.name)
+    start = threading.Barrier(len(jobs))
+    auth = server.headers()
+
+    def send(job):
+        start.wait(timeout=30)
+        return requests.post(predict_url(server, spec.name), data=job[1], headers={**auth, **job[2]}, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    good_texts, good_embeddings = [], []
+    for (kind, body, headers, expected), answer in zip(jobs, answers):
+        if kind == "good":
+            assert answer.status_code == 200, answer.text
+            good_embeddings.append(answer.json()["embedding"])
+            good_texts.append(json.loads(body)["text"] if headers["Content-Type"] == "application/json" else body.decode())
+        else:
+            assert (answer.status_code, answer.json()["type"]) == expected, answer.text
+    sentence_reference.assert_matches(good_embeddings, good_texts)
+    assert worker_pids(server, spec.name) == pids_before, "a bad request restarted the worker"
 
 
 def test_token_is_required(server):

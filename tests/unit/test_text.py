@@ -93,7 +93,7 @@ def test_accepted_forms(request_, ctype, expected, listed):
 
 @pytest.mark.parametrize("request_, ctype, status, kind", [
     ({}, "text/plain", 400, "EmptyRequest"),
-    ({"body": ""}, "text/plain", 400, "EmptyText"),
+    ({"body": ""}, "text/plain", 400, "EmptyRequest"),
     ({"body": "  \n\t"}, "text/plain", 400, "EmptyText"),
     ({"body": b"\xff\xfe\x00bad"}, "text/plain", 400, "InvalidUTF8"),
     ({"body": b'{"text": "\xff"}'}, "application/json", 400, "InvalidUTF8"),
