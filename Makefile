@@ -34,7 +34,7 @@ MODEL_SRC := $(wildcard models/*.py)
 HANDLER_SRC := $(wildcard handlers/*.py)
 MARS = $(foreach m,$(SERVE_MODELS),model_store/$(m).mar)
 
-.PHONY: help prereqs full-recipe venv train export verify archive serve stop token predict loadtest bench sweep test clean
+.PHONY: help prereqs full-recipe venv train export verify archive serve stop token ready rotate-token predict loadtest bench sweep soak test clean
 
 help: ## show this help
 	@echo "Usage: make <target> [MODEL=name]   (MODEL defaults to $(MODEL))"
@@ -92,6 +92,12 @@ stop: ## stop the TorchServe that `make serve` started (by its PID)
 token: ## print the current inference key (make -s token)
 	@$(PY) -m serve_config.server token --run-dir $(RUN_DIR)
 
+ready: ## readiness probe of the running server: exit 0 when /ping is Healthy and every model has a READY worker
+	@$(PY) -m serve_config.server ready --run-dir $(RUN_DIR)
+
+rotate-token: ## replace the running server's inference key (KIND=management for the management key)
+	@$(PY) -m serve_config.server rotate-token --run-dir $(RUN_DIR) --kind $(or $(KIND),inference)
+
 predict: ## send MODEL's sample input to the running server and print the answer
 	@$(PY) -m loadtest.predict --model $(MODEL) --run-dir $(RUN_DIR) --url http://127.0.0.1:$(INFERENCE_PORT)
 
@@ -104,6 +110,9 @@ bench: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, se
 
 sweep: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
 	$(PY) -m loadtest.sweep --model $(MODEL) --out results/sweep
+
+soak: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## ~70 % of capacity for SOAK_S seconds (default 600): failures and RSS growth
+	$(PY) -m loadtest.soak --model $(MODEL) --seconds $(or $(SOAK_S),600) --out results/soak
 
 test: TRAIN_RECIPE = quick
 test: $(MARS) | $(VENV_STAMP) ## set up, build the default models and run every test tier

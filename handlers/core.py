@@ -57,6 +57,8 @@ class ClassifierConfig:
     topk: int = 5
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024
+    min_image_side: int = 8  # smaller images carry no usable content (and sklearn's digits are 8x8)
+    max_aspect_ratio: int = 20  # long side / short side; a 10000x1 strip is no photo of anything
     intra_op_threads: int = 1
     preprocess_threads: int = 1  # decode a batch's images on this many threads (Pillow and torch release the GIL)
     precision: str = "fp32"
@@ -218,7 +220,9 @@ class ImageClassifier:
         """One request -> its model input tensor, or RequestError naming what is wrong with it."""
         data = extract_image_bytes(request, content_type, max_bytes=self.config.max_image_bytes)
         try:
-            return self.preset(decode_for(self.preset, data, max_pixels=self.config.max_image_pixels))
+            return self.preset(decode_for(self.preset, data, max_pixels=self.config.max_image_pixels,
+                                          min_side=self.config.min_image_side,
+                                          max_aspect=self.config.max_aspect_ratio, allow_animated=False))
         except ImageTooLarge as err:
             raise RequestError(413, "ImageTooLarge", str(err)) from None
         except InvalidImage as err:

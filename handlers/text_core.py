@@ -92,6 +92,9 @@ def _decode_utf8(data: bytes) -> str:
 
 def extract_texts(request: Mapping[str, Any], content_type: str, config: EmbeddingConfig) -> tuple[list[str], bool]:
     """The texts of one TorchServe request dict and whether it asked with "texts" (a list answer)."""
+    if content_type and content_type != "application/json" and not content_type.startswith("text/"):
+        raise RequestError(415, "UnsupportedMediaType", f"{content_type} is not accepted; send text/plain (UTF-8) "
+                                                        'or application/json {"text": ...} / {"texts": [...]}')
     if not request or "body" not in request or request["body"] in (b"", ""):
         raise RequestError(400, "EmptyRequest", "the request has no body; send text/plain or JSON {\"text\": ...}")
     body = request["body"]
@@ -101,9 +104,6 @@ def extract_texts(request: Mapping[str, Any], content_type: str, config: Embeddi
         elif isinstance(body, str):
             body = parse_json_body(body)
         return _from_json(body, config)
-    if content_type and not content_type.startswith("text/"):
-        raise RequestError(415, "UnsupportedMediaType", f"{content_type} is not accepted; send text/plain (UTF-8) "
-                                                        'or application/json {"text": ...} / {"texts": [...]}')
     if isinstance(body, (bytes, bytearray)):  # TorchServe forwards text that is not UTF-8 as raw bytes
         body = _decode_utf8(bytes(body))
     if not isinstance(body, str):

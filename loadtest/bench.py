@@ -64,7 +64,8 @@ def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, dict[str, s
     mar = ROOT / "model_store" / f"{spec.name}.mar"
     if not mar.exists():
         raise SystemExit(f"{mar} is missing: run `make archive MODEL={spec.name}`")
-    shutil.copy2(mar, store / mar.name)
+    for path in (mar, mar.with_name(mar.name + ".sha256")):  # the server checks each archive against its sha256
+        shutil.copy2(path, store / path.name)
     artifacts, config = ROOT / "artifacts" / spec.name, ROOT / "serve_config" / f"{spec.name}.yaml"
     names = {"served": spec.name, "ceiling": f"{spec.name}-ceiling", "peer": f"{spec.name}-peer"}
     archive.archive(spec, artifacts, store, config=config, name=names["ceiling"], handler="handlers/empty_handler.py",

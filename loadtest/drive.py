@@ -27,7 +27,9 @@ from locust.env import Environment  # noqa: E402
 
 from loadtest import prometheus  # noqa: E402
 from loadtest.payloads import payloads  # noqa: E402
-from loadtest.users import InferenceUser  # noqa: E402
+from locust import constant, constant_throughput  # noqa: E402
+
+from loadtest.users import InferenceUser, rejected_count  # noqa: E402
 
 
 class BenchUser(InferenceUser):
@@ -67,7 +69,10 @@ def settled_scrape(metrics_url: str, model: str, headers: dict, tries: int = 20)
 
 
 def run_step(env: Environment, plan: dict, step: dict) -> dict:
+    """One step: closed loop (each user sends as soon as its answer is back), or, with "rate" (req/s in all),
+    open pacing: each user at rate/users requests per second."""
     BenchUser.endpoint = step["endpoint"]
+    BenchUser.wait_time = constant_throughput(step["rate"] / step["users"]) if step.get("rate") else constant(0)
     runner = env.create_local_runner()
     runner.start(step["users"], spawn_rate=max(step["users"], 1))
     gevent.sleep(step["warmup"])
@@ -91,6 +96,7 @@ def run_step(env: Environment, plan: dict, step: dict) -> dict:
         "loadgen_cores": load_cpu / wall, "server_cores": server_cpu / wall,
         # counters moved by warm-up tail and measurement alike: read as per-batch / per-request means
         "server_metrics": prometheus.delta(after, before), "errors": errors,
+        "rejected": rejected_count(env.stats.errors),
     }
 
 

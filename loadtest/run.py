@@ -18,6 +18,8 @@ from pathlib import Path
 from serve_config.server import ServerError, read_keys
 
 ROOT = Path(__file__).resolve().parent.parent
+# How loadtest/users.py labels a 503; not imported from there, since importing locust gevent-patches this process.
+REJECTED = "rejected"
 
 
 @dataclass(frozen=True)
@@ -28,18 +30,25 @@ class Summary:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    rejected: int = 0  # failures that were 503s: the server shedding load past its job queue, not crashing
 
     def line(self) -> str:
-        return (f"requests {self.requests}  failures {self.failures}  {self.rps:.1f} req/s  "
+        return (f"requests {self.requests}  failures {self.failures} (of them rejected, 503: {self.rejected})  "
+                f"{self.rps:.1f} req/s  "
                 f"p50 {self.p50_ms:.0f} ms  p95 {self.p95_ms:.0f} ms  p99 {self.p99_ms:.0f} ms")
 
 
 def summarise(stats_csv: Path) -> Summary:
-    """The 'Aggregated' row of Locust's <prefix>_stats.csv."""
+    """The 'Aggregated' row of Locust's <prefix>_stats.csv, with the rejections from <prefix>_failures.csv."""
     with stats_csv.open() as handle:
         row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+    rejected = 0
+    failures_csv = stats_csv.with_name(stats_csv.name.replace("_stats.csv", "_failures.csv"))
+    if failures_csv.exists():
+        with failures_csv.open() as handle:
+            rejected = sum(int(r["Occurrences"]) for r in csv.DictReader(handle) if r["Error"].startswith(REJECTED))
     return Summary(int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
-                   float(row["50%"]), float(row["95%"]), float(row["99%"]))
+                   float(row["50%"]), float(row["95%"]), float(row["99%"]), rejected)
 
 
 def run(model: str, url: str, token: str, *, users: int, duration: str, out: Path) -> tuple[Summary, Path]:

@@ -2,7 +2,8 @@
 
 Each user posts a real payload, picked at random, as the raw body with its media type and the
 inference bearer token, and waits for the answer before the next (closed loop: concurrency = users).
-Any non-200 answer is a failure.
+Any non-200 answer is a failure; a 503 (TorchServe's job queue is full: the server is shedding load, not
+crashing) is recorded as "rejected", apart from other failures.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from typing import Sequence
 from locust import FastHttpUser, constant, task
 
 from loadtest.payloads import Payload
+
+
+REJECTED = "rejected"
+
+
+def rejected_count(errors) -> int:
+    """How many of a Locust run's failures were load shedding (503), from its error table."""
+    return sum(e.occurrences for e in errors.values() if str(e.error).startswith(REJECTED))
 
 
 class InferenceUser(FastHttpUser):
@@ -33,5 +42,7 @@ class InferenceUser(FastHttpUser):
             f"/predictions/{self.endpoint}", data=payload.body, name=f"/predictions/{self.endpoint}",
             catch_response=True, headers={"Authorization": self.auth, "Content-Type": payload.content_type},
         ) as response:
-            if response.status_code != 200:
+            if response.status_code == 503:
+                response.failure(f"{REJECTED} (HTTP 503): {response.text[:120]}")
+            elif response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")

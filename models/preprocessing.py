@@ -34,10 +34,13 @@ class ImageTooLarge(InvalidImage):
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, draft: tuple[int, int] | None = None, min_side: int = 1,
+                 max_aspect: float | None = None, allow_animated: bool = True) -> Image.Image:
     """Decode `data` into a loaded PIL image, refusing anything over `max_pixels` before decoding it.
 
-    Raises InvalidImage for empty, truncated, corrupt or non-image bytes and ImageTooLarge for images
+    Raises InvalidImage for empty, truncated, corrupt or non-image bytes, for a side under `min_side`, a
+    ratio of long to short side over `max_aspect` and, unless `allow_animated`, for an image of several
+    frames (animated GIF, WebP or PNG: which frame is meant is ambiguous); and ImageTooLarge for images
     whose header declares more than `max_pixels` pixels (a decompression bomb is refused from its header).
     `draft` (width, height): a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that still covers
     it (libjpeg's DCT scaling), which costs a fraction of a full decode of a large photo.
@@ -56,6 +59,12 @@ def decode_image(data: bytes, *, max_pixels: int, draft: tuple[int, int] | None 
                 raise ImageTooLarge(
                     f"the image is {width}x{height} = {width * height} pixels; this model accepts at most {max_pixels}"
                 )
+            if min(width, height) < min_side:
+                raise InvalidImage(f"the image is {width}x{height}; this model needs at least {min_side} pixels a side")
+            if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+                raise InvalidImage(f"the image is {width}x{height}, an aspect ratio over {max_aspect:g}:1")
+            if not allow_animated and getattr(image, "n_frames", 1) > 1:
+                raise InvalidImage(f"the image is animated ({image.n_frames} frames); send a single still image")
             if draft is not None and image.format == "JPEG":
                 image.draft(None, draft)
             image.load()
@@ -246,9 +255,10 @@ class RGBPreset:
         return {"name": "rgb", "resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
 
 
-def decode_for(preset: Any, data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode request bytes the way `preset` wants them (reduced-size JPEG decoding when it allows)."""
-    return decode_image(data, max_pixels=max_pixels, draft=getattr(preset, "draft_size", None))
+def decode_for(preset: Any, data: bytes, *, max_pixels: int, **limits: Any) -> Image.Image:
+    """Decode request bytes the way `preset` wants them (reduced-size JPEG decoding when it allows);
+    `limits` go to decode_image (min_side, max_aspect, allow_animated)."""
+    return decode_image(data, max_pixels=max_pixels, draft=getattr(preset, "draft_size", None), **limits)
 
 
 PRESETS: dict[str, Callable[..., Any]] = {"digits": DigitsPreset, "rgb": RGBPreset}

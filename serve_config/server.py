@@ -3,6 +3,8 @@
     python -m serve_config.server start --run-dir run --models digits [--inference-port 8080 ...]
     python -m serve_config.server token --run-dir run [--kind inference|management]
     python -m serve_config.server stop --run-dir run
+    python -m serve_config.server ready --run-dir run [--models digits ...]   # readiness probe, exit 0/1
+    python -m serve_config.server rotate-token --run-dir run [--kind inference|management]
 
 Each instance lives in its own run directory: its rendered config.properties, logs, key_file.json
 (TorchServe writes it to its working directory) and its own temp dir (TorchServe keeps a pid file in
@@ -35,6 +37,18 @@ PID_FILE, KEY_FILE, OUT_FILE = "torchserve.pid", "key_file.json", "torchserve.ou
 
 class ServerError(RuntimeError):
     """TorchServe did not start, did not become ready, or did not stop."""
+
+
+class ArchiveError(ServerError):
+    """An archive in the model store is not the one the build produced (tampered, truncated or unchecked)."""
+
+
+class ModelLoadError(ServerError):
+    """Some models could not be loaded; the server keeps serving the others."""
+
+    def __init__(self, server: "Server", failed: dict[str, str]) -> None:
+        self.server, self.failed = server, failed
+        super().__init__("; ".join(f"{name}: {why}" for name, why in failed.items()))
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,17 @@ class Server:
     def headers(self, kind: str = "inference") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()[kind]}"}
 
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> "Server":
+        """The instance started from `run_dir`, its addresses read from the config.properties rendered there."""
+        config = run_dir / "config.properties"
+        if not config.exists():
+            raise ServerError(f"{config} does not exist: no TorchServe was started from {run_dir} (make serve)")
+        props = dict(line.split("=", 1) for line in config.read_text().splitlines() if "=" in line and not line.startswith("#"))
+        port = lambda key: int(props[key].rsplit(":", 1)[1])  # noqa: E731
+        return cls(run_dir.resolve(), Ports(port("inference_address"), port("management_address"), port("metrics_address"),
+                                            int(props["grpc_inference_port"]), int(props["grpc_management_port"])))
+
 
 def render_config(template: Path, ports: Ports, model_store: Path, host: str = "127.0.0.1") -> str:
     """The checked-in config.properties with this instance's addresses, gRPC ports and model store."""
@@ -99,10 +124,11 @@ def render_config(template: Path, ports: Ports, model_store: Path, host: str = "
         "grpc_inference_port": ports.grpc_inference,
         "grpc_management_port": ports.grpc_management,
         "model_store": model_store,
+        "allowed_urls": "file://" + re.escape(str(model_store)) + "/.*",
     }
     text = template.read_text()
     for key, value in settings.items():
-        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        text, count = re.subn(rf"^{key}=.*$", lambda _m, k=key, v=value: f"{k}={v}", text, flags=re.M)
         if count != 1:
             raise ServerError(f"{template} must set {key} exactly once")
     return text
@@ -118,6 +144,33 @@ def read_keys(run_dir: Path) -> dict[str, str]:
         "management": data["management"]["key"],
         "api": data["API"]["key"],
     }
+
+
+def check_archive(mar: Path) -> str:
+    """The archive's sha256, once it matches the `<name>.mar.sha256` the build wrote beside it and the
+    files inside match the sha256s of the export manifest packed with them; ArchiveError otherwise."""
+    import hashlib
+    import zipfile
+
+    recorded = mar.with_name(mar.name + ".sha256")
+    if not recorded.exists():
+        raise ArchiveError(f"{mar} has no {recorded.name}: only archives built by `make archive` are served")
+    digest = hashlib.sha256(mar.read_bytes()).hexdigest()
+    expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+    if digest != expected:
+        raise ArchiveError(f"{mar} has sha256 {digest}, not the {expected} recorded when it was built: the archive "
+                           f"was changed or damaged; refusing to serve it (rebuild with `make archive MODEL={mar.stem}`)")
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            names = set(archive.namelist())
+            if "manifest.json" in names:
+                manifest = json.loads(archive.read("manifest.json"))
+                for entry in list(manifest.get("artifacts", {}).values()):
+                    if entry["file"] in names and hashlib.sha256(archive.read(entry["file"])).hexdigest() != entry["sha256"]:
+                        raise ArchiveError(f"{mar}: {entry['file']} inside does not match its export manifest")
+    except zipfile.BadZipFile as err:
+        raise ArchiveError(f"{mar} is not a readable archive: {err}") from None
+    return digest
 
 
 def _alive(pid: int) -> bool:
@@ -143,6 +196,7 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     for name in models:
         if not (model_store / f"{name}.mar").exists():
             raise ServerError(f"{model_store}/{name}.mar is missing: run `make archive MODEL={name}`")
+        check_archive(model_store / f"{name}.mar")
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
@@ -159,6 +213,8 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     (run_dir / PID_FILE).write_text(str(process.pid))
     try:
         wait_ready(server, models, timeout=timeout)
+    except ModelLoadError:
+        raise  # the server keeps serving the models that loaded
     except ServerError:
         stop(run_dir)
         raise
@@ -166,9 +222,12 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
 
 
 def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None:
-    """Poll until the key file exists and each model reports a READY worker; fail early if the server dies."""
+    """Poll until each model reports a READY worker. A model that fails to load (TorchServe logs it and
+    keeps the others) is recorded with the log line that says why; when every model is either ready or
+    failed, ModelLoadError names the failed ones while the server keeps serving the rest. The server
+    dying, or a model neither ready nor failed by `timeout`, is a ServerError."""
     deadline = time.monotonic() + timeout
-    pending = list(models)
+    pending, failed = list(models), {}
     while time.monotonic() < deadline:
         pid = server.pid()
         if pid is None or not _alive(pid):
@@ -180,13 +239,72 @@ def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None
                 answer = requests.get(f"{server.management_url}/models/{name}", headers=headers, timeout=5)
                 if answer.ok and any(w.get("status") == "READY" for w in answer.json()[0].get("workers", [])):
                     pending.remove(name)
+                elif (why := load_failure(server.run_dir, name)) is not None:
+                    pending.remove(name)
+                    failed[name] = why
             if not pending:
+                if failed:
+                    raise ModelLoadError(server, failed)
                 return
-        except (ServerError, requests.RequestException, ValueError, KeyError, IndexError):
-            pass
+        except (ServerError, requests.RequestException, ValueError, KeyError, IndexError) as err:
+            if isinstance(err, ModelLoadError):
+                raise
         time.sleep(0.5)
     raise ServerError(f"models {pending} not ready after {timeout:.0f}s; see {server.run_dir / 'logs'}:\n"
                       f"{_tail(server.run_dir / 'logs' / 'model_log.log')}")
+
+
+# How TorchServe's frontend says a model did not load: registration failed (a corrupt or unreadable
+# archive), or the worker's load step failed (a missing file, an exception in the handler's initialize).
+_LOAD_FAILED = ("Failed to load model", "Load model failed", "Model {name} failed", "Failed to register model")
+
+
+def load_failure(run_dir: Path, model: str) -> str | None:
+    """The first log line saying `model` failed to load, or None."""
+    for log in (run_dir / "logs" / "ts_log.log", run_dir / OUT_FILE):
+        if not log.exists():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if model in line and any(p.format(name=model) in line for p in _LOAD_FAILED):
+                return line.strip()[-300:]
+    return None
+
+
+def ready(server: Server, models: Sequence[str] | None = None) -> tuple[bool, str]:
+    """Readiness for probes: /ping (with the inference key, which TorchServe requires) is Healthy and each
+    model (default: every registered one) has a READY worker. (ok, one line saying why)."""
+    try:
+        ping = requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=5)
+        if not ping.ok or ping.json().get("status") != "Healthy":
+            return False, f"/ping answered {ping.status_code} {ping.text.strip()[:100]}"
+        mgmt = server.headers("management")
+        if models is None:
+            listed = requests.get(f"{server.management_url}/models", headers=mgmt, timeout=5).json()["models"]
+            models = [m["modelName"] for m in listed]
+        for name in models:
+            answer = requests.get(f"{server.management_url}/models/{name}", headers=mgmt, timeout=5)
+            workers = answer.json()[0].get("workers", []) if answer.ok else []
+            if not any(w.get("status") == "READY" for w in workers):
+                return False, f"{name}: no READY worker ({answer.status_code})"
+        return True, f"ready: {', '.join(models)}"
+    except (ServerError, requests.RequestException, ValueError, KeyError, IndexError) as err:
+        return False, f"not ready: {err}"
+
+
+def rotate_token(server: Server, kind: str = "inference") -> str:
+    """Replace the `kind` key through TorchServe's token API (authorised by the API key); the old key stops
+    working at once and key_file.json holds the new one, which is returned."""
+    if kind not in ("inference", "management"):
+        raise ServerError(f"kind must be inference or management, got {kind!r}")
+    old = server.keys()[kind]
+    answer = requests.get(f"{server.management_url}/token", params={"type": kind}, timeout=10,
+                          headers={"Authorization": f"Bearer {server.keys()['api']}"})
+    if not answer.ok:
+        raise ServerError(f"token API answered {answer.status_code}: {answer.text.strip()[:200]}")
+    new = server.keys()[kind]
+    if new == old:
+        raise ServerError(f"the {kind} key did not change")
+    return new
 
 
 def stop(run_dir: Path, *, timeout: float = 30.0) -> bool:
@@ -219,12 +337,17 @@ def _group_alive(pgid: int) -> bool:
 
 
 def curl_example(server: Server, model: str) -> str:
-    """A ready-to-paste curl line for `model`, using its first committed fixture when it has one."""
+    """A ready-to-paste curl line for `model`: a text for a text model, else its first committed fixture."""
+    from models import registry
+
+    url = f"{server.inference_url}/predictions/{model}"
+    auth = '-H "Authorization: Bearer $(make -s token)"'
+    if model in registry.REGISTRY and registry.get(model).kind == "text-embedding":
+        return f'curl {auth} -H "Content-Type: text/plain" --data-binary "A sentence to embed." {url}'
     fixtures = sorted((ROOT / "tests" / "fixtures" / model).glob("*.*"))
     path = fixtures[0].relative_to(ROOT) if fixtures else Path("<image-file>")
     media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return (f'curl -H "Authorization: Bearer $(make -s token)" -H "Content-Type: {media}" '
-            f"--data-binary @{path} {server.inference_url}/predictions/{model}")
+    return f'curl {auth} -H "Content-Type: {media}" --data-binary @{path} {url}'
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -247,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     p_token = sub.add_parser("token")
     p_token.add_argument("--kind", choices=("inference", "management", "api"), default="inference")
     sub.add_parser("stop")
-    for p in (p_start, p_token, sub.choices["stop"]):
+    p_ready = sub.add_parser("ready", help="readiness probe: exit 0 when /ping is Healthy and every model has a "
+                                           "READY worker (usable as a Kubernetes exec probe)")
+    p_ready.add_argument("--models", nargs="*")
+    p_rotate = sub.add_parser("rotate-token", help="replace the inference or management key of the running server")
+    p_rotate.add_argument("--kind", choices=("inference", "management"), default="inference")
+    for p in (p_start, p_token, sub.choices["stop"], p_ready, p_rotate):
         p.add_argument("--run-dir", type=Path, default=ROOT / "run")
     args = parser.parse_args(argv)
     try:
@@ -260,10 +388,26 @@ def main(argv: list[str] | None = None) -> int:
                   f"Try:\n  {curl_example(server, args.models[0])}")
         elif args.cmd == "token":
             print(read_keys(args.run_dir)[args.kind])
+        elif args.cmd in ("ready", "rotate-token"):
+            server = Server.from_run_dir(args.run_dir)
+            if args.cmd == "ready":
+                ok, why = ready(server, args.models or None)
+                print(why)
+                return 0 if ok else 1
+            rotate_token(server, args.kind)
+            print(f"the {args.kind} key was replaced; the old one no longer works (`make -s token` prints the new one)")
         else:
             print("stopped TorchServe" if stop(args.run_dir) else "no TorchServe was running from " + str(args.run_dir))
+    except ModelLoadError as err:
+        served = [m for m in args.models if m not in err.failed]
+        print(f"TorchServe is up (PID {err.server.pid()}) and serving {', '.join(served) or 'no model'}, but these "
+              f"models failed to load and are not served:", file=sys.stderr)
+        for name, why in err.failed.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+        print(f"  logs: {err.server.run_dir / 'logs'}", file=sys.stderr)
+        return 1
     except ServerError as err:
-        print(f"ServerError: {err}", file=sys.stderr)
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,37 @@
+"""Helpers for the ops tier's private servers: a model store, a config with overrides, READY worker PIDs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import requests
+
+from serve_config import server as ts
+from tests.conftest import ROOT, built
+
+
+def template_with(tmp_path: Path, **overrides) -> Path:
+    """The checked-in config.properties with some settings replaced (a test's own server only)."""
+    text = ts.TEMPLATE.read_text()
+    for key, value in overrides.items():
+        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        assert count == 1, key
+    path = tmp_path / "config.properties"
+    path.write_text(text)
+    return path
+
+
+def store_with(tmp_path: Path, *models: str) -> Path:
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    for model in models:
+        for suffix in (".mar", ".mar.sha256"):
+            shutil.copy2(built(ROOT / "model_store" / f"{model}{suffix}"), store / f"{model}{suffix}")
+    return store
+
+
+def worker_pids(server, model: str) -> list[int]:
+    answer = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
+    return sorted(w["pid"] for w in answer.json()[0]["workers"] if w.get("status") == "READY")
