@@ -37,7 +37,7 @@ class RssSampler(threading.Thread):
         self.root, self.interval = psutil.Process(server_pid), interval
         self.samples: list[dict] = []
         self.start_time = time.monotonic()
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def sample(self) -> dict:
         frontend = workers = 0.0
@@ -57,12 +57,12 @@ class RssSampler(threading.Thread):
                 "workers": count}
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.samples.append(self.sample())
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> list[dict]:
-        self._stop.set()
+        self._done.set()
         self.join(timeout=5)
         return self.samples
 

@@ -1,7 +1,8 @@
 """The bad-request matrices, one per model kind: (name, body, headers, expected status, expected type).
 
-A `type` of None means the answer comes from TorchServe's frontend (not the handler), whose JSON names the
-problem in its own words; the status is still checked. Every body is built here, offline and deterministic.
+A `type` of None means the answer comes from TorchServe's frontend, not the handler: its 404 for an unknown
+model is JSON in its own words; its 413 past `max_request_size` has an empty body (netty's aggregator answers
+before any TorchServe code runs), so only the status is checked there. Every body is built here, offline.
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ def test_each_bad_request_gets_its_own_4xx_inside_a_crowd_of_good_ones(server, s
             body = None
         if answer.status_code != status:
             wrong.append(f"{name}: HTTP {answer.status_code} (expected {status}): {answer.text[:120]}")
+        elif name == "over the server's max_request_size":
+            continue  # TorchServe's frontend (netty's aggregator) answers this 413 itself, with an empty body
         elif status != 200 and not (isinstance(body, dict) and body.get("code") == status and body.get("message")):
             wrong.append(f"{name}: the error body is not JSON naming the problem: {answer.text[:120]}")
         elif kind is not None and body.get("type") != kind:
