@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMATS = ("trace", "script", "onnx", "onnx_int8")
+DEFAULT_FORMATS = ("trace", "script", "onnx")  # onnx_int8 is opt-in: it needs its own, looser tolerance
 # Which exported artifact backs each serving backend; the archive step packs that file.
 BACKEND_ARTIFACT = {"onnx": "onnx", "onnx-int8": "onnx_int8", "torchscript-trace": "trace",
                     "torchscript-script": "script"}
@@ -86,7 +87,7 @@ class ModelSpec:
     train: TrainSpec | None = None
     # A short recipe `make test` trains when no checkpoint exists yet (None: the full recipe is short enough).
     train_quick: TrainSpec | None = None
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     onnx_opset: int = 18
     verify_batch_sizes: tuple[int, ...] = (1, 2, 7, 32, 64)
     serve_backend: str = "onnx"
