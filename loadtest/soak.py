@@ -68,13 +68,16 @@ class RssSampler(threading.Thread):
 
 
 def growth(samples: list[dict], key: str) -> dict:
-    """Mean RSS of the first and last fifth of the samples after the first 10 % (warm-up), and the change."""
+    """RSS change after the first 10 % (warm-up): between the first and the last fifth of the rest, and
+    between its middle and last fifth. A one-off step (the JVM growing its heap once) shows in the first
+    figure only; a leak shows in both."""
     usable = samples[len(samples) // 10:]
     fifth = max(1, len(usable) // 5)
-    first = sum(s[key] for s in usable[:fifth]) / fifth
-    last = sum(s[key] for s in usable[-fifth:]) / fifth
-    return {"first_mib": first, "last_mib": last, "growth_pct": (last - first) / first * 100 if first else float("nan"),
-            "max_mib": max(s[key] for s in usable)}
+    mean = lambda part: sum(s[key] for s in part) / len(part)  # noqa: E731
+    first, middle, last = mean(usable[:fifth]), mean(usable[2 * fifth:3 * fifth] or usable), mean(usable[-fifth:])
+    pct = lambda a, b: (b - a) / a * 100 if a else float("nan")  # noqa: E731
+    return {"first_mib": first, "middle_mib": middle, "last_mib": last, "growth_pct": pct(first, last),
+            "late_growth_pct": pct(middle, last), "max_mib": max(s[key] for s in usable)}
 
 
 def drive(plan: dict, work: Path, name: str) -> list[dict]:
@@ -139,8 +142,9 @@ def soak(model: str, *, seconds: float, fraction: float, users: int, out_root: P
     front, workers = data["rss"]["frontend"], data["rss"]["workers"]
     print(f"soak {model}: {data['requests']} requests, {data['failures']} failures, {data['rps']:.1f} req/s "
           f"(target {rate:.1f}), p99 {data['p99_ms']:.0f} ms\n"
-          f"  RSS frontend {front['first_mib']:.0f} -> {front['last_mib']:.0f} MiB ({front['growth_pct']:+.1f} %), "
-          f"workers {workers['first_mib']:.0f} -> {workers['last_mib']:.0f} MiB ({workers['growth_pct']:+.1f} %)\n"
+          f"  RSS frontend {front['first_mib']:.0f} -> {front['last_mib']:.0f} MiB ({front['growth_pct']:+.1f} %; "
+          f"{front['late_growth_pct']:+.1f} % over the second half), workers {workers['first_mib']:.0f} -> "
+          f"{workers['last_mib']:.0f} MiB ({workers['growth_pct']:+.1f} %; {workers['late_growth_pct']:+.1f} %)\n"
           f"  report: {report_dir}/soak.json, rss.png", flush=True)
     return {**data, "report_dir": str(report_dir)}
 
