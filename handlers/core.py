@@ -93,6 +93,18 @@ def content_type_of(headers: Mapping[str, Any] | None) -> str:
     return ""
 
 
+def per_request(idx: int, what: str, action: Callable[..., Any], *args: Any) -> Any:
+    """`action(*args)`'s result, or the RequestError it raised; any other exception (a bug) is logged and
+    becomes a 500 for this request alone, never its batch."""
+    try:
+        return action(*args)
+    except RequestError as err:
+        return err
+    except Exception:
+        logger.exception("unexpected error %s request %d", what, idx)
+        return RequestError(500, "InternalError", "the request could not be processed")
+
+
 def content_types(context, count: int) -> list[str]:
     """Each request's body media type from a TorchServe context: kept per input part (the "body" entry)
     beside the request's HTTP headers."""
@@ -229,13 +241,7 @@ class ImageClassifier:
             raise RequestError(400, "InvalidImage", str(err)) from None
 
     def _decode_or_error(self, idx: int, request: Mapping[str, Any], content_type: str) -> torch.Tensor | RequestError:
-        try:
-            return self.decode(request, content_type)
-        except RequestError as err:
-            return err
-        except Exception:  # a decoder bug must cost this request only, never its batch
-            logger.exception("unexpected error decoding request %d", idx)
-            return RequestError(500, "InternalError", "the request could not be processed")
+        return per_request(idx, "decoding", self.decode, request, content_type)
 
     def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> Batch:
         """Decode every request (on `preprocess_threads` threads); a bad one gets its RequestError and leaves the batch."""
@@ -248,6 +254,10 @@ class ImageClassifier:
         positions = [i for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
         tensors = [decoded[i] for i in positions]
         return Batch(results, torch.stack(tensors) if tensors else None, positions)
+
+    def run(self, batch: Batch) -> torch.Tensor | None:
+        """The batch's one forward pass (None when no request of it decoded)."""
+        return None if batch.inputs is None else self.infer(batch.inputs)
 
     def infer(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, classes) logits, on the CPU."""
@@ -269,4 +279,4 @@ class ImageClassifier:
     def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> list[str | RequestError]:
         """A batch of requests -> per request, a JSON string of predictions or a RequestError."""
         batch = self.preprocess(requests, content_types)
-        return self.postprocess(batch, None if batch.inputs is None else self.infer(batch.inputs))
+        return self.postprocess(batch, self.run(batch))

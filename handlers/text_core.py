@@ -15,18 +15,14 @@ A bad request gets its own RequestError and never touches its neighbours.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from handlers.core import RequestError, parse_json_body
+from handlers.core import RequestError, parse_json_body, per_request
 from models.text import Encoded, TextPreset, length_groups
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class EmbeddingConfig:
@@ -134,15 +130,11 @@ class SentenceEncoder:
         texts: list[str] = []
         owners: list[int] = []
         for idx, (request, content_type) in enumerate(zip(requests, content_types, strict=True)):
-            try:
-                request_texts, listed[idx] = extract_texts(request, content_type, self.config)
-            except RequestError as err:
-                results[idx] = err
+            parsed = per_request(idx, "parsing", extract_texts, request, content_type, self.config)
+            if isinstance(parsed, RequestError):
+                results[idx] = parsed
                 continue
-            except Exception:  # a parser bug must cost this request only, never its batch
-                logger.exception("unexpected error parsing request %d", idx)
-                results[idx] = RequestError(500, "InternalError", "the request could not be processed")
-                continue
+            request_texts, listed[idx] = parsed
             texts += request_texts
             owners += [idx] * len(request_texts)
         return TextBatch(results, self.preset.encode(texts) if texts else [], owners, listed)
@@ -161,6 +153,10 @@ class SentenceEncoder:
             out[group] = embeddings.float()
         return out
 
+    def run(self, batch: TextBatch) -> torch.Tensor:
+        """The batch's forward passes, one per length group."""
+        return self.embed(batch.encoded)
+
     def postprocess(self, batch: TextBatch, embeddings: torch.Tensor) -> list[str | RequestError]:
         results = list(batch.results)
         rows = np.round(embeddings.numpy().astype(np.float64), self.config.decimals).tolist() if len(batch.encoded) else []
@@ -174,4 +170,4 @@ class SentenceEncoder:
 
     def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> list[str | RequestError]:
         batch = self.preprocess(requests, content_types)
-        return self.postprocess(batch, self.embed(batch.encoded))
+        return self.postprocess(batch, self.run(batch))

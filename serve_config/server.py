@@ -109,10 +109,15 @@ class Server:
         config = run_dir / "config.properties"
         if not config.exists():
             raise ServerError(f"{config} does not exist: no TorchServe was started from {run_dir} (make serve)")
-        props = dict(line.split("=", 1) for line in config.read_text().splitlines() if "=" in line and not line.startswith("#"))
+        props = read_properties(config)
         port = lambda key: int(props[key].rsplit(":", 1)[1])  # noqa: E731
         return cls(run_dir.resolve(), Ports(port("inference_address"), port("management_address"), port("metrics_address"),
                                             int(props["grpc_inference_port"]), int(props["grpc_management_port"])))
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A config.properties file as {key: value}, comments and blank lines left out."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
 
 
 def render_config(template: Path, ports: Ports, model_store: Path, host: str = "127.0.0.1") -> str:
@@ -155,8 +160,9 @@ def check_archive(mar: Path) -> str:
     recorded = mar.with_name(mar.name + ".sha256")
     if not recorded.exists():
         raise ArchiveError(f"{mar} has no {recorded.name}: only archives built by `make archive` are served")
-    digest = hashlib.sha256(mar.read_bytes()).hexdigest()
-    expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+    with open(mar, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    expected = (recorded.read_text().split() or [""])[0]
     if digest != expected:
         raise ArchiveError(f"{mar} has sha256 {digest}, not the {expected} recorded when it was built: the archive "
                            f"was changed or damaged; refusing to serve it (rebuild with `make archive MODEL={mar.stem}`)")
@@ -165,9 +171,12 @@ def check_archive(mar: Path) -> str:
             names = set(archive.namelist())
             if "manifest.json" in names:
                 manifest = json.loads(archive.read("manifest.json"))
-                for entry in list(manifest.get("artifacts", {}).values()):
-                    if entry["file"] in names and hashlib.sha256(archive.read(entry["file"])).hexdigest() != entry["sha256"]:
-                        raise ArchiveError(f"{mar}: {entry['file']} inside does not match its export manifest")
+                for entry in manifest.get("artifacts", {}).values():
+                    if entry["file"] not in names:
+                        continue
+                    with archive.open(entry["file"]) as fh:
+                        if hashlib.file_digest(fh, "sha256").hexdigest() != entry["sha256"]:
+                            raise ArchiveError(f"{mar}: {entry['file']} inside does not match its export manifest")
     except zipfile.BadZipFile as err:
         raise ArchiveError(f"{mar} is not a readable archive: {err}") from None
     return digest
@@ -221,6 +230,13 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     return server
 
 
+def has_ready_worker(server: Server, model: str, headers: dict[str, str]) -> tuple[bool, int]:
+    """Whether the management API lists a READY worker for `model`, and the status code it answered."""
+    answer = requests.get(f"{server.management_url}/models/{model}", headers=headers, timeout=5)
+    workers = answer.json()[0].get("workers", []) if answer.ok else []
+    return any(w.get("status") == "READY" for w in workers), answer.status_code
+
+
 def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None:
     """Poll until each model reports a READY worker. A model that fails to load (TorchServe logs it and
     keeps the others) is recorded with the log line that says why; when every model is either ready or
@@ -236,19 +252,17 @@ def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None
         try:
             headers = server.headers("management")
             for name in list(pending):
-                answer = requests.get(f"{server.management_url}/models/{name}", headers=headers, timeout=5)
-                if answer.ok and any(w.get("status") == "READY" for w in answer.json()[0].get("workers", [])):
+                if has_ready_worker(server, name, headers)[0]:
                     pending.remove(name)
                 elif (why := load_failure(server.run_dir, name)) is not None:
                     pending.remove(name)
                     failed[name] = why
-            if not pending:
-                if failed:
-                    raise ModelLoadError(server, failed)
-                return
-        except (ServerError, requests.RequestException, ValueError, KeyError, IndexError) as err:
-            if isinstance(err, ModelLoadError):
-                raise
+        except (ServerError, requests.RequestException, ValueError, KeyError, IndexError):
+            pass  # not up yet: no key file, no listener, or a model not registered so far
+        if not pending:
+            if failed:
+                raise ModelLoadError(server, failed)
+            return
         time.sleep(0.5)
     raise ServerError(f"models {pending} not ready after {timeout:.0f}s; see {server.run_dir / 'logs'}:\n"
                       f"{_tail(server.run_dir / 'logs' / 'model_log.log')}")
@@ -282,10 +296,9 @@ def ready(server: Server, models: Sequence[str] | None = None) -> tuple[bool, st
             listed = requests.get(f"{server.management_url}/models", headers=mgmt, timeout=5).json()["models"]
             models = [m["modelName"] for m in listed]
         for name in models:
-            answer = requests.get(f"{server.management_url}/models/{name}", headers=mgmt, timeout=5)
-            workers = answer.json()[0].get("workers", []) if answer.ok else []
-            if not any(w.get("status") == "READY" for w in workers):
-                return False, f"{name}: no READY worker ({answer.status_code})"
+            ok, status = has_ready_worker(server, name, mgmt)
+            if not ok:
+                return False, f"{name}: no READY worker ({status})"
         return True, f"ready: {', '.join(models)}"
     except (ServerError, requests.RequestException, ValueError, KeyError, IndexError) as err:
         return False, f"not ready: {err}"
