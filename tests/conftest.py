@@ -24,6 +24,35 @@ def built(path: Path) -> Path:
     return path
 
 
+def worker_pids(server, model: str, *, ready_only: bool = False) -> list[int]:
+    """PIDs of `model`'s workers (only the READY ones with `ready_only`), from the management API."""
+    import requests
+
+    answer = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
+    answer.raise_for_status()
+    return sorted(w["pid"] for w in answer.json()[0]["workers"] if not ready_only or w.get("status") == "READY")
+
+
+def post_together(server, jobs) -> list:
+    """POST every (model, body, headers) of `jobs` with the inference key, all released at once by one
+    barrier so the server batches them together; the answers in the order of `jobs`."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    barrier, auth = threading.Barrier(len(jobs)), server.headers()
+
+    def send(job):
+        model, body, headers = job
+        barrier.wait(timeout=60)
+        return requests.post(f"{server.inference_url}/predictions/{model}", data=body, headers={**auth, **headers},
+                             timeout=60)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(send, jobs))
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One real TorchServe serving every default model, on free loopback ports, with token auth on.

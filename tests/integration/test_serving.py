@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -14,7 +12,7 @@ import yaml
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
 from loadtest.prometheus import scrape
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, EagerReference
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, EagerReference, post_together, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +25,6 @@ def batch_counters(server, model: str) -> tuple[float, float]:
     """(batches, requests) the handler has processed, from its counters on the Prometheus endpoint."""
     counters = scrape(server.metrics_url, model, server.headers("management"))
     return counters.get(BATCHES, 0.0), counters.get(REQUESTS, 0.0)
-
-
-def worker_pids(server, model: str) -> list[int]:
-    answer = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
-    answer.raise_for_status()
-    return sorted(w["pid"] for w in answer.json()[0]["workers"])
 
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
@@ -79,16 +71,7 @@ def test_concurrent_mix_of_good_and_bad_requests_each_get_their_own_answer(serve
     jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7) % len(jobs))]  # interleave
     pids_before = worker_pids(server, spec.name)
     batches_before, requests_before = batch_counters(server, spec.name)
-    start = threading.Barrier(len(jobs))
-    auth = server.headers()
-
-    def send(job):
-        _, body, headers, _ = job
-        start.wait(timeout=30)  # release every request at once so the server batches them together
-        return requests.post(predict_url(server, spec.name), data=body, headers={**auth, **headers}, timeout=60)
-
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        answers = list(pool.map(send, jobs))
+    answers = post_together(server, [(spec.name, body, headers) for _, body, headers, _ in jobs])
     for (kind, body, _, expected), answer in zip(jobs, answers):
         if kind == "good":
             assert answer.status_code == 200, answer.text
@@ -140,15 +123,7 @@ def test_embedder_concurrent_mix_of_good_and_bad_requests(server, spec, sentence
     jobs += [("bad", body, headers, (status, kind)) for body, headers, status, kind in TEXT_BAD]
     jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7) % len(jobs))]
     pids_before = worker_pids(server, spec.name)
-    start = threading.Barrier(len(jobs))
-    auth = server.headers()
-
-    def send(job):
-        start.wait(timeout=30)
-        return requests.post(predict_url(server, spec.name), data=job[1], headers={**auth, **job[2]}, timeout=60)
-
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        answers = list(pool.map(send, jobs))
+    answers = post_together(server, [(spec.name, body, headers) for _, body, headers, _ in jobs])
     good_texts, good_embeddings = [], []
     for (kind, body, headers, expected), answer in zip(jobs, answers):
         if kind == "good":

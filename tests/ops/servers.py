@@ -6,7 +6,6 @@ import re
 import shutil
 from pathlib import Path
 
-import requests
 
 from serve_config import server as ts
 from tests.conftest import ROOT, built
@@ -30,8 +29,3 @@ def store_with(tmp_path: Path, *models: str) -> Path:
         for suffix in (".mar", ".mar.sha256"):
             shutil.copy2(built(ROOT / "model_store" / f"{model}{suffix}"), store / f"{model}{suffix}")
     return store
-
-
-def worker_pids(server, model: str) -> list[int]:
-    answer = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
-    return sorted(w["pid"] for w in answer.json()[0]["workers"] if w.get("status") == "READY")

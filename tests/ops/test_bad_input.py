@@ -4,24 +4,20 @@ request is answered 200; the worker processes are the same before and after."""
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 import yaml
 
 from loadtest.payloads import payloads
-from tests.conftest import ROOT, SERVED
+from serve_config import server as ts
+from tests.conftest import ROOT, SERVED, post_together, worker_pids
 from tests.ops.bad_inputs import image_matrix, text_matrix
 
 pytestmark = pytest.mark.ops
 
 
 def server_limit(key: str) -> int:
-    props = dict(line.split("=", 1) for line in (ROOT / "serve_config" / "config.properties").read_text().splitlines()
-                 if "=" in line and not line.startswith("#"))
-    return int(props[key])
+    return int(ts.read_properties(ts.TEMPLATE)[key])
 
 
 def matrix(spec) -> list[tuple[str, bytes, dict, int, str | None]]:
@@ -32,11 +28,6 @@ def matrix(spec) -> list[tuple[str, bytes, dict, int, str | None]]:
     return image_matrix(handler["max_image_bytes"], max_request)
 
 
-def worker_pids(server, model: str) -> list[int]:
-    answer = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
-    return sorted(w["pid"] for w in answer.json()[0]["workers"])
-
-
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
 def test_matrix_has_at_least_25_cases_per_kind(spec):
     cases = matrix(spec)
@@ -45,23 +36,14 @@ def test_matrix_has_at_least_25_cases_per_kind(spec):
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
 def test_each_bad_request_gets_its_own_4xx_inside_a_crowd_of_good_ones(server, spec):
-    url = f"{server.inference_url}/predictions/{spec.name}"
-    auth = server.headers()
     good = [("good", s.body, {"Content-Type": s.content_type}, 200, None) for s in payloads(spec.name, 12)]
     bad = [(name, body, headers, status, kind) for name, body, headers, status, kind in matrix(spec)]
     jobs = good + bad + [("unknown model name", good[0][1], good[0][2], 404, None)]
     jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7) % len(jobs))]  # interleaved
     pids = worker_pids(server, spec.name)
-    barrier = threading.Barrier(len(jobs))
-
-    def send(job):
-        name, body, headers, _, _ = job
-        target = f"{server.inference_url}/predictions/no-such-model" if name == "unknown model name" else url
-        barrier.wait(timeout=60)  # all at once, so bad and good requests share batches
-        return requests.post(target, data=body, headers={**auth, **headers}, timeout=60)
-
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        answers = list(pool.map(send, jobs))
+    # all at once, so bad and good requests share batches
+    answers = post_together(server, [("no-such-model" if name == "unknown model name" else spec.name, body, headers)
+                                     for name, body, headers, _, _ in jobs])
     wrong = []
     for (name, _, _, status, kind), answer in zip(jobs, answers):
         try:

@@ -20,9 +20,9 @@ import yaml
 from export import archive
 from loadtest.payloads import payloads
 from serve_config import server as ts
-from tests.conftest import ROOT, built
+from tests.conftest import ROOT, built, worker_pids
 from tests.ops.bad_inputs import png
-from tests.ops.servers import store_with, template_with, worker_pids
+from tests.ops.servers import store_with, template_with
 
 pytestmark = [pytest.mark.ops, pytest.mark.integration]
 
@@ -50,13 +50,13 @@ def test_worker_killed_under_load_fails_fast_and_recovers(private_server, tmp_pa
     for t in threads:
         t.start()
     time.sleep(2.0)
-    old = worker_pids(server, "digits")
+    old = worker_pids(server, "digits", ready_only=True)
     killed_at = time.monotonic() - t0
     os.kill(old[0], signal.SIGKILL)
     ready_at = None
     while time.monotonic() - t0 < killed_at + 40:
         try:
-            pids = worker_pids(server, "digits")
+            pids = worker_pids(server, "digits", ready_only=True)
         except (requests.RequestException, ValueError, KeyError, IndexError):
             pids = []
         if pids and old[0] not in pids:

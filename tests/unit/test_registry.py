@@ -11,6 +11,7 @@ import yaml
 from handlers.core import ClassifierConfig
 from handlers.text_core import EmbeddingConfig
 from models import registry
+from serve_config.server import read_properties
 from tests.conftest import ROOT, SERVED
 
 ALL = list(registry.REGISTRY.values())
@@ -38,8 +39,7 @@ def test_model_config_yaml_matches_the_registry(spec):
 
 
 def test_config_properties_is_locked_down():
-    props = dict(line.split("=", 1) for line in (ROOT / "serve_config" / "config.properties").read_text().splitlines()
-                 if line and not line.startswith("#"))
+    props = read_properties(ROOT / "serve_config" / "config.properties")
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:")
     assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
