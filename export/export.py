@@ -112,9 +112,14 @@ def export_onnx_int8(model: nn.Module, spec: registry.ModelSpec, path: Path) -> 
     if not source.exists():
         raise FileNotFoundError(f"{source} is missing: onnx_int8 quantises the onnx export (list onnx first)")
     excluded = int8_exclusions(onnx.load(str(source), load_external_data=False))
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic logs advice at WARNING on the root logger
-    quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice at WARNING on the root logger
+    try:
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded)
+    finally:
+        root.setLevel(level)
     return {"exporter": "onnxruntime.quantization.quantize_dynamic(QInt8, per_channel, MatMul)", "format": "onnx",
             "from": source.name, "fp32_matmuls": len(excluded)}
 
