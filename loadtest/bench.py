@@ -7,7 +7,9 @@ On one machine, one after the other, in the same conditions:
    - served:  our archive, model_store/<model>.mar, as `make serve` serves it;
    - ceiling: the same model config with an empty handler (handlers/empty_handler.py);
    - peer:    TorchServe's stock image classifier on the same weights (registry `peer_handler`),
-              with TorchServe's default batching;
+              with TorchServe's default batching and threads, once with one worker and once with as many
+              as ours (stock threads oversubscribe a small host, so more workers can be slower); the
+              peer's figure is the better of the two;
 3. Locust (loadtest/drive.py) drives each at rising concurrency, recording requests/s, latency
    percentiles, failures, the handler's per-batch metrics, and the CPU of load generator and server.
 The report (JSON, Markdown, PNG) goes to results/bench/<model>-<timestamp>/; the ratios print last.
@@ -33,6 +35,7 @@ from serve_config import server as ts
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("served", "ceiling", "peer")
+WARMUP = "server-warmup"
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,15 @@ class Mode:
     levels: tuple[int, ...]
     warmup_s: float
     seconds: float
+    server_warmup_s: float  # once, before any measured step: the JVM compiles its hot paths under load
     compute_batches: tuple[int, ...]
     compute_seconds: float
 
 
-FULL = Mode(levels=(1, 4, 16, 64), warmup_s=2.0, seconds=8.0, compute_batches=(1, 2, 4, 8, 16, 32, 64),
-            compute_seconds=0.5)
-QUICK = Mode(levels=(4, 32), warmup_s=0.5, seconds=2.0, compute_batches=(1, 8), compute_seconds=0.1)
+FULL = Mode(levels=(1, 4, 16, 64), warmup_s=2.0, seconds=8.0, server_warmup_s=10.0,
+            compute_batches=(1, 2, 4, 8, 16, 32, 64), compute_seconds=0.5)
+QUICK = Mode(levels=(4, 32), warmup_s=0.5, seconds=2.0, server_warmup_s=2.0, compute_batches=(1, 8),
+             compute_seconds=0.1)
 
 
 def serve_settings(spec: registry.ModelSpec) -> dict:
@@ -56,8 +61,8 @@ def serve_settings(spec: registry.ModelSpec) -> dict:
     return yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
 
 
-def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, dict[str, str]]:
-    """A model store holding the three targets; returns it and {target: served model name}."""
+def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, list[dict]]:
+    """A model store holding the targets; returns it and the endpoints to drive: [{target, endpoint, workers}]."""
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
@@ -67,20 +72,23 @@ def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, dict[str, s
     for path in (mar, mar.with_name(mar.name + ".sha256")):  # the server checks each archive against its sha256
         shutil.copy2(path, store / path.name)
     artifacts, config = ROOT / "artifacts" / spec.name, ROOT / "serve_config" / f"{spec.name}.yaml"
-    names = {"served": spec.name, "ceiling": f"{spec.name}-ceiling", "peer": f"{spec.name}-peer"}
-    archive.archive(spec, artifacts, store, config=config, name=names["ceiling"], handler="handlers/empty_handler.py",
-                    staging=work / "extra-ceiling")
     workers = serve_settings(spec).get("minWorkers", 1)
-    peer_config = work / "peer.yaml"  # as a TorchServe user writes it: workers only, default batching
-    peer_config.write_text(f"minWorkers: {workers}\nmaxWorkers: {workers}\n")
+    endpoints = [{"target": "served", "endpoint": spec.name, "workers": workers},
+                 {"target": "ceiling", "endpoint": f"{spec.name}-ceiling", "workers": workers}]
+    archive.archive(spec, artifacts, store, config=config, name=endpoints[1]["endpoint"],
+                    handler="handlers/empty_handler.py", staging=work / "extra-ceiling")
     source = {}
     if spec.peer_artifact == "pretrained":  # the eager library model, from the checked pretrained files
         folder = registry.resolve(spec.pretrained_files)()
         source = {"serialized": folder / "model.safetensors",
                   "extra": tuple(p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in (".json", ".txt"))}
-    archive.archive(spec, artifacts, store, config=peer_config, name=names["peer"], artifact=spec.peer_artifact,
-                    handler=spec.peer_handler, staging=work / "extra-peer", **source)
-    return store, names
+    for count in sorted({1, workers}):
+        peer_config = work / f"peer-w{count}.yaml"  # as a TorchServe user writes it: workers only, default batching
+        peer_config.write_text(f"minWorkers: {count}\nmaxWorkers: {count}\n")
+        endpoints.append({"target": "peer", "endpoint": f"{spec.name}-peer-w{count}", "workers": count})
+        archive.archive(spec, artifacts, store, config=peer_config, name=endpoints[-1]["endpoint"],
+                        artifact=spec.peer_artifact, handler=spec.peer_handler, staging=work / "extra-peer", **source)
+    return store, endpoints
 
 
 def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path) -> dict:
@@ -92,10 +100,15 @@ def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path) -
 
 
 def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps: list[dict], work: Path, *,
-                    timeout: float = 180.0) -> list[dict]:
+                    timeout: float = 180.0, server_warmup_s: float = 10.0) -> list[dict]:
     """Start one TorchServe serving `endpoints` from `store` on free loopback ports, let Locust
     (loadtest/drive.py) run through `steps` with `payload_model`'s payloads, stop the server by its PID;
-    return the step results."""
+    return the step results.
+
+    A fresh JVM runs its first seconds of load interpreted, so `server_warmup_s` of load on the first step's
+    endpoint at the highest concurrency goes first, unmeasured; otherwise the first step would pay for it."""
+    warm = [{**steps[0], "target": WARMUP, "users": max(s["users"] for s in steps), "warmup": 0.0,
+             "seconds": server_warmup_s}] if server_warmup_s > 0 else []
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     server = ts.start(run_dir, endpoints, ports=ts.Ports.free(), model_store=store, timeout=timeout)
@@ -103,21 +116,23 @@ def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps
         keys = server.keys()
         plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
                 "inference_token": keys["inference"], "management_token": keys["management"],
-                "payload_model": payload_model, "steps": steps}
+                "payload_model": payload_model, "steps": [*warm, *steps]}
         (work / "plan.json").write_text(json.dumps(plan, indent=1))
         subprocess.run([sys.executable, "-m", "loadtest.drive", "--plan", str(work / "plan.json"),
                         "--out", str(work / "steps.json")], cwd=ROOT, check=True)
-        return json.loads((work / "steps.json").read_text())
+        return [r for r in json.loads((work / "steps.json").read_text()) if r["target"] != WARMUP]
     finally:
         ts.stop(run_dir)
 
 
-def run_load(spec: registry.ModelSpec, store: Path, names: dict[str, str], mode: Mode, work: Path) -> list[dict]:
-    steps = [{"target": target, "endpoint": names[target], "users": users, "warmup": mode.warmup_s,
-              "seconds": mode.seconds} for target in TARGETS for users in mode.levels]
-    print(f"[2/3] starting TorchServe with {', '.join(names.values())}; then [3/3] Locust: {len(steps)} steps of "
-          f"{mode.seconds:g}s (+{mode.warmup_s:g}s warm-up)", flush=True)
-    return serve_and_drive(spec.name, store, list(names.values()), steps, work)
+def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode: Mode, work: Path) -> list[dict]:
+    steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": mode.seconds}
+             for e in endpoints for users in mode.levels]
+    print(f"[2/3] starting TorchServe with {', '.join(e['endpoint'] for e in endpoints)}; then [3/3] Locust: "
+          f"{mode.server_warmup_s:g}s server warm-up, {len(steps)} steps of {mode.seconds:g}s (+{mode.warmup_s:g}s "
+          "warm-up)", flush=True)
+    return serve_and_drive(spec.name, store, [e["endpoint"] for e in endpoints], steps, work,
+                           server_warmup_s=mode.server_warmup_s)
 
 
 def bench(model: str, *, quick: bool, out_root: Path) -> Path:
@@ -130,8 +145,8 @@ def bench(model: str, *, quick: bool, out_root: Path) -> Path:
     work = ROOT / "build" / "bench" / spec.name
     work.mkdir(parents=True, exist_ok=True)
     compute = run_compute(spec, threads, mode, work / "compute.json")
-    store, names = build_store(spec, work)
-    steps = run_load(spec, store, names, mode, work)
+    store, endpoints = build_store(spec, work)
+    steps = run_load(spec, store, endpoints, mode, work)
     data = report.assemble(spec, settings, compute, steps, quick=quick)
     report.write(data, report_dir)
     print(f"report: {report_dir}/report.md (JSON: bench.json, plots: *.png)")

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in plan["steps"]:
         env = Environment(user_classes=[BenchUser], host=plan["host"])
         result = run_step(env, plan, step)
-        print(f"  {step['target']:<8} {step['users']:>3} users: {result['rps']:8.1f} req/s  p99 {result['p99_ms']:6.0f} ms"
+        print(f"  {step['endpoint']:<16} {step['users']:>3} users: {result['rps']:8.1f} req/s  p99 {result['p99_ms']:6.0f} ms"
               f"  failures {result['failures']}  loadgen {result['loadgen_cores']:.2f} cores", flush=True)
         results.append(result)
         args.out.write_text(json.dumps(results, indent=1))

@@ -10,9 +10,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from handlers.batch_metrics import BATCHES, BATCHES_BY_SIZE, REQUESTS, STAGE_MS
+from handlers.batch_metrics import BATCHES, BATCHES_BY_SIZE, REQUESTS, STAGE_MS, STAGES
 
 TARGETS = ("served", "ceiling", "peer")
+RATIO_LABELS = {"served_over_compute_limit": "served / compute limit", "served_over_ceiling": "served / server ceiling",
+                "ours_over_peer": "ours / stock peer"}
 
 
 def breakdown(metrics: dict[str, float]) -> dict[str, Any]:
@@ -31,6 +33,19 @@ def breakdown(metrics: dict[str, float]) -> dict[str, Any]:
     return out
 
 
+def _workers(step: dict) -> str:
+    n = step.get("workers")
+    return "workers ?" if n is None else f"{n} worker{'s' if n != 1 else ''}"
+
+
+def series(steps: list[dict]) -> dict[str, list[dict]]:
+    """A target's steps split by worker count (the peer runs with more than one), each in level order."""
+    groups: dict[str, list[dict]] = {}
+    for s in steps:
+        groups.setdefault(_workers(s), []).append(s)
+    return groups
+
+
 def _size(key: str) -> int:
     digits = "".join(c for c in key if c.isdigit())
     return int(digits) if digits else 0
@@ -46,6 +61,54 @@ def best_step(steps: list[dict], p99_budget_ms: float) -> dict:
     return {**best, "within_p99_budget": best in within}
 
 
+def cpu_per_request(step: dict) -> dict[str, float]:
+    """CPU milliseconds one request cost during `step`: all TorchServe processes', the load generator's, both."""
+    rps = step["rps"]
+    server = step["server_cores"] * 1000 / rps if rps else math.nan
+    loadgen = step["loadgen_cores"] * 1000 / rps if rps else math.nan
+    return {"server_ms": server, "loadgen_ms": loadgen, "total_ms": server + loadgen}
+
+
+def cpu_budget(cpus: int, targets: dict[str, Any], compute: dict, workers: int) -> dict[str, Any]:
+    """What each target's best step cost in CPU per request, and the most requests/s those costs allow on
+    `cpus` cores: with the load generator on this host (`bound_rps`), and with it elsewhere (`server_bound_rps`).
+
+    The served target adds its handler's stages per request (wall ms per batch / mean batch size; a worker's
+    stages run on its intra-op threads). The compute limit's own cost is its threads' time per sample."""
+    out: dict[str, Any] = {"cpus": cpus}
+    for target, t in targets.items():
+        best = t["best"]
+        cost = cpu_per_request(best)
+        out[target] = {**cost, "rps": best["rps"], "users": best["users"],
+                       "bound_rps": cpus * 1000 / cost["total_ms"] if cost["total_ms"] > 0 else math.inf,
+                       "server_bound_rps": cpus * 1000 / cost["server_ms"] if cost["server_ms"] > 0 else math.inf}
+    b = targets["served"]["best"]["breakdown"]
+    size = b["mean_batch_size"]
+    out["served"]["handler_ms"] = {stage: (b[f"{stage}_ms_per_batch"] / size if size and b[f"{stage}_ms_per_batch"]
+                                           is not None else None) for stage in STAGES}
+    per_worker = compute["best"]["samples_per_s"]
+    out["compute_limit"] = {"ms_per_sample": compute["threads"] * 1000 / per_worker if per_worker else math.nan,
+                            "workers": workers, "threads": compute["threads"]}
+    return out
+
+
+def goals(spec, ratios: dict[str, Any], budget: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each of the model's bench goals: met (value at least the goal, served p99 within budget) or not, and
+    the ratio the measured CPU cost per served request allows on this host (`cpu_allows`): the most that
+    cost lets served reach, over the same denominator."""
+    out = []
+    served = budget["served"]
+    for name, goal in spec.bench_goals.items():
+        r = ratios[name]
+        denominator = r["served_rps"] / r["value"] if r["value"] else math.nan
+        out.append({"ratio": name, "goal": goal, "value": r["value"], "served_p99_ms": r["served_p99_ms"],
+                    "within_p99_budget": r["within_p99_budget"],
+                    "met": bool(r["value"] >= goal and r["within_p99_budget"]),
+                    "cpu_allows": served["bound_rps"] / denominator if denominator else math.nan,
+                    "cpu_allows_without_loadgen": served["server_bound_rps"] / denominator if denominator else math.nan})
+    return out
+
+
 def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: bool) -> dict[str, Any]:
     workers = int(settings.get("minWorkers", 1))
     limit = compute["best"]["samples_per_s"] * workers
@@ -57,8 +120,17 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
 
     def ratio(numerator: dict, denominator: float, against: str) -> dict[str, Any]:
         return {"value": numerator["rps"] / denominator if denominator else math.nan, "against": against,
-                "served_rps": numerator["rps"], "served_users": numerator["users"], "served_p99_ms": numerator["p99_ms"]}
+                "served_rps": numerator["rps"], "served_users": numerator["users"], "served_p99_ms": numerator["p99_ms"],
+                "within_p99_budget": numerator["within_p99_budget"]}
 
+    ratios = {
+        "served_over_compute_limit": ratio(served, limit, f"compute limit {limit:.0f}/s"),
+        "served_over_ceiling": {**ratio(served, ceiling["rps"], "ceiling"), "other_users": ceiling["users"],
+                                "other_p99_ms": ceiling["p99_ms"]},
+        "ours_over_peer": {**ratio(served, peer["rps"], f"peer ({_workers(peer)})"), "other_users": peer["users"],
+                           "other_p99_ms": peer["p99_ms"]},
+    }
+    budget = cpu_budget(os.cpu_count() or 1, targets, compute, workers)
     return {
         "model": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
@@ -68,13 +140,9 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
                           "fastest_any": {**compute.get("fastest", compute["best"]),
                                           "samples_per_s": compute.get("fastest", compute["best"])["samples_per_s"] * workers}},
         "targets": targets,
-        "ratios": {
-            "served_over_compute_limit": ratio(served, limit, f"compute limit {limit:.0f}/s"),
-            "served_over_ceiling": {**ratio(served, ceiling["rps"], "ceiling"), "other_users": ceiling["users"],
-                                    "other_p99_ms": ceiling["p99_ms"]},
-            "ours_over_peer": {**ratio(served, peer["rps"], "peer"), "other_users": peer["users"],
-                               "other_p99_ms": peer["p99_ms"]},
-        },
+        "ratios": ratios,
+        "cpu_budget": budget,
+        "goals": goals(spec, ratios, budget),
     }
 
 
@@ -89,11 +157,23 @@ def _f(value: Any, digits: int = 1) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
 
 
+def goal_lines(data: dict[str, Any]) -> list[str]:
+    """One line per goal: met or not, and what the measured CPU cost per served request allows."""
+    lines = []
+    for g in data["goals"]:
+        verdict = "met" if g["met"] else ("NOT MET (p99 over budget)" if g["value"] >= g["goal"] else "NOT MET")
+        lines.append(f"  {RATIO_LABELS[g['ratio']]:<24} {g['value']:6.3f} >= {g['goal']:g}: {verdict}; the CPU one served "
+                     f"request costs here allows {g['cpu_allows']:.3f} ({g['cpu_allows_without_loadgen']:.3f} with the "
+                     "load generator on another host)")
+    return lines
+
+
 def ratios_text(data: dict[str, Any]) -> str:
-    lines = [f"ratios for {data['model']} (each target at its best concurrency, p99 budget {data['p99_budget_ms']:g} ms):"]
-    names = {"served_over_compute_limit": "served / compute limit", "served_over_ceiling": "served / server ceiling",
-             "ours_over_peer": "ours / stock peer"}
-    for key, label in names.items():
+    lines = []
+    if data["goals"]:
+        lines += [f"goals for {data['model']} (registry bench_goals):", *goal_lines(data)]
+    lines.append(f"ratios for {data['model']} (each target at its best concurrency, p99 budget {data['p99_budget_ms']:g} ms):")
+    for key, label in RATIO_LABELS.items():
         r = data["ratios"][key]
         other = f"; {r['against']} at {r['other_users']} users, p99 {_f(r['other_p99_ms'], 0)} ms" if "other_users" in r else f"; {r['against']}"
         lines.append(f"  {label:<24} {r['value']:6.3f}   (served {r['served_rps']:.0f} req/s at {r['served_users']} users, "
@@ -132,8 +212,8 @@ def markdown(data: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for target, t in data["targets"].items():
         for s in t["steps"]:
-            mark = " **best**" if s["users"] == t["best"]["users"] else ""
-            out.append(f"| {target}{mark} | {s['users']} | {s['rps']:.1f} | {_f(s['p50_ms'], 0)} | {_f(s['p95_ms'], 0)} | "
+            mark = " **best**" if (s["users"], s.get("workers")) == (t["best"]["users"], t["best"].get("workers")) else ""
+            out.append(f"| {target} ({_workers(s)}){mark} | {s['users']} | {s['rps']:.1f} | {_f(s['p50_ms'], 0)} | {_f(s['p95_ms'], 0)} | "
                        f"{_f(s['p99_ms'], 0)} | {s['failures']} | {_f(s['breakdown']['mean_batch_size'])} | "
                        f"{s['loadgen_cores']:.2f} | {s['server_cores']:.2f} |")
     out += ["", "Load generator and server CPU are in cores (CPU seconds per second); the host has "
@@ -147,6 +227,7 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(f"| {s['users']} | {_f(b['mean_batch_size'])} | {_f(b['preprocess_ms_per_batch'], 2)} | "
                    f"{_f(b['inference_ms_per_batch'], 2)} | {_f(b['postprocess_ms_per_batch'], 2)} | "
                    f"{_f(b['queue_ms_per_request'], 2)} | {_f(b['frontend_ms_per_request'], 2)} | {sizes} |")
+    out += cpu_markdown(data)
     table = data["compute"]["samples_per_s"]
     sizes = list(next(iter(table.values())))
     out += ["", f"## Compute limit: in-process samples/s ({data['compute']['threads']} thread(s), {data['compute']['device']})",
@@ -155,6 +236,37 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(f"| {backend} | " + " | ".join(f"{row[n]:,.0f}" for n in sizes) + " |")
     out += ["", "Plots: throughput.png, latency.png, compute.png.", ""]
     return "\n".join(out)
+
+
+def cpu_markdown(data: dict[str, Any]) -> list[str]:
+    """The goals, and the CPU each target's best step cost per request: why a goal is or is not in reach."""
+    budget = data["cpu_budget"]
+    out = ["", "## Goals", ""]
+    if data["goals"]:
+        out += ["| ratio | value | goal | met | served p99 ms | CPU cost allows | ... with Locust elsewhere |",
+                "|---|---:|---:|---|---:|---:|---:|"]
+        for g in data["goals"]:
+            out.append(f"| {RATIO_LABELS[g['ratio']]} | {g['value']:.3f} | {g['goal']:g} | {'yes' if g['met'] else '**no**'} | "
+                       f"{_f(g['served_p99_ms'], 0)} | {g['cpu_allows']:.3f} | {g['cpu_allows_without_loadgen']:.3f} |")
+        out += ["", "*CPU cost allows*: the ratio served could reach if every core of the host did nothing but serve at "
+                    "the CPU cost per request measured for served at its best step (server plus load generator; then "
+                    "server alone). A goal above it cannot be met on this host without making each request cheaper."]
+    else:
+        out.append("The registry entry sets no `bench_goals`.")
+    out += ["", f"## CPU per request (best step of each target; {budget['cpus']} cores)", "",
+            "| target | req/s | at users | server CPU ms/request | load generator CPU ms/request | total | "
+            "req/s the cost allows | ... with Locust elsewhere |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for target in TARGETS:
+        c = budget[target]
+        out.append(f"| {target} | {c['rps']:,.1f} | {c['users']} | {c['server_ms']:.3f} | {c['loadgen_ms']:.3f} | "
+                   f"{c['total_ms']:.3f} | {c['bound_rps']:,.0f} | {c['server_bound_rps']:,.0f} |")
+    handler = budget["served"]["handler_ms"]
+    limit = budget["compute_limit"]
+    out += ["", "Served, per request inside the handler: " + ", ".join(f"{stage} {_f(handler[stage], 3)} ms"
+                                                                  for stage in STAGES)
+            + f". The compute limit's forward pass alone costs {limit['ms_per_sample']:.3f} ms of CPU per sample "
+              f"({limit['threads']} thread(s) per worker)."]
+    return out
 
 
 def plot(data: dict[str, Any], directory: Path) -> None:
@@ -175,8 +287,11 @@ def plot(data: dict[str, Any], directory: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for target, t in data["targets"].items():
         color, line = styles[target]
-        ax.plot([s["users"] for s in t["steps"]], [s["rps"] for s in t["steps"]], marker="o", color=color,
-                linestyle=line, label=target)
+        groups = series(t["steps"])
+        for n, (workers, steps) in enumerate(groups.items()):
+            ax.plot([s["users"] for s in steps], [s["rps"] for s in steps], marker="os"[n % 2], color=color,
+                    linestyle=line, alpha=1.0 if n == len(groups) - 1 else 0.5,
+                    label=target if len(groups) == 1 else f"{target} ({workers})")
     ax.axhline(data["compute_limit"]["samples_per_s"], color="tab:red", linewidth=1, label="compute limit")
     save(fig, ax, "throughput.png", xlabel="concurrent clients", ylabel="requests/s",
          title=f"{data['model']}: throughput vs concurrency")
@@ -184,8 +299,9 @@ def plot(data: dict[str, Any], directory: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for target, t in data["targets"].items():
         color, line = styles[target]
+        steps = series(t["steps"]).get(_workers(t["best"]), t["steps"])  # the peer: its better worker count
         for q, marker in (("p50", "o"), ("p95", "s"), ("p99", "^")):
-            ax.plot([s["users"] for s in t["steps"]], [s[f"{q}_ms"] for s in t["steps"]], color=color, linestyle=line,
+            ax.plot([s["users"] for s in steps], [s[f"{q}_ms"] for s in steps], color=color, linestyle=line,
                     marker=marker, label=f"{target} {q}")
     save(fig, ax, "latency.png", legend={"fontsize": 7, "ncol": 3}, xlabel="concurrent clients",
          ylabel="latency (ms)", title=f"{data['model']}: latency percentiles vs concurrency")

@@ -30,9 +30,12 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
     assert _finite(data["compute_limit"]["samples_per_s"])
     assert _finite(data["compute"]["preprocess"]["ms_per_item"]) and data["compute"]["preprocess"]["summary"]
 
+    workers = data["serve_config"].get("minWorkers", 1)
     for target in bench.TARGETS:
         steps = data["targets"][target]["steps"]
-        assert [s["users"] for s in steps] == list(bench.QUICK.levels)
+        # the peer runs with one worker and with as many as ours; the others with ours
+        counts = sorted({1, workers}) if target == "peer" else [workers]
+        assert [(s["workers"], s["users"]) for s in steps] == [(n, u) for n in counts for u in bench.QUICK.levels]
         for s in steps:
             assert s["requests"] > 0 and s["failures"] == 0, s["errors"]
             for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "loadgen_cores", "server_cores"):
@@ -48,8 +51,16 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
 
     assert set(data["ratios"]) == {"served_over_compute_limit", "served_over_ceiling", "ours_over_peer"}
     assert all(_finite(r["value"]) and r["value"] > 0 for r in data["ratios"].values())
+    assert [g["ratio"] for g in data["goals"]] == list(spec.bench_goals)
+    for g in data["goals"]:
+        assert all(_finite(g[k]) and g[k] > 0 for k in ("value", "cpu_allows", "cpu_allows_without_loadgen")), g
+        assert g["cpu_allows_without_loadgen"] >= g["cpu_allows"]
+    for target in bench.TARGETS:
+        cost = data["cpu_budget"][target]
+        assert _finite(cost["server_ms"]) and cost["server_ms"] > 0 and _finite(cost["bound_rps"]), (target, cost)
     report = (report_dir / "report.md").read_text()
-    for section in ("## Ratios", "## Load, per target", "## Where the time goes", "## Compute limit"):
+    for section in ("## Ratios", "## Load, per target", "## Where the time goes", "## Goals", "## CPU per request",
+                    "## Compute limit"):
         assert section in report
     for plot in ("throughput.png", "latency.png", "compute.png"):
         assert (report_dir / plot).read_bytes().startswith(b"\x89PNG")

@@ -10,7 +10,8 @@ import torch
 
 from handlers.batch_metrics import BATCHES, REQUESTS, STAGE_MS
 from loadtest import prometheus
-from loadtest.report import best_step, breakdown
+from loadtest.report import best_step, breakdown, cpu_budget, goals
+from models import registry
 from models.preprocessing import PRESETS, decode_image
 from models.samples import sample_digits
 
@@ -71,3 +72,42 @@ def test_stock_peer_transforms_give_the_presets_tensor(name):
         expected, got = preset(image), preset.torchvision_transforms()(image)
         assert torch.equal(expected, got), sample
         assert not math.isnan(float(got.sum()))
+
+
+def served_step(rps, server_cores, loadgen_cores, *, batch=10.0, preprocess_ms=5.0, p99=20.0):
+    b = {"mean_batch_size": batch, "preprocess_ms_per_batch": preprocess_ms, "inference_ms_per_batch": 1.0,
+         "postprocess_ms_per_batch": 0.5}
+    return {"users": 16, "rps": rps, "p99_ms": p99, "server_cores": server_cores, "loadgen_cores": loadgen_cores,
+            "within_p99_budget": p99 <= 50, "breakdown": b}
+
+
+def test_cpu_budget_turns_cores_into_cost_per_request_and_the_rate_it_allows():
+    targets = {"served": {"best": served_step(1000, 1.2, 0.8)}, "ceiling": {"best": served_step(4000, 1.0, 1.0)},
+               "peer": {"best": served_step(500, 1.5, 0.3)}}
+    budget = cpu_budget(2, targets, {"threads": 1, "best": {"samples_per_s": 50_000}}, workers=1)
+    served = budget["served"]
+    assert served["server_ms"] == pytest.approx(1.2) and served["loadgen_ms"] == pytest.approx(0.8)
+    assert served["bound_rps"] == pytest.approx(1000) and served["server_bound_rps"] == pytest.approx(2000 / 1.2)
+    assert budget["ceiling"]["total_ms"] == pytest.approx(0.5) and budget["ceiling"]["bound_rps"] == pytest.approx(4000)
+    assert served["handler_ms"] == {"preprocess": 0.5, "inference": 0.1, "postprocess": 0.05}
+    assert budget["compute_limit"]["ms_per_sample"] == pytest.approx(0.02)
+
+
+def test_goals_are_met_only_within_the_p99_budget_and_say_what_the_cpu_allows():
+    spec = registry.get("digits")
+    assert set(spec.bench_goals) == {"served_over_ceiling", "ours_over_peer"}
+    ratios = {"served_over_ceiling": {"value": 0.25, "served_rps": 1000, "served_p99_ms": 20, "within_p99_budget": True},
+              "ours_over_peer": {"value": 2.0, "served_rps": 1000, "served_p99_ms": 20, "within_p99_budget": True}}
+    budget = {"served": {"bound_rps": 1000.0, "server_bound_rps": 1600.0}}
+    got = {g["ratio"]: g for g in goals(spec, ratios, budget)}
+    ceiling = got["served_over_ceiling"]  # ceiling 4000 req/s; served's cost allows 1000 (1600 without Locust)
+    assert not ceiling["met"] and ceiling["cpu_allows"] == pytest.approx(0.25)
+    assert ceiling["cpu_allows_without_loadgen"] == pytest.approx(0.4)
+    assert got["ours_over_peer"]["met"]
+    ratios["ours_over_peer"]["within_p99_budget"] = False  # fast enough, but only past the latency budget
+    assert not {g["ratio"]: g for g in goals(spec, ratios, budget)}["ours_over_peer"]["met"]
+
+
+def test_bench_goals_must_name_a_reported_ratio():
+    with pytest.raises(ValueError, match="bench_goals"):
+        registry.ModelSpec(**{**registry.get("digits").__dict__, "bench_goals": {"served_over_nothing": 1.0}})
