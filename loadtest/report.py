@@ -18,18 +18,26 @@ RATIO_LABELS = {"served_over_compute_limit": "served / compute limit", "served_o
 
 
 def breakdown(metrics: dict[str, float]) -> dict[str, Any]:
-    """Where the time went during one step, from the /metrics deltas: per batch and per request means."""
+    """Where the time went during one step, from the /metrics deltas: per batch and per request means.
+
+    The worker logs a batch's counters as separate lines, so a scrape taken under load can fall between
+    them. The mean batch size therefore comes from `HandlerBatchesBySize`, whose every line carries a size
+    and its count together; requests / batches is the fallback when it is missing."""
     batches, handled = metrics.get(BATCHES, 0.0), metrics.get(REQUESTS, 0.0)
     frontend_requests = metrics.get("ts_inference_requests_total", 0.0)
-    out: dict[str, Any] = {"batches": batches, "mean_batch_size": handled / batches if batches else None}
+    prefix = BATCHES_BY_SIZE + "["
+    by_size = {k[len(prefix):-1]: v for k, v in sorted(metrics.items(), key=lambda kv: _size(kv[0]))
+               if k.startswith(prefix) and v > 0}
+    sized = sum(by_size.values())
+    mean = (sum(int(size) * count for size, count in by_size.items()) / sized if sized
+            else handled / batches if batches else None)
+    out: dict[str, Any] = {"batches": batches, "mean_batch_size": mean}
     for stage, name in STAGE_MS.items():
         out[f"{stage}_ms_per_batch"] = metrics[name] / batches if batches and name in metrics else None
     for key, name in (("queue_ms_per_request", "ts_queue_latency_microseconds"),
                       ("frontend_ms_per_request", "ts_inference_latency_microseconds")):
         out[key] = metrics[name] / frontend_requests / 1000 if frontend_requests and name in metrics else None
-    prefix = BATCHES_BY_SIZE + "["
-    out["batches_by_size"] = {k[len(prefix):-1]: v for k, v in sorted(metrics.items(), key=lambda kv: _size(kv[0]))
-                              if k.startswith(prefix) and v > 0}
+    out["batches_by_size"] = by_size
     return out
 
 

@@ -45,6 +45,11 @@ def test_breakdown_turns_counter_deltas_into_means():
     assert b["inference_ms_per_batch"] == 0.5 and b["postprocess_ms_per_batch"] == 0.25
     assert b["queue_ms_per_request"] == 2.0
     assert list(b["batches_by_size"]) == ["0", "8", "16"]  # numeric order
+    # a scrape between one batch's counter lines: BATCHES already counted it, REQUESTS not yet; the mean
+    # batch size still comes out right, from the by-size lines that carry size and count together
+    straddled = prometheus.delta(prometheus.model_counters(TEXT, "digits"), {BATCHES: 1.0})
+    assert straddled[BATCHES] == 3.0 and straddled[REQUESTS] / straddled[BATCHES] > 13  # the naive mean is off
+    assert breakdown(straddled)["mean_batch_size"] == 10.0
     empty = breakdown({})
     assert empty["mean_batch_size"] is None and empty["queue_ms_per_request"] is None
     assert set(STAGE_MS.values()) | {BATCHES, REQUESTS} <= set(prometheus.model_counters(TEXT, "digits"))
