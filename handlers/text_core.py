@@ -24,6 +24,7 @@ import torch
 from handlers.core import RequestError, parse_json_body, per_request
 from models.text import Encoded, TextPreset, length_groups
 
+
 @dataclass(frozen=True)
 class EmbeddingConfig:
     """Per-model serving settings, from the `handler:` section of the model-config YAML."""

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from handlers.batch_metrics import BATCHES, BATCHES_BY_SIZE, REQUESTS, STAGE_MS, STAGES
+from models.registry import BENCH_RATIOS
 
 TARGETS = ("served", "ceiling", "peer")
-RATIO_LABELS = {"served_over_compute_limit": "served / compute limit", "served_over_ceiling": "served / server ceiling",
-                "ours_over_peer": "ours / stock peer"}
+RATIO_LABELS = dict(zip(BENCH_RATIOS, ("served / compute limit", "served / server ceiling", "ours / stock peer"),
+                        strict=True))
 
 
 def breakdown(metrics: dict[str, float]) -> dict[str, Any]:
@@ -92,8 +93,8 @@ def cpu_budget(cpus: int, targets: dict[str, Any], compute: dict, workers: int) 
                        "server_bound_rps": cpus * 1000 / cost["server_ms"] if cost["server_ms"] > 0 else math.inf}
     b = targets["served"]["best"]["breakdown"]
     size = b["mean_batch_size"]
-    out["served"]["handler_ms"] = {stage: (b[f"{stage}_ms_per_batch"] / size if size and b[f"{stage}_ms_per_batch"]
-                                           is not None else None) for stage in STAGES}
+    per_batch = {stage: b[f"{stage}_ms_per_batch"] for stage in STAGES}
+    out["served"]["handler_ms"] = {stage: ms / size if size and ms is not None else None for stage, ms in per_batch.items()}
     per_worker = compute["best"]["samples_per_s"]
     out["compute_limit"] = {"ms_per_sample": compute["threads"] * 1000 / per_worker if per_worker else math.nan,
                             "workers": workers, "threads": compute["threads"]}
@@ -108,7 +109,7 @@ def goals(spec, ratios: dict[str, Any], budget: dict[str, Any]) -> list[dict[str
     served = budget["served"]
     for name, goal in spec.bench_goals.items():
         r = ratios[name]
-        denominator = r["served_rps"] / r["value"] if r["value"] else math.nan
+        denominator = r["denominator"]
         out.append({"ratio": name, "goal": goal, "value": r["value"], "served_p99_ms": r["served_p99_ms"],
                     "within_p99_budget": r["within_p99_budget"],
                     "met": bool(r["value"] >= goal and r["within_p99_budget"]),
@@ -128,6 +129,7 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
 
     def ratio(numerator: dict, denominator: float, against: str) -> dict[str, Any]:
         return {"value": numerator["rps"] / denominator if denominator else math.nan, "against": against,
+                "denominator": denominator,
                 "served_rps": numerator["rps"], "served_users": numerator["users"], "served_p99_ms": numerator["p99_ms"],
                 "within_p99_budget": numerator["within_p99_budget"]}
 

@@ -230,11 +230,18 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     return server
 
 
+def model_workers(server: Server, model: str, headers: dict[str, str] | None = None, *,
+                  timeout: float = 10.0) -> tuple[list[dict], int]:
+    """`model`'s workers as the management API lists them ([] when it answers an error), and its status code."""
+    answer = requests.get(f"{server.management_url}/models/{model}",
+                          headers=headers if headers is not None else server.headers("management"), timeout=timeout)
+    return (answer.json()[0].get("workers", []) if answer.ok else []), answer.status_code
+
+
 def has_ready_worker(server: Server, model: str, headers: dict[str, str]) -> tuple[bool, int]:
     """Whether the management API lists a READY worker for `model`, and the status code it answered."""
-    answer = requests.get(f"{server.management_url}/models/{model}", headers=headers, timeout=5)
-    workers = answer.json()[0].get("workers", []) if answer.ok else []
-    return any(w.get("status") == "READY" for w in workers), answer.status_code
+    workers, status = model_workers(server, model, headers, timeout=5)
+    return any(w.get("status") == "READY" for w in workers), status
 
 
 def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None:

@@ -28,9 +28,12 @@ def worker_pids(server, model: str, *, ready_only: bool = False) -> list[int]:
     """PIDs of `model`'s workers (only the READY ones with `ready_only`), from the management API."""
     import requests
 
-    answer = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
-    answer.raise_for_status()
-    return sorted(w["pid"] for w in answer.json()[0]["workers"] if not ready_only or w.get("status") == "READY")
+    from serve_config.server import model_workers
+
+    workers, status = model_workers(server, model)
+    if status != 200:
+        raise requests.HTTPError(f"describing {model} answered {status}")
+    return sorted(w["pid"] for w in workers if not ready_only or w.get("status") == "READY")
 
 
 def post_together(server, jobs) -> list:

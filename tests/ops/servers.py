@@ -1,11 +1,10 @@
-"""Helpers for the ops tier's private servers: a model store, a config with overrides, READY worker PIDs."""
+"""Helpers for the ops tier's private servers: a model store and a config with overrides."""
 
 from __future__ import annotations
 
 import re
 import shutil
 from pathlib import Path
-
 
 from serve_config import server as ts
 from tests.conftest import ROOT, built

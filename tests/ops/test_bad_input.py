@@ -4,7 +4,6 @@ request is answered 200; the worker processes are the same before and after."""
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
 
