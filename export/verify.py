@@ -24,6 +24,7 @@ import torch
 
 from export import manifest as mf
 from models import checkpoint, registry
+from models.paths import ROOT
 
 
 class ToleranceError(RuntimeError):
@@ -31,7 +32,6 @@ class ToleranceError(RuntimeError):
 
 
 STAMP = "verified.json"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference_inputs(spec: registry.ModelSpec, batch: int, kind: str, real: torch.Tensor | None) -> list[torch.Tensor]:
@@ -80,7 +80,7 @@ def check_against_reference(spec: registry.ModelSpec, runner) -> dict[str, Any]:
 
 def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) -> dict[str, Any]:
     """Run in the fresh process: compare one artifact with its reference; return the figures (no judgement)."""
-    from handlers.runtime import ThreadBudget, load_runner
+    from models.runtime import ThreadBudget, load_runner
 
     torch.manual_seed(0)
     runner = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
@@ -173,7 +173,7 @@ def run_fresh(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) ->
 def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) -> dict[str, Any]:
     """Verify every artifact in the manifest; raise ToleranceError listing all failures, else return the stamp."""
     manifest = mf.read(artifacts_dir)
-    mf.check_integrity(artifacts_dir, manifest)
+    mf.check_folder(artifacts_dir, manifest)
     results, failures = {}, []
     for fmt, entry in manifest["artifacts"].items():
         try:

@@ -1,1 +1,1 @@
-"""Serving: pure request/batch functions, the runtime (device policy and backends), TorchServe adapters."""
+"""What is served: pure request pipelines (requests, image, text, settings) and their TorchServe adapters."""

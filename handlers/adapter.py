@@ -1,10 +1,10 @@
 """The TorchServe side every handler of ours shares: one worker's set-up, and one batch through a pipeline.
 
-A pipeline (handlers.core.ImageClassifier, handlers.text_core.SentenceEncoder) is pure: `preprocess`
-(requests -> a batch, bad requests already answered), `run` (the batch's forward passes) and `postprocess`
-(per request, a JSON string or a RequestError). `PipelineHandler` reads the model config's `handler:`
-section, fixes the worker's threads and device, loads the archive's model with the runtime backend, has
-the subclass build its pipeline, times the three stages and publishes them as metrics per batch.
+A pipeline (handlers.image.ImageClassifier, handlers.text.SentenceEncoder) is pure (handlers.requests.Pipeline).
+`PipelineHandler` reads the model config's `handler:` section into the subclass's settings class, fixes the
+worker's threads and device, loads the archive's model with the runtime backend, has the subclass build its
+pipeline, warms it up, and per batch reads each request's media type from TorchServe's context, times the
+three stages, sets each request's status and publishes the stage times as metrics.
 """
 
 from __future__ import annotations
@@ -12,42 +12,65 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.batch_metrics import StageClock, publish
-from handlers.core import answer_all, content_types
-from handlers.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
+from handlers.requests import Pipeline, RequestError, content_type_of
+from handlers.settings import HandlerSettings
+from models.runtime import Runner, ThreadBudget, configure_cuda_math, load_runner, select_device
 
 logger = logging.getLogger(__name__)
 
 
+def content_types(context, count: int) -> list[str]:
+    """Each request's body media type from a TorchServe context: kept per input part (the "body" entry)
+    beside the request's HTTP headers."""
+    types = []
+    for idx in range(count):
+        headers = context.get_all_request_header(idx) or {}
+        part = headers.get("body")
+        types.append(content_type_of(part if isinstance(part, dict) else headers))
+    return types
+
+
+def answer_all(context, results: Sequence[str | RequestError]) -> list[str]:
+    """Set each request's status and JSON content type on a TorchServe context; return the bodies."""
+    answers = []
+    for idx, result in enumerate(results):
+        context.set_response_content_type(idx, "application/json")
+        if isinstance(result, RequestError):
+            context.set_response_status(result.status, result.phrase, idx)
+            answers.append(result.body())
+        else:
+            context.set_response_status(200, "OK", idx)
+            answers.append(result)
+    return answers
+
+
 class PipelineHandler(BaseHandler):
-    """Subclasses set `config_class` (with `from_mapping` and `intra_op_threads`; `allow_tf32` and
-    `precision` where they apply) and implement `build` and `warm_up`."""
+    """Subclasses set `settings_class` (a HandlerSettings) and implement `build`."""
 
-    config_class: Any = None
+    settings_class: type[HandlerSettings] = HandlerSettings
 
-    def build(self, model_dir: Path, export_manifest: dict, runner, config, properties: dict) -> Any:
+    def build(self, model_dir: Path, export_manifest: dict, runner: Runner, settings: HandlerSettings,
+              properties: dict) -> Pipeline:
         raise NotImplementedError
-
-    def warm_up(self) -> None:
-        """Run the pipeline once on stand-in input so the first real requests pay no one-off costs."""
 
     def initialize(self, context) -> None:
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
-        config = self.config_class.from_mapping((context.model_yaml_config or {}).get("handler"))
-        threads = ThreadBudget(intra_op=config.intra_op_threads)
+        settings = self.settings_class.from_mapping((context.model_yaml_config or {}).get("handler"))
+        threads = ThreadBudget(intra_op=settings.intra_op_threads)
         threads.apply_to_torch()
         self.device = select_device(properties.get("gpu_id"))
-        configure_cuda_math(self.device, allow_tf32=getattr(config, "allow_tf32", False))
+        configure_cuda_math(self.device, allow_tf32=settings.allow_tf32)
         export_manifest = json.loads((model_dir / "manifest.json").read_text())
         runner = load_runner(model_dir / context.manifest["model"]["serializedFile"], self.device, threads,
-                             half=getattr(config, "precision", "fp32") == "fp16")
-        self.pipeline = self.build(model_dir, export_manifest, runner, config, properties)
-        self.warm_up()
+                             half=settings.precision == "fp16")
+        self.pipeline = self.build(model_dir, export_manifest, runner, settings, properties)
+        self.pipeline.warm_up()
         logger.info("%s ready on %s with %s (%d intra-op threads)", context.model_name, self.device,
                     type(runner).__name__, threads.intra_op)
         self.initialized = True

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from export.verify import held_out_inputs
-from handlers.runtime import OrtRunner, ThreadBudget, TorchScriptRunner, configure_cuda_math, select_device
+from models.runtime import OrtRunner, ThreadBudget, TorchScriptRunner, configure_cuda_math, select_device
 from models import checkpoint
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TREE, SERVED, built
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")]
 ARTIFACTS = ["model.trace.pt", "model.script.pt", "model.onnx"]
@@ -40,11 +40,11 @@ def real_batch(spec, n=64):
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_gpu_backend_matches_eager_fp32(spec, artifact):
     configure_cuda_math(torch.device("cuda", 0), allow_tf32=False)
-    path = built(ROOT / "artifacts" / spec.name / artifact)
+    path = built(TREE.artifacts(spec.name) / artifact)
     device = select_device(0)
     assert device == torch.device("cuda", 0)
     batch, _ = real_batch(spec)
-    model, _ = checkpoint.load(ROOT / "checkpoints" / spec.name)
+    model, _ = checkpoint.load(TREE.checkpoint(spec.name))
     with torch.inference_mode():
         expected = model(batch)
     got = runner_for(path, device)([batch])[0]
@@ -57,9 +57,9 @@ def test_gpu_backend_matches_eager_fp32(spec, artifact):
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 @pytest.mark.parametrize("artifact", ["model.trace.pt", "model.onnx"])
 def test_fp16_on_gpu_is_within_fp16_tolerance(spec, artifact):
-    path = built(ROOT / "artifacts" / spec.name / artifact)
+    path = built(TREE.artifacts(spec.name) / artifact)
     batch, _ = real_batch(spec)
-    model, _ = checkpoint.load(ROOT / "checkpoints" / spec.name)
+    model, _ = checkpoint.load(TREE.checkpoint(spec.name))
     with torch.inference_mode():
         expected = model(batch)
     got = runner_for(path, select_device(0), half=True)([batch])[0]
@@ -76,7 +76,7 @@ def test_embedder_on_gpu_matches_sentence_transformers(spec, artifact):
     from export.verify import check_against_reference, judge
 
     configure_cuda_math(torch.device("cuda", 0), allow_tf32=False)
-    runner = runner_for(built(ROOT / "artifacts" / spec.name / artifact), select_device(0))
+    runner = runner_for(built(TREE.artifacts(spec.name) / artifact), select_device(0))
     checks = check_against_reference(spec, runner)["checks"]
     assert judge(spec, "onnx" if artifact.endswith(".onnx") else "trace", {"artifact": artifact, "checks": checks,
                                                                            "top1_agreement": None}) == []
@@ -92,7 +92,7 @@ def test_tf32_follows_the_model_config():
 
 def test_every_visible_gpu_gets_its_own_worker_device():
     """TorchServe hands worker k gpu_id k mod n; each worker's model lands on that GPU."""
-    path = built(ROOT / "artifacts" / SERVED[0].name / "model.trace.pt")
+    path = built(TREE.artifacts(SERVED[0].name) / "model.trace.pt")
     for gpu_id in range(torch.cuda.device_count()):
         runner = TorchScriptRunner(path, select_device(str(gpu_id)))
         assert {p.device for p in runner.module.parameters()} == {torch.device("cuda", gpu_id)}

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from handlers.core import ClassifierConfig, ImageClassifier, RequestError, extract_image_bytes
-from handlers.text_core import EmbeddingConfig, extract_texts
+from handlers.image import ClassifierConfig, ImageClassifier, extract_image_bytes
+from handlers.requests import RequestError
+from handlers.text import EmbeddingConfig, extract_texts
 from models.preprocessing import InvalidImage, build_preset, decode_image
 from tests.conftest import ROOT
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handlers.runtime import ThreadBudget, ort_providers, select_device
+from models.runtime import ThreadBudget, ort_providers, select_device
 
 
 @pytest.mark.parametrize("gpu_id, cuda, expected", [
@@ -42,7 +42,7 @@ def test_thread_budget_is_validated():
 
 def test_half_precision_and_tf32_are_gpu_only(tmp_path):
     """On a CPU device, fp16 is not used (it would be slower) and TF32 settings are left alone."""
-    from handlers.runtime import TorchScriptRunner, configure_cuda_math
+    from models.runtime import TorchScriptRunner, configure_cuda_math
 
     module = torch.jit.trace(torch.nn.Linear(4, 2).eval(), torch.zeros(2, 4))
     module.save(str(tmp_path / "m.pt"))
@@ -54,7 +54,7 @@ def test_half_precision_and_tf32_are_gpu_only(tmp_path):
 
 
 def test_handler_config_checks_precision_and_tf32():
-    from handlers.core import ClassifierConfig
+    from handlers.image import ClassifierConfig
 
     assert ClassifierConfig.from_mapping({"precision": "fp16", "allow_tf32": True}).precision == "fp16"
     with pytest.raises(ValueError, match="precision"):

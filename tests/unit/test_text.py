@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from handlers.core import RequestError
-from handlers.text_core import EmbeddingConfig, extract_texts
+from handlers.requests import RequestError
+from handlers.text import EmbeddingConfig, extract_texts
 from models import minilm, registry
 from models.text import TextPreset, corpus_sentences, length_groups, mixed_texts, padding_fraction
 

@@ -1,4 +1,4 @@
-"""Pure request and batch functions for sentence embeddings. Nothing here knows about TorchServe.
+"""The sentence-embedding pipeline: pure request and batch functions. Nothing here knows about TorchServe.
 
 Accepted request forms (per request):
 - a text/plain body (UTF-8): one text;
@@ -15,40 +15,26 @@ A bad request gets its own RequestError and never touches its neighbours.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from handlers.core import RequestError, parse_json_body, per_request
+from handlers.requests import Pipeline, RequestError, decode_utf8, parse_json_body, per_request
+from handlers.settings import HandlerSettings
 from models.text import Encoded, TextPreset, length_groups
 
 
 @dataclass(frozen=True)
-class EmbeddingConfig:
-    """Per-model serving settings, from the `handler:` section of the model-config YAML."""
+class EmbeddingConfig(HandlerSettings):
+    """A text embedder's settings (the `handler:` section of its model-config YAML)."""
 
     max_texts_per_request: int = 64
     max_text_chars: int = 100_000  # longer texts are refused before tokenizing (tokens past max_length are cut)
     max_batch_tokens: int = 8192  # padded tokens (texts x longest) per forward pass
     max_group_texts: int = 64
-    intra_op_threads: int = 1
     decimals: int = 7  # embedding values are rounded to this many decimals in the JSON answer
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"handler.{f.name} must be a positive integer, got {value!r}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "EmbeddingConfig":
-        values = dict(values or {})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown handler settings {unknown}; known: {sorted(f.name for f in fields(cls))}")
-        return cls(**values)
 
 
 def _check_text(value: Any, where: str, config: EmbeddingConfig) -> str:
@@ -80,13 +66,6 @@ def _from_json(value: Any, config: EmbeddingConfig) -> tuple[list[str], bool]:
     return [_check_text(t, f'"texts"[{i}]', config) for i, t in enumerate(texts)], True
 
 
-def _decode_utf8(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RequestError(400, "InvalidUTF8", f"the body is not valid UTF-8 (byte {err.start})") from None
-
-
 def extract_texts(request: Mapping[str, Any], content_type: str, config: EmbeddingConfig) -> tuple[list[str], bool]:
     """The texts of one TorchServe request dict and whether it asked with "texts" (a list answer)."""
     if content_type and content_type != "application/json" and not content_type.startswith("text/"):
@@ -97,12 +76,12 @@ def extract_texts(request: Mapping[str, Any], content_type: str, config: Embeddi
     body = request["body"]
     if content_type == "application/json":
         if isinstance(body, (bytes, bytearray)):  # TorchServe forwards undecodable JSON as raw bytes
-            body = parse_json_body(_decode_utf8(bytes(body)))
+            body = parse_json_body(decode_utf8(bytes(body)))
         elif isinstance(body, str):
             body = parse_json_body(body)
         return _from_json(body, config)
     if isinstance(body, (bytes, bytearray)):  # TorchServe forwards text that is not UTF-8 as raw bytes
-        body = _decode_utf8(bytes(body))
+        body = decode_utf8(bytes(body))
     if not isinstance(body, str):
         raise RequestError(400, "InvalidText", f"unexpected body of type {type(body).__name__}")
     return [_check_text(body, "the text", config)], False
@@ -118,8 +97,8 @@ class TextBatch:
     listed: list[bool]  # per request: answer as a list
 
 
-class SentenceEncoder:
-    """preprocess (parse, tokenize) -> infer (length-grouped forward passes) -> postprocess (JSON)."""
+class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
+    """preprocess (parse, tokenize) -> run (length-grouped forward passes) -> postprocess (JSON)."""
 
     def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: TextPreset,
                  config: EmbeddingConfig) -> None:
@@ -158,17 +137,17 @@ class SentenceEncoder:
         """The batch's forward passes, one per length group."""
         return self.embed(batch.encoded)
 
+    def warm_up(self) -> None:
+        """One short and one full-length pass."""
+        self.embed(self.preset.encode(["warm up", "warm " * 300]))
+
     def postprocess(self, batch: TextBatch, embeddings: torch.Tensor) -> list[str | RequestError]:
         results = list(batch.results)
         rows = np.round(embeddings.numpy().astype(np.float64), self.config.decimals).tolist() if len(batch.encoded) else []
-        per_request: dict[int, list[dict[str, Any]]] = {}
+        items_of: dict[int, list[dict[str, Any]]] = {}
         for owner, encoded, row in zip(batch.owners, batch.encoded, rows, strict=True):
-            per_request.setdefault(owner, []).append(
+            items_of.setdefault(owner, []).append(
                 {"embedding": row, "tokens": encoded.tokens, "truncated": encoded.truncated})
-        for idx, items in per_request.items():
+        for idx, items in items_of.items():
             results[idx] = json.dumps({"embeddings": items} if batch.listed[idx] else items[0])
         return results
-
-    def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> list[str | RequestError]:
-        batch = self.preprocess(requests, content_types)
-        return self.postprocess(batch, self.run(batch))

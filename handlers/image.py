@@ -1,4 +1,4 @@
-"""Pure request and batch functions for image classifiers. Nothing here knows about TorchServe.
+"""The image-classifier pipeline: pure request and batch functions. Nothing here knows about TorchServe.
 
 One request in, one answer out: `ImageClassifier.process` takes a batch of requests and returns, per
 request, either a JSON string of predictions or a `RequestError` that carries its own HTTP status
@@ -15,119 +15,30 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from handlers.requests import Pipeline, RequestError, parse_json_body, per_request
+from handlers.settings import HandlerSettings
 from models.preprocessing import ImageTooLarge, InvalidImage, decode_for
-
-logger = logging.getLogger(__name__)
 
 PREFERRED_PARTS = ("data", "file", "image")
 
 
-class RequestError(Exception):
-    """A problem with one request: an HTTP status, a short type name and a message for the client."""
-
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-
-    @property
-    def phrase(self) -> str:
-        return http.HTTPStatus(self.status).phrase
-
-    def body(self) -> str:
-        return json.dumps({"code": self.status, "type": self.kind, "message": self.message})
-
-
 @dataclass(frozen=True)
-class ClassifierConfig:
-    """Per-model serving settings, read from the `handler:` section of the model-config YAML.
-
-    `precision: fp16` runs the model in half precision on a GPU (ignored on a CPU, where it would be
-    slower); `allow_tf32` lets CUDA matmuls and convolutions use TF32 (off: parity with the verified
-    fp32 export depends on it)."""
+class ClassifierConfig(HandlerSettings):
+    """An image classifier's settings (the `handler:` section of its model-config YAML)."""
 
     topk: int = 5
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024
     min_image_side: int = 8  # smaller images carry no usable content (and sklearn's digits are 8x8)
     max_aspect_ratio: int = 20  # long side / short side; a 10000x1 strip is no photo of anything
-    intra_op_threads: int = 1
     preprocess_threads: int = 1  # decode a batch's images on this many threads (Pillow and torch release the GIL)
-    precision: str = "fp32"
-    allow_tf32: bool = False
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"handler.{f.name} must be a positive integer, got {value!r}")
-            if f.type == "bool" and not isinstance(value, bool):
-                raise ValueError(f"handler.{f.name} must be true or false, got {value!r}")
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"handler.precision must be 'fp32' or 'fp16', got {self.precision!r}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "ClassifierConfig":
-        """Build from the YAML mapping; unknown keys are an error so a typo does not pass silently."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown handler settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-
-def content_type_of(headers: Mapping[str, Any] | None) -> str:
-    """The media type (no parameters, lower case) from a header mapping, or ''."""
-    for key, value in (headers or {}).items():
-        if key.lower() == "content-type" and isinstance(value, str):
-            return value.split(";", 1)[0].strip().lower()
-    return ""
-
-
-def per_request(idx: int, what: str, action: Callable[..., Any], *args: Any) -> Any:
-    """`action(*args)`'s result, or the RequestError it raised; any other exception (a bug) is logged and
-    becomes a 500 for this request alone, never its batch."""
-    try:
-        return action(*args)
-    except RequestError as err:
-        return err
-    except Exception:
-        logger.exception("unexpected error %s request %d", what, idx)
-        return RequestError(500, "InternalError", "the request could not be processed")
-
-
-def content_types(context, count: int) -> list[str]:
-    """Each request's body media type from a TorchServe context: kept per input part (the "body" entry)
-    beside the request's HTTP headers."""
-    types = []
-    for idx in range(count):
-        headers = context.get_all_request_header(idx) or {}
-        part = headers.get("body")
-        types.append(content_type_of(part if isinstance(part, dict) else headers))
-    return types
-
-
-def answer_all(context, results: Sequence[str | RequestError]) -> list[str]:
-    """Set each request's status and JSON content type on a TorchServe context; return the bodies."""
-    answers = []
-    for idx, result in enumerate(results):
-        context.set_response_content_type(idx, "application/json")
-        if isinstance(result, RequestError):
-            context.set_response_status(result.status, result.phrase, idx)
-            answers.append(result.body())
-        else:
-            context.set_response_status(200, "OK", idx)
-            answers.append(result)
-    return answers
 
 
 def _from_json(value: Any) -> bytes:
@@ -161,13 +72,6 @@ def _from_body(value: Any, content_type: str) -> bytes:
         raise RequestError(400, "UnsupportedInput", f"a {content_type or 'text'} body is not an image; send the image "
                                                     'bytes, a multipart upload, or JSON {"image": "<base64>"}')
     return _from_json(value)  # TorchServe already parsed an application/json body
-
-
-def parse_json_body(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: {err}") from None
 
 
 def extract_image_bytes(request: Mapping[str, Any], content_type: str = "", *, max_bytes: int) -> bytes:
@@ -217,14 +121,16 @@ class Batch:
     positions: list[int]
 
 
-class ImageClassifier:
-    """preprocess (decode, collate) -> infer (one forward pass) -> postprocess (top-k), one answer per request.
+class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
+    """preprocess (decode, collate) -> run (one forward pass) -> postprocess (top-k), one answer per request.
 
-    The three stages are separate so the adapter can time each one; `process` runs them in order."""
+    `input_shape` (one row, batch axis left out) and `max_batch` size the warm-up passes."""
 
     def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: Callable,
-                 labels: Sequence[str], config: ClassifierConfig) -> None:
+                 labels: Sequence[str], config: ClassifierConfig, *, input_shape: Sequence[int] = (),
+                 max_batch: int = 1) -> None:
         self.runner, self.preset, self.labels, self.config = runner, preset, list(labels), config
+        self.input_shape, self.max_batch = tuple(input_shape), max_batch
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="decode") \
             if config.preprocess_threads > 1 else None
 
@@ -256,16 +162,14 @@ class ImageClassifier:
         return Batch(results, torch.stack(tensors) if tensors else None, positions)
 
     def run(self, batch: Batch) -> torch.Tensor | None:
-        """The batch's one forward pass (None when no request of it decoded)."""
-        return None if batch.inputs is None else self.infer(batch.inputs)
+        """The batch's one forward pass: (B, C, H, W) -> (B, classes) logits on the CPU (None when no request
+        of the batch decoded)."""
+        return None if batch.inputs is None else self.runner([batch.inputs])[0]
 
-    def infer(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, classes) logits, on the CPU."""
-        return self.runner([inputs])[0]
-
-    def predict(self, inputs: torch.Tensor) -> list[list[dict[str, Any]]]:
-        """(B, C, H, W) -> top-k predictions per row."""
-        return topk_predictions(torch.softmax(self.infer(inputs).float(), dim=1), self.labels, self.config.topk)
+    def warm_up(self) -> None:
+        """The smallest and the largest batch, once each."""
+        for size in sorted({1, self.max_batch}):
+            self.runner([torch.zeros((size, *self.input_shape))])
 
     def postprocess(self, batch: Batch, logits: torch.Tensor | None) -> list[str | RequestError]:
         """Fill in each decoded request's JSON top-k answer; errors stay as they are."""
@@ -275,8 +179,3 @@ class ImageClassifier:
             for idx, prediction in zip(batch.positions, predictions, strict=True):
                 results[idx] = json.dumps(prediction)
         return results
-
-    def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> list[str | RequestError]:
-        """A batch of requests -> per request, a JSON string of predictions or a RequestError."""
-        batch = self.preprocess(requests, content_types)
-        return self.postprocess(batch, self.run(batch))

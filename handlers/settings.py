@@ -1,0 +1,45 @@
+"""Handler settings: the `handler:` section of a model-config YAML (serve_config/<model>.yaml), typed and
+checked when the worker starts, so a typo or a bad value fails the model's load with a message that says
+what to write instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, TypeVar
+
+SettingsT = TypeVar("SettingsT", bound="HandlerSettings")
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """What every handler of ours reads. Subclasses add their own fields (a dataclass each); every `int`
+    field must be a positive integer and every `bool` a YAML true/false.
+
+    `intra_op_threads`: the parallelism of one forward pass. `precision: fp16` runs the model in half
+    precision on a GPU (ignored on a CPU, where it would be slower); `allow_tf32` lets CUDA matmuls and
+    convolutions use TF32 (off: parity with the verified fp32 export depends on it)."""
+
+    intra_op_threads: int = 1
+    precision: str = "fp32"
+    allow_tf32: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"handler.{f.name} must be a positive integer, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"handler.{f.name} must be true or false, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"handler.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @classmethod
+    def from_mapping(cls: type[SettingsT], values: Mapping[str, Any] | None) -> SettingsT:
+        """Build from the YAML mapping; unknown keys are an error so a typo does not pass silently."""
+        values = dict(values or {})
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown handler settings {unknown}; known: {known}")
+        return cls(**values)
