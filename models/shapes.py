@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from models.digest import sha256
+from models.paths import ROOT
+
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
 SIZE = 128
 _SS = 2  # supersampling factor for antialiased edges
@@ -143,15 +146,13 @@ def generate(split: str, count: int, *, seed: int = 0, size: int = SIZE) -> tupl
     return images, labels
 
 
-CACHE = Path(__file__).resolve().parent.parent / "build" / "data"
+CACHE = ROOT / "build" / "data"
 
 
 def cached(split: str, count: int, *, seed: int = 0, cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
     """generate(), kept in `cache` as .npz so training and verification generate each split once.
     The file name holds everything the images depend on, and the generator's own source hash."""
-    import hashlib
-
-    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    version = sha256(Path(__file__))[:12]
     path = cache / f"shapes-{split}-{count}-seed{seed}-{version}.npz"
     if path.exists():
         with np.load(path) as data:

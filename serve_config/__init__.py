@@ -1,2 +1,2 @@
-"""Checked-in serving configuration (config.properties, one model-config YAML per model) and the
-server control used by `make serve`, `make stop`, `make token` and the integration tests."""
+"""Checked-in serving configuration (config.properties, one model-config YAML per model) and the control
+plane that starts and probes TorchServe with it (serve_config.control)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_config import server as ts
+from serve_config import control as ts
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import re
 import shutil
 from pathlib import Path
 
-from serve_config import server as ts
-from tests.conftest import ROOT, built
+from serve_config import control as ts
+from tests.conftest import ROOT, TREE, built
 
 
 def template_with(tmp_path: Path, **overrides) -> Path:
@@ -26,5 +26,5 @@ def store_with(tmp_path: Path, *models: str) -> Path:
     store.mkdir(exist_ok=True)
     for model in models:
         for suffix in (".mar", ".mar.sha256"):
-            shutil.copy2(built(ROOT / "model_store" / f"{model}{suffix}"), store / f"{model}{suffix}")
+            shutil.copy2(built(TREE.model_store / f"{model}{suffix}"), store / f"{model}{suffix}")
     return store

@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 
-from serve_config import server as ts
+from serve_config import control as ts
 from tests.conftest import ROOT, SERVED
 from tests.ops.servers import store_with, template_with
 
@@ -47,10 +47,10 @@ def test_metrics_endpoint_is_loopback_only_as_configured(server):
 def test_readiness_probe_works_with_token_auth(server):
     ok, why = ts.ready(server)
     assert ok and all(s.name in why for s in SERVED), why
-    probe = subprocess.run([sys.executable, "-m", "serve_config.server", "ready", "--run-dir", str(server.run_dir)],
+    probe = subprocess.run([sys.executable, "-m", "serve_config.control", "ready", "--run-dir", str(server.run_dir)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0 and probe.stdout.startswith("ready:"), probe.stdout + probe.stderr
-    missing = subprocess.run([sys.executable, "-m", "serve_config.server", "ready", "--run-dir", str(server.run_dir),
+    missing = subprocess.run([sys.executable, "-m", "serve_config.control", "ready", "--run-dir", str(server.run_dir),
                               "--models", "no-such-model"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no-such-model" in missing.stdout
 
@@ -68,7 +68,7 @@ def test_keys_do_not_expire_under_a_running_service(server):
 def test_rotate_token_replaces_the_key_and_the_old_one_stops_working(private_server, tmp_path):
     server = private_server(["digits"], model_store=store_with(tmp_path, "digits"))
     old = server.keys()["inference"]
-    proc = subprocess.run([sys.executable, "-m", "serve_config.server", "rotate-token", "--run-dir", str(server.run_dir)],
+    proc = subprocess.run([sys.executable, "-m", "serve_config.control", "rotate-token", "--run-dir", str(server.run_dir)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     new = server.keys()["inference"]

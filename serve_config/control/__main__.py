@@ -1,0 +1,3 @@
+from serve_config.control.cli import main
+
+raise SystemExit(main())

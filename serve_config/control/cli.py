@@ -1,0 +1,92 @@
+"""The control plane's command line: `make serve/stop/token/ready/rotate-token` call it.
+
+    python -m serve_config.control start --run-dir run --models digits [--inference-port 8080 ...]
+    python -m serve_config.control token --run-dir run [--kind inference|management|api]
+    python -m serve_config.control stop --run-dir run
+    python -m serve_config.control ready --run-dir run [--models digits ...]   # readiness probe, exit 0/1
+    python -m serve_config.control rotate-token --run-dir run [--kind inference|management]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.manifest import IntegrityError
+from models import registry
+from models.paths import FULL, ROOT
+from serve_config.control.access import ready, rotate_token
+from serve_config.control.instance import KEY_KINDS, Ports, Server, ServerError, read_keys
+from serve_config.control.lifecycle import ModelLoadError, start, stop
+
+
+def curl_example(server: Server, model: str) -> str:
+    """A ready-to-paste curl line for `model`, from its registry entry's example request."""
+    url = f"{server.inference_url}/predictions/{model}"
+    example = registry.REGISTRY[model].example if model in registry.REGISTRY else None
+    body = example.curl_arguments() if example else '-H "Content-Type: <media type>" --data-binary @<file>'
+    return f'curl -H "Authorization: Bearer $(make -s token)" {body} {url}'
+
+
+def _started(server: Server, models: list[str]) -> str:
+    return (f"TorchServe is up (PID {server.pid()}), serving {', '.join(models)}\n"
+            f"  inference  {server.inference_url}\n  management {server.management_url}\n"
+            f"  metrics    {server.metrics_url}/metrics\n  logs       {server.run_dir / 'logs'}\n"
+            f"Try:\n  {curl_example(server, models[0])}")
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serve_config.control", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_start = sub.add_parser("start", help="start TorchServe in the background and wait until every model is ready")
+    p_start.add_argument("--models", nargs="+", required=True)
+    p_start.add_argument("--model-store", type=Path, default=FULL.model_store)
+    p_start.add_argument("--inference-port", type=int, default=8080)
+    p_start.add_argument("--management-port", type=int, default=8081)
+    p_start.add_argument("--metrics-port", type=int, default=8082)
+    p_start.add_argument("--grpc-ports", type=int, nargs=2, default=(7070, 7071), metavar=("INFERENCE", "MANAGEMENT"))
+    p_start.add_argument("--timeout", type=float, default=180.0)
+    p_token = sub.add_parser("token", help="print a key of the running server")
+    p_token.add_argument("--kind", choices=KEY_KINDS, default="inference")
+    p_stop = sub.add_parser("stop", help="stop the server started from --run-dir, by its PID")
+    p_ready = sub.add_parser("ready", help="readiness probe: exit 0 when /ping is Healthy and every model has a "
+                                           "READY worker (usable as a Kubernetes exec probe)")
+    p_ready.add_argument("--models", nargs="*")
+    p_rotate = sub.add_parser("rotate-token", help="replace the inference or management key of the running server")
+    p_rotate.add_argument("--kind", choices=("inference", "management"), default="inference")
+    for p in (p_start, p_token, p_stop, p_ready, p_rotate):
+        p.add_argument("--run-dir", type=Path, default=ROOT / "run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.cmd == "start":
+            ports = Ports(args.inference_port, args.management_port, args.metrics_port, *args.grpc_ports)
+            server = start(args.run_dir, args.models, ports=ports, model_store=args.model_store, timeout=args.timeout)
+            print(_started(server, args.models))
+        elif args.cmd == "token":
+            print(read_keys(args.run_dir)[args.kind])
+        elif args.cmd == "ready":
+            ok, why = ready(Server.from_run_dir(args.run_dir), args.models or None)
+            print(why)
+            return 0 if ok else 1
+        elif args.cmd == "rotate-token":
+            rotate_token(Server.from_run_dir(args.run_dir), args.kind)
+            print(f"the {args.kind} key was replaced; the old one no longer works (`make -s token` prints the new one)")
+        else:
+            print("stopped TorchServe" if stop(args.run_dir) else "no TorchServe was running from " + str(args.run_dir))
+    except ModelLoadError as err:
+        served = [m for m in args.models if m not in err.failed]
+        print(f"TorchServe is up (PID {err.server.pid()}) and serving {', '.join(served) or 'no model'}, but these "
+              f"models failed to load and are not served:", file=sys.stderr)
+        for name, why in err.failed.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+        print(f"  logs: {err.server.run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    except (ServerError, IntegrityError) as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,97 @@
+"""One TorchServe instance as the control plane sees it: its run directory, ports, addresses and keys.
+
+Each instance lives in its own run directory: its rendered config.properties, logs, key_file.json
+(TorchServe writes it to its working directory), its own temp dir (TorchServe keeps a pid file there, so two
+instances never collide) and torchserve.pid, the PID of its process group's leader.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+PID_FILE, KEY_FILE, OUT_FILE, CONFIG_FILE = "torchserve.pid", "key_file.json", "torchserve.out", "config.properties"
+KEY_KINDS = ("inference", "management", "api")
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not start, did not become ready, did not stop, or cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls) -> "Ports":
+        """Five distinct free loopback ports, for tests that must not collide with anything."""
+        sockets = [socket.socket() for _ in range(5)]
+        try:
+            for s in sockets:
+                s.bind(("127.0.0.1", 0))
+            return cls(*(s.getsockname()[1] for s in sockets))
+        finally:
+            for s in sockets:
+                s.close()
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A config.properties file as {key: value}, comments and blank lines left out."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+
+
+def read_keys(run_dir: Path) -> dict[str, str]:
+    """{"inference": ..., "management": ..., "api": ...} from the key file TorchServe wrote in `run_dir`."""
+    path = run_dir / KEY_FILE
+    if not path.exists():
+        raise ServerError(f"{path} does not exist: is TorchServe running from {run_dir}? (make serve)")
+    data = json.loads(path.read_text())
+    return {"inference": data["inference"]["key"], "management": data["management"]["key"], "api": data["API"]["key"]}
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running (or stopped) instance: where it lives and how to reach it."""
+
+    run_dir: Path
+    ports: Ports
+    host: str = "127.0.0.1"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports.metrics}"
+
+    def pid(self) -> int | None:
+        path = self.run_dir / PID_FILE
+        return int(path.read_text()) if path.exists() else None
+
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.run_dir)
+
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()[kind]}"}
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> "Server":
+        """The instance started from `run_dir`, its addresses read from the config.properties rendered there."""
+        config = run_dir / CONFIG_FILE
+        if not config.exists():
+            raise ServerError(f"{config} does not exist: no TorchServe was started from {run_dir} (make serve)")
+        props = read_properties(config)
+        port = lambda key: int(props[key].rsplit(":", 1)[1])  # noqa: E731
+        return cls(run_dir.resolve(), Ports(port("inference_address"), port("management_address"), port("metrics_address"),
+                                            int(props["grpc_inference_port"]), int(props["grpc_management_port"])))

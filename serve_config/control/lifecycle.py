@@ -1,0 +1,183 @@
+"""Start, wait for and stop a TorchServe instance.
+
+The server runs in its own process group, whose leader PID is recorded in torchserve.pid; stopping signals
+that group by PID, never by name. Every archive is checked against the sha256 its build recorded before
+TorchServe sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import requests
+
+from export.manifest import check_archive
+from models.paths import FULL, ROOT
+from serve_config.control.access import has_ready_worker
+from serve_config.control.instance import CONFIG_FILE, KEY_FILE, OUT_FILE, PID_FILE, Ports, Server, ServerError
+
+TEMPLATE = ROOT / "serve_config" / "config.properties"
+
+
+class ModelLoadError(ServerError):
+    """Some models could not be loaded; the server keeps serving the others."""
+
+    def __init__(self, server: Server, failed: dict[str, str]) -> None:
+        self.server, self.failed = server, failed
+        super().__init__("; ".join(f"{name}: {why}" for name, why in failed.items()))
+
+
+def render_config(template: Path, ports: Ports, model_store: Path, host: str = "127.0.0.1") -> str:
+    """The checked-in config.properties with this instance's addresses, gRPC ports and model store."""
+    settings = {
+        "inference_address": f"http://{host}:{ports.inference}",
+        "management_address": f"http://{host}:{ports.management}",
+        "metrics_address": f"http://{host}:{ports.metrics}",
+        "grpc_inference_port": ports.grpc_inference,
+        "grpc_management_port": ports.grpc_management,
+        "model_store": model_store,
+        "allowed_urls": "file://" + re.escape(str(model_store)) + "/.*",
+    }
+    text = template.read_text()
+    for key, value in settings.items():
+        text, count = re.subn(rf"^{key}=.*$", lambda _m, k=key, v=value: f"{k}={v}", text, flags=re.M)
+        if count != 1:
+            raise ServerError(f"{template} must set {key} exactly once")
+    return text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model_store: Path = FULL.model_store,
+          template: Path = TEMPLATE, timeout: float = 180.0, extra_env: dict[str, str] | None = None) -> Server:
+    """Start TorchServe serving `models` from `model_store` and wait until every model has a ready worker."""
+    run_dir = run_dir.resolve()
+    server = Server(run_dir, ports)
+    if (pid := server.pid()) is not None and _alive(pid):
+        raise ServerError(f"a TorchServe from {run_dir} is already running (PID {pid}); `make stop` first")
+    for name in models:
+        if not (model_store / f"{name}.mar").exists():
+            raise ServerError(f"{model_store}/{name}.mar is missing: run `make archive MODEL={name}`")
+        check_archive(model_store / f"{name}.mar")
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / KEY_FILE).unlink(missing_ok=True)
+    config = run_dir / CONFIG_FILE
+    config.write_text(render_config(template, ports, model_store.resolve()))
+    env = {**os.environ, "TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"),
+           "LOG_LOCATION": str(run_dir / "logs"), "METRICS_LOCATION": str(run_dir / "logs"), **(extra_env or {})}
+    torchserve = Path(sys.executable).parent / "torchserve"
+    command = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
+               "--model-store", str(model_store.resolve()), "--models", *[f"{m}={m}.mar" for m in models]]
+    with open(run_dir / OUT_FILE, "wb") as out:
+        process = subprocess.Popen(command, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    (run_dir / PID_FILE).write_text(str(process.pid))
+    try:
+        wait_ready(server, models, timeout=timeout)
+    except ModelLoadError:
+        raise  # the server keeps serving the models that loaded
+    except ServerError:
+        stop(run_dir)
+        raise
+    return server
+
+
+def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None:
+    """Poll until each model reports a READY worker. A model that fails to load (TorchServe logs it and
+    keeps the others) is recorded with the log line that says why; when every model is either ready or
+    failed, ModelLoadError names the failed ones while the server keeps serving the rest. The server
+    dying, or a model neither ready nor failed by `timeout`, is a ServerError."""
+    deadline = time.monotonic() + timeout
+    pending, failed = list(models), {}
+    while time.monotonic() < deadline:
+        pid = server.pid()
+        if pid is None or not _alive(pid):
+            raise ServerError(f"TorchServe exited during start-up; see {server.run_dir / OUT_FILE} and "
+                              f"{server.run_dir / 'logs'}:\n{_tail(server.run_dir / OUT_FILE)}")
+        try:
+            headers = server.headers("management")
+            for name in list(pending):
+                if has_ready_worker(server, name, headers)[0]:
+                    pending.remove(name)
+                elif (why := load_failure(server.run_dir, name)) is not None:
+                    pending.remove(name)
+                    failed[name] = why
+        except (ServerError, requests.RequestException, ValueError, KeyError, IndexError):
+            pass  # not up yet: no key file, no listener, or a model not registered so far
+        if not pending:
+            if failed:
+                raise ModelLoadError(server, failed)
+            return
+        time.sleep(0.5)
+    raise ServerError(f"models {pending} not ready after {timeout:.0f}s; see {server.run_dir / 'logs'}:\n"
+                      f"{_tail(server.run_dir / 'logs' / 'model_log.log')}")
+
+
+# How TorchServe's frontend says a model did not load: registration failed (a corrupt or unreadable
+# archive), or the worker's load step failed (a missing file, an exception in the handler's initialize).
+_LOAD_FAILED = ("Failed to load model", "Load model failed", "Model {name} failed", "Failed to register model")
+
+
+def load_failure(run_dir: Path, model: str) -> str | None:
+    """The first log line saying `model` failed to load, or None."""
+    for log in (run_dir / "logs" / "ts_log.log", run_dir / OUT_FILE):
+        if not log.exists():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if model in line and any(p.format(name=model) in line for p in _LOAD_FAILED):
+                return line.strip()[-300:]
+    return None
+
+
+def stop(run_dir: Path, *, timeout: float = 30.0) -> bool:
+    """Stop the instance of `run_dir` by its recorded PID (its process group). False if none was running."""
+    pid_file = run_dir / PID_FILE
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text())
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.2)
+    if _group_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    _alive(pgid)  # reaps the leader if it is our child
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return f"({path} does not exist)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
