@@ -11,7 +11,7 @@ import yaml
 
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
-from loadtest.prometheus import scrape
+from loadtest.bench.prometheus import scrape
 from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, EagerReference, post_together, worker_pids
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,11 @@ import math
 import pytest
 
 from handlers.batch_metrics import STAGES
-from loadtest import bench
-from tests.conftest import SERVED
+from loadtest.bench import bench
+from loadtest.bench.report import TARGETS
+from tests.conftest import SERVED, TREE
 
-pytestmark = pytest.mark.load
+pytestmark = [pytest.mark.load, pytest.mark.integration]
 
 
 def _finite(value) -> bool:
@@ -21,7 +22,7 @@ def _finite(value) -> bool:
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
 def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
-    report_dir = bench.bench(spec.name, quick=True, out_root=tmp_path)
+    report_dir = bench.bench(spec.name, quick=True, out_root=tmp_path, tree=TREE)
     data = json.loads((report_dir / "bench.json").read_text())
 
     table = data["compute"]["samples_per_s"]
@@ -31,7 +32,7 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
     assert _finite(data["compute"]["preprocess"]["ms_per_item"]) and data["compute"]["preprocess"]["summary"]
 
     workers = data["serve_config"].get("minWorkers", 1)
-    for target in bench.TARGETS:
+    for target in TARGETS:
         steps = data["targets"][target]["steps"]
         # the peer runs with one worker and with as many as ours; the others with ours
         counts = sorted({1, workers}) if target == "peer" else [workers]
@@ -55,7 +56,7 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
     for g in data["goals"]:
         assert all(_finite(g[k]) and g[k] > 0 for k in ("value", "cpu_allows", "cpu_allows_without_loadgen")), g
         assert g["cpu_allows_without_loadgen"] >= g["cpu_allows"]
-    for target in bench.TARGETS:
+    for target in TARGETS:
         cost = data["cpu_budget"][target]
         assert _finite(cost["server_ms"]) and cost["server_ms"] > 0 and _finite(cost["bound_rps"]), (target, cost)
     report = (report_dir / "report.md").read_text()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from handlers.batch_metrics import BATCHES, REQUESTS, STAGE_MS
-from loadtest import prometheus
-from loadtest.report import best_step, breakdown, cpu_budget, goals
+from loadtest.bench import prometheus
+from loadtest.bench.report import best_step, breakdown, cpu_budget, goals
 from models import registry
 from models.preprocessing import PRESETS, decode_image
 from models.samples import sample_digits

@@ -1,6 +1,6 @@
 """The bench's load generator: real Locust, run as a library, through a plan of closed-loop steps.
 
-    python -m loadtest.drive --plan plan.json --out steps.json
+    python -m loadtest.bench.drive --plan plan.json --out steps.json
 
 A plan names the server (URL, tokens, metrics URL, its PID) and a list of steps: which served model
 (endpoint) to call, with how many concurrent users, for how long after a warm-up. One Locust process
@@ -25,7 +25,7 @@ import gevent  # noqa: E402
 import psutil  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
-from loadtest import prometheus  # noqa: E402
+from loadtest.bench import prometheus  # noqa: E402
 from loadtest.payloads import payloads  # noqa: E402
 from locust import constant, constant_throughput  # noqa: E402
 

@@ -10,9 +10,6 @@ import requests
 _LINE = re.compile(r'^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
-# The frontend's per-model metrics (TorchServe's default metrics config, prometheus mode).
-FRONTEND = ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds")
-
 
 def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
     """Prometheus text format -> (name, labels, value) per sample; comments skipped."""

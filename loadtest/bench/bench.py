@@ -5,7 +5,7 @@ On one machine, one after the other, in the same conditions:
    (loadtest/compute.py, its own process, run before the server starts);
 2. one TorchServe (free loopback ports, the checked-in config.properties) serving three models:
    - served:  our archive, model_store/<model>.mar, as `make serve` serves it;
-   - ceiling: the same model config with an empty handler (handlers/empty_handler.py);
+   - ceiling: the same model config with an empty handler (loadtest/bench/empty_handler.py);
    - peer:    TorchServe's stock image classifier on the same weights (registry `peer_handler`),
               with TorchServe's default batching and threads, once with one worker and once with as many
               as ours (stock threads oversubscribe a small host, so more workers can be slower); the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,12 +30,12 @@ from pathlib import Path
 import yaml
 
 from export import archive
-from loadtest import report
+from loadtest.bench import report
 from models import registry
-from serve_config import server as ts
+from models import paths
+from models.paths import FULL, ROOT, TREE_VARIABLE, Layout
+from serve_config import control as ts
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ("served", "ceiling", "peer")
 WARMUP = "server-warmup"
 
 
@@ -61,22 +62,22 @@ def serve_settings(spec: registry.ModelSpec) -> dict:
     return yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
 
 
-def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, list[dict]]:
+def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL) -> tuple[Path, list[dict]]:
     """A model store holding the targets; returns it and the endpoints to drive: [{target, endpoint, workers}]."""
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
-    mar = ROOT / "model_store" / f"{spec.name}.mar"
+    mar = tree.archive(spec.name)
     if not mar.exists():
         raise SystemExit(f"{mar} is missing: run `make archive MODEL={spec.name}`")
     for path in (mar, mar.with_name(mar.name + ".sha256")):  # the server checks each archive against its sha256
         shutil.copy2(path, store / path.name)
-    artifacts, config = ROOT / "artifacts" / spec.name, ROOT / "serve_config" / f"{spec.name}.yaml"
+    artifacts, config = tree.artifacts(spec.name), ROOT / "serve_config" / f"{spec.name}.yaml"
     workers = serve_settings(spec).get("minWorkers", 1)
     endpoints = [{"target": "served", "endpoint": spec.name, "workers": workers},
                  {"target": "ceiling", "endpoint": f"{spec.name}-ceiling", "workers": workers}]
     archive.archive(spec, artifacts, store, config=config, name=endpoints[1]["endpoint"],
-                    handler="handlers/empty_handler.py", staging=work / "extra-ceiling")
+                    handler="loadtest/bench/empty_handler.py", staging=work / "extra-ceiling")
     source = {}
     if spec.peer_artifact == "pretrained":  # the eager library model, from the checked pretrained files
         folder = registry.resolve(spec.pretrained_files)()
@@ -91,11 +92,12 @@ def build_store(spec: registry.ModelSpec, work: Path) -> tuple[Path, list[dict]]
     return store, endpoints
 
 
-def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path) -> dict:
+def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path, tree: Layout = FULL) -> dict:
     print(f"[1/3] compute limit: in-process, {threads} intra-op thread(s) per worker", flush=True)
-    subprocess.run([sys.executable, "-m", "loadtest.compute", "--model", spec.name, "--threads", str(threads),
+    subprocess.run([sys.executable, "-m", "loadtest.bench.compute", "--model", spec.name, "--threads", str(threads),
                     "--seconds", str(mode.compute_seconds), "--out", str(out),
-                    "--batch-sizes", *map(str, mode.compute_batches)], cwd=ROOT, check=True)
+                    "--batch-sizes", *map(str, mode.compute_batches)], cwd=ROOT, check=True,
+                   env={**os.environ, TREE_VARIABLE: str(tree.root)})
     return json.loads(out.read_text())
 
 
@@ -118,7 +120,7 @@ def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps
                 "inference_token": keys["inference"], "management_token": keys["management"],
                 "payload_model": payload_model, "steps": [*warm, *steps]}
         (work / "plan.json").write_text(json.dumps(plan, indent=1))
-        subprocess.run([sys.executable, "-m", "loadtest.drive", "--plan", str(work / "plan.json"),
+        subprocess.run([sys.executable, "-m", "loadtest.bench.drive", "--plan", str(work / "plan.json"),
                         "--out", str(work / "steps.json")], cwd=ROOT, check=True)
         return [r for r in json.loads((work / "steps.json").read_text()) if r["target"] != WARMUP]
     finally:
@@ -135,7 +137,7 @@ def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode:
                            server_warmup_s=mode.server_warmup_s)
 
 
-def bench(model: str, *, quick: bool, out_root: Path) -> Path:
+def bench(model: str, *, quick: bool, out_root: Path, tree: Layout = FULL) -> Path:
     spec = registry.get(model)
     mode = QUICK if quick else FULL
     settings = serve_settings(spec)
@@ -144,8 +146,8 @@ def bench(model: str, *, quick: bool, out_root: Path) -> Path:
     report_dir.mkdir(parents=True)
     work = ROOT / "build" / "bench" / spec.name
     work.mkdir(parents=True, exist_ok=True)
-    compute = run_compute(spec, threads, mode, work / "compute.json")
-    store, endpoints = build_store(spec, work)
+    compute = run_compute(spec, threads, mode, work / "compute.json", tree)
+    store, endpoints = build_store(spec, work, tree)
     steps = run_load(spec, store, endpoints, mode, work)
     data = report.assemble(spec, settings, compute, steps, quick=quick)
     report.write(data, report_dir)
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a run of under a minute: fewer levels, shorter steps")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = parser.parse_args(argv)
-    bench(args.model, quick=args.quick, out_root=args.out)
+    bench(args.model, quick=args.quick, out_root=args.out, tree=paths.current())
     return 0
 
 

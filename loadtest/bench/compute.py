@@ -1,13 +1,16 @@
 """The compute limit: in-process throughput of a model per backend and batch size, no server involved.
 
-    python -m loadtest.compute --model digits --threads 1 --out compute.json [--seconds 1.0]
+    python -m loadtest.bench.compute --model digits --threads 1 --out compute.json [--seconds 1.0]
 
 Runs in its own process with the thread budget a TorchServe worker of this model gets (set the way the
-handler sets it, through handlers.runtime.ThreadBudget), on the worker's device policy, after
-warm-up. Backends: the eager model from the checkpoint and every exported artifact, each through the
-same runner class the handler uses. Inputs: for image models, random tensors of the registry's input
-spec (their size is fixed); for text models, the bench's own payload texts (their lengths decide the
-cost), taken `batch` at a time in arrival order and length-grouped and padded as the handler does.
+handler sets it, through models.runtime.ThreadBudget), on the worker's device policy, after warm-up.
+Backends: the eager model from the checkpoint and every exported artifact, each through the same runner
+class the handler uses. What goes in is the model's workload (the registry's `bench_workload`):
+- ImageWorkload: random tensors of the registry's input spec (an image model's cost does not depend on the
+  pixels); preprocessing measured on the real payloads;
+- TextWorkload: the bench's own payload texts (their lengths decide the cost), taken `batch` at a time in
+  arrival order and length-grouped and padded as the handler does.
+The checkpoint and artifacts come from the build tree in $BUILD_TREE (the full one by default).
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import torch
 
 from export import manifest as mf
 from export.verify import reference_inputs
-from handlers.runtime import ThreadBudget, load_runner, select_device
-from models import checkpoint, registry
+from models import checkpoint, paths, registry
+from models.runtime import ThreadBudget, load_runner, select_device
 
-ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+Run = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
 def eager_runner(checkpoint_dir: Path, device: torch.device) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
@@ -41,15 +44,22 @@ def eager_runner(checkpoint_dir: Path, device: torch.device) -> Callable[[Sequen
     return run
 
 
-def samples_per_second(run: Callable, inputs: list[torch.Tensor], batch: int, *, seconds: float) -> float:
-    """Warm up, then call `run` until `seconds` have passed (at least 3 calls); return samples/s."""
-    for _ in range(3):
-        run(inputs)
-    calls, start = 0, time.perf_counter()
+def items_per_second(run: Run, passes: list[list[torch.Tensor]], items: int, *, seconds: float) -> float:
+    """Warm up (every forward pass of `passes` once, and at least three calls), then run them all, round after
+    round, until `seconds` have passed and at least three calls were made; return items/s, where one round
+    carries `items` items. Runners return CPU tensors, so each call includes its device synchronisation."""
+    calls = 0
+    while calls < 3:
+        for inputs in passes:
+            run(inputs)
+            calls += 1
+    rounds, calls, start = 0, 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - start < seconds:
-        run(inputs)  # runners return CPU tensors, so each call includes its device synchronisation
-        calls += 1
-    return calls * batch / (time.perf_counter() - start)
+        for inputs in passes:
+            run(inputs)
+            calls += 1
+        rounds += 1
+    return rounds * items / (time.perf_counter() - start)
 
 
 def preprocess_cost(spec: registry.ModelSpec, *, count: int = 32, rounds: int = 3) -> dict:
@@ -132,17 +142,41 @@ def text_preprocess_cost(preset, texts: list[str], handler_config: dict, *, roun
             "summary": summary}
 
 
-def texts_per_second(run: Callable, passes: list[list[torch.Tensor]], texts: int, *, seconds: float) -> float:
-    """Run every forward pass of `passes` (together `texts` texts) once to warm up, then again until
-    `seconds` have passed (whole rounds); return texts/s."""
-    for inputs in passes:
-        run(inputs)
-    rounds, start = 0, time.perf_counter()
-    while rounds < 1 or time.perf_counter() - start < seconds:
-        for inputs in passes:
-            run(inputs)
-        rounds += 1
-    return rounds * texts / (time.perf_counter() - start)
+class ImageWorkload:
+    """An image model: random tensors of the input spec, and the real payloads' decode cost."""
+
+    unit = "image"
+
+    def __init__(self, spec: registry.ModelSpec, artifacts: Path, handler_config: dict) -> None:
+        self.spec = spec
+
+    def passes(self, batch: int) -> tuple[list[list[torch.Tensor]], int]:
+        """The forward passes a served batch of `batch` requests makes, and how many items they carry."""
+        return [reference_inputs(self.spec, batch, "random", None)], batch
+
+    def preprocess(self) -> dict:
+        return preprocess_cost(self.spec)
+
+
+class TextWorkload:
+    """A text model: the payload texts, length-grouped per batch as the handler groups them, and tokenizing cost."""
+
+    unit = "text"
+
+    def __init__(self, spec: registry.ModelSpec, artifacts: Path, handler_config: dict) -> None:
+        from models.text import TextPreset
+
+        self.spec, self.handler_config = spec, handler_config
+        self.preset = TextPreset.from_description(mf.read(artifacts)["preset"], artifacts)
+        self.texts = bench_texts(spec, 64)
+        self.grouping = {"max_tokens": handler_config.get("max_batch_tokens", 8192),
+                         "max_texts": handler_config.get("max_group_texts", 64)}
+
+    def passes(self, batch: int) -> tuple[list[list[torch.Tensor]], int]:
+        return text_batches(self.preset, self.texts, batch, **self.grouping), len(self.texts) // batch * batch
+
+    def preprocess(self) -> dict:
+        return text_preprocess_cost(self.preset, bench_texts(self.spec), self.handler_config)
 
 
 def measure(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts: Path, *, threads: int,
@@ -155,29 +189,16 @@ def measure(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts: Path, *, 
     runners = {"eager": eager_runner(checkpoint_dir, device)}
     for fmt in spec.formats:
         runners[fmt] = load_runner(artifacts / manifest["artifacts"][fmt]["file"], device, budget)
-    handler_config = handler_config or {}
-    if spec.kind == "text-embedding":
-        from models.text import TextPreset
-
-        preset = TextPreset.from_description(manifest["preset"], artifacts)
-        texts = bench_texts(spec, 64)
-        grouping = {"max_tokens": handler_config.get("max_batch_tokens", 8192),
-                    "max_texts": handler_config.get("max_group_texts", 64)}
+    workload = registry.resolve(spec.bench_workload)(spec, artifacts, handler_config or {})
     table: dict[str, dict[int, float]] = {}
     for backend, run in runners.items():
         table[backend] = {}
         for batch in batch_sizes:
-            if spec.kind == "text-embedding":
-                passes = text_batches(preset, texts, batch, **grouping)
-                rate = texts_per_second(run, passes, len(texts) // batch * batch, seconds=seconds)
-            else:
-                rate = samples_per_second(run, reference_inputs(spec, batch, "random", None), batch, seconds=seconds)
-            table[backend][batch] = rate
-            print(f"  {backend:<9} batch {batch:>3}: {rate:10.1f} samples/s", flush=True)
-    if spec.kind == "text-embedding":
-        preprocess = text_preprocess_cost(preset, bench_texts(spec), handler_config)
-    else:
-        preprocess = preprocess_cost(spec)
+            passes, items = workload.passes(batch)
+            table[backend][batch] = items_per_second(run, passes, items, seconds=seconds)
+            print(f"  {backend:<9} batch {batch:>3}: {table[backend][batch]:10.1f} {workload.unit}s/s", flush=True)
+    preprocess = workload.preprocess()
+
     def fastest(backends: list[str]) -> dict:
         backend, batch = max(((b, n) for b in backends for n in table[b]), key=lambda bn: table[bn[0]][bn[1]])
         return {"backend": backend, "batch": batch, "samples_per_s": table[backend][batch]}
@@ -202,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = registry.get(args.model)
     import yaml
 
-    handler_config = (yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text()) or {}).get("handler")
-    result = measure(spec, ROOT / "checkpoints" / spec.name, ROOT / "artifacts" / spec.name, threads=args.threads,
+    handler_config = (yaml.safe_load((paths.ROOT / "serve_config" / f"{spec.name}.yaml").read_text()) or {}).get("handler")
+    tree = paths.current()
+    result = measure(spec, tree.checkpoint(spec.name), tree.artifacts(spec.name), threads=args.threads,
                      batch_sizes=args.batch_sizes, seconds=args.seconds, gpu_id=args.gpu_id,
                      handler_config=handler_config)
     args.out.write_text(json.dumps(result, indent=1))

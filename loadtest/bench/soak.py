@@ -1,6 +1,6 @@
 """`make soak MODEL=<name> [SOAK_S=600]`: steady load at about 70 % of measured capacity, memory watched.
 
-    python -m loadtest.soak --model digits --seconds 600 --out results/soak
+    python -m loadtest.bench.soak --model digits --seconds 600 --out results/soak
 
 Starts its own TorchServe (free loopback ports, the model's archive as `make serve` builds it), measures
 capacity with a short closed-loop Locust step, then holds an open-paced load of `--fraction` of it for
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import psutil
 
-from serve_config import server as ts
-
-ROOT = Path(__file__).resolve().parent.parent
+from models import paths
+from models.paths import FULL, ROOT
+from serve_config import control as ts
 
 
 class RssSampler(threading.Thread):
@@ -82,7 +82,7 @@ def growth(samples: list[dict], key: str) -> dict:
 
 def drive(plan: dict, work: Path, name: str) -> list[dict]:
     (work / f"{name}-plan.json").write_text(json.dumps(plan, indent=1))
-    subprocess.run([sys.executable, "-m", "loadtest.drive", "--plan", str(work / f"{name}-plan.json"),
+    subprocess.run([sys.executable, "-m", "loadtest.bench.drive", "--plan", str(work / f"{name}-plan.json"),
                     "--out", str(work / f"{name}.json")], cwd=ROOT, check=True)
     return json.loads((work / f"{name}.json").read_text())
 
@@ -107,7 +107,7 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
 
 
 def soak(model: str, *, seconds: float, fraction: float, users: int, out_root: Path,
-         model_store: Path = ROOT / "model_store") -> dict:
+         model_store: Path = FULL.model_store) -> dict:
     report_dir = out_root / f"{model}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     report_dir.mkdir(parents=True)
     work = ROOT / "build" / "soak" / model
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "soak")
     args = parser.parse_args(argv)
-    data = soak(args.model, seconds=args.seconds, fraction=args.fraction, users=args.users, out_root=args.out)
+    data = soak(args.model, seconds=args.seconds, fraction=args.fraction, users=args.users, out_root=args.out,
+                model_store=paths.current().model_store)
     return 1 if data["failures"] or not data["requests"] else 0
 
 
