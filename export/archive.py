@@ -2,10 +2,11 @@
 
     python -m export.archive --model digits --artifacts artifacts/digits --out model_store
 
-The .mar holds the artifact chosen by the registry's serve_backend, the handler adapter, the shared
-`models` and `handlers` packages it imports, the export manifest (preprocessing preset), the labels
-as index_to_name.json and the model-config YAML from serve_config/. Refuses an export that has not
-passed verification or whose files changed since. Writes <model>.mar.sha256 beside the archive.
+The .mar holds the artifact chosen by the registry's serve_backend, the handler and exactly the repository
+modules it imports (models.sources follows its imports; nothing else of the tree: no training code, no
+generators, no other model's code), the export manifest (preprocessing preset), the labels as
+index_to_name.json and the model-config YAML from serve_config/. Refuses an export that has not passed
+verification or whose files changed since. Writes <model>.mar.sha256 beside the archive.
 """
 
 from __future__ import annotations
@@ -20,19 +21,25 @@ from pathlib import Path
 from export import manifest as mf
 from export.verify import STAMP
 from models import registry
+from models.paths import ROOT
+from models.sources import closure
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("models", "handlers")
+
+def handler_modules(handler: Path) -> list[Path]:
+    """The repository files `handler` imports, directly or not (the handler itself goes in as the entry point)."""
+    return [path for path in closure([handler]) if path != handler.resolve()]
 
 
-def stage(artifacts: Path, staging: Path, extra: tuple[Path, ...] = ()) -> Path:
-    """Lay out the extra files the handler needs (the export's assets, such as a tokenizer, and `extra`);
-    torch-model-archiver copies the folder's contents."""
+def stage(artifacts: Path, staging: Path, handler: Path, extra: tuple[Path, ...] = ()) -> Path:
+    """Lay out the files beside the handler: the modules it imports, the export's assets (a tokenizer), the
+    export manifest, the labels and `extra`; torch-model-archiver copies the folder's contents."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    for package in PACKAGES:
-        shutil.copytree(ROOT / package, staging / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for module in handler_modules(handler):
+        target = staging / module.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, target)
     manifest = mf.read(artifacts)
     shutil.copy2(artifacts / mf.MANIFEST, staging / mf.MANIFEST)
     for path in [*(artifacts / name for name in manifest.get("assets", {})), *extra]:
@@ -52,7 +59,7 @@ def pack(name: str, serialized: Path, handler: Path, staging: Path, config: Path
         check=True,
     )
     mar = out / f"{name}.mar"
-    (out / f"{name}.mar.sha256").write_text(f"{mf.sha256(mar)}  {mar.name}\n")
+    mf.write_archive_digest(mar)
     return mar
 
 
@@ -64,7 +71,7 @@ def verified_manifest(spec: registry.ModelSpec, artifacts: Path) -> dict:
         raise SystemExit(f"{artifacts} is not verified: run `make verify MODEL={spec.name}` first")
     if json.loads(stamp_path.read_text())["manifest_sha256"] != mf.sha256(artifacts / mf.MANIFEST):
         raise SystemExit(f"{artifacts}/{mf.MANIFEST} changed after verification: verify again")
-    mf.check_integrity(artifacts, manifest)
+    mf.check_folder(artifacts, manifest)
     return manifest
 
 
@@ -76,8 +83,9 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
     `serialized` file of their own, with `extra` files, for a peer that loads the pretrained source)."""
     manifest = verified_manifest(spec, artifacts)
     serialized = serialized or artifacts / manifest["artifacts"][artifact or spec.serve_artifact]["file"]
-    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", extra)
-    mar = pack(name or spec.name, serialized, ROOT / (handler or spec.handler), staging, config, out)
+    handler_path = ROOT / (handler or spec.handler)
+    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", handler_path, extra)
+    mar = pack(name or spec.name, serialized, handler_path, staging, config, out)
     print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, {serialized.name}, handler {handler or spec.handler})")
     return mar
 

@@ -186,16 +186,6 @@ class DigitsPreset:
 
         return v2.Compose([v2.Lambda(to_gray_array), v2.Lambda(self.from_array)])
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": "digits",
-            "size": self.size,
-            "margin": self.margin,
-            "mean": self.mean,
-            "std": self.std,
-            "ink_threshold": self.ink_threshold,
-        }
-
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> RGB with EXIF rotation applied; transparency is composited onto white,
@@ -250,9 +240,6 @@ class RGBPreset:
         from torchvision.transforms import v2
 
         return v2.Compose([v2.Lambda(to_rgb), v2.PILToTensor(), self._tensor_steps])
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": "rgb", "resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
 
 
 def decode_for(preset: Any, data: bytes, *, max_pixels: int, **limits: Any) -> Image.Image:

@@ -8,6 +8,8 @@ This module imports nothing heavy (no torch), so the Makefile can query it with 
 
     python -m models.registry list [--default]
     python -m models.registry get digits serve_backend
+    python -m models.registry sources digits checkpoint    # the files its checkpoint is built from
+    python -m models.registry stamp digits build/registry/digits.json   # rewritten only when the entry changes
 """
 
 from __future__ import annotations
@@ -73,6 +75,38 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class ExampleRequest:
+    """One request a user can send as written: its media type, and a body that is either inline text or a
+    file committed to this repository (a path from its root). The curl line `make serve` prints comes from
+    here; the README's examples use the same files."""
+
+    content_type: str
+    text: str | None = None
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.file is None):
+            raise ValueError("an example request has either `text` or `file`, not both or neither")
+
+    def curl_arguments(self) -> str:
+        body = f"@{self.file}" if self.file is not None else "'" + self.text.replace("'", "'\\''") + "'"
+        return f'-H "Content-Type: {self.content_type}" --data-binary {body}'
+
+
+def preset_output_shape(preset: dict[str, Any]) -> tuple[int, ...] | None:
+    """The (C, H, W) tensor an image preset makes (models.preprocessing; a unit test holds the two together),
+    or None for a preset whose output is not an image tensor (text is tokenized to the model's own lengths)."""
+    kwargs = {k: v for k, v in preset.items() if k != "name"}
+    if preset.get("name") == "digits":
+        side = kwargs.get("size", 32)
+        return (1, side, side)
+    if preset.get("name") == "rgb":
+        side = kwargs.get("crop", 128)
+        return (3, side, side)
+    return None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything the pipeline knows about one model. Adding a model is adding one of these."""
 
@@ -97,7 +131,7 @@ class ModelSpec:
     serve_by_default: bool = True
     # The bench's peer: TorchServe's stock path for the same weights, and the artifact it loads
     # ("pretrained": the pretrained source files themselves, for a peer that runs the eager library model).
-    peer_handler: str = "handlers/stock_peer_handler.py"
+    peer_handler: str = "loadtest/bench/stock_peer_handler.py"
     peer_artifact: str = "trace"
     # The bench picks each target's best concurrency among the levels whose p99 stays within this.
     bench_p99_ms: float = 50.0
@@ -123,6 +157,11 @@ class ModelSpec:
     # Files from the checkpoint folder the handler needs beside the model (a tokenizer), copied to the
     # export and packed into the archive.
     assets: tuple[str, ...] = ()
+    # What the bench's compute limit feeds the model and how it measures preprocessing:
+    # "module:class" of a loadtest.bench.compute workload (image tensors, or length-grouped texts).
+    bench_workload: str = "loadtest.bench.compute:ImageWorkload"
+    # The request `make serve` shows for this model (None: no example to show).
+    example: ExampleRequest | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.builder:
@@ -153,6 +192,12 @@ class ModelSpec:
                              f"got {self.bench_goals}")
         if not self.verify_batch_sizes or any(b < 1 for b in self.verify_batch_sizes):
             raise ValueError(f"{self.name}: verify_batch_sizes must be positive integers")
+        made = preset_output_shape(self.preset)
+        if made is not None and tuple(self.inputs[0].example_shape[1:]) != made:
+            raise ValueError(f"{self.name}: preset {self.preset} makes {made} tensors, but the model's input "
+                             f"{self.inputs[0].name!r} is {tuple(self.inputs[0].example_shape[1:])} (batch left out); "
+                             "choose a preset that makes the model's input, e.g. "
+                             f"{_preset_for(tuple(self.inputs[0].example_shape[1:]))}")
 
     def recipe(self, name: str = "full") -> TrainSpec:
         """The training recipe `name` ('full' or 'quick'; quick falls back to full when there is none)."""
@@ -189,7 +234,18 @@ class ModelSpec:
                 data[key] = TrainSpec(**{**data[key], "epoch_sizes": tuple(data[key]["epoch_sizes"])})
         for key in ("outputs", "labels", "formats", "verify_batch_sizes", "assets"):
             data[key] = tuple(data[key])
+        if data.get("example"):
+            data["example"] = ExampleRequest(**data["example"])
         return cls(**data)
+
+
+def _preset_for(shape: tuple[int, ...]) -> str:
+    """A preset description that makes `shape`, for the error message of a mismatched entry."""
+    if len(shape) == 3 and shape[0] == 1 and shape[1] == shape[2]:
+        return f"{{'name': 'digits', 'size': {shape[1]}}}"
+    if len(shape) == 3 and shape[0] == 3 and shape[1] == shape[2]:
+        return f"{{'name': 'rgb', 'resize': {shape[1]}, 'crop': {shape[1]}}}"
+    return "a preset of your own in models/preprocessing.py"
 
 
 def resolve(path: str) -> Any:
@@ -212,6 +268,7 @@ DIGITS = ModelSpec(
     train=TrainSpec(epochs=30, batch_size=64, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.97),
     serve_backend="onnx",
     bench_goals={"served_over_ceiling": 0.85, "ours_over_peer": 1.5},
+    example=ExampleRequest(content_type="image/png", file="docs/examples/digits/seven.png"),
 )
 
 SHAPES = ModelSpec(
@@ -235,6 +292,7 @@ SHAPES = ModelSpec(
     serve_backend="onnx",
     bench_p99_ms=1000.0,
     bench_goals={"served_over_compute_limit": 0.9, "ours_over_peer": 2.0},
+    example=ExampleRequest(content_type="image/jpeg", file="docs/examples/shapes/star.jpg"),
 )
 
 MINILM = ModelSpec(
@@ -265,10 +323,12 @@ MINILM = ModelSpec(
     serve_backend="onnx",
     handler="handlers/embedding_handler.py",
     samples="models.samples:sample_texts",
-    peer_handler="handlers/stock_text_handler.py",
+    peer_handler="loadtest/bench/stock_text_handler.py",
     peer_artifact="pretrained",
     bench_p99_ms=1000.0,
     bench_goals={"served_over_compute_limit": 0.85, "ours_over_peer": 1.3},
+    bench_workload="loadtest.bench.compute:TextWorkload",
+    example=ExampleRequest(content_type="text/plain", text="A sentence to embed."),
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES, MINILM)}
@@ -282,6 +342,42 @@ def get(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}") from None
 
 
+def checkpoint_sources(spec: ModelSpec) -> list[str]:
+    """The repository files a checkpoint of `spec` is built from: the import closure of the trainer, the
+    model's builder, its dataset and its pretrained import. The registry module itself is left out: the
+    entry is a dependency through its own stamp (`stamp`), so editing another entry retrains nothing. None for
+    an entry with neither a recipe nor a pretrained import: its checkpoint is brought, not built."""
+    from models.sources import closure, relative
+
+    if spec.train is None and spec.pretrained is None:
+        return []
+
+    modules = ["models.train", *(path.partition(":")[0] for path in (spec.builder, spec.dataset, spec.pretrained) if path)]
+    return relative(closure(modules, exclude=["models.registry"]))
+
+
+def archive_sources(spec: ModelSpec) -> list[str]:
+    """The repository files the model's .mar carries: its handler and everything the handler imports."""
+    from models.paths import ROOT
+    from models.sources import closure, relative
+
+    return relative(closure([ROOT / spec.handler]))
+
+
+def write_stamp(spec: ModelSpec, path: str) -> bool:
+    """Write the entry as JSON to `path` when it differs from what is there (so its mtime moves only when the
+    entry changed); True when written."""
+    from pathlib import Path
+
+    target = Path(path)
+    text = json.dumps(spec.to_json(), indent=1, sort_keys=True, default=list) + "\n"
+    if target.exists() and target.read_text() == text:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.registry", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -290,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     p_get = sub.add_parser("get", help="print one field of a model's entry")
     p_get.add_argument("model")
     p_get.add_argument("field")
+    p_sources = sub.add_parser("sources", help="print the repository files a build step of the model reads")
+    p_sources.add_argument("model")
+    p_sources.add_argument("step", choices=("checkpoint", "archive"))
+    p_stamp = sub.add_parser("stamp", help="write the entry as JSON to FILE when it changed (a make prerequisite)")
+    p_stamp.add_argument("model")
+    p_stamp.add_argument("file")
     args = parser.parse_args(argv)
     if args.cmd == "list":
         print("\n".join(n for n, s in REGISTRY.items() if s.serve_by_default or not args.default))
@@ -299,10 +401,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:
         print(err.args[0], file=sys.stderr)
         return 2
+    if args.cmd == "sources":
+        print(" ".join(checkpoint_sources(spec) if args.step == "checkpoint" else archive_sources(spec)))
+        return 0
+    if args.cmd == "stamp":
+        write_stamp(spec, args.file)
+        return 0
     value = getattr(spec, args.field, None)
     if value is None and not hasattr(spec, args.field):
         print(f"model entry has no field {args.field!r}", file=sys.stderr)
         return 2
+    if hasattr(value, "__dataclass_fields__"):
+        value = asdict(value)
     print(value if isinstance(value, (str, int, float)) else json.dumps(value, default=list))
     return 0
 

@@ -148,5 +148,3 @@ def mixed_texts(count: int, *, seed: int = 0) -> list[str]:
         texts.append(" ".join(sentences[(start + k) % len(sentences)] for k in range(n)))
     return texts
 
-
-LENGTH_MIX = "60 % one sentence, 30 % 2-5 sentences, 10 % 12-30 sentences (truncated at the model's maximum)"

@@ -8,20 +8,22 @@ import sys
 import pytest
 import yaml
 
-from handlers.core import ClassifierConfig
-from handlers.text_core import EmbeddingConfig
+from handlers.image import ClassifierConfig
+from handlers.text import EmbeddingConfig
 from models import registry
-from serve_config.server import read_properties
+from serve_config.control import read_properties
 from tests.conftest import ROOT, SERVED
 
 ALL = list(registry.REGISTRY.values())
+HANDLER_SETTINGS = {"handlers/classifier_handler.py": ClassifierConfig, "handlers/embedding_handler.py": EmbeddingConfig}
 
 
 @pytest.mark.parametrize("spec", ALL, ids=lambda s: s.name)
 def test_entry_round_trips_and_resolves(spec):
     assert registry.ModelSpec.from_json(spec.to_json()) == spec
     assert callable(registry.resolve(spec.builder))
-    assert (ROOT / spec.handler).exists()
+    assert (ROOT / spec.handler).exists() and (ROOT / spec.peer_handler).exists()
+    assert callable(registry.resolve(spec.bench_workload))
     assert len(spec.labels) == spec.builder_kwargs.get("num_classes", len(spec.labels))
 
 
@@ -31,11 +33,11 @@ def test_model_config_yaml_matches_the_registry(spec):
     assert 1 <= config["minWorkers"] <= config["maxWorkers"]
     assert 1 <= config["batchSize"] <= max(spec.verify_batch_sizes), "serve only batch sizes that were verified"
     assert 0 <= config["maxBatchDelay"] <= 100 and config["responseTimeout"] >= 1
-    if spec.kind == "image-classifier":
-        handler = ClassifierConfig.from_mapping(config["handler"])
-        assert 1 <= handler.topk <= len(spec.labels)
+    settings = HANDLER_SETTINGS[spec.handler].from_mapping(config["handler"])
+    if isinstance(settings, ClassifierConfig):
+        assert 1 <= settings.topk <= len(spec.labels)
     else:  # a forward pass never holds more texts than verification covered
-        assert EmbeddingConfig.from_mapping(config["handler"]).max_group_texts <= max(spec.verify_batch_sizes)
+        assert settings.max_group_texts <= max(spec.verify_batch_sizes)
 
 
 def test_config_properties_is_locked_down():
@@ -67,3 +69,22 @@ def test_cli_is_what_the_makefile_reads():
     assert run("list", "--default").stdout.split() == [s.name for s in SERVED]
     assert run("get", "digits", "serve_backend").stdout.strip() == "onnx"
     assert run("get", "nope", "name").returncode == 2
+
+
+@pytest.mark.parametrize("description", [{"name": "digits"}, {"name": "digits", "size": 28}, {"name": "rgb"},
+                                         {"name": "rgb", "resize": 80, "crop": 64}])
+def test_the_registry_knows_the_shape_each_image_preset_makes(description):
+    from PIL import Image
+
+    from models.preprocessing import build_preset
+
+    made = tuple(build_preset(description)(Image.new("RGB", (50, 40), (90, 20, 200))).shape)
+    assert registry.preset_output_shape(description) == made
+
+
+@pytest.mark.parametrize("spec", ALL, ids=lambda s: s.name)
+def test_each_entry_has_an_example_request_that_exists(spec):
+    assert spec.example is not None
+    if spec.example.file:
+        assert (ROOT / spec.example.file).is_file()
+    assert spec.example.curl_arguments().startswith(f'-H "Content-Type: {spec.example.content_type}" --data-binary ')
