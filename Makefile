@@ -1,6 +1,7 @@
 # Model serving pipeline: train -> export -> verify -> archive -> serve -> call -> load-test.
-# Artifacts are file targets, so `make serve` rebuilds only what is missing or stale.
-# Every model target takes MODEL=<name> from the registry (models/registry.py).
+# Artifacts are file targets, each depending on the files that really make it (models.registry `sources`
+# follows the imports; a registry entry is a dependency through its own stamp), so `make serve` rebuilds
+# only what is missing or stale. Every model target takes MODEL=<name> from the registry (models/registry.py).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -8,37 +9,48 @@ SHELL := /bin/bash
 .DELETE_ON_ERROR:
 # Keep every intermediate artifact of the pattern-rule chain (checkpoint, exports, stamps).
 .SECONDARY:
+# Per-model prerequisites ($$* below) are computed from the registry when a rule is considered.
+.SECONDEXPANSION:
 
-MODEL ?= digits
-PYTHON ?= python3.11
-VENV ?= .venv
+MODEL ?= digits## a model of the registry (python3.11 -m models.registry list)
+PYTHON ?= python3.11## the Python 3.11 the venv is made from
+VENV ?= .venv## where the locked dependencies are installed
+RECIPE ?= full## training recipe and build tree: full (checkpoints/, artifacts/, model_store/) or quick (build/quick/)
+TEST_RECIPE ?= quick## the recipe, and so the build tree, `make test` builds and tests (quick: about 6 minutes from nothing)
+RUN_DIR ?= run## where `make serve` keeps the running server's config, logs, keys and PID
+INFERENCE_PORT ?= 8080## inference API port of `make serve`
+MANAGEMENT_PORT ?= 8081## management API port
+METRICS_PORT ?= 8082## Prometheus metrics port
+GRPC_PORTS ?= 7070 7071## gRPC inference and management ports
+USERS ?= 8## concurrent Locust users of `make loadtest`
+DURATION ?= 30s## how long `make loadtest` runs
+QUICK ?=## QUICK=1: the bench in under a minute (fewer concurrency levels, shorter steps)
+SOAK_S ?= 600## seconds `make soak` holds its load
+KIND ?= inference## the key `make rotate-token` replaces: inference or management
+PYTEST_ARGS ?=## extra pytest arguments for `make test` and `make unit`, e.g. -k digits
+SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)## models `make serve` builds and serves
+
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
-RUN_DIR ?= run
-INFERENCE_PORT ?= 8080
-MANAGEMENT_PORT ?= 8081
-METRICS_PORT ?= 8082
-GRPC_PORTS ?= 7070 7071
-USERS ?= 8
-DURATION ?= 30s
-# QUICK=1: the bench in under a minute (fewer concurrency levels, shorter steps).
-QUICK ?=
-PYTEST_ARGS ?=
-# Models `make serve` builds and serves: those the registry marks serve_by_default.
-SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)
-# Training recipe for a missing checkpoint: `full` (the registry's recipe), except under `make test`, which
-# trains the registry's quick recipe when no checkpoint exists yet (a full one already there is used as is).
-TRAIN_RECIPE ?= full
+LOCK := requirements/dev.txt
+TREE := $(if $(filter quick,$(RECIPE)),build/quick/,)
+# Processes started from here read the build tree from this variable (models/paths.py).
+export BUILD_TREE := $(abspath $(or $(TREE),.))
+MARS = $(foreach m,$(SERVE_MODELS),$(TREE)model_store/$(m).mar)
+sources = $(shell $(PYTHON) -m models.registry sources $(1) $(2))
+# What trains a checkpoint, and its registry entry; nothing for a checkpoint brought from elsewhere (no recipe).
+checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
+VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
 
-MODEL_SRC := $(wildcard models/*.py)
-HANDLER_SRC := $(wildcard handlers/*.py)
-MARS = $(foreach m,$(SERVE_MODELS),model_store/$(m).mar)
+.PHONY: help prereqs venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
+	sweep soak test pytest unit lock clean models FORCE
 
-.PHONY: help prereqs full-recipe venv train export verify archive serve stop token ready rotate-token predict loadtest bench sweep soak test clean
-
-help: ## show this help
-	@echo "Usage: make <target> [MODEL=name]   (MODEL defaults to $(MODEL))"
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+help: ## show the targets and the variables they take
+	@echo "Usage: make <target> [VAR=value ...]"
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@echo "Variables (make VAR=value; the value in effect in brackets):"
+	@$(foreach v,$(VARIABLES),printf "  %-16s %s [%s]\n" "$(v)" "$$(grep -E '^$(v) \?=' $(firstword $(MAKEFILE_LIST)) | sed 's/.*## //')" "$($(v))";)
 
 prereqs: ## check the tools the venv cannot install: Python 3.11 and Java 17
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11 (python3.11 and python3.11-venv) or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -46,57 +58,68 @@ prereqs: ## check the tools the venv cannot install: Python 3.11 and Java 17
 	@command -v java >/dev/null || { echo "error: java not found. TorchServe's frontend needs a Java 17 runtime (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 	@java -version 2>&1 | grep -Eq 'version "17[."]' || { echo "error: TorchServe 0.12 needs Java 17; found: $$(java -version 2>&1 | head -1)" >&2; exit 1; }
 
-$(VENV_STAMP): requirements.txt | prereqs
+# pip bootstraps uv (requirements/uv.txt); uv installs the lock, about 6 times faster here (docs/development.md).
+# uv reads no pip.conf, so the package indexes this machine's pip is configured with are handed to it (none
+# elsewhere: PyPI alone). Every file is pinned by its sha256, so which index serves it changes nothing.
+UV := $(VENV)/bin/uv
+UV_INDEXES = $(foreach i,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(i)) \
+	$(foreach f,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),--find-links $(f)) \
+	--index-strategy unsafe-best-match
+UV_COMPILE = $(UV) pip compile --quiet $(UV_INDEXES) --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28
+
+$(VENV_STAMP): $(LOCK) requirements/uv.txt | prereqs
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
+	$(UV) pip install --quiet $(UV_INDEXES) --require-hashes --no-deps --python $(PY) -r $(LOCK)
+	$(PY) -m pip check
 	touch $@
 
-venv: $(VENV_STAMP) ## create .venv and install the pinned dependencies
+venv: $(VENV_STAMP) ## create .venv and install the locked dependencies (requirements/dev.txt, every hash checked)
 
-checkpoints/%/model.pt: $(MODEL_SRC) | $(VENV_STAMP)
-	$(PY) -m models.train --model $* --out checkpoints/$* --recipe $(TRAIN_RECIPE)
+lock: | $(VENV_STAMP) ## re-resolve requirements/*.in into the hashed locks (needs the package indexes)
+	$(UV_COMPILE) --output-file requirements/uv.txt requirements/uv.in
+	$(UV_COMPILE) --output-file requirements/dev.txt requirements/dev.in
+	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/runtime.txt requirements/runtime.in
 
-# A checkpoint from the quick recipe (left by `make test`) is never served: the targets that serve, export or
-# measure a model remove it first, with everything built from it, so the chain retrains with the full recipe.
-# (Removing the checkpoint alone is not enough: under .SECONDARY a missing intermediate file is not rebuilt
-# while the archive built from it still exists.)
-full-recipe: ## (used by the targets below) replace quick-recipe test checkpoints by full ones
-	@for m in $(sort $(SERVE_MODELS) $(MODEL)); do \
-		if grep -qs '"recipe": "quick"' checkpoints/$$m/model.json; then \
-			echo "$$m: checkpoints/$$m was trained with the quick test recipe; retraining with the full recipe"; \
-			rm -rf checkpoints/$$m artifacts/$$m model_store/$$m.mar model_store/$$m.mar.sha256; fi; done
+# A registry entry as JSON, rewritten only when the entry changes: what depends on the entry depends on this.
+build/registry/%.json: FORCE
+	@$(PYTHON) -m models.registry stamp $* $@
 
-artifacts/%/manifest.json: checkpoints/%/model.pt export/export.py export/manifest.py
-	$(PY) -m export.export --model $* --checkpoint checkpoints/$* --out artifacts/$*
+$(TREE)checkpoints/%/model.pt: $$(call checkpoint_deps,$$*) | $(VENV_STAMP)
+	$(PY) -m models.train --model $* --out $(TREE)checkpoints/$* --recipe $(RECIPE)
 
-artifacts/%/verified.json: artifacts/%/manifest.json export/verify.py handlers/runtime.py
-	$(PY) -m export.verify --model $* --checkpoint checkpoints/$* --artifacts artifacts/$*
+$(TREE)artifacts/%/manifest.json: $(TREE)checkpoints/%/model.pt export/export.py export/manifest.py build/registry/%.json
+	$(PY) -m export.export --model $* --checkpoint $(TREE)checkpoints/$* --out $(TREE)artifacts/$*
 
-model_store/%.mar: artifacts/%/verified.json serve_config/%.yaml export/archive.py $(HANDLER_SRC) $(MODEL_SRC)
-	$(PY) -m export.archive --model $* --artifacts artifacts/$* --out model_store
+$(TREE)artifacts/%/verified.json: $(TREE)artifacts/%/manifest.json export/verify.py models/runtime.py
+	$(PY) -m export.verify --model $* --checkpoint $(TREE)checkpoints/$* --artifacts $(TREE)artifacts/$*
 
-train: full-recipe checkpoints/$(MODEL)/model.pt ## train MODEL and write its self-describing checkpoint
-export: full-recipe artifacts/$(MODEL)/manifest.json ## export MODEL to TorchScript (trace, script) and ONNX
-verify: full-recipe artifacts/$(MODEL)/verified.json ## check MODEL's exports against eager (fresh process each)
-archive: full-recipe model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
+$(TREE)model_store/%.mar: $(TREE)artifacts/%/verified.json serve_config/%.yaml export/archive.py \
+		$$(call sources,$$*,archive)
+	$(PY) -m export.archive --model $* --artifacts $(TREE)artifacts/$* --out $(TREE)model_store
 
-serve: full-recipe $(MARS) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
-	$(PY) -m serve_config.server start --run-dir $(RUN_DIR) --models $(SERVE_MODELS) \
+train: $(TREE)checkpoints/$(MODEL)/model.pt ## train MODEL and write its self-describing checkpoint
+export: $(TREE)artifacts/$(MODEL)/manifest.json ## export MODEL to TorchScript (trace, script) and ONNX
+verify: $(TREE)artifacts/$(MODEL)/verified.json ## check MODEL's exports against eager (fresh process each)
+archive: $(TREE)model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
+models: $(MARS)
+
+serve: $(MARS) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
+	$(PY) -m serve_config.control start --run-dir $(RUN_DIR) --models $(SERVE_MODELS) --model-store $(TREE)model_store \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
 		--grpc-ports $(GRPC_PORTS)
 
 stop: ## stop the TorchServe that `make serve` started (by its PID)
-	@$(PY) -m serve_config.server stop --run-dir $(RUN_DIR)
+	@$(PY) -m serve_config.control stop --run-dir $(RUN_DIR)
 
 token: ## print the current inference key (make -s token)
-	@$(PY) -m serve_config.server token --run-dir $(RUN_DIR)
+	@$(PY) -m serve_config.control token --run-dir $(RUN_DIR)
 
 ready: ## readiness probe of the running server: exit 0 when /ping is Healthy and every model has a READY worker
-	@$(PY) -m serve_config.server ready --run-dir $(RUN_DIR)
+	@$(PY) -m serve_config.control ready --run-dir $(RUN_DIR)
 
 rotate-token: ## replace the running server's inference key (KIND=management for the management key)
-	@$(PY) -m serve_config.server rotate-token --run-dir $(RUN_DIR) --kind $(or $(KIND),inference)
+	@$(PY) -m serve_config.control rotate-token --run-dir $(RUN_DIR) --kind $(KIND)
 
 predict: ## send MODEL's sample input to the running server and print the answer
 	@$(PY) -m loadtest.predict --model $(MODEL) --run-dir $(RUN_DIR) --url http://127.0.0.1:$(INFERENCE_PORT)
@@ -105,18 +128,24 @@ loadtest: ## Locust against the running server: make loadtest MODEL=digits USERS
 	$(PY) -m loadtest.run --model $(MODEL) --users $(USERS) --duration $(DURATION) --run-dir $(RUN_DIR) \
 		--url http://127.0.0.1:$(INFERENCE_PORT) --out results/loadtest
 
-bench: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
-	$(PY) -m loadtest.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
+bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
+	$(PY) -m loadtest.bench.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
 
-sweep: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
-	$(PY) -m loadtest.sweep --model $(MODEL) --out results/sweep
+sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
+	$(PY) -m loadtest.bench.sweep --model $(MODEL) --out results/sweep
 
-soak: full-recipe model_store/$(MODEL).mar | $(VENV_STAMP) ## ~70 % of capacity for SOAK_S seconds (default 600): failures and RSS growth
-	$(PY) -m loadtest.soak --model $(MODEL) --seconds $(or $(SOAK_S),600) --out results/soak
+soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity for SOAK_S seconds: failures and RSS growth
+	$(PY) -m loadtest.bench.soak --model $(MODEL) --seconds $(SOAK_S) --out results/soak
 
-test: TRAIN_RECIPE = quick
-test: $(MARS) | $(VENV_STAMP) ## set up, build the default models and run every test tier
+test: | $(VENV_STAMP) ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier
+	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) models
+	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
+
+pytest: | $(VENV_STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-clean: ## remove generated artifacts (keeps .venv)
+unit: | $(VENV_STAMP) ## the unit tier without its slow tests: needs no built model, starts no server (seconds)
+	$(PY) -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)
+
+clean: ## remove generated artifacts of both trees (keeps .venv)
 	rm -rf checkpoints artifacts model_store build results

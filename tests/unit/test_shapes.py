@@ -34,6 +34,7 @@ def test_registry_labels_are_the_generator_classes():
     assert registry.SHAPES.labels == CLASSES
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::Warning")
 def test_a_linear_model_on_the_pixels_fails():
     from sklearn.linear_model import LogisticRegression
