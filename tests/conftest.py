@@ -1,6 +1,11 @@
 """Shared fixtures. Tiers live in folders: unit (pure functions), handler (in-process with TorchServe's
 own context objects), export (parity), integration (real TorchServe over HTTP), load (real Locust),
-gpu (CUDA paths; skipped visibly without CUDA). Model-specific tests are parametrized from the registry."""
+ops (operations against real TorchServes, and fuzzing), gpu (CUDA paths; skipped visibly without CUDA).
+Model-specific tests are parametrized from the registry.
+
+The built models come from the build tree make names in $BUILD_TREE (`make test`: the quick tree).
+Markers agree with what a test does: one that starts TorchServe is `integration` (a guard below fails a
+test that starts one without the marker), so `pytest -m "not integration"` starts no server."""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from models import registry
+from models import paths, registry
+from models.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+TREE = paths.current()
 SERVED = [spec for spec in registry.REGISTRY.values() if spec.serve_by_default]
 TRAINED = [spec for spec in registry.REGISTRY.values() if spec.train is not None]
 CLASSIFIERS = [spec for spec in SERVED if spec.kind == "image-classifier"]
@@ -28,7 +34,7 @@ def worker_pids(server, model: str, *, ready_only: bool = False) -> list[int]:
     """PIDs of `model`'s workers (only the READY ones with `ready_only`), from the management API."""
     import requests
 
-    from serve_config.server import model_workers
+    from serve_config.control import model_workers
 
     workers, status = model_workers(server, model)
     if status != 200:
@@ -60,12 +66,12 @@ def post_together(server, jobs) -> list:
 def server(tmp_path_factory):
     """One real TorchServe serving every default model, on free loopback ports, with token auth on.
     Shared by the integration and load tiers; stopped by its PID at the end of the session."""
-    from serve_config.server import Ports, start, stop
+    from serve_config.control import Ports, start, stop
 
     for spec in SERVED:
-        built(ROOT / "model_store" / f"{spec.name}.mar")
+        built(TREE.archive(spec.name))
     run_dir = tmp_path_factory.mktemp("torchserve")
-    instance = start(run_dir, [s.name for s in SERVED], ports=Ports.free())
+    instance = start(run_dir, [s.name for s in SERVED], ports=Ports.free(), model_store=TREE.model_store)
     try:
         yield instance
     finally:
@@ -79,7 +85,7 @@ class EagerReference:
         from models import checkpoint
         from models.preprocessing import build_preset
 
-        self.model, self.meta = checkpoint.load(built(ROOT / "checkpoints" / model_name))
+        self.model, self.meta = checkpoint.load(built(TREE.checkpoint(model_name)))
         self.preset = build_preset(self.meta["preset"])
 
     def probs(self, body: bytes):
@@ -124,3 +130,20 @@ class SentenceReference:
 @pytest.fixture(scope="session")
 def sentence_reference():
     return SentenceReference()
+
+
+@pytest.fixture(autouse=True)
+def _servers_only_in_integration_tests(request, monkeypatch):
+    """A test that is not marked `integration` may not start TorchServe: `-m "not integration"` must start none."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    if "server" in request.fixturenames or "private_server" in request.fixturenames:
+        pytest.fail(f"{request.node.nodeid} uses a TorchServe fixture but is not marked integration")
+    from serve_config import control
+    from serve_config.control import lifecycle
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"{request.node.nodeid} starts TorchServe but is not marked integration")
+
+    monkeypatch.setattr(lifecycle, "start", refuse)
+    monkeypatch.setattr(control, "start", refuse)

@@ -14,24 +14,24 @@ from export import manifest as mf
 from export.export import export
 from export.verify import ToleranceError, verify
 from models import checkpoint, registry
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TREE, built
 
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_manifest_describes_each_artifact(spec):
-    directory = built(ROOT / "artifacts" / spec.name / mf.MANIFEST).parent
+    directory = built(TREE.artifacts(spec.name) / mf.MANIFEST).parent
     manifest = mf.read(directory)
     assert manifest["model"] == spec.name and manifest["commit"] and manifest["preset"] == spec.preset
     assert set(manifest["artifacts"]) == set(spec.formats)
     assert manifest["artifacts"]["onnx"]["opset"] == spec.onnx_opset
     assert manifest["artifacts"]["onnx"]["exporter"] == "torch.onnx.export(dynamo=True)"
     assert manifest["inputs"][0]["dynamic_axes"] == {"0": "batch"}
-    mf.check_integrity(directory, manifest)
+    mf.check_folder(directory, manifest)
 
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_artifacts_match_eager_within_tolerance(spec):
-    stamp = verify(spec, built(ROOT / "checkpoints" / spec.name), ROOT / "artifacts" / spec.name)
+    stamp = verify(spec, built(TREE.checkpoint(spec.name)), TREE.artifacts(spec.name))
     for fmt, result in stamp["artifacts"].items():
         assert result["max_abs_diff"] <= spec.tolerance.atol, fmt
         assert result["top1_agreement"] >= spec.tolerance.min_top1_agreement, fmt
@@ -40,13 +40,13 @@ def test_artifacts_match_eager_within_tolerance(spec):
 
 @pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
 def test_embedder_export_has_dynamic_batch_and_sequence_and_says_what_does_not_apply(spec):
-    directory = built(ROOT / "artifacts" / spec.name / mf.MANIFEST).parent
+    directory = built(TREE.artifacts(spec.name) / mf.MANIFEST).parent
     manifest = mf.read(directory)
     assert set(manifest["artifacts"]) == set(spec.formats) and manifest["not_applicable"] == spec.not_applicable
     assert all(t["dynamic_axes"] == {"0": "batch", "1": "sequence"} for t in manifest["inputs"])
     assert manifest["artifacts"]["trace"]["checked_shapes"] == [list(s) for s in spec.check_shapes]
     assert set(manifest["assets"]) == set(spec.assets)
-    mf.check_integrity(directory, manifest)
+    mf.check_folder(directory, manifest)
     import onnx
 
     graph = onnx.load(str(directory / "model.onnx")).graph
@@ -60,7 +60,7 @@ def test_embedder_artifacts_match_sentence_transformers(spec):
     """Verification in full (fresh process per artifact, sentence-transformers' encode() as the reference,
     batches 1/2/7/32, token lengths 3 to 256 and past the limit): every artifact within its tolerance, the
     not-applicable format reported as such, not as a pass."""
-    stamp = verify(spec, built(ROOT / "checkpoints" / spec.name), ROOT / "artifacts" / spec.name)
+    stamp = verify(spec, built(TREE.checkpoint(spec.name)), TREE.artifacts(spec.name))
     assert stamp["reference"] == spec.reference
     for fmt in spec.formats:
         result, tol = stamp["artifacts"][fmt], spec.tolerance_for(fmt)
@@ -74,11 +74,11 @@ def test_embedder_artifacts_match_sentence_transformers(spec):
 
 def test_a_drifted_embedder_fails_verification_by_name(tmp_path):
     spec = registry.get("minilm")
-    model, meta = checkpoint.load(built(ROOT / "checkpoints" / "minilm"))
+    model, meta = checkpoint.load(built(TREE.checkpoint("minilm")))
     with torch.no_grad():
         model.bert.encoder.layer[-1].output.LayerNorm.bias += 0.05  # a small drift in the last layer
     checkpoint.save(model, spec, tmp_path / "drifted", metrics={}, builder_kwargs=meta["builder_kwargs"])
-    shutil.copy2(ROOT / "checkpoints" / "minilm" / "tokenizer.json", tmp_path / "drifted")
+    shutil.copy2(TREE.checkpoint("minilm") / "tokenizer.json", tmp_path / "drifted")
     drifted = dataclasses.replace(spec, formats=("onnx",), format_tolerance={})
     export(drifted, tmp_path / "drifted", tmp_path / "artifacts")
     with pytest.raises(ToleranceError) as info:
@@ -90,8 +90,8 @@ def test_a_drifted_embedder_fails_verification_by_name(tmp_path):
 def digits_copy(tmp_path_factory):
     """A private copy of the digits checkpoint and artifacts that tests may damage."""
     root = tmp_path_factory.mktemp("digits")
-    shutil.copytree(built(ROOT / "checkpoints" / "digits"), root / "checkpoint")
-    shutil.copytree(built(ROOT / "artifacts" / "digits"), root / "artifacts")
+    shutil.copytree(built(TREE.checkpoint("digits")), root / "checkpoint")
+    shutil.copytree(built(TREE.artifacts("digits")), root / "artifacts")
     return root
 
 
@@ -123,7 +123,7 @@ BRING_YOUR_OWN = registry.ModelSpec(
     name="mobilenet-own",
     builder="torchvision.models:mobilenet_v3_small",
     builder_kwargs={"num_classes": 5, "weights": None},
-    preset={"name": "digits"},
+    preset={"name": "rgb", "resize": 64, "crop": 64},  # makes the model's 3x64x64 input
     inputs=(registry.TensorSpec(name="image", dtype="float32", example_shape=(2, 3, 64, 64)),),
     outputs=("logits",),
     labels=("a", "b", "c", "d", "e"),
@@ -132,7 +132,20 @@ BRING_YOUR_OWN = registry.ModelSpec(
 )
 
 
-def test_an_engineers_own_torchvision_model_exports_and_verifies(tmp_path):
+def test_a_preset_that_does_not_make_the_models_input_is_refused_by_the_registry():
+    with pytest.raises(ValueError, match=r"makes \(1, 32, 32\) tensors.*'rgb', 'resize': 64, 'crop': 64"):
+        dataclasses.replace(BRING_YOUR_OWN, preset={"name": "digits"})
+
+
+@pytest.mark.integration
+def test_an_engineers_own_torchvision_model_exports_verifies_archives_and_serves(tmp_path):
+    """The README's bring-your-own path end to end: checkpoint, export, verify, archive, then a real
+    TorchServe serving it answers a real photo with a prediction over the model's own labels."""
+    import requests
+
+    from export import archive
+    from serve_config import control
+
     torch.manual_seed(0)
     model = checkpoint.build_model(BRING_YOUR_OWN.builder, BRING_YOUR_OWN.builder_kwargs).eval()
     checkpoint.save(model, BRING_YOUR_OWN, tmp_path / "checkpoint", metrics={})
@@ -141,3 +154,21 @@ def test_an_engineers_own_torchvision_model_exports_and_verifies(tmp_path):
     stamp = verify(BRING_YOUR_OWN, tmp_path / "checkpoint", tmp_path / "artifacts")
     assert all(r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] is None for r in stamp["artifacts"].values())
     assert json.loads((tmp_path / "artifacts" / "verified.json").read_text())["model"] == "mobilenet-own"
+
+    config = tmp_path / "mobilenet-own.yaml"
+    config.write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\nmaxBatchDelay: 5\nresponseTimeout: 60\n"
+                      "handler:\n  topk: 3\n")
+    archive.archive(BRING_YOUR_OWN, tmp_path / "artifacts", tmp_path / "store", config=config,
+                    staging=tmp_path / "staging")
+    run_dir = tmp_path / "run"
+    server = control.start(run_dir, ["mobilenet-own"], ports=control.Ports.free(), model_store=tmp_path / "store")
+    try:
+        photo = ROOT / registry.get("shapes").example.file
+        answer = requests.post(f"{server.inference_url}/predictions/mobilenet-own", data=photo.read_bytes(),
+                               headers={**server.headers(), "Content-Type": "image/jpeg"}, timeout=60)
+    finally:
+        control.stop(run_dir)
+    assert answer.status_code == 200, answer.text
+    top = answer.json()
+    assert len(top) == 3 and all(p["label"] in BRING_YOUR_OWN.labels for p in top)
+    assert top[0]["score"] >= top[1]["score"] >= top[2]["score"] and 0 < sum(p["score"] for p in top) <= 1.0001

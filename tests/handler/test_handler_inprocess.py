@@ -12,13 +12,13 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from loadtest.payloads import payloads
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, EagerReference, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TREE, EagerReference, built
 
 
 def load_handler(spec, tmp_path):
     """Unpack the built archive and instantiate its handler as TorchServe's model loader would."""
     model_dir = tmp_path / spec.name
-    with zipfile.ZipFile(built(ROOT / "model_store" / f"{spec.name}.mar")) as mar:
+    with zipfile.ZipFile(built(TREE.archive(spec.name))) as mar:
         mar.extractall(model_dir)
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
@@ -78,7 +78,7 @@ def test_real_samples_are_classified_correctly(spec, tmp_path):
     labelled = [(a, s) for a, s in zip(answers, samples) if s.label >= 0]  # photos of no class carry -1
     correct = sum(json.loads(a)[0]["index"] == s.label for a, s in labelled)
     # the served model on real payloads (any size, mode, format) does about as well as on its test split
-    test_accuracy = json.loads(built(ROOT / "checkpoints" / spec.name / "model.json").read_text())["metrics"]["test_accuracy"]
+    test_accuracy = json.loads(built(TREE.checkpoint(spec.name) / "model.json").read_text())["metrics"]["test_accuracy"]
     assert correct / len(labelled) >= test_accuracy - 0.1, f"{correct}/{len(labelled)} correct; test split {test_accuracy}"
 
 

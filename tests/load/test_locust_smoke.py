@@ -7,7 +7,7 @@ import pytest
 from loadtest.run import run
 from tests.conftest import SERVED
 
-pytestmark = pytest.mark.load
+pytestmark = [pytest.mark.load, pytest.mark.integration]
 
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)

@@ -8,23 +8,28 @@ import pytest
 import yaml
 
 from loadtest.payloads import payloads
-from serve_config import server as ts
+from serve_config import control as ts
 from tests.conftest import ROOT, SERVED, post_together, worker_pids
 from tests.ops.bad_inputs import image_matrix, text_matrix
 
-pytestmark = pytest.mark.ops
+pytestmark = [pytest.mark.ops, pytest.mark.integration]
 
 
 def server_limit(key: str) -> int:
     return int(ts.read_properties(ts.TEMPLATE)[key])
 
 
+# Each model kind's matrix, from its handler settings and the server's max_request_size.
+MATRICES = {
+    "image-classifier": lambda handler, max_request: image_matrix(handler["max_image_bytes"], max_request),
+    "text-embedding": lambda handler, max_request: text_matrix(handler["max_texts_per_request"],
+                                                               handler["max_text_chars"], max_request),
+}
+
+
 def matrix(spec) -> list[tuple[str, bytes, dict, int, str | None]]:
     handler = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())["handler"]
-    max_request = server_limit("max_request_size")
-    if spec.kind == "text-embedding":
-        return text_matrix(handler["max_texts_per_request"], handler["max_text_chars"], max_request)
-    return image_matrix(handler["max_image_bytes"], max_request)
+    return MATRICES[spec.kind](handler, server_limit("max_request_size"))
 
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
