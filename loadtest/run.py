@@ -46,8 +46,9 @@ def summarise(stats_csv: Path) -> Summary:
     if failures_csv.exists():
         with failures_csv.open() as handle:
             rejected = sum(int(r["Occurrences"]) for r in csv.DictReader(handle) if r["Error"].startswith(REJECTED))
+    percentile = lambda key: float("nan") if row[key] == "N/A" else float(row[key])  # noqa: E731  (no request)
     return Summary(int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
-                   float(row["50%"]), float(row["95%"]), float(row["99%"]), rejected)
+                   percentile("50%"), percentile("95%"), percentile("99%"), rejected)
 
 
 def run(model: str, url: str, token: str, *, users: int, duration: str, out: Path) -> tuple[Summary, Path]:

@@ -74,7 +74,9 @@ def decode_image(data: bytes, *, max_pixels: int, draft: tuple[int, int] | None 
         raise ImageTooLarge(f"the image is too large to decode safely: {err}") from None
     except UnidentifiedImageError:
         raise InvalidImage("the bytes are not a recognised image format (PNG, JPEG, GIF, BMP, WebP, TIFF, ...)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError) as err:
+        # Pillow's plugins raise all of these for malformed files (a TIFF with no width tag: KeyError, then
+        # TypeError "Missing dimensions"; found by tests/ops/test_fuzz.py)
         raise InvalidImage(f"the image could not be decoded (truncated or corrupt): {err}") from None
     return image
 
