@@ -20,6 +20,5 @@ class EmbeddingHandler(PipelineHandler):
     settings_class = EmbeddingConfig
 
     def build(self, model_dir: Path, export_manifest: dict, runner: Runner, settings: EmbeddingConfig,
-              context) -> SentenceEncoder:
-        return SentenceEncoder(runner, TextPreset.from_description(export_manifest["preset"], model_dir), settings,
-                               served_as=self.served_as(context))
+              properties: dict) -> SentenceEncoder:
+        return SentenceEncoder(runner, TextPreset.from_description(export_manifest["preset"], model_dir), settings)
