@@ -128,10 +128,13 @@ def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps
 
 
 def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode: Mode, work: Path) -> list[dict]:
-    steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": mode.seconds}
+    # A step lasts at least three p99 budgets, so that even the slowest target (a stock peer of a heavy model)
+    # completes requests in it; QUICK's 2 s would not for a model whose requests take a second.
+    seconds = max(mode.seconds, 3 * spec.bench_p99_ms / 1000)
+    steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": seconds}
              for e in endpoints for users in mode.levels]
     print(f"[2/3] starting TorchServe with {', '.join(e['endpoint'] for e in endpoints)}; then [3/3] Locust: "
-          f"{mode.server_warmup_s:g}s server warm-up, {len(steps)} steps of {mode.seconds:g}s (+{mode.warmup_s:g}s "
+          f"{mode.server_warmup_s:g}s server warm-up, {len(steps)} steps of {seconds:g}s (+{mode.warmup_s:g}s "
           "warm-up)", flush=True)
     return serve_and_drive(spec.name, store, [e["endpoint"] for e in endpoints], steps, work,
                            server_warmup_s=mode.server_warmup_s)
