@@ -16,6 +16,7 @@ from typing import Sequence
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers import oip
 from handlers.batch_metrics import StageClock, publish
 from handlers.requests import Pipeline, RequestError, content_type_of
 from handlers.settings import HandlerSettings
@@ -33,6 +34,18 @@ def content_types(context, count: int) -> list[str]:
         part = headers.get("body")
         types.append(content_type_of(part if isinstance(part, dict) else headers))
     return types
+
+
+def header_lengths(context, count: int) -> list[int | None]:
+    """Each request's Inference-Header-Content-Length (the OIP binary tensor extension), None where it is not
+    used. A value that is no integer is kept as -1, which the pipeline refuses for that request alone."""
+    lengths: list[int | None] = []
+    for idx in range(count):
+        try:
+            lengths.append(oip.header_length(context.get_all_request_header(idx)))
+        except RequestError:
+            lengths.append(-1)
+    return lengths
 
 
 def answer_all(context, results: Sequence[str | RequestError]) -> list[str]:
@@ -55,8 +68,14 @@ class PipelineHandler(BaseHandler):
     settings_class: type[HandlerSettings] = HandlerSettings
 
     def build(self, model_dir: Path, export_manifest: dict, runner: Runner, settings: HandlerSettings,
-              properties: dict) -> Pipeline:
+              context) -> Pipeline:
+        """The model's pipeline; `context` gives the model's name, version and TorchServe's batch size."""
         raise NotImplementedError
+
+    @staticmethod
+    def served_as(context) -> tuple[str, str]:
+        """(model name, version) as TorchServe serves the model: what an OIP answer names."""
+        return context.model_name, str(context.manifest.get("model", {}).get("modelVersion", "1"))
 
     def initialize(self, context) -> None:
         properties = context.system_properties
@@ -69,7 +88,7 @@ class PipelineHandler(BaseHandler):
         export_manifest = json.loads((model_dir / "manifest.json").read_text())
         runner = load_runner(model_dir / context.manifest["model"]["serializedFile"], self.device, threads,
                              half=settings.precision == "fp16")
-        self.pipeline = self.build(model_dir, export_manifest, runner, settings, properties)
+        self.pipeline = self.build(model_dir, export_manifest, runner, settings, context)
         self.pipeline.warm_up()
         logger.info("%s ready on %s with %s (%d intra-op threads)", context.model_name, self.device,
                     type(runner).__name__, threads.intra_op)
@@ -78,7 +97,7 @@ class PipelineHandler(BaseHandler):
     def handle(self, data, context):
         clock = StageClock()
         with clock.stage("preprocess"):
-            batch = self.pipeline.preprocess(data, content_types(context, len(data)))
+            batch = self.pipeline.preprocess(data, content_types(context, len(data)), header_lengths(context, len(data)))
         with clock.stage("inference"):
             outputs = self.pipeline.run(batch)
         with clock.stage("postprocess"):

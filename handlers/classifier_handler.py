@@ -21,9 +21,10 @@ class ClassifierHandler(PipelineHandler):
     settings_class = ClassifierConfig
 
     def build(self, model_dir: Path, export_manifest: dict, runner: Runner, settings: ClassifierConfig,
-              properties: dict) -> ImageClassifier:
+              context) -> ImageClassifier:
         labels = json.loads((model_dir / "index_to_name.json").read_text())
         return ImageClassifier(runner, build_preset(export_manifest["preset"]),
                                [labels[str(i)] for i in range(len(labels))], settings,
                                input_shape=export_manifest["inputs"][0]["example_shape"][1:],
-                               max_batch=int(properties.get("batch_size") or 1))
+                               max_batch=int(context.system_properties.get("batch_size") or 1),
+                               served_as=self.served_as(context))

@@ -20,5 +20,6 @@ class EmbeddingHandler(PipelineHandler):
     settings_class = EmbeddingConfig
 
     def build(self, model_dir: Path, export_manifest: dict, runner: Runner, settings: EmbeddingConfig,
-              properties: dict) -> SentenceEncoder:
-        return SentenceEncoder(runner, TextPreset.from_description(export_manifest["preset"], model_dir), settings)
+              context) -> SentenceEncoder:
+        return SentenceEncoder(runner, TextPreset.from_description(export_manifest["preset"], model_dir), settings,
+                               served_as=self.served_as(context))

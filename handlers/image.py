@@ -5,10 +5,16 @@ request, either a JSON string of predictions or a `RequestError` that carries it
 and JSON body. A bad request never fails its neighbours.
 
 Accepted request forms (per request):
-- the raw image bytes as the body (`curl --data-binary @digit.png`);
+- the raw image bytes as the body (`curl --data-binary @digit.png`; over gRPC, the one input's bytes);
 - a multipart/form-data upload (`curl -F data=@digit.png`; the part named data, file or image, else
   the first file part);
-- JSON `{"image": "<base64>"}` (a `data:image/...;base64,` prefix is accepted).
+- JSON `{"image": "<base64>"}` (a `data:image/...;base64,` prefix is accepted);
+- an Open Inference Protocol infer request (handlers.oip) with one input of several rows: BYTES `[n]`
+  (encoded images, base64 in JSON, raw in the binary extension), UINT8 `[n, h, w, c]` pixels (c = 1, 3
+  or 4, any size: the preset resizes) or FP32 in the model's own input layout (already preprocessed).
+  Its answer has `label` BYTES, `index` INT64 and `score` FP32 outputs, each `[n, topk]`.
+Every row of every request of a batch goes through the model together, in passes of at most
+`max_rows_per_pass` rows (the largest verified batch).
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
-from handlers.requests import Pipeline, RequestError, parse_json_body, per_request
+from handlers import oip
+from handlers.requests import Pipeline, RequestError, json_value, parse_json_body, per_request, request_body
 from handlers.settings import HandlerSettings
 from models.preprocessing import ImageTooLarge, InvalidImage, decode_for
 
 PREFERRED_PARTS = ("data", "file", "image")
+OUTPUTS = ("label", "index", "score")  # an OIP answer's outputs, in this order
+PIXEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels of a UINT8 [n, h, w, c] input -> PIL mode
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class ClassifierConfig(HandlerSettings):
     min_image_side: int = 8  # smaller images carry no usable content (and sklearn's digits are 8x8)
     max_aspect_ratio: int = 20  # long side / short side; a 10000x1 strip is no photo of anything
     preprocess_threads: int = 1  # decode a batch's images on this many threads (Pillow and torch release the GIL)
+    max_rows_per_request: int = 64  # images in one OIP request
+    max_rows_per_pass: int = 64  # rows in one forward pass: at most the largest verified batch
 
 
 def _from_json(value: Any) -> bytes:
@@ -114,29 +127,35 @@ def topk_predictions(probs: torch.Tensor, labels: Sequence[str], k: int) -> list
 
 @dataclass
 class Batch:
-    """A batch after preprocessing: per request, an error already decided or a row of `inputs`."""
+    """A batch after preprocessing: per request, an error already decided or its rows in `inputs`."""
 
     results: list  # per request: RequestError, or None until postprocess fills in the answer
-    inputs: torch.Tensor | None  # (B, ...) rows for the requests at `positions`; None when none decoded
-    positions: list[int]
+    inputs: torch.Tensor | None  # (rows, ...) of every decoded request in order; None when none decoded
+    owners: list[int]  # the request each row belongs to
+    infer: list  # per request: its oip.InferRequest, or None for a native request (one row, a top-k list)
 
 
 class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
-    """preprocess (decode, collate) -> run (one forward pass) -> postprocess (top-k), one answer per request.
+    """preprocess (decode, collate) -> run (forward passes) -> postprocess (top-k), one answer per request.
 
-    `input_shape` (one row, batch axis left out) and `max_batch` size the warm-up passes."""
+    `input_shape` (one row, batch axis left out) checks FP32 inputs and sizes the warm-up passes with
+    `max_batch`; `served_as` (model name, version) names the model in OIP answers."""
 
     def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: Callable,
                  labels: Sequence[str], config: ClassifierConfig, *, input_shape: Sequence[int] = (),
-                 max_batch: int = 1) -> None:
+                 max_batch: int = 1, served_as: tuple[str, str] = ("model", "1")) -> None:
         self.runner, self.preset, self.labels, self.config = runner, preset, list(labels), config
-        self.input_shape, self.max_batch = tuple(input_shape), max_batch
+        self.input_shape, self.max_batch, self.served_as = tuple(input_shape), max_batch, served_as
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="decode") \
             if config.preprocess_threads > 1 else None
 
-    def decode(self, request: Mapping[str, Any], content_type: str = "") -> torch.Tensor:
-        """One request -> its model input tensor, or RequestError naming what is wrong with it."""
-        data = extract_image_bytes(request, content_type, max_bytes=self.config.max_image_bytes)
+    def image(self, data: bytes) -> torch.Tensor:
+        """Encoded image bytes -> the model's input row, or RequestError naming what is wrong with them."""
+        if not data:
+            raise RequestError(400, "EmptyRequest", "the image is empty (0 bytes)")
+        if len(data) > self.config.max_image_bytes:
+            raise RequestError(413, "PayloadTooLarge", f"the image is {len(data)} bytes; this model accepts at most "
+                                                       f"{self.config.max_image_bytes}")
         try:
             return self.preset(decode_for(self.preset, data, max_pixels=self.config.max_image_pixels,
                                           min_side=self.config.min_image_side,
@@ -146,25 +165,98 @@ class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
         except InvalidImage as err:
             raise RequestError(400, "InvalidImage", str(err)) from None
 
-    def _decode_or_error(self, idx: int, request: Mapping[str, Any], content_type: str) -> torch.Tensor | RequestError:
-        return per_request(idx, "decoding", self.decode, request, content_type)
+    def pixels(self, array: np.ndarray) -> torch.Tensor:
+        """(h, w, c) uint8 pixels -> the model's input row, under the same size limits as encoded images."""
+        height, width, channels = array.shape
+        if height * width > self.config.max_image_pixels:
+            raise RequestError(413, "ImageTooLarge", f"the image is {width}x{height} = {width * height} pixels; this "
+                                                     f"model accepts at most {self.config.max_image_pixels}")
+        if min(height, width) < self.config.min_image_side:
+            raise RequestError(400, "InvalidImage", f"the image is {width}x{height}; this model needs at least "
+                                                    f"{self.config.min_image_side} pixels a side")
+        if max(height, width) > self.config.max_aspect_ratio * min(height, width):
+            raise RequestError(400, "InvalidImage", f"the image is {width}x{height}, an aspect ratio over "
+                                                    f"{self.config.max_aspect_ratio}:1")
+        plane = array[:, :, 0] if channels == 1 else array
+        return self.preset(Image.fromarray(np.ascontiguousarray(plane), mode=PIXEL_MODES[channels]))
 
-    def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> Batch:
+    def infer_rows(self, request: oip.InferRequest) -> torch.Tensor:
+        """An OIP request's rows, (n, *input_shape), from its one input in any of the three accepted forms."""
+        request.check_outputs(OUTPUTS)
+        tensor = request.only_input("image")
+        shape, rows = tensor.shape, tensor.rows
+        accepted = (f"send BYTES [n] (encoded images: base64 strings in JSON, raw bytes in the binary extension), "
+                    f"UINT8 [n, h, w, c] pixels with c = 1, 3 or 4, or FP32 {[None, *self.input_shape]} "
+                    "(the model's own input, already preprocessed)")
+        if not 1 <= rows:
+            raise oip.invalid(f"input {tensor.name!r} has no rows (shape {list(shape)})")
+        if rows > self.config.max_rows_per_request:
+            raise oip.invalid(f"input {tensor.name!r} has {rows} rows; at most {self.config.max_rows_per_request} "
+                              "per request", status=413)
+        if tensor.datatype == "BYTES" and shape in ((rows,), (rows, 1)):
+            return torch.stack([self._row(i, self.image, _encoded(value, i)) for i, value in enumerate(tensor.data)])
+        if tensor.datatype == "UINT8" and len(shape) == 4 and shape[3] in PIXEL_MODES:
+            return torch.stack([self._row(i, self.pixels, tensor.data[i]) for i in range(rows)])
+        if tensor.datatype == "FP32" and shape[1:] == self.input_shape:
+            if not np.isfinite(tensor.data).all():
+                raise oip.invalid(f"input {tensor.name!r} holds NaN or infinite values")
+            return torch.from_numpy(np.ascontiguousarray(tensor.data, dtype=np.float32))
+        raise oip.invalid(f"input {tensor.name!r} is {tensor.datatype} {list(shape)}; {accepted}")
+
+    @staticmethod
+    def _row(index: int, convert: Callable[[Any], torch.Tensor], value: Any) -> torch.Tensor:
+        try:
+            return convert(value)
+        except RequestError as err:
+            raise RequestError(err.status, err.kind, f"row {index}: {err.message}") from None
+
+    def decode(self, request: Mapping[str, Any], content_type: str = "",
+               header_length: int | None = None) -> tuple[torch.Tensor, oip.InferRequest | None]:
+        """One request -> its rows and, for an OIP request, the parsed request; or RequestError."""
+        if header_length is not None:  # the binary tensor extension: raw bytes, JSON header first
+            body = request_body(request, content_type)
+            infer = oip.parse_binary(bytes(body) if isinstance(body, (bytes, bytearray)) else b"", header_length)
+            return self._as_oip(self.infer_rows, infer), infer
+        value = json_value(request, content_type)
+        if oip.is_infer_request(value):
+            infer = self._as_oip(oip.parse, value)
+            return self._as_oip(self.infer_rows, infer), infer
+        if value is not None and not content_type:  # JSON with no media type: a gRPC call
+            return self.image(_from_json(value))[None], None
+        return self.image(extract_image_bytes(request, content_type, max_bytes=self.config.max_image_bytes))[None], None
+
+    @staticmethod
+    def _as_oip(action: Callable[[Any], Any], value: Any) -> Any:
+        try:
+            return action(value)
+        except RequestError as err:
+            raise err.as_oip() from None
+
+    def _decode_or_error(self, idx: int, request: Mapping[str, Any], content_type: str, header_length: int | None):
+        return per_request(idx, "decoding", self.decode, request, content_type, header_length)
+
+    def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str],
+                   header_lengths: Sequence[int | None] | None = None) -> Batch:
         """Decode every request (on `preprocess_threads` threads); a bad one gets its RequestError and leaves the batch."""
-        jobs = list(zip(range(len(requests)), requests, content_types, strict=True))
+        lengths = list(header_lengths) if header_lengths is not None else [None] * len(requests)
+        jobs = list(zip(range(len(requests)), requests, content_types, lengths, strict=True))
         if self._pool is not None and len(jobs) > 1:
             decoded = list(self._pool.map(lambda job: self._decode_or_error(*job), jobs))
         else:
             decoded = [self._decode_or_error(*job) for job in jobs]
         results: list = [d if isinstance(d, RequestError) else None for d in decoded]
-        positions = [i for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
-        tensors = [decoded[i] for i in positions]
-        return Batch(results, torch.stack(tensors) if tensors else None, positions)
+        infer = [None if isinstance(d, RequestError) else d[1] for d in decoded]
+        good = [(i, d[0]) for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
+        owners = [i for i, rows in good for _ in range(rows.shape[0])]
+        return Batch(results, torch.cat([rows for _, rows in good]) if good else None, owners, infer)
 
     def run(self, batch: Batch) -> torch.Tensor | None:
-        """The batch's one forward pass: (B, C, H, W) -> (B, classes) logits on the CPU (None when no request
-        of the batch decoded)."""
-        return None if batch.inputs is None else self.runner([batch.inputs])[0]
+        """The batch's forward passes, `max_rows_per_pass` rows at a time: (rows, C, H, W) -> (rows, classes)
+        logits on the CPU (None when no request of the batch decoded)."""
+        if batch.inputs is None:
+            return None
+        step = self.config.max_rows_per_pass
+        return torch.cat([self.runner([batch.inputs[i:i + step]])[0] for i in range(0, batch.inputs.shape[0], step)])
 
     def warm_up(self) -> None:
         """The smallest and the largest batch, once each."""
@@ -172,10 +264,33 @@ class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
             self.runner([torch.zeros((size, *self.input_shape))])
 
     def postprocess(self, batch: Batch, logits: torch.Tensor | None) -> list[str | RequestError]:
-        """Fill in each decoded request's JSON top-k answer; errors stay as they are."""
+        """Fill in each decoded request's JSON answer (a top-k list, or an OIP response); errors stay as they are."""
         results = list(batch.results)
-        if logits is not None:
-            predictions = topk_predictions(torch.softmax(logits.float(), dim=1), self.labels, self.config.topk)
-            for idx, prediction in zip(batch.positions, predictions, strict=True):
-                results[idx] = json.dumps(prediction)
+        if logits is None:
+            return results
+        predictions = topk_predictions(torch.softmax(logits.float(), dim=1), self.labels, self.config.topk)
+        rows_of: dict[int, list[list[dict[str, Any]]]] = {}
+        for owner, prediction in zip(batch.owners, predictions, strict=True):
+            rows_of.setdefault(owner, []).append(prediction)
+        for idx, rows in rows_of.items():
+            request = batch.infer[idx]
+            results[idx] = json.dumps(rows[0]) if request is None else self._infer_response(request, rows)
         return results
+
+    def _infer_response(self, request: oip.InferRequest, rows: list[list[dict[str, Any]]]) -> str:
+        shape = (len(rows), len(rows[0]))
+        flat = [p for row in rows for p in row]
+        outputs = [oip.Tensor("label", "BYTES", shape, [p["label"] for p in flat]),
+                   oip.Tensor("index", "INT64", shape, [p["index"] for p in flat]),
+                   oip.Tensor("score", "FP32", shape, [p["score"] for p in flat])]
+        return oip.response(*self.served_as, request, outputs)
+
+
+def _encoded(value: str | bytes, index: int) -> bytes:
+    """A BYTES element holding an encoded image: raw bytes (binary extension) or a base64 string (JSON)."""
+    if isinstance(value, bytes):
+        return value
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "InvalidBase64", f"row {index} is not valid base64") from None

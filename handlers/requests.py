@@ -17,17 +17,25 @@ logger = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
-    """A problem with one request: an HTTP status, a short type name and a message for the client."""
+    """A problem with one request: an HTTP status, a short type name and a message for the client. Its body
+    is this project's `{"code", "type", "message"}`, or `{"error": message}` for a request that came in the
+    Open Inference Protocol (`oip`), which is how that protocol reports errors."""
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: str, message: str, *, oip: bool = False) -> None:
         super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
+        self.status, self.kind, self.message, self.oip = status, kind, message, oip
 
     @property
     def phrase(self) -> str:
         return http.HTTPStatus(self.status).phrase
 
+    def as_oip(self) -> "RequestError":
+        """The same error, answered in the Open Inference Protocol's form."""
+        return RequestError(self.status, self.kind, self.message, oip=True)
+
     def body(self) -> str:
+        if self.oip:
+            return json.dumps({"error": self.message})
         return json.dumps({"code": self.status, "type": self.kind, "message": self.message})
 
 
@@ -67,6 +75,45 @@ def decode_utf8(data: bytes) -> str:
         raise RequestError(400, "InvalidUTF8", f"the body is not valid UTF-8 (byte {err.start})") from None
 
 
+def request_body(request: Mapping[str, Any], content_type: str) -> Any:
+    """A request's body as TorchServe hands it over: its "body" entry, or, for a request with no media type
+    and one entry (a gRPC Predictions call's input map), that entry. None when there is none."""
+    if "body" in request:
+        return request["body"]
+    if not content_type and len(request) == 1:
+        return next(iter(request.values()))
+    return None
+
+
+def looks_like_json(value: Any) -> bool:
+    """Whether bytes or text start (after blanks) with a JSON object's brace: how a request that came with
+    no media type (gRPC) is told to be JSON."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value[:64]).lstrip().startswith(b"{")
+    return isinstance(value, str) and value.lstrip().startswith("{")
+
+
+def json_value(request: Mapping[str, Any], content_type: str) -> Any:
+    """The request's JSON value, or None when it is not JSON: an application/json body (parsed by TorchServe
+    or not; RequestError 400 when it does not parse), or a body with no media type whose bytes are a JSON
+    object (a gRPC call; bytes that only look like JSON are left to the caller)."""
+    body = request_body(request, content_type)
+    if content_type == "application/json":
+        if isinstance(body, (bytes, bytearray)):  # TorchServe forwards undecodable JSON as raw bytes
+            try:
+                return parse_json_body(bytes(body).decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: not UTF-8 (byte {err.start})") from None
+        return parse_json_body(body) if isinstance(body, str) else body
+    if not content_type and looks_like_json(body):
+        try:
+            value = json.loads(bytes(body).decode("utf-8") if isinstance(body, (bytes, bytearray)) else body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+    return None
+
+
 BatchT = TypeVar("BatchT")
 OutputT = TypeVar("OutputT")
 
@@ -76,7 +123,9 @@ class Pipeline(Generic[BatchT, OutputT]):
     the adapter times separately: `preprocess` (parse and decode; bad requests are answered here), `run` (the
     forward passes) and `postprocess` (one answer per request)."""
 
-    def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> BatchT:
+    def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str],
+                   header_lengths: Sequence[int | None] | None = None) -> BatchT:
+        """`header_lengths`: each request's Inference-Header-Content-Length (OIP binary tensors), or None."""
         raise NotImplementedError
 
     def run(self, batch: BatchT) -> OutputT:

@@ -3,9 +3,12 @@
 Accepted request forms (per request):
 - a text/plain body (UTF-8): one text;
 - JSON `{"text": "..."}`: one text;
-- JSON `{"texts": ["...", ...]}`: up to `max_texts_per_request` texts.
+- JSON `{"texts": ["...", ...]}`: up to `max_texts_per_request` texts;
+- over gRPC (no media type): the one input's bytes, JSON when they are a JSON object, else UTF-8 text;
+- an Open Inference Protocol infer request (handlers.oip): one BYTES input `[n]` of UTF-8 strings.
 Answer: `{"embedding": [...], "tokens": n, "truncated": bool}` for one text, or
-`{"embeddings": [{"embedding": [...], "tokens": n, "truncated": bool}, ...]}` for `texts`, in order.
+`{"embeddings": [{"embedding": [...], "tokens": n, "truncated": bool}, ...]}` for `texts`, in order; for
+an OIP request, the outputs `embedding` FP32 `[n, hidden]`, `tokens` INT32 `[n]` and `truncated` BOOL `[n]`.
 
 A batch's texts (from all its good requests) are tokenized in one call, ordered by token count and cut
 into groups under a token budget, each padded to its own longest text; every group is one forward pass.
@@ -21,7 +24,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from handlers.requests import Pipeline, RequestError, decode_utf8, parse_json_body, per_request
+from handlers import oip
+from handlers.requests import (Pipeline, RequestError, decode_utf8, looks_like_json, parse_json_body, per_request,
+                               request_body)
 from handlers.settings import HandlerSettings
 from models.text import Encoded, TextPreset, length_groups
 
@@ -35,6 +40,9 @@ class EmbeddingConfig(HandlerSettings):
     max_batch_tokens: int = 8192  # padded tokens (texts x longest) per forward pass
     max_group_texts: int = 64
     decimals: int = 7  # embedding values are rounded to this many decimals in the JSON answer
+
+
+OUTPUTS = ("embedding", "tokens", "truncated")  # an OIP answer's outputs, in this order
 
 
 def _check_text(value: Any, where: str, config: EmbeddingConfig) -> str:
@@ -67,24 +75,70 @@ def _from_json(value: Any, config: EmbeddingConfig) -> tuple[list[str], bool]:
 
 
 def extract_texts(request: Mapping[str, Any], content_type: str, config: EmbeddingConfig) -> tuple[list[str], bool]:
-    """The texts of one TorchServe request dict and whether it asked with "texts" (a list answer)."""
+    """The texts of one native TorchServe request dict and whether it asked with "texts" (a list answer)."""
+    texts, form = parse_request(request, content_type, None, config)
+    if isinstance(form, oip.InferRequest):
+        raise RequestError(400, "InvalidJSON", "an Open Inference Protocol request is answered at /v2/models/<model>/infer")
+    return texts, form == "listed"
+
+
+def infer_texts(request: oip.InferRequest, config: EmbeddingConfig) -> list[str]:
+    """The texts of an OIP request: its one BYTES input of n UTF-8 strings."""
+    request.check_outputs(OUTPUTS)
+    tensor = request.only_input("text")
+    if tensor.datatype != "BYTES" or tensor.shape not in ((tensor.rows,), (tensor.rows, 1)):
+        raise oip.invalid(f"input {tensor.name!r} is {tensor.datatype} {list(tensor.shape)}; send BYTES [n] of UTF-8 texts")
+    if not tensor.rows:
+        raise oip.invalid(f"input {tensor.name!r} has no texts")
+    if tensor.rows > config.max_texts_per_request:
+        raise oip.invalid(f"input {tensor.name!r} has {tensor.rows} texts; at most {config.max_texts_per_request} per "
+                          "request", status=413)
+    return [_check_text(decode_utf8(v) if isinstance(v, bytes) else v, f"row {i}", config)
+            for i, v in enumerate(tensor.data)]
+
+
+def _as_oip(action: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return action(*args)
+    except RequestError as err:
+        raise err.as_oip() from None
+
+
+def parse_request(request: Mapping[str, Any], content_type: str, header_length: int | None,
+                  config: EmbeddingConfig) -> tuple[list[str], Any]:
+    """One request's texts and its form: "single", "listed" (it asked with "texts") or its oip.InferRequest."""
+    if header_length is not None:  # the OIP binary tensor extension: raw bytes, JSON header first
+        body = request_body(request, content_type)
+        infer = oip.parse_binary(bytes(body) if isinstance(body, (bytes, bytearray)) else b"", header_length)
+        return _as_oip(infer_texts, infer, config), infer
     if content_type and content_type != "application/json" and not content_type.startswith("text/"):
         raise RequestError(415, "UnsupportedMediaType", f"{content_type} is not accepted; send text/plain (UTF-8) "
                                                         'or application/json {"text": ...} / {"texts": [...]}')
-    if not request or "body" not in request or request["body"] in (b"", ""):
+    body = request_body(request, content_type)
+    if body is None or body in (b"", ""):
         raise RequestError(400, "EmptyRequest", "the request has no body; send text/plain or JSON {\"text\": ...}")
-    body = request["body"]
+    value: Any = None
     if content_type == "application/json":
         if isinstance(body, (bytes, bytearray)):  # TorchServe forwards undecodable JSON as raw bytes
-            body = parse_json_body(decode_utf8(bytes(body)))
-        elif isinstance(body, str):
-            body = parse_json_body(body)
-        return _from_json(body, config)
+            value = parse_json_body(decode_utf8(bytes(body)))
+        else:
+            value = parse_json_body(body) if isinstance(body, str) else body
+    elif not content_type and looks_like_json(body):  # a gRPC call with a JSON object; else it is text
+        try:
+            value = parse_json_body(decode_utf8(bytes(body)) if isinstance(body, (bytes, bytearray)) else body)
+        except RequestError:
+            value = None
+    if oip.is_infer_request(value):
+        infer = _as_oip(oip.parse, value)
+        return _as_oip(infer_texts, infer, config), infer
+    if value is not None:
+        texts, listed = _from_json(value, config)
+        return texts, "listed" if listed else "single"
     if isinstance(body, (bytes, bytearray)):  # TorchServe forwards text that is not UTF-8 as raw bytes
         body = decode_utf8(bytes(body))
     if not isinstance(body, str):
         raise RequestError(400, "InvalidText", f"unexpected body of type {type(body).__name__}")
-    return [_check_text(body, "the text", config)], False
+    return [_check_text(body, "the text", config)], "single"
 
 
 @dataclass
@@ -94,30 +148,32 @@ class TextBatch:
     results: list
     encoded: list[Encoded]
     owners: list[int]  # request index of each text
-    listed: list[bool]  # per request: answer as a list
+    forms: list  # per request: "single", "listed" or its oip.InferRequest
 
 
 class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
     """preprocess (parse, tokenize) -> run (length-grouped forward passes) -> postprocess (JSON)."""
 
     def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: TextPreset,
-                 config: EmbeddingConfig) -> None:
-        self.runner, self.preset, self.config = runner, preset, config
+                 config: EmbeddingConfig, *, served_as: tuple[str, str] = ("model", "1")) -> None:
+        self.runner, self.preset, self.config, self.served_as = runner, preset, config, served_as
 
-    def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> TextBatch:
+    def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str],
+                   header_lengths: Sequence[int | None] | None = None) -> TextBatch:
         results: list = [None] * len(requests)
-        listed = [False] * len(requests)
+        forms: list = ["single"] * len(requests)
         texts: list[str] = []
         owners: list[int] = []
-        for idx, (request, content_type) in enumerate(zip(requests, content_types, strict=True)):
-            parsed = per_request(idx, "parsing", extract_texts, request, content_type, self.config)
+        lengths = list(header_lengths) if header_lengths is not None else [None] * len(requests)
+        for idx, (request, content_type, length) in enumerate(zip(requests, content_types, lengths, strict=True)):
+            parsed = per_request(idx, "parsing", parse_request, request, content_type, length, self.config)
             if isinstance(parsed, RequestError):
                 results[idx] = parsed
                 continue
-            request_texts, listed[idx] = parsed
+            request_texts, forms[idx] = parsed
             texts += request_texts
             owners += [idx] * len(request_texts)
-        return TextBatch(results, self.preset.encode(texts) if texts else [], owners, listed)
+        return TextBatch(results, self.preset.encode(texts) if texts else [], owners, forms)
 
     def embed(self, encoded: Sequence[Encoded]) -> torch.Tensor:
         """(N, hidden) embeddings in the order of `encoded`, one forward pass per length group."""
@@ -149,5 +205,16 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
             items_of.setdefault(owner, []).append(
                 {"embedding": row, "tokens": encoded.tokens, "truncated": encoded.truncated})
         for idx, items in items_of.items():
-            results[idx] = json.dumps({"embeddings": items} if batch.listed[idx] else items[0])
+            form = batch.forms[idx]
+            if isinstance(form, oip.InferRequest):
+                results[idx] = self._infer_response(form, items)
+            else:
+                results[idx] = json.dumps({"embeddings": items} if form == "listed" else items[0])
         return results
+
+    def _infer_response(self, request: oip.InferRequest, items: list[dict[str, Any]]) -> str:
+        rows, width = len(items), len(items[0]["embedding"])
+        outputs = [oip.Tensor("embedding", "FP32", (rows, width), [v for i in items for v in i["embedding"]]),
+                   oip.Tensor("tokens", "INT32", (rows,), [i["tokens"] for i in items]),
+                   oip.Tensor("truncated", "BOOL", (rows,), [i["truncated"] for i in items])]
+        return oip.response(*self.served_as, request, outputs)

@@ -36,6 +36,7 @@ def test_model_config_yaml_matches_the_registry(spec):
     settings = HANDLER_SETTINGS[spec.handler].from_mapping(config["handler"])
     if isinstance(settings, ClassifierConfig):
         assert 1 <= settings.topk <= len(spec.labels)
+        assert settings.max_rows_per_pass <= max(spec.verify_batch_sizes), "a forward pass larger than verified"
     else:  # a forward pass never holds more texts than verification covered
         assert settings.max_group_texts <= max(spec.verify_batch_sizes)
 

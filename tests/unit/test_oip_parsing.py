@@ -1,0 +1,153 @@
+"""The Open Inference Protocol in the pipelines (handlers.oip, handlers.image), against a tiny fixed-weight
+model: parsing (JSON and binary tensors), every error a 4xx with the protocol's body, rows split into passes of
+the configured size, native and infer requests answered side by side in one batch."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from handlers import oip
+from handlers.image import ClassifierConfig, ImageClassifier
+from handlers.requests import RequestError
+from models.preprocessing import DigitsPreset
+from models.samples import encode, render
+
+PNG = encode(render(torch.eye(8).numpy(), polarity="dark-on-light"))
+B64 = base64.b64encode(PNG).decode()
+
+
+def infer(inputs, **extra):
+    return {"inputs": inputs, **extra}
+
+
+def test_json_tensors_parse_flat_or_nested_with_their_shapes():
+    request = oip.parse(infer([{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3, 4]]},
+                               {"name": "y", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}],
+                              id="r", outputs=[{"name": "score"}]))
+    assert request.id == "r" and request.outputs == ("score",)
+    x, y = request.inputs
+    assert x.data.dtype == np.float32 and x.data.tolist() == [[1, 2], [3, 4]] and x.rows == 2
+    assert y.data == ["a", "b"] and y.shape == (2,)
+
+
+def test_binary_tensors_follow_the_json_header():
+    header = json.dumps(infer([{"name": "px", "shape": [1, 2], "datatype": "UINT8", "parameters": {"binary_data_size": 2}},
+                               {"name": "t", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": 11}}]))
+    raw = header.encode() + bytes([7, 250]) + struct.pack("<I", 2) + b"hi" + struct.pack("<I", 1) + b"!"
+    request = oip.parse_binary(raw, len(header.encode()))
+    assert request.inputs[0].data.tolist() == [[7, 250]] and request.inputs[1].data == [b"hi", b"!"]
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"inputs": []}, "non-empty list"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]}, "holds 2 values, data has 1"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FLOAT", "data": [1]}]}, "datatype 'FLOAT'"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]}, "not UINT8"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": ["1"]}]}, "must be numbers"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]}, "must be strings"),
+    ({"inputs": [{"name": "x", "shape": "1", "datatype": "BYTES", "data": ["a"]}]}, "shape"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]}, "no 'data'"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "id": 3}, "'id'"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}] * 2}, "repeat"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 9}}]}, "does not fit"),
+])
+def test_malformed_requests_are_400_with_the_protocols_error_body(body, match):
+    with pytest.raises(RequestError, match=match) as info:
+        oip.parse(body)
+    assert info.value.status == 400 and set(json.loads(info.value.body())) == {"error"}
+
+
+def test_a_header_length_past_the_body_is_refused():
+    with pytest.raises(RequestError, match="does not fit"):
+        oip.parse_binary(b'{"inputs": []}', 500)
+
+
+class Brightness(nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        mean = image.mean(dim=(1, 2, 3))
+        return torch.stack([-mean, mean], dim=1) * 10
+
+
+@pytest.fixture
+def classifier():
+    model = Brightness().eval()
+    calls: list[int] = []
+
+    def runner(inputs):
+        calls.append(inputs[0].shape[0])
+        return [model(*inputs)]
+
+    pipeline = ImageClassifier(runner, DigitsPreset(), ["dark", "bright"],
+                               ClassifierConfig(topk=2, max_rows_per_pass=3, max_rows_per_request=8),
+                               input_shape=(1, 32, 32), served_as=("digits", "1.0"))
+    pipeline.calls = calls
+    return pipeline
+
+
+def test_native_and_infer_requests_share_a_batch_and_rows_are_split_into_passes(classifier):
+    dark = encode(render(torch.zeros(8, 8).numpy()))
+    rows = [B64, base64.b64encode(dark).decode(), B64, B64]
+    requests = [{"body": PNG},
+                {"body": infer([{"name": "image", "shape": [4], "datatype": "BYTES", "data": rows}], id="a")},
+                {"body": infer([{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["@@"]}], id="bad")},
+                {"body": infer([{"name": "image", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.5] * 1024}],
+                               outputs=[{"name": "index"}])}]
+    results = classifier.process(requests, ["image/png", "application/json", "application/json", "application/json"])
+    assert classifier.calls == [3, 3], "6 rows in passes of at most max_rows_per_pass = 3"
+    assert [p["label"] for p in json.loads(results[0])] == ["dark", "bright"]
+    answer = json.loads(results[1])
+    assert answer["id"] == "a" and answer["model_name"] == "digits" and answer["model_version"] == "1.0"
+    label, index, score = answer["outputs"]
+    assert (label["name"], label["datatype"], label["shape"]) == ("label", "BYTES", [4, 2])
+    assert (index["datatype"], score["datatype"]) == ("INT64", "FP32") and len(score["data"]) == 8
+    assert label["data"][0:2] == [p["label"] for p in json.loads(results[0])]
+    assert isinstance(results[2], RequestError) and results[2].status == 400
+    assert json.loads(results[2].body()) == {"error": "row 0 is not valid base64"}
+    only = json.loads(results[3])
+    assert [o["name"] for o in only["outputs"]] == ["index"] and "id" not in only
+
+
+def test_pixels_are_resized_by_the_preset_and_checked_like_images(classifier):
+    pixels = np.full((1, 40, 24, 3), 255, dtype=np.uint8)
+    pixels[0, 8:32, 10:14] = 0
+    answer = classifier.process([{"body": infer([{"name": "image", "shape": list(pixels.shape), "datatype": "UINT8",
+                                                  "data": pixels.ravel().tolist()}])}], ["application/json"])[0]
+    assert json.loads(answer)["outputs"][1]["shape"] == [1, 2]
+    tiny = np.zeros((1, 2, 2, 1), dtype=np.uint8)
+    refused = classifier.process([{"body": infer([{"name": "image", "shape": [1, 2, 2, 1], "datatype": "UINT8",
+                                                   "data": tiny.ravel().tolist()}])}], ["application/json"])[0]
+    assert refused.status == 400 and "row 0" in json.loads(refused.body())["error"]
+
+
+@pytest.mark.parametrize("tensor, status, match", [
+    ({"name": "image", "shape": [9], "datatype": "BYTES", "data": [B64] * 9}, 413, "at most 8"),
+    ({"name": "image", "shape": [1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}, 400, "FP32 \\[None, 1, 32, 32\\]"),
+    ({"name": "image", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3, 4]}, 400, "INT32"),
+])
+def test_an_input_the_model_cannot_take_names_the_forms_it_can(classifier, tensor, status, match):
+    result = classifier.process([{"body": infer([tensor])}], ["application/json"])[0]
+    assert isinstance(result, RequestError) and result.status == status
+    assert result.oip and __import__("re").search(match, json.loads(result.body())["error"])
+
+
+def test_an_unknown_output_is_refused_before_inference(classifier):
+    result = classifier.process([{"body": infer([{"name": "image", "shape": [1], "datatype": "BYTES", "data": [B64]}],
+                                                outputs=[{"name": "logits"}])}], ["application/json"])[0]
+    assert result.status == 400 and "unknown output 'logits'" in json.loads(result.body())["error"]
+    assert classifier.calls == []
+
+
+def test_with_no_media_type_json_bytes_are_read_as_json(classifier):
+    """A gRPC Predictions call: the input map's one entry, no Content-Type."""
+    body = json.dumps(infer([{"name": "image", "shape": [1], "datatype": "BYTES", "data": [B64]}])).encode()
+    native = json.dumps({"image": B64}).encode()
+    oip_answer, native_answer, raw = classifier.process([{"data": body}, {"data": native}, {"data": PNG}], ["", "", ""])
+    assert json.loads(oip_answer)["outputs"][0]["data"] == [p["label"] for p in json.loads(raw)]
+    assert json.loads(native_answer) == json.loads(raw)
