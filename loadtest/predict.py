@@ -13,16 +13,23 @@ from loadtest.payloads import payloads
 from serve_config.control import ServerError, read_keys
 
 
+def inference_key(run_dir: Path) -> str | None:
+    """The running server's inference key from `run_dir`, or None after saying on stderr why there is none."""
+    try:
+        return read_keys(run_dir)["inference"]
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--run-dir", type=Path, default=Path("run"))
     parser.add_argument("--url", default="http://127.0.0.1:8080")
     args = parser.parse_args(argv)
-    try:
-        token = read_keys(args.run_dir)["inference"]
-    except ServerError as err:
-        print(f"error: {err}", file=sys.stderr)
+    token = inference_key(args.run_dir)
+    if token is None:
         return 1
     sample = payloads(args.model, 1)[0]
     answer = requests.post(f"{args.url}/predictions/{args.model}", data=sample.body, timeout=30,

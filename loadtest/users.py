@@ -1,7 +1,8 @@
 """The Locust user both `make loadtest` (locustfile.py) and the bench driver (drive.py) run.
 
-Each user posts a real payload, picked at random, as the raw body with its media type and the
-inference bearer token, and waits for the answer before the next (closed loop: concurrency = users).
+Each user posts a real payload, picked at random, to its path (native or Open Inference Protocol) with its
+media type, its own headers and the inference bearer token, and waits for the answer before the next (closed
+loop: concurrency = users).
 Any non-200 answer is a failure; a 503 (TorchServe's job queue is full: the server is shedding load, not
 crashing) is recorded as "rejected", apart from other failures.
 """
@@ -38,9 +39,10 @@ class InferenceUser(FastHttpUser):
     @task
     def predict(self) -> None:
         payload = self.rng.choice(self.payloads)
+        path = payload.path.format(endpoint=self.endpoint)
         with self.client.post(
-            f"/predictions/{self.endpoint}", data=payload.body, name=f"/predictions/{self.endpoint}",
-            catch_response=True, headers={"Authorization": self.auth, "Content-Type": payload.content_type},
+            path, data=payload.body, name=path, catch_response=True,
+            headers={"Authorization": self.auth, "Content-Type": payload.content_type, **payload.headers},
         ) as response:
             if response.status_code == 503:
                 response.failure(f"{REJECTED} (HTTP 503): {response.text[:120]}")

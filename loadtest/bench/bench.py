@@ -10,8 +10,10 @@ On one machine, one after the other, in the same conditions:
               with TorchServe's default batching and threads, once with one worker and once with as many
               as ours (stock threads oversubscribe a small host, so more workers can be slower); the
               peer's figure is the better of the two;
-3. Locust (loadtest/drive.py) drives each at rising concurrency, recording requests/s, latency
-   percentiles, failures, the handler's per-batch metrics, and the CPU of load generator and server.
+3. Locust (loadtest/bench/drive.py) drives each at rising concurrency, recording requests/s, latency
+   percentiles, failures, the handler's per-batch metrics, and the CPU of load generator and server; then the
+   served model in the other request forms (Open Inference Protocol BYTES, and pixel tensors for an image
+   model), at the same concurrency levels, to compare with its native form.
 The report (JSON, Markdown, PNG) goes to results/bench/<model>-<timestamp>/; the ratios print last.
 """
 
@@ -128,11 +130,15 @@ def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps
 
 
 def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode: Mode, work: Path) -> list[dict]:
+    """Every endpoint at every level; then the served model again in each other request form its workload
+    names (Open Inference Protocol BYTES rows, pixel tensors), at the same levels."""
+    served = next(e for e in endpoints if e["target"] == "served")
+    forms = [{**served, "target": form, "form": form} for form in registry.resolve(spec.bench_workload).forms]
     # A step lasts at least three p99 budgets, so that even the slowest target (a stock peer of a heavy model)
     # completes requests in it; QUICK's 2 s would not for a model whose requests take a second.
     seconds = max(mode.seconds, 3 * spec.bench_p99_ms / 1000)
     steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": seconds}
-             for e in endpoints for users in mode.levels]
+             for e in [*endpoints, *forms] for users in mode.levels]
     print(f"[2/3] starting TorchServe with {', '.join(e['endpoint'] for e in endpoints)}; then [3/3] Locust: "
           f"{mode.server_warmup_s:g}s server warm-up, {len(steps)} steps of {seconds:g}s (+{mode.warmup_s:g}s "
           "warm-up)", flush=True)

@@ -146,6 +146,7 @@ class ImageWorkload:
     """An image model: random tensors of the input spec, and the real payloads' decode cost."""
 
     unit = "image"
+    forms = ("oip-bytes", "oip-pixels")  # the bench's request forms beside the native one (loadtest.payloads)
 
     def __init__(self, spec: registry.ModelSpec, artifacts: Path, handler_config: dict) -> None:
         self.spec = spec
@@ -162,6 +163,7 @@ class TextWorkload:
     """A text model: the payload texts, length-grouped per batch as the handler groups them, and tokenizing cost."""
 
     unit = "text"
+    forms = ("oip-bytes",)
 
     def __init__(self, spec: registry.ModelSpec, artifacts: Path, handler_config: dict) -> None:
         from models.text import TextPreset

@@ -4,9 +4,11 @@
 
 A plan names the server (URL, tokens, metrics URL, its PID) and a list of steps: which served model
 (endpoint) to call, with how many concurrent users, for how long after a warm-up. One Locust process
-runs every step, so no step pays Locust's start-up. Per step it records what Locust saw (requests/s,
-p50/p95/p99, failures), what the server's /metrics counters moved by (handler batches and stage
-times, frontend queue time) and the CPU seconds used by the load generator and by the server.
+runs every step, so no step pays Locust's start-up. A step's "form" (loadtest.payloads.FORMS, native by
+default) says how the payloads are sent: natively, or as Open Inference Protocol infer requests. Per step
+it records what Locust saw (requests/s, p50/p95/p99, failures), what the server's /metrics counters moved
+by (handler batches and stage times, frontend queue time) and the CPU seconds used by the load generator
+and by the server.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def run_step(env: Environment, plan: dict, step: dict) -> dict:
     """One step: closed loop (each user sends as soon as its answer is back), or, with "rate" (req/s in all),
     open pacing: each user at rate/users requests per second."""
     BenchUser.endpoint = step["endpoint"]
+    BenchUser.payloads = plan["forms"][step.get("form", "native")]
     BenchUser.wait_time = constant_throughput(step["rate"] / step["users"]) if step.get("rate") else constant(0)
     runner = env.create_local_runner()
     runner.start(step["users"], spawn_rate=max(step["users"], 1))
@@ -109,13 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads(args.plan.read_text())
     if not plan["host"].startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("load goes to loopback only")
-    BenchUser.payloads = payloads(plan["payload_model"], plan.get("samples", 64))
+    forms = sorted({step.get("form", "native") for step in plan["steps"]})
+    plan["forms"] = {form: payloads(plan["payload_model"], plan.get("samples", 64), form) for form in forms}
     BenchUser.token = plan["inference_token"]
     results = []
     for step in plan["steps"]:
         env = Environment(user_classes=[BenchUser], host=plan["host"])
         result = run_step(env, plan, step)
-        print(f"  {step['endpoint']:<16} {step['users']:>3} users: {result['rps']:8.1f} req/s  p99 {result['p99_ms']:6.0f} ms"
+        label = step["endpoint"] + (f" ({step['form']})" if step.get("form", "native") != "native" else "")
+        print(f"  {label:<28} {step['users']:>3} users: {result['rps']:8.1f} req/s  p99 {result['p99_ms']:6.0f} ms"
               f"  failures {result['failures']}  loadgen {result['loadgen_cores']:.2f} cores", flush=True)
         results.append(result)
         args.out.write_text(json.dumps(results, indent=1))

@@ -141,6 +141,12 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
                            "other_p99_ms": peer["p99_ms"]},
     }
     budget = cpu_budget(os.cpu_count() or 1, targets, compute, workers)
+    native = {s["users"]: s for s in targets["served"]["steps"]}
+    forms = {}
+    for form in dict.fromkeys(s["target"] for s in steps if s["target"] not in TARGETS):
+        rows = [{**s, "breakdown": breakdown(s["server_metrics"]), "over_native": s["rps"] / native[s["users"]]["rps"]
+                 if native.get(s["users"], {}).get("rps") else math.nan} for s in steps if s["target"] == form]
+        forms[form] = {"steps": rows, "at_served_best": next((r for r in rows if r["users"] == served["users"]), None)}
     return {
         "model": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
@@ -153,6 +159,7 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
         "ratios": ratios,
         "cpu_budget": budget,
         "goals": goals(spec, ratios, budget),
+        "forms": forms,
     }
 
 
@@ -180,6 +187,9 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
 
 def ratios_text(data: dict[str, Any]) -> str:
     lines = []
+    if data.get("forms"):
+        lines += [f"request forms of {data['model']} against the native one (req/s at the same concurrency):",
+                  *form_lines(data)]
     if data["goals"]:
         lines += [f"goals for {data['model']} (registry bench_goals):", *goal_lines(data)]
     lines.append(f"ratios for {data['model']} (each target at its best concurrency, p99 budget {data['p99_budget_ms']:g} ms):")
@@ -195,6 +205,17 @@ def ratios_text(data: dict[str, Any]) -> str:
                      f"({fastest['backend']}, verified to a looser tolerance: {fastest['samples_per_s']:.0f}/s at batch "
                      f"{fastest['batch']}; not served by default)")
     return "\n".join(lines)
+
+
+def form_lines(data: dict[str, Any]) -> list[str]:
+    """One line per request form: its req/s over native's at every level, the level of served's best first."""
+    lines = []
+    for form, f in data["forms"].items():
+        best = f["at_served_best"]
+        levels = ", ".join(f"{s['over_native']:.3f} at {s['users']}" for s in f["steps"])
+        head = f"{best['over_native']:6.3f} at {best['users']} users ({best['rps']:.0f} req/s)" if best else "   –"
+        lines.append(f"  {form + ' / native':<24} {head}; by level: {levels}")
+    return lines
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -237,6 +258,14 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(f"| {s['users']} | {_f(b['mean_batch_size'])} | {_f(b['preprocess_ms_per_batch'], 2)} | "
                    f"{_f(b['inference_ms_per_batch'], 2)} | {_f(b['postprocess_ms_per_batch'], 2)} | "
                    f"{_f(b['queue_ms_per_request'], 2)} | {_f(b['frontend_ms_per_request'], 2)} | {sizes} |")
+    out += ["", "## Request forms (the served model, same concurrency levels)", "",
+            "Native: `/predictions/<model>` with the file's bytes. oip-bytes: `/v2/models/<model>/infer`, one BYTES row "
+            "(base64 image, or the text). oip-pixels: the decoded image as a UINT8 tensor in the binary extension.", "",
+            "| form | users | req/s | over native | p99 ms | failures |", "|---|---:|---:|---:|---:|---:|"]
+    for form, f in data.get("forms", {}).items():
+        for s in f["steps"]:
+            out.append(f"| {form} | {s['users']} | {s['rps']:.1f} | {_f(s['over_native'], 3)} | {_f(s['p99_ms'], 0)} | "
+                       f"{s['failures']} |")
     out += cpu_markdown(data)
     table = data["compute"]["samples_per_s"]
     sizes = list(next(iter(table.values())))

@@ -24,7 +24,8 @@ import yaml
 from export import archive
 from loadtest.bench.bench import serve_and_drive, serve_settings
 from models import registry
-from models.paths import FULL, ROOT
+from models import paths
+from models.paths import ROOT
 from models.registry import BACKEND_ARTIFACT
 LEVELS = (8, 32, 64)
 
@@ -87,7 +88,7 @@ def sweep(model: str, out_root: Path, *, seconds: float, warmup: float,
         config = work / f"{v.name}.yaml"
         config.write_text(yaml.safe_dump(v.config(base), sort_keys=False))
         names[v] = f"{spec.name}-{v.name}"
-        archive.archive(spec, FULL.artifacts(spec.name), store, config=config, name=names[v],
+        archive.archive(spec, paths.current().artifacts(spec.name), store, config=config, name=names[v],
                         artifact=BACKEND_ARTIFACT[v.backend], staging=work / "extra")
     steps = [{"target": v.name, "endpoint": names[v], "users": u, "warmup": warmup, "seconds": seconds}
              for v in points for u in LEVELS]

@@ -59,9 +59,18 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
     for target in TARGETS:
         cost = data["cpu_budget"][target]
         assert _finite(cost["server_ms"]) and cost["server_ms"] > 0 and _finite(cost["bound_rps"]), (target, cost)
+    from models import registry
+
+    forms = registry.resolve(spec.bench_workload).forms
+    assert list(data["forms"]) == list(forms) and forms, "every request form of the model's workload was driven"
+    for form, f in data["forms"].items():
+        assert [s["users"] for s in f["steps"]] == list(bench.QUICK.levels)
+        for s in f["steps"]:
+            assert s["requests"] > 0 and s["failures"] == 0, (form, s["errors"])
+            assert _finite(s["over_native"]) and s["over_native"] > 0
     report = (report_dir / "report.md").read_text()
-    for section in ("## Ratios", "## Load, per target", "## Where the time goes", "## Goals", "## CPU per request",
-                    "## Compute limit"):
+    for section in ("## Ratios", "## Load, per target", "## Where the time goes", "## Request forms", "## Goals",
+                    "## CPU per request", "## Compute limit"):
         assert section in report
     for plot in ("throughput.png", "latency.png", "compute.png"):
         assert (report_dir / plot).read_bytes().startswith(b"\x89PNG")
