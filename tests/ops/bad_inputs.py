@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import struct
 import zlib
 
@@ -132,3 +133,67 @@ def text_matrix(max_texts: int, max_chars: int, max_request_size: int) -> list[t
          "UnsupportedMediaType"),
         ("over the server's max_request_size", b"z" * (max_request_size + 1), TEXT, 413, None),
     ]
+
+
+def _infer(inputs, **extra) -> bytes:
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+def oip_matrix(image_model: bool, input_shape: tuple[int, ...], max_rows: int) -> list[tuple[str, bytes, dict, int]]:
+    """Bad Open Inference Protocol infer requests for /v2/models/<model>/infer: (name, body, headers, status).
+    Each must be answered with its status and the protocol's `{"error": "..."}` body."""
+    good = base64.b64encode(png(64, 64)).decode() if image_model else "a fine sentence"
+    name = "image" if image_model else "text"
+    cases = [
+        ("no inputs", _infer([]), JSON, 400),
+        ("inputs is not a list", _infer({"name": name}), JSON, 400),
+        ("an input without a name", _infer([{"shape": [1], "datatype": "BYTES", "data": [good]}]), JSON, 400),
+        ("unknown datatype", _infer([{"name": name, "shape": [1], "datatype": "STRING", "data": [good]}]), JSON, 400),
+        ("wrong datatype for the model", _infer([{"name": name, "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}]),
+         JSON, 400),
+        ("shape holds more than data", _infer([{"name": name, "shape": [2], "datatype": "BYTES", "data": [good]}]), JSON, 400),
+        ("data holds more than shape", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": [good, good]}]),
+         JSON, 400),
+        ("negative shape", _infer([{"name": name, "shape": [-1], "datatype": "BYTES", "data": [good]}]), JSON, 400),
+        ("numbers in BYTES", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": [7]}]), JSON, 400),
+        ("two inputs", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": [good]},
+                               {"name": "other", "shape": [1], "datatype": "BYTES", "data": [good]}]), JSON, 400),
+        ("unknown output name", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": [good]}],
+                                       outputs=[{"name": "nope"}]), JSON, 400),
+        ("id that is not a string", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": [good]}], id=5),
+         JSON, 400),
+        ("too many rows", _infer([{"name": name, "shape": [max_rows + 1], "datatype": "BYTES",
+                                   "data": [good] * (max_rows + 1)}]), JSON, 413),
+        ("binary header length past the body", _infer([{"name": name, "shape": [1], "datatype": "BYTES",
+                                                        "parameters": {"binary_data_size": 10}}]),
+         {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "100000"}, 400),
+        ("binary data size past the body", _infer([{"name": name, "shape": [1], "datatype": "BYTES",
+                                                    "parameters": {"binary_data_size": 64}}]) + b"\x02\x00\x00\x00ab",
+         {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(_infer(
+             [{"name": name, "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 64}}])))}, 400),
+    ]
+    if image_model:
+        cases += [
+            ("bad base64", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": ["@@not base64@@"]}]), JSON, 400),
+            ("base64 of text", _infer([{"name": name, "shape": [1], "datatype": "BYTES",
+                                        "data": [base64.b64encode(b"hello").decode()]}]), JSON, 400),
+            ("UINT8 out of range", _infer([{"name": name, "shape": [1, 8, 8, 1], "datatype": "UINT8",
+                                            "data": [300] * 64}]), JSON, 400),
+            ("UINT8 with 2 channels", _infer([{"name": name, "shape": [1, 8, 8, 2], "datatype": "UINT8",
+                                               "data": [0] * 128}]), JSON, 400),
+            ("UINT8 image too small", _infer([{"name": name, "shape": [1, 2, 2, 3], "datatype": "UINT8",
+                                               "data": [0] * 12}]), JSON, 400),
+            ("FP32 of the wrong layout", _infer([{"name": name, "shape": [1, 2, 2], "datatype": "FP32",
+                                                  "data": [0.0] * 4}]), JSON, 400),
+            ("FP32 with NaN", _infer([{"name": name, "shape": [1, *input_shape], "datatype": "FP32",
+                                       "data": [float("nan")] + [0.0] * (math.prod(input_shape) - 1)}]), JSON, 400),
+        ]
+    else:
+        cases += [
+            ("an empty text", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": ["  "]}]), JSON, 400),
+            ("binary text that is not UTF-8", _infer([{"name": name, "shape": [1], "datatype": "BYTES",
+                                                       "parameters": {"binary_data_size": 7}}]) + b"\x03\x00\x00\x00\xff\xfe\xfa",
+             {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(_infer(
+                 [{"name": name, "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 7}}])))}, 400),
+        ]
+    return cases

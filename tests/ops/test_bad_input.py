@@ -64,3 +64,55 @@ def test_each_bad_request_gets_its_own_4xx_inside_a_crowd_of_good_ones(server, s
             wrong.append(f"{name}: type {body.get('type')!r}, expected {kind!r}")
     assert not wrong, "\n".join(wrong)
     assert worker_pids(server, spec.name) == pids, "a bad request restarted a worker"
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_each_bad_infer_request_gets_its_own_4xx_among_good_native_and_infer_requests(server, spec):
+    """The OIP matrix at /v2/models/<model>/infer, all at once among good native requests and good infer requests
+    to the same model (both forms in the same batches): each bad one its own status and `{"error": ...}` body,
+    every good one 200, the workers the same before and after."""
+    import base64
+    import json as jsonlib
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from tests.ops.bad_inputs import oip_matrix
+
+    handler = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())["handler"]
+    image_model = spec.kind == "image-classifier"
+    max_rows = handler["max_rows_per_request"] if image_model else handler["max_texts_per_request"]
+    samples = payloads(spec.name, 6)
+    first = samples[0]
+    row = base64.b64encode(first.body).decode() if image_model else (
+        jsonlib.loads(first.body)["text"] if first.content_type == "application/json" else first.body.decode())
+    good_infer = jsonlib.dumps({"inputs": [{"name": "image" if image_model else "text", "shape": [2], "datatype": "BYTES",
+                                            "data": [row, row]}]}).encode()
+    native_url = f"{server.inference_url}/predictions/{spec.name}"
+    infer_url = f"{server.inference_url}/v2/models/{spec.name}/infer"
+    jobs = [("good native", native_url, s.body, {"Content-Type": s.content_type}, 200) for s in samples]
+    jobs += [("good infer", infer_url, good_infer, {"Content-Type": "application/json"}, 200)] * 4
+    jobs += [(name, infer_url, body, headers, status)
+             for name, body, headers, status in oip_matrix(image_model, tuple(spec.inputs[0].example_shape[1:]), max_rows)]
+    jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7) % len(jobs))]
+    pids = worker_pids(server, spec.name)
+    barrier, auth = threading.Barrier(len(jobs)), server.headers()
+
+    def send(job):
+        _, url, body, headers, _ = job
+        barrier.wait(timeout=60)
+        return requests.post(url, data=body, headers={**auth, **headers}, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    wrong = []
+    for (name, url, _, _, status), answer in zip(jobs, answers):
+        if answer.status_code != status:
+            wrong.append(f"{name}: HTTP {answer.status_code} (expected {status}): {answer.text[:160]}")
+        elif status != 200 and not (set(answer.json()) == {"error"} and answer.json()["error"]):
+            wrong.append(f"{name}: not an OIP error body: {answer.text[:160]}")
+        elif status == 200 and url == infer_url and answer.json()["outputs"][0]["shape"][0] != 2:
+            wrong.append(f"{name}: {answer.text[:160]}")
+    assert not wrong, "\n".join(wrong)
+    assert worker_pids(server, spec.name) == pids, "a bad request restarted a worker"

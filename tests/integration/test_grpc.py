@@ -1,0 +1,134 @@
+"""TorchServe's own gRPC inference API (inference.proto, compiled at test time from the installed
+model-server.jar) against a real TorchServe: Ping, and Predictions for every model with the same answer as
+REST, in every body form, with no media type to go by; a call without the key is refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import grpc
+import pytest
+import requests
+
+from loadtest.grpc_client import Client
+from loadtest.payloads import payloads
+from tests.conftest import SERVED, worker_pids
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    client = Client("127.0.0.1", server.ports.grpc_inference, server.keys()["inference"])
+    yield client
+    client.close()
+
+
+def rest(server, model: str, body: bytes, media: str):
+    return requests.post(f"{server.inference_url}/predictions/{model}", data=body, timeout=60,
+                         headers={**server.headers(), "Content-Type": media})
+
+
+def test_ping_answers_healthy_with_the_key(client):
+    assert json.loads(client.ping())["status"] == "Healthy"
+
+
+def test_a_call_without_the_key_or_with_a_wrong_one_is_refused(server):
+    for token in (None, "wrong-key"):
+        anonymous = Client("127.0.0.1", server.ports.grpc_inference, token)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                anonymous.predict(SERVED[0].name, payloads(SERVED[0].name, 1)[0].body)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError):
+                anonymous.ping()
+        finally:
+            anonymous.close()
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_every_model_answers_over_grpc_as_over_rest(server, client, spec):
+    for sample in payloads(spec.name, 4):
+        native = rest(server, spec.name, sample.body, sample.content_type)
+        assert native.status_code == 200, native.text
+        answer = json.loads(client.predict(spec.name, sample.body))
+        if spec.kind == "text-embedding":
+            assert answer["tokens"] == native.json()["tokens"]
+            assert max(abs(a - b) for a, b in zip(answer["embedding"], native.json()["embedding"])) <= 1e-5
+        else:
+            assert answer == native.json()
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_json_and_infer_requests_are_told_apart_by_their_bytes(server, client, spec):
+    """With no Content-Type, a JSON object is read as JSON (the native form or an OIP infer request)."""
+    sample = payloads(spec.name, 1)[0]
+    if spec.kind == "text-embedding":
+        text = json.loads(sample.body)["text"] if sample.content_type == "application/json" else sample.body.decode()
+        native = json.dumps({"texts": [text, "second"]}).encode()
+        infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+        listed = json.loads(client.predict(spec.name, native))
+        assert [e["tokens"] for e in listed["embeddings"]][1] == 3
+    else:
+        native = json.dumps({"image": base64.b64encode(sample.body).decode()}).encode()
+        infer = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                             "data": [base64.b64encode(sample.body).decode()]}]}
+        assert json.loads(client.predict(spec.name, native)) == rest(server, spec.name, sample.body,
+                                                                     sample.content_type).json()
+    reply = json.loads(client.predict(spec.name, json.dumps(infer).encode()))
+    assert reply["model_name"] == spec.name and reply["outputs"][0]["shape"][0] == 1
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
+def test_bad_input_over_grpc_is_a_4xx_body_and_the_workers_stay(server, client, spec):
+    """TorchServe 0.12 gives a Predictions call its handler's body with gRPC status OK (its gRPC frontend drops
+    the per-request status), so the 4xx is in the body; the workers are the same before and after."""
+    pids = worker_pids(server, spec.name)
+    bad = [b"", b"\xff\xfe\xfa not anything", b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}',
+           b'{"image": 5, "text": 5}']
+    for body in bad:
+        answer = json.loads(client.predict(spec.name, body))
+        status = answer.get("code", 400 if "error" in answer else None)
+        assert status is not None and 400 <= status < 500, (body, answer)
+    assert worker_pids(server, spec.name) == pids
+
+
+def test_oip_health_over_rest_and_grpc_with_the_key(server):
+    """What ts_open_inference_protocol adds (docs/protocols.md): /v2/health/* over REST and KServe's
+    GRPCInferenceService beside TorchServe's own, both behind the key; model metadata and readiness are not
+    REST routes in TorchServe 0.12 (404)."""
+    from loadtest.grpc_client import stubs
+
+    for path, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready")):
+        assert requests.get(f"{server.inference_url}{path}", headers=server.headers(), timeout=10).json() == {key: True}
+        assert requests.get(f"{server.inference_url}{path}", timeout=10).status_code == 400
+    assert requests.get(f"{server.inference_url}/v2/models/{SERVED[0].name}/ready", headers=server.headers(),
+                        timeout=10).status_code == 404
+    pb2, pb2_grpc = stubs(proto="open_inference_grpc")
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports.grpc_inference}") as channel:
+        stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+        metadata = [("authorization", f"Bearer {server.keys()['inference']}")]
+        assert stub.ServerLive(pb2.ServerLiveRequest(), metadata=metadata, timeout=10).live
+        for spec in SERVED:
+            assert stub.ModelReady(pb2.ModelReadyRequest(name=spec.name), metadata=metadata, timeout=10).ready
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ServerReady(pb2.ServerReadyRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_oip_grpc_model_infer_reaches_the_image_handler(server):
+    from loadtest.grpc_client import stubs
+
+    spec = next(s for s in SERVED if s.kind == "image-classifier")
+    sample = payloads(spec.name, 1)[0]
+    pb2, pb2_grpc = stubs(proto="open_inference_grpc")
+    request = pb2.ModelInferRequest(model_name=spec.name, id="g", inputs=[pb2.ModelInferRequest.InferInputTensor(
+        name="image", datatype="BYTES", shape=[1], contents=pb2.InferTensorContents(bytes_contents=[sample.body]))])
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports.grpc_inference}") as channel:
+        reply = pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=[("authorization", f"Bearer {server.keys()['inference']}")], timeout=60)
+    native = rest(server, spec.name, sample.body, sample.content_type).json()
+    index = next(o for o in reply.outputs if o.name == "index")
+    assert reply.id == "g" and list(index.shape) == [1, len(native)]
+    assert list(index.contents.int64_contents) == [p["index"] for p in native]
