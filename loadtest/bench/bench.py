@@ -137,8 +137,10 @@ def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode:
     # A step lasts at least three p99 budgets, so that even the slowest target (a stock peer of a heavy model)
     # completes requests in it; QUICK's 2 s would not for a model whose requests take a second.
     seconds = max(mode.seconds, 3 * spec.bench_p99_ms / 1000)
-    steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": seconds}
-             for e in [*endpoints, *forms] for users in mode.levels]
+    # The forms run right after served and before the peers: a stock peer leaves a queue of requests its
+    # workers finish after its step ends, and the next steps would share the CPU with them.
+    order = [endpoints[0], *forms, *endpoints[1:]]
+    steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": seconds} for e in order for users in mode.levels]
     print(f"[2/3] starting TorchServe with {', '.join(e['endpoint'] for e in endpoints)}; then [3/3] Locust: "
           f"{mode.server_warmup_s:g}s server warm-up, {len(steps)} steps of {seconds:g}s (+{mode.warmup_s:g}s "
           "warm-up)", flush=True)
