@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import gevent
 from locust import events
 
 from loadtest.payloads import payloads
@@ -22,3 +23,7 @@ class ModelUser(InferenceUser):
 @events.init.add_listener
 def _load_payloads(**_kwargs) -> None:
     ModelUser.payloads = payloads(os.environ.get("MODEL", "digits"), int(os.environ.get("LOADTEST_SAMPLES", "64")))
+    # Building the payloads blocks the event loop for seconds (it imports the model's sample code), and gevent's
+    # timers count from the loop's cached clock, which went stale meanwhile: Locust would arm --run-time from
+    # before this listener, and a loaded host could spend the whole run here. Refresh the clock first.
+    gevent.get_hub().loop.update_now()

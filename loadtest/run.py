@@ -30,15 +30,17 @@ class Summary:
     p95_ms: float
     p99_ms: float
     rejected: int = 0  # failures that were 503s: the server shedding load past its job queue, not crashing
+    seconds: int = 0  # how long the run really lasted, from the first to the last row of its stats history
 
     def line(self) -> str:
         return (f"requests {self.requests}  failures {self.failures} (of them rejected, 503: {self.rejected})  "
-                f"{self.rps:.1f} req/s  "
+                f"{self.rps:.1f} req/s over {self.seconds} s  "
                 f"p50 {self.p50_ms:.0f} ms  p95 {self.p95_ms:.0f} ms  p99 {self.p99_ms:.0f} ms")
 
 
 def summarise(stats_csv: Path) -> Summary:
-    """The 'Aggregated' row of Locust's <prefix>_stats.csv, with the rejections from <prefix>_failures.csv."""
+    """The 'Aggregated' row of Locust's <prefix>_stats.csv, with the rejections from <prefix>_failures.csv and
+    the run's length from <prefix>_stats_history.csv (one row a second)."""
     with stats_csv.open() as handle:
         row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
     rejected = 0
@@ -46,9 +48,15 @@ def summarise(stats_csv: Path) -> Summary:
     if failures_csv.exists():
         with failures_csv.open() as handle:
             rejected = sum(int(r["Occurrences"]) for r in csv.DictReader(handle) if r["Error"].startswith(REJECTED))
+    seconds = 0
+    history_csv = stats_csv.with_name(stats_csv.name.replace("_stats.csv", "_stats_history.csv"))
+    if history_csv.exists():
+        with history_csv.open() as handle:
+            stamps = [int(r["Timestamp"]) for r in csv.DictReader(handle)]
+        seconds = stamps[-1] - stamps[0] if stamps else 0
     percentile = lambda key: float("nan") if row[key] == "N/A" else float(row[key])  # noqa: E731  (no request)
     return Summary(int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
-                   percentile("50%"), percentile("95%"), percentile("99%"), rejected)
+                   percentile("50%"), percentile("95%"), percentile("99%"), rejected, seconds)
 
 
 def run(model: str, url: str, token: str, *, users: int, duration: str, out: Path) -> tuple[Summary, Path]:

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("load goes to loopback only")
     forms = sorted({step.get("form", "native") for step in plan["steps"]})
     plan["forms"] = {form: payloads(plan["payload_model"], plan.get("samples", 64), form) for form in forms}
+    gevent.get_hub().loop.update_now()  # the loop's clock went stale while the payloads were built (locustfile.py)
     BenchUser.token = plan["inference_token"]
     results = []
     for step in plan["steps"]:

@@ -1,4 +1,4 @@
-"""A short real Locust run against the real server: requests flow and none fails."""
+"""A short real Locust run against the real server: requests flow for the whole run and none fails."""
 
 from __future__ import annotations
 
@@ -16,3 +16,5 @@ def test_locust_smoke_has_no_failures(server, spec, tmp_path):
                               out=tmp_path)
     assert summary.requests > 20 and summary.failures == 0, summary.line()
     assert (report_dir / "report.html").exists() and summary.p99_ms > 0
+    # The run lasts its 8 s: building the payloads at Locust's start must not eat into it (loadtest/locustfile.py).
+    assert summary.seconds >= 7, summary.line()
