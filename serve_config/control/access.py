@@ -12,8 +12,9 @@ from serve_config.control.instance import Server, ServerError
 def model_workers(server: Server, model: str, headers: dict[str, str] | None = None, *,
                   timeout: float = 10.0) -> tuple[list[dict], int]:
     """`model`'s workers as the management API lists them ([] when it answers an error), and its status code."""
-    answer = requests.get(f"{server.management_url}/models/{model}",
-                          headers=headers if headers is not None else server.headers("management"), timeout=timeout)
+    with server.network():
+        answer = requests.get(f"{server.management_url}/models/{model}",
+                              headers=headers if headers is not None else server.headers("management"), timeout=timeout)
     return (answer.json()[0].get("workers", []) if answer.ok else []), answer.status_code
 
 
@@ -27,12 +28,14 @@ def ready(server: Server, models: Sequence[str] | None = None) -> tuple[bool, st
     """Readiness for probes: /ping (with the inference key, which TorchServe requires) is Healthy and each
     model (default: every registered one) has a READY worker. (ok, one line saying why)."""
     try:
-        ping = requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=5)
+        with server.network():
+            ping = requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=5)
         if not ping.ok or ping.json().get("status") != "Healthy":
             return False, f"/ping answered {ping.status_code} {ping.text.strip()[:100]}"
         mgmt = server.headers("management")
         if models is None:
-            listed = requests.get(f"{server.management_url}/models", headers=mgmt, timeout=5).json()["models"]
+            with server.network():
+                listed = requests.get(f"{server.management_url}/models", headers=mgmt, timeout=5).json()["models"]
             models = [m["modelName"] for m in listed]
         for name in models:
             ok, status = has_ready_worker(server, name, mgmt)
@@ -49,8 +52,9 @@ def rotate_token(server: Server, kind: str = "inference") -> str:
     if kind not in ("inference", "management"):
         raise ServerError(f"kind must be inference or management, got {kind!r}")
     old = server.keys()[kind]
-    answer = requests.get(f"{server.management_url}/token", params={"type": kind}, timeout=10,
-                          headers={"Authorization": f"Bearer {server.keys()['api']}"})
+    with server.network():
+        answer = requests.get(f"{server.management_url}/token", params={"type": kind}, timeout=10,
+                              headers={"Authorization": f"Bearer {server.keys()['api']}"})
     if not answer.ok:
         raise ServerError(f"token API answered {answer.status_code}: {answer.text.strip()[:200]}")
     new = server.keys()[kind]

@@ -12,7 +12,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve_config.control import netns
+
 PID_FILE, KEY_FILE, OUT_FILE, CONFIG_FILE = "torchserve.pid", "key_file.json", "torchserve.out", "config.properties"
+NETNS_FILE = "netns"  # the network namespace the instance runs in, when not the host's (serve_config/control/netns.py)
 KEY_KINDS = ("inference", "management", "api")
 
 
@@ -62,6 +65,11 @@ class Server:
     run_dir: Path
     ports: Ports
     host: str = "127.0.0.1"
+    netns: str | None = None  # a network namespace of its own: its addresses are reachable only inside it
+
+    def network(self):
+        """A context in which this thread reaches the instance's addresses (inside its namespace, if any)."""
+        return netns.entered(self.netns)
 
     @property
     def inference_url(self) -> str:
@@ -82,8 +90,15 @@ class Server:
     def keys(self) -> dict[str, str]:
         return read_keys(self.run_dir)
 
+    def token_auth(self) -> bool:
+        """Whether this instance checks keys: off only where its config says so (a replica behind a balancer
+        that authenticates instead)."""
+        config = self.run_dir / CONFIG_FILE
+        return not config.exists() or read_properties(config).get("disable_token_authorization") != "true"
+
     def headers(self, kind: str = "inference") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys()[kind]}"}
+        """The Authorization header for `kind`'s API; none where the instance checks no key."""
+        return {"Authorization": f"Bearer {self.keys()[kind]}"} if self.token_auth() else {}
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> "Server":
@@ -93,5 +108,7 @@ class Server:
             raise ServerError(f"{config} does not exist: no TorchServe was started from {run_dir} (make serve)")
         props = read_properties(config)
         port = lambda key: int(props[key].rsplit(":", 1)[1])  # noqa: E731
+        namespace = (run_dir / NETNS_FILE).read_text().strip() if (run_dir / NETNS_FILE).exists() else None
         return cls(run_dir.resolve(), Ports(port("inference_address"), port("management_address"), port("metrics_address"),
-                                            int(props["grpc_inference_port"]), int(props["grpc_management_port"])))
+                                            int(props["grpc_inference_port"]), int(props["grpc_management_port"])),
+                   netns=namespace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +19,15 @@ from typing import Sequence
 
 import requests
 
-from export.manifest import check_archive
+from export.manifest import check_archive, write_archive_digest
 from models.paths import FULL, ROOT
 from serve_config.control.access import has_ready_worker
-from serve_config.control.instance import CONFIG_FILE, KEY_FILE, OUT_FILE, PID_FILE, Ports, Server, ServerError
+from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
+                                           ServerError)
+from serve_config.control.netns import exec_prefix
 
 TEMPLATE = ROOT / "serve_config" / "config.properties"
+SERVED_DIR = "served"  # copies of the archives an instance started with
 
 
 class ModelLoadError(ServerError):
@@ -34,8 +38,10 @@ class ModelLoadError(ServerError):
         super().__init__("; ".join(f"{name}: {why}" for name, why in failed.items()))
 
 
-def render_config(template: Path, ports: Ports, model_store: Path, host: str = "127.0.0.1") -> str:
-    """The checked-in config.properties with this instance's addresses, gRPC ports and model store."""
+def render_config(template: Path, ports: Ports, model_store: Path, host: str = "127.0.0.1",
+                  overrides: dict[str, str] | None = None) -> str:
+    """The checked-in config.properties with this instance's addresses, gRPC ports and model store, and
+    `overrides` of settings the template already has (a fleet replica turns token authorization off)."""
     settings = {
         "inference_address": f"http://{host}:{ports.inference}",
         "management_address": f"http://{host}:{ports.management}",
@@ -44,6 +50,7 @@ def render_config(template: Path, ports: Ports, model_store: Path, host: str = "
         "grpc_management_port": ports.grpc_management,
         "model_store": model_store,
         "allowed_urls": "file://" + re.escape(str(model_store)) + "/.*",
+        **(overrides or {}),
     }
     text = template.read_text()
     for key, value in settings.items():
@@ -67,25 +74,38 @@ def _alive(pid: int) -> bool:
 
 
 def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model_store: Path = FULL.model_store,
-          template: Path = TEMPLATE, timeout: float = 180.0, extra_env: dict[str, str] | None = None) -> Server:
-    """Start TorchServe serving `models` from `model_store` and wait until every model has a ready worker."""
+          template: Path = TEMPLATE, timeout: float = 180.0, extra_env: dict[str, str] | None = None,
+          overrides: dict[str, str] | None = None, netns: str | None = None) -> Server:
+    """Start TorchServe serving `models` from `model_store` and wait until every model has a ready worker.
+    `overrides` replace settings of the template (render_config); `netns` runs it inside that network namespace
+    (serve_config/control/netns.py), where its loopback addresses are its own."""
     run_dir = run_dir.resolve()
-    server = Server(run_dir, ports)
+    server = Server(run_dir, ports, netns=netns)
     if (pid := server.pid()) is not None and _alive(pid):
         raise ServerError(f"a TorchServe from {run_dir} is already running (PID {pid}); `make stop` first")
+    served = run_dir / SERVED_DIR
+    served.mkdir(parents=True, exist_ok=True)
     for name in models:
         if not (model_store / f"{name}.mar").exists():
             raise ServerError(f"{model_store}/{name}.mar is missing: run `make archive MODEL={name}`")
         check_archive(model_store / f"{name}.mar")
+        # What this instance serves, kept as it is now: a later `make archive` rewrites the store's file, and
+        # `make rollback` must still be able to go back to this version (serve_config.rollout).
+        shutil.copyfile(model_store / f"{name}.mar", served / f"{name}.mar")
+        write_archive_digest(served / f"{name}.mar")
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     config = run_dir / CONFIG_FILE
-    config.write_text(render_config(template, ports, model_store.resolve()))
+    config.write_text(render_config(template, ports, model_store.resolve(), overrides=overrides))
     env = {**os.environ, "TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"),
            "LOG_LOCATION": str(run_dir / "logs"), "METRICS_LOCATION": str(run_dir / "logs"), **(extra_env or {})}
     torchserve = Path(sys.executable).parent / "torchserve"
-    command = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
+    if netns:
+        (run_dir / NETNS_FILE).write_text(netns)
+    else:
+        (run_dir / NETNS_FILE).unlink(missing_ok=True)
+    command = [*exec_prefix(netns), str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
                "--model-store", str(model_store.resolve()), "--models", *[f"{m}={m}.mar" for m in models]]
     with open(run_dir / OUT_FILE, "wb") as out:
         process = subprocess.Popen(command, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,

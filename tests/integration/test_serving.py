@@ -153,11 +153,16 @@ def test_token_is_required(server):
     assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
 
 
-def test_model_registration_api_is_off(server):
-    answer = requests.post(f"{server.management_url}/models", params={"url": "https://example.com/evil.mar"},
-                           headers=server.headers("management"), timeout=10)
-    assert answer.status_code == 405 and answer.json()["type"] == "MethodNotAllowedException"
-    listed = requests.get(f"{server.management_url}/models", headers=server.headers("management"), timeout=10).json()
+def test_registration_needs_the_management_key_and_takes_the_local_store_only(server):
+    """Registration is on (make deploy): the inference key cannot register, and an archive from a URL or from
+    outside the model store is refused with the management key too; nothing new is registered."""
+    models = f"{server.management_url}/models"
+    answer = requests.post(models, params={"url": "digits.mar"}, headers=server.headers("inference"), timeout=10)
+    assert answer.status_code == 400 and "token" in answer.text.lower(), answer.text
+    for url in ("https://example.com/evil.mar", "file:///etc/passwd"):
+        answer = requests.post(models, params={"url": url}, headers=server.headers("management"), timeout=30)
+        assert 400 <= answer.status_code < 500, (url, answer.status_code, answer.text)
+    listed = requests.get(models, headers=server.headers("management"), timeout=10).json()
     assert sorted(m["modelName"] for m in listed["models"]) == sorted(s.name for s in SERVED)
 
 

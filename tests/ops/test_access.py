@@ -1,5 +1,5 @@
 """Access control and supply chain on a real TorchServe: tokens everywhere they apply, a readiness probe
-that works with them, key rotation, no model registration and no archive from a URL."""
+that works with them, key rotation, and no archive from a URL or from outside the model store."""
 
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ def test_rotate_token_replaces_the_key_and_the_old_one_stops_working(private_ser
 
 
 def test_no_archive_is_fetched_from_a_url_even_with_registration_on(private_server, tmp_path):
-    """Registration is off in the checked-in config (405, tested with the shared server); here a server
-    with it turned on still refuses an archive from a URL, because allowed_urls names only the local store."""
+    """Registration is on (make deploy); a server still refuses an archive from a URL or from a folder beside
+    the store, because allowed_urls names only the local store, and never fetches it."""
     hits = []
 
     class Handler(http.server.BaseHTTPRequestHandler):

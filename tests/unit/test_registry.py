@@ -45,7 +45,9 @@ def test_config_properties_is_locked_down():
     props = read_properties(ROOT / "serve_config" / "config.properties")
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:")
-    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    # Registration is on for `make deploy`, and so archives may come from the local model store only.
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "true"
+    assert props["allowed_urls"] == "file://model_store/.*"
     assert props["metrics_mode"] == "prometheus" and int(props["token_expiration_min"]) >= 60
     for key in ("default_workers_per_model", "job_queue_size", "max_request_size", "number_of_netty_threads"):
         assert int(props[key]) > 0
