@@ -48,11 +48,17 @@ def header_lengths(context, count: int) -> list[int | None]:
     return lengths
 
 
-def answer_all(context, results: Sequence[str | RequestError]) -> list[str]:
-    """Set each request's status and JSON content type on a TorchServe context; return the bodies."""
+VERSION_HEADER = "X-Model-Version"
+
+
+def answer_all(context, results: Sequence[str | RequestError], version: str | None = None) -> list[str]:
+    """Set each request's status, JSON content type and (given `version`) the X-Model-Version header that
+    says which version of the model answered it, on a TorchServe context; return the bodies."""
     answers = []
     for idx, result in enumerate(results):
         context.set_response_content_type(idx, "application/json")
+        if version is not None:
+            context.set_response_header(idx, VERSION_HEADER, version)
         if isinstance(result, RequestError):
             context.set_response_status(result.status, result.phrase, idx)
             answers.append(result.body())
@@ -101,6 +107,6 @@ class PipelineHandler(BaseHandler):
         with clock.stage("inference"):
             outputs = self.pipeline.run(batch)
         with clock.stage("postprocess"):
-            answers = answer_all(context, self.pipeline.postprocess(batch, outputs))
+            answers = answer_all(context, self.pipeline.postprocess(batch, outputs), self.served_as(context)[1])
         publish(context.metrics, len(data), clock)
         return answers
