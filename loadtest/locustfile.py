@@ -18,6 +18,7 @@ from loadtest.users import InferenceUser
 class ModelUser(InferenceUser):
     endpoint = os.environ.get("ENDPOINT") or os.environ.get("MODEL", "digits")
     token = os.environ.get("TS_TOKEN", "")
+    by_version = os.environ.get("LOADTEST_BY_VERSION") == "1"
 
 
 @events.init.add_listener

@@ -59,20 +59,55 @@ def summarise(stats_csv: Path) -> Summary:
                    percentile("50%"), percentile("95%"), percentile("99%"), rejected, seconds)
 
 
-def run(model: str, url: str, token: str, *, users: int, duration: str, out: Path) -> tuple[Summary, Path]:
-    report_dir = out / f"{model}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MODEL": model, "TS_TOKEN": token, "PYTHONPATH": str(ROOT)}
-    command = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
-               "--headless", "--host", url, "--users", str(users), "--spawn-rate", str(users), "--run-time", duration,
-               "--stop-timeout", "10", "--csv", str(report_dir / "locust"), "--html", str(report_dir / "report.html"),
-               "--only-summary", "--loglevel", "WARNING"]
-    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    (report_dir / "locust.log").write_text(proc.stdout + proc.stderr)
-    stats = report_dir / "locust_stats.csv"
-    if not stats.exists():
-        raise SystemExit(f"locust wrote no statistics (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return summarise(stats), report_dir
+def by_name(stats_csv: Path) -> dict[str, tuple[int, int]]:
+    """{request name: (requests, failures)} from Locust's <prefix>_stats.csv, the Aggregated row left out. With
+    LOADTEST_BY_VERSION=1 a 200 answer's name carries the model version that answered it (loadtest/users.py)."""
+    with stats_csv.open() as handle:
+        return {r["Name"]: (int(r["Request Count"]), int(r["Failure Count"])) for r in csv.DictReader(handle)
+                if r["Name"] != "Aggregated"}
+
+
+class Run:
+    """One headless Locust run in its own process: started, then waited for (`finish`), so that a caller can act
+    on the servers while the load flows (the fleet's failover and rolling-update tests). `workers` > 0 runs
+    Locust distributed: one master and that many worker processes (`--processes`), so one core's worth of
+    load generator is not the limit."""
+
+    def __init__(self, model: str, url: str, token: str, *, users: int, duration: str, out: Path, workers: int = 0,
+                 by_version: bool = False) -> None:
+        self.report_dir = out / f"{model}-{dt.datetime.now():%Y%m%d-%H%M%S-%f}"
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MODEL": model, "TS_TOKEN": token, "PYTHONPATH": str(ROOT),
+               "LOADTEST_BY_VERSION": "1" if by_version else ""}
+        command = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
+                   "--headless", "--host", url, "--users", str(users), "--spawn-rate", str(users),
+                   "--run-time", duration, "--stop-timeout", "10", "--csv", str(self.report_dir / "locust"),
+                   "--html", str(self.report_dir / "report.html"), "--only-summary", "--loglevel", "WARNING",
+                   *(["--processes", str(workers)] if workers > 0 else [])]
+        self.log = open(self.report_dir / "locust.log", "w")
+        self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def finish(self, timeout: float | None = None) -> Summary:
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            self.log.close()
+        stats = self.report_dir / "locust_stats.csv"
+        if not stats.exists():
+            tail = (self.report_dir / "locust.log").read_text()[-3000:]
+            raise SystemExit(f"locust wrote no statistics (exit {code}):\n{tail}")
+        return summarise(stats)
+
+    @property
+    def stats_csv(self) -> Path:
+        return self.report_dir / "locust_stats.csv"
+
+
+def run(model: str, url: str, token: str, *, users: int, duration: str, out: Path,
+        workers: int = 0) -> tuple[Summary, Path]:
+    locust = Run(model, url, token, users=users, duration=duration, out=out, workers=workers)
+    return locust.finish(), locust.report_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,17 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--duration", default="30s", help="Locust run time, e.g. 30s or 2m")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Locust worker processes under one master (distributed mode); 0: one process")
+    parser.add_argument("--token-file", type=Path, help="the bearer token from a file (a fleet's balancer), "
+                        "instead of the key TorchServe wrote in --run-dir")
     args = parser.parse_args(argv)
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         print("error: load goes to loopback only", file=sys.stderr)
         return 2
     try:
-        token = read_keys(args.run_dir)["inference"]
-    except ServerError as err:
+        token = args.token_file.read_text().strip() if args.token_file else read_keys(args.run_dir)["inference"]
+    except (ServerError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    summary, report_dir = run(args.model, args.url, token, users=args.users, duration=args.duration, out=args.out)
-    print(f"{args.model}: {args.users} users for {args.duration}: {summary.line()}")
+    summary, report_dir = run(args.model, args.url, token, users=args.users, duration=args.duration, out=args.out,
+                              workers=args.workers)
+    how = f", {args.workers} Locust workers" if args.workers else ""
+    print(f"{args.model}: {args.users} users for {args.duration}{how}: {summary.line()}")
     print(f"report: {report_dir}/report.html, CSV: {report_dir}/locust_stats.csv")
     return 1 if summary.failures or not summary.requests else 0
 

@@ -31,6 +31,7 @@ class InferenceUser(FastHttpUser):
     endpoint: str = ""
     payloads: Sequence[Payload] = ()
     token: str = ""
+    by_version: bool = False  # name each answered request by the model version that answered it (X-Model-Version)
 
     def on_start(self) -> None:
         self.rng = random.Random(id(self))
@@ -48,3 +49,5 @@ class InferenceUser(FastHttpUser):
                 response.failure(f"{REJECTED} (HTTP 503): {response.text[:120]}")
             elif response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            elif self.by_version:
+                response.request_meta["name"] = f"{path} version={response.headers.get('X-Model-Version', 'none')}"

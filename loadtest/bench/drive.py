@@ -24,11 +24,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
-import psutil  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
 from loadtest.bench import prometheus  # noqa: E402
 from loadtest.payloads import payloads  # noqa: E402
+from loadtest.procs import tree_cpu_seconds  # noqa: E402
 from locust import constant, constant_throughput  # noqa: E402
 
 from loadtest.users import InferenceUser, rejected_count  # noqa: E402
@@ -36,22 +36,6 @@ from loadtest.users import InferenceUser, rejected_count  # noqa: E402
 
 class BenchUser(InferenceUser):
     """Endpoint, payloads and token are set from the plan before each step."""
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants (TorchServe: launcher, Java, workers)."""
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                times = proc.cpu_times()
-                total += times.user + times.system
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        pass
-    return total
 
 
 def settled_scrape(metrics_url: str, model: str, headers: dict, tries: int = 20) -> dict[str, float]:
