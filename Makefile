@@ -28,6 +28,13 @@ QUICK ?=## QUICK=1: the bench in under a minute (fewer concurrency levels, short
 SOAK_S ?= 600## seconds `make soak` holds its load
 KIND ?= inference## the key `make rotate-token` replaces: inference or management
 PYTEST_ARGS ?=## extra pytest arguments for `make test` and `make unit`, e.g. -k digits
+WORKERS ?= 0## Locust worker processes under one master for `make loadtest` / `make fleet-loadtest` (0: one process)
+N ?= 3## replicas of `make fleet`
+FLEET_DIR ?= run/fleet## where `make fleet` keeps the balancer, its token and the replicas' run folders
+FLEET_PORT ?= 8090## the balancer's port: the fleet's only way in
+FLEET_STATS_PORT ?= 8091## HAProxy's per-replica stats page (/stats)
+FLEET_ISOLATION ?= auto## netns: each replica in a network namespace of its own (root); loopback; auto: netns where allowed
+TOKEN_FILE ?=## the fleet's bearer token file (a mounted Secret); empty: FLEET_DIR/token, made when missing
 SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)## models `make serve` builds and serves
 
 PY := $(VENV)/bin/python
@@ -42,7 +49,8 @@ sources = $(shell $(PYTHON) -m models.registry sources $(1) $(2))
 checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
 VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
 
-.PHONY: help prereqs venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
+.PHONY: help prereqs prereqs-core prereqs-fleet fleet fleet-stop fleet-status fleet-update fleet-loadtest fleet-scale \
+	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
 	sweep soak test pytest unit lock clean models FORCE
 
 help: ## show the targets and the variables they take
@@ -52,11 +60,16 @@ help: ## show the targets and the variables they take
 	@echo "Variables (make VAR=value; the value in effect in brackets):"
 	@$(foreach v,$(VARIABLES),printf "  %-16s %s [%s]\n" "$(v)" "$$(grep -E '^$(v) \?=' $(firstword $(MAKEFILE_LIST)) | sed 's/.*## //')" "$($(v))";)
 
-prereqs: ## check the tools the venv cannot install: Python 3.11 and Java 17
+prereqs: prereqs-core prereqs-fleet ## check the tools the venv cannot install: Python 3.11, Java 17, HAProxy
+
+prereqs-core:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11 (python3.11 and python3.11-venv) or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "error: $(PYTHON) is not Python 3.11; the pinned torch wheels are built for 3.11" >&2; exit 1; }
 	@command -v java >/dev/null || { echo "error: java not found. TorchServe's frontend needs a Java 17 runtime (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 	@java -version 2>&1 | grep -Eq 'version "17[."]' || { echo "error: TorchServe 0.12 needs Java 17; found: $$(java -version 2>&1 | head -1)" >&2; exit 1; }
+
+prereqs-fleet:
+	@PATH="$$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null || { echo "error: haproxy not found. The fleet (make fleet, its tests) runs HAProxy from Debian's packages: apt-get install haproxy" >&2; exit 1; }
 
 # pip bootstraps uv (requirements/uv.txt); uv installs the lock, about 6 times faster here (docs/development.md).
 # uv reads no pip.conf, so the package indexes this machine's pip is configured with are handed to it (none
@@ -67,7 +80,7 @@ UV_INDEXES = $(foreach i,$(shell $(PYTHON) -m pip config get global.extra-index-
 	--index-strategy unsafe-best-match
 UV_COMPILE = $(UV) pip compile --quiet $(UV_INDEXES) --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-$(VENV_STAMP): $(LOCK) requirements/uv.txt | prereqs
+$(VENV_STAMP): $(LOCK) requirements/uv.txt | prereqs-core
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
 	$(UV) pip install --quiet $(UV_INDEXES) --require-hashes --no-deps --python $(PY) -r $(LOCK)
@@ -124,9 +137,38 @@ rotate-token: ## replace the running server's inference key (KIND=management for
 predict: ## send MODEL's sample input to the running server and print the answer
 	@$(PY) -m loadtest.predict --model $(MODEL) --run-dir $(RUN_DIR) --url http://127.0.0.1:$(INFERENCE_PORT)
 
-loadtest: ## Locust against the running server: make loadtest MODEL=digits USERS=8 DURATION=30s
+loadtest: ## Locust against the running server: make loadtest MODEL=digits USERS=8 DURATION=30s WORKERS=0
 	$(PY) -m loadtest.run --model $(MODEL) --users $(USERS) --duration $(DURATION) --run-dir $(RUN_DIR) \
-		--url http://127.0.0.1:$(INFERENCE_PORT) --out results/loadtest
+		--url http://127.0.0.1:$(INFERENCE_PORT) --out results/loadtest --workers $(WORKERS)
+
+FLEET_TOKEN = $(or $(TOKEN_FILE),$(FLEET_DIR)/token)
+
+fleet: $(MARS) | $(VENV_STAMP) prereqs-fleet ## N TorchServe replicas behind HAProxy on FLEET_PORT (make fleet N=3)
+	$(PY) -m serve_config.fleet start --root $(FLEET_DIR) --replicas $(N) --models $(SERVE_MODELS) \
+		--model-store $(TREE)model_store --port $(FLEET_PORT) --stats-port $(FLEET_STATS_PORT) --token-file $(FLEET_TOKEN) \
+		--isolation $(FLEET_ISOLATION)
+
+fleet-stop: ## stop the fleet: the balancer, then every replica, by their PIDs
+	@$(PY) -m serve_config.fleet stop --root $(FLEET_DIR)
+
+fleet-status: ## each replica as the balancer sees it: state, requests in flight, served, errors
+	@$(PY) -m serve_config.fleet status --root $(FLEET_DIR)
+
+fleet-loadtest: ## Locust through the balancer: make fleet-loadtest MODEL=digits USERS=32 WORKERS=2
+	$(PY) -m loadtest.run --model $(MODEL) --users $(USERS) --duration $(DURATION) --token-file $(FLEET_TOKEN) \
+		--url http://127.0.0.1:$(FLEET_PORT) --out results/loadtest --workers $(WORKERS)
+
+fleet-update: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## rolling update of MODEL: one replica at a time, drained at the balancer
+	$(PY) -m serve_config.rollout fleet-update --model $(MODEL) --fleet $(FLEET_DIR) --model-store $(TREE)model_store
+
+fleet-scale: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) prereqs-fleet ## MODEL's throughput and CPU with 1, 2 and 3 replicas behind HAProxy
+	$(PY) -m loadtest.fleet_scale --model $(MODEL) --model-store $(TREE)model_store --out results/fleet-scale
+
+deploy: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## serve MODEL's new archive as its default version, then retire the old one (no downtime)
+	$(PY) -m serve_config.rollout deploy --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store
+
+rollback: | $(VENV_STAMP) ## serve MODEL's previous version again (after make deploy)
+	$(PY) -m serve_config.rollout rollback --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store
 
 bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
 	$(PY) -m loadtest.bench.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
@@ -137,7 +179,7 @@ sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, dela
 soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity for SOAK_S seconds: failures and RSS growth
 	$(PY) -m loadtest.bench.soak --model $(MODEL) --seconds $(SOAK_S) --out results/soak
 
-test: | $(VENV_STAMP) ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier
+test: | $(VENV_STAMP) prereqs-fleet ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) models
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
 

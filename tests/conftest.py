@@ -1,6 +1,7 @@
 """Shared fixtures. Tiers live in folders: unit (pure functions), handler (in-process with TorchServe's
 own context objects), export (parity), integration (real TorchServe over HTTP), load (real Locust),
-ops (operations against real TorchServes, and fuzzing), gpu (CUDA paths; skipped visibly without CUDA).
+ops (operations against real TorchServes, and fuzzing), fleet (replicas behind HAProxy, failover,
+model updates under load), gpu (CUDA paths; skipped visibly without CUDA).
 Model-specific tests are parametrized from the registry.
 
 The built models come from the build tree make names in $BUILD_TREE (`make test`: the quick tree).

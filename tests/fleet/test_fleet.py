@@ -1,0 +1,175 @@
+"""The fleet tier: real TorchServe replicas behind a real HAProxy, driven by real (distributed) Locust.
+
+Everything is started and stopped here, by PID; durations are shortened by parameter, nothing is skipped.
+Failover and rolling-update figures are printed (pytest -s, or the captured output of a failure)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from loadtest.payloads import payloads
+from loadtest.run import Run, by_name
+from serve_config import fleet as fleets
+from serve_config.control import stop
+from serve_config.rollout import Rollout, rolling_update
+from tests.ops.servers import store_with
+
+pytestmark = [pytest.mark.fleet, pytest.mark.integration, pytest.mark.slow]
+MODEL = "digits"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Two replicas of digits behind HAProxy, from a model store of this module's own."""
+    root = tmp_path_factory.mktemp("fleet")
+    store = store_with(root, MODEL)
+    started = fleets.launch(root / "fleet", 2, [MODEL], model_store=store)
+    try:
+        yield started
+    finally:
+        fleets.shutdown(root / "fleet")
+    for replica in started.replicas:
+        assert replica.server.pid() is None, f"{replica.name} was not stopped"
+
+
+def sample():
+    p = payloads(MODEL, 1)[0]
+    return p.body, {"Content-Type": p.content_type}
+
+
+def test_the_balancer_authenticates_and_its_errors_are_json(fleet):
+    body, headers = sample()
+    url = f"{fleet.url}/predictions/{MODEL}"
+    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {fleet.token()}x"}):
+        answer = requests.post(url, data=body, headers={**headers, **auth}, timeout=30)
+        assert answer.status_code == 401 and answer.json()["code"] == 401, answer.text
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+    too_big = requests.post(url, data=b"\0" * (8 * 1024 * 1024 + 1), timeout=30,
+                            headers={**headers, **fleet.headers()})
+    assert too_big.status_code == 413 and too_big.json()["type"] == "PayloadTooLarge"
+    answer = requests.post(url, data=body, headers={**headers, **fleet.headers()}, timeout=30)
+    assert answer.status_code == 200 and answer.json()[0]["label"], answer.text
+    assert answer.headers["X-Model-Version"] == "1.0"
+    # Behind the balancer TorchServe checks no key: the token is the balancer's alone.
+    assert all(not r.server.token_auth() for r in fleet.replicas)
+
+
+def test_replicas_are_reachable_only_through_the_balancer(fleet):
+    """Each replica is a host of its own (a network namespace; this tier runs as root, as CI does): from this
+    host its port refuses the connection, inside its namespace TorchServe answers."""
+    import socket
+
+    for replica in fleet.replicas:
+        assert replica.netns, "the fleet tier runs as root: replicas get namespaces of their own"
+        with socket.socket() as s:
+            s.settimeout(2)
+            assert s.connect_ex(("127.0.0.1", replica.ports["inference"])) != 0, f"{replica.name} reachable from the host"
+        with replica.server.network():
+            assert requests.get(f"{replica.server.inference_url}/ping", timeout=10).json()["status"] == "Healthy"
+
+
+def test_no_ready_replica_is_a_json_503_and_a_replica_back_in_rotation_serves(fleet):
+    body, headers = sample()
+    url = f"{fleet.url}/predictions/{MODEL}"
+    try:
+        for replica in fleet.replicas:
+            fleets.set_state(fleet, replica.name, "maint")
+        answer = requests.post(url, data=body, headers={**headers, **fleet.headers()}, timeout=30)
+        assert answer.status_code == 503 and answer.json()["type"] == "NoReadyReplica", answer.text
+    finally:
+        for replica in fleet.replicas:
+            fleets.set_state(fleet, replica.name, "ready")
+    fleets.wait_status(fleet, {r.name: "UP" for r in fleet.replicas}, timeout=30)
+    assert requests.post(url, data=body, headers={**headers, **fleet.headers()}, timeout=30).status_code == 200
+
+
+def test_a_replica_whose_model_has_no_worker_leaves_the_rotation_and_comes_back(fleet):
+    replica = fleet.replicas[1]
+    scale = f"{replica.server.management_url}/models/{MODEL}"
+    with replica.server.network():
+        assert requests.put(scale, params={"min_worker": 0, "max_worker": 0, "synchronous": "true"}, timeout=60).ok
+    try:
+        out = fleets.wait_status(fleet, {replica.name: "DOWN"}, timeout=15)
+        body, headers = sample()
+        answers = [requests.post(f"{fleet.url}/predictions/{MODEL}", data=body, headers={**headers, **fleet.headers()},
+                                 timeout=30).status_code for _ in range(10)]
+        assert answers == [200] * 10
+    finally:
+        with replica.server.network():
+            assert requests.put(scale, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120).ok
+    back = fleets.wait_status(fleet, {replica.name: "UP"}, timeout=30)
+    print(f"\nno worker: out of rotation in {out:.2f} s; back {back:.2f} s after its worker was READY")
+
+
+def test_per_replica_stats_show_both_replicas_serving(fleet):
+    body, headers = sample()
+    before = {name: int(row["stot"]) for name, row in fleets.stats(fleet).items()}
+    for _ in range(20):
+        requests.post(f"{fleet.url}/predictions/{MODEL}", data=body, headers={**headers, **fleet.headers()}, timeout=30)
+    after = {name: int(row["stot"]) for name, row in fleets.stats(fleet).items()}
+    assert set(after) == {r.name for r in fleet.replicas}
+    assert all(after[name] > before[name] for name in after), (before, after)
+    page = requests.get(f"http://{fleet.bind}:{fleet.stats_port}/stats;csv", timeout=10)
+    assert page.ok and all(r.name in page.text for r in fleet.replicas)
+
+
+def test_failover_when_a_replica_is_killed_under_distributed_load(fleet, tmp_path):
+    """SIGKILL one replica's whole TorchServe under Locust load (one master, two workers) through the
+    balancer: no request hangs, only requests in flight there may fail, the balancer stops sending to it within
+    its health-check budget, and after a restart it serves again within 15 s of being ready."""
+    users, victim = 8, fleet.replicas[0]
+    locust = Run(MODEL, fleet.url, fleet.token(), users=users, duration="40s", out=tmp_path, workers=2)
+    try:
+        time.sleep(8)
+        killed_at = time.monotonic()
+        fleets.kill_replica(fleet, victim.name)
+        fleets.wait_status(fleet, {victim.name: "DOWN"}, timeout=15)
+        marked_down = time.monotonic() - killed_at
+        t_restart = time.monotonic()
+        fleets.start_replica(fleet, victim)
+        ready = time.monotonic() - t_restart
+        back_up = fleets.wait_status(fleet, {victim.name: "UP"}, timeout=15)
+        served0 = int(fleets.stats(fleet)[victim.name]["stot"])
+        t_up = time.monotonic()
+        while int(fleets.stats(fleet)[victim.name]["stot"]) <= served0 + 20:
+            assert time.monotonic() - t_up < 15, "the restarted replica took no traffic within 15 s of being UP"
+            time.sleep(0.1)
+        serving_again = back_up + (time.monotonic() - t_up)
+        assert locust.process.poll() is None, "the load ended before recovery; lengthen the run"
+    finally:
+        summary = locust.finish(timeout=120)
+    import csv
+
+    with locust.stats_csv.open() as handle:
+        worst_ms = max(float(r["Max Response Time"]) for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+    print(f"\nfailover: {summary.line()}; marked DOWN {marked_down:.2f} s after the kill; restart to READY "
+          f"{ready:.1f} s; READY to UP {back_up:.2f} s; READY to serving {serving_again:.2f} s; slowest answer "
+          f"{worst_ms:.0f} ms; since the kill {time.monotonic() - killed_at:.0f} s")
+    assert summary.requests > 200
+    assert summary.failures <= users, f"more failures than requests in flight: {summary.line()}"
+    assert worst_ms < 10_000, f"a request hung for {worst_ms:.0f} ms"
+    assert marked_down < 5 and serving_again < 15
+
+
+def test_rolling_update_under_load_fails_no_request_and_each_answer_names_one_version(fleet, tmp_path):
+    locust = Run(MODEL, fleet.url, fleet.token(), users=6, duration="30s", out=tmp_path, by_version=True)
+    try:
+        time.sleep(4)
+        results = rolling_update(fleet, MODEL)
+        assert locust.process.poll() is None, "the load ended before the update did; lengthen the run"
+    finally:
+        summary = locust.finish(timeout=120)
+    names = by_name(locust.stats_csv)
+    print(f"\nrolling update: {summary.line()}; per version: {names}; steps: {results}")
+    new = results[0]["version"]
+    assert all(r["changed"] and r["version"] == new for r in results)
+    assert summary.failures == 0, summary.line()
+    versions = {name.rsplit("version=", 1)[1] for name in names}
+    assert versions == {"1.0", new}, names
+    for replica in fleet.replicas:
+        assert Rollout(replica.server, MODEL, Path(fleet.model_store)).default_version() == new
+        assert [str(v["modelVersion"]) for v in Rollout(replica.server, MODEL, Path(fleet.model_store)).versions()] == [new]
