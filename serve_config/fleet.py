@@ -33,7 +33,8 @@ from typing import Sequence
 from models.paths import FULL, ROOT
 from serve_config.control import Ports, Server, ServerError, netns, start, stop
 from serve_config.control.instance import read_properties
-from serve_config.control.lifecycle import TEMPLATE
+from serve_config.control.instance import PID_FILE
+from serve_config.control.lifecycle import TEMPLATE, end_group, group_alive
 
 HAPROXY_TEMPLATE = ROOT / "serve_config" / "haproxy.cfg"
 STATE, BALANCER_PID = "fleet.json", "haproxy.pid"
@@ -233,42 +234,16 @@ def launch(root: Path, n: int, models: Sequence[str], *, model_store: Path = FUL
 
 def _alive_group(fleet: Fleet) -> bool:
     pid_file = Path(fleet.root) / BALANCER_PID
-    if pid_file.exists():
-        try:
-            os.killpg(int(pid_file.read_text()), 0)
-            return True
-        except ProcessLookupError:
-            pass
-    return any(r.server.pid() is not None and _group_exists(r.server.pid()) for r in fleet.replicas)
-
-
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
+    if pid_file.exists() and group_alive(int(pid_file.read_text())):
         return True
-    except ProcessLookupError:
-        return False
+    return any(r.server.pid() is not None and group_alive(r.server.pid()) for r in fleet.replicas)
 
 
 def stop_balancer(root: Path, timeout: float = 10.0) -> None:
     pid_file = root / BALANCER_PID
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text())
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _group_exists(pid):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.1)
-        if _group_exists(pid):
-            os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    pid_file.unlink(missing_ok=True)
+    if pid_file.exists():
+        end_group(int(pid_file.read_text()), timeout=timeout)
+        pid_file.unlink(missing_ok=True)
 
 
 def shutdown(root: Path) -> None:
@@ -287,17 +262,9 @@ def shutdown(root: Path) -> None:
 def kill_replica(fleet: Fleet, name: str) -> None:
     """SIGKILL a replica's whole TorchServe (frontend and workers: its process group), as a crash would."""
     pid = fleet.replica(name).server.pid()
-    if pid is None:
-        raise ServerError(f"{name} has no recorded PID")
-    os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _group_exists(pid):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
-    (Path(fleet.replica(name).run_dir) / "torchserve.pid").unlink(missing_ok=True)
+    if pid is None or not end_group(pid, timeout=10, sig=signal.SIGKILL):
+        raise ServerError(f"{name} is not running")
+    (Path(fleet.replica(name).run_dir) / PID_FILE).unlink(missing_ok=True)
 
 
 # ---- HAProxy's runtime API ------------------------------------------------------------------------------

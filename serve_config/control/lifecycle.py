@@ -173,23 +173,29 @@ def stop(run_dir: Path, *, timeout: float = 30.0) -> bool:
     pid_file = run_dir / PID_FILE
     if not pid_file.exists():
         return False
-    pid = int(pid_file.read_text())
+    stopped = end_group(int(pid_file.read_text()), timeout=timeout)
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def end_group(pgid: int, *, timeout: float, sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Send `sig` to process group `pgid` and wait until it is gone, SIGKILLing what is left after `timeout`.
+    False if there was no such group."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pgid, sig)
     except ProcessLookupError:
-        pid_file.unlink(missing_ok=True)
         return False
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_alive(pid):
-        time.sleep(0.2)
-    if _group_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    pid_file.unlink(missing_ok=True)
+    while time.monotonic() < deadline and group_alive(pgid):
+        time.sleep(0.05)
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
     return True
 
 
-def _group_alive(pgid: int) -> bool:
-    _alive(pgid)  # reaps the leader if it is our child
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is left (its leader reaped first, if it is our child)."""
+    _alive(pgid)
     try:
         os.killpg(pgid, 0)
         return True

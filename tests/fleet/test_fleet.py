@@ -5,6 +5,7 @@ Failover and rolling-update figures are printed (pytest -s, or the captured outp
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
@@ -14,7 +15,6 @@ import requests
 from loadtest.payloads import payloads
 from loadtest.run import Run, by_name
 from serve_config import fleet as fleets
-from serve_config.control import stop
 from serve_config.rollout import Rollout, rolling_update
 from tests.ops.servers import store_with
 
@@ -142,8 +142,6 @@ def test_failover_when_a_replica_is_killed_under_distributed_load(fleet, tmp_pat
         assert locust.process.poll() is None, "the load ended before recovery; lengthen the run"
     finally:
         summary = locust.finish(timeout=120)
-    import csv
-
     with locust.stats_csv.open() as handle:
         worst_ms = max(float(r["Max Response Time"]) for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
     print(f"\nfailover: {summary.line()}; marked DOWN {marked_down:.2f} s after the kill; restart to READY "
