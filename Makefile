@@ -49,7 +49,7 @@ sources = $(shell $(PYTHON) -m models.registry sources $(1) $(2))
 checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
 VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
 
-.PHONY: help prereqs prereqs-core prereqs-fleet fleet fleet-stop fleet-status fleet-update fleet-loadtest fleet-scale \
+.PHONY: help prereqs prereqs-core prereqs-fleet fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
 	sweep soak test pytest unit lock clean models FORCE
 
@@ -150,6 +150,9 @@ fleet: $(MARS) | $(VENV_STAMP) prereqs-fleet ## N TorchServe replicas behind HAP
 
 fleet-stop: ## stop the fleet: the balancer, then every replica, by their PIDs
 	@$(PY) -m serve_config.fleet stop --root $(FLEET_DIR)
+
+fleet-reload-token: ## take in a rotated token file (TOKEN_FILE, a Secret) without restarting the balancer
+	@$(PY) -m serve_config.fleet reload-token --root $(FLEET_DIR)
 
 fleet-status: ## each replica as the balancer sees it: state, requests in flight, served, errors
 	@$(PY) -m serve_config.fleet status --root $(FLEET_DIR)

@@ -312,6 +312,24 @@ def set_state(fleet: Fleet, name: str, state: str) -> None:
         raise ServerError(f"haproxy refused 'state {state}' for {name}: {answer}")
 
 
+def reload_token(fleet: Fleet) -> bool:
+    """Take in a rotated token file (a Kubernetes Secret is updated in place) without restarting the balancer: the
+    new token is added to the running ACL before the old one is removed, so no moment refuses both. False when the
+    file still holds the token in use."""
+    bearers = Path(fleet.root) / "bearers.lst"
+    old = bearers.read_text().strip()
+    new = f"Bearer {ensure_token(Path(fleet.token_file))}"
+    if new == old:
+        return False
+    escape = lambda pattern: pattern.replace("\\", "\\\\").replace(" ", "\\ ")  # noqa: E731  (CLI words)
+    for line in (f"add acl {bearers} {escape(new)}", f"del acl {bearers} {escape(old)}"):
+        answer = command(fleet, line).strip()
+        if answer:
+            raise ServerError(f"haproxy refused '{line.split(' ', 1)[0]} acl': {answer}")
+    bearers.write_text(new + "\n")  # what a restart of the balancer loads
+    return True
+
+
 def drain(fleet: Fleet, name: str, *, timeout: float = 60.0) -> float:
     """Stop sending new requests to `name` and wait until it holds none; the seconds it took."""
     set_state(fleet, name, "drain")
@@ -337,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--token-file", type=Path)
     p_start.add_argument("--isolation", choices=("auto", "netns", "loopback"), default="auto",
                          help="each replica in a network namespace of its own (netns: root), or on the host's loopback")
-    for name in ("stop", "status", "token"):
+    for name in ("stop", "status", "token", "reload-token"):
         sub.add_parser(name)
     for p in sub.choices.values():
         p.add_argument("--root", type=Path, default=ROOT / "run" / "fleet")
@@ -363,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"errors {row['eresp'] or 0}")
         elif args.cmd == "token":
             print(Fleet.load(args.root.resolve()).token())
+        elif args.cmd == "reload-token":
+            changed = reload_token(Fleet.load(args.root.resolve()))
+            print("the balancer now takes the new token; the old one is refused" if changed
+                  else "the token file holds the token in use; nothing to do")
     except (ServerError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

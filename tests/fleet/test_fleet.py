@@ -58,6 +58,19 @@ def test_the_balancer_authenticates_and_its_errors_are_json(fleet):
     assert all(not r.server.token_auth() for r in fleet.replicas)
 
 
+def test_a_rotated_token_file_is_taken_in_without_restarting_the_balancer(fleet):
+    body, headers = sample()
+    url = f"{fleet.url}/predictions/{MODEL}"
+    old, pid = fleet.token(), (Path(fleet.root) / fleets.BALANCER_PID).read_text()
+    new = old[::-1] + "-rotated"
+    Path(fleet.token_file).write_text(new + "\n")  # as the kubelet updates a mounted Secret
+    assert fleets.reload_token(fleet) and not fleets.reload_token(fleet)
+    status = lambda token: requests.post(url, data=body, timeout=30,  # noqa: E731
+                                         headers={**headers, "Authorization": f"Bearer {token}"}).status_code
+    assert (status(old), status(new)) == (401, 200)
+    assert (Path(fleet.root) / fleets.BALANCER_PID).read_text() == pid
+
+
 def test_replicas_are_reachable_only_through_the_balancer(fleet):
     """Each replica is a host of its own (a network namespace; this tier runs as root, as CI does): from this
     host its port refuses the connection, inside its namespace TorchServe answers."""
