@@ -8,6 +8,7 @@ or a .mar (before serving), whose own sha256 must also match the `<name>.mar.sha
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -21,7 +22,7 @@ ARTIFACT_FILES = {"trace": "model.trace.pt", "script": "model.script.pt", "onnx"
 ARCHIVE_DIGEST = ".sha256"  # <name>.mar.sha256 beside each archive
 
 __all__ = ["ARCHIVE_DIGEST", "ARTIFACT_FILES", "ArchiveError", "IntegrityError", "MANIFEST", "check_archive",
-           "check_folder", "check_integrity", "read", "sha256", "write", "write_archive_digest"]
+           "check_folder", "copy_archive", "check_integrity", "read", "sha256", "write", "write_archive_digest"]
 
 
 class IntegrityError(RuntimeError):
@@ -77,11 +78,20 @@ def check_folder(directory: Path, manifest: dict[str, Any] | None = None) -> Non
     check_integrity(str(directory), manifest, lambda name: open(directory / name, "rb") if (directory / name).exists() else None)
 
 
-def write_archive_digest(mar: Path) -> Path:
-    """Record the archive's sha256 beside it, as `sha256sum` writes it."""
+def write_archive_digest(mar: Path, digest: str | None = None) -> Path:
+    """Record the archive's sha256 beside it, as `sha256sum` writes it (`digest` where it is already known)."""
     path = mar.with_name(mar.name + ARCHIVE_DIGEST)
-    path.write_text(f"{sha256(mar)}  {mar.name}\n")
+    path.write_text(f"{digest or sha256(mar)}  {mar.name}\n")
     return path
+
+
+def copy_archive(source: Path, dest: Path) -> str:
+    """Copy an archive, once it passes check_archive, with its sha256 record (the same bytes: hashed once); its
+    sha256."""
+    digest = check_archive(source)
+    shutil.copyfile(source, dest)
+    write_archive_digest(dest, digest)
+    return digest
 
 
 def check_archive(mar: Path) -> str:

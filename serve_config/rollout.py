@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 import zipfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import requests
 
-from export.manifest import check_archive, write_archive_digest
+from export.manifest import check_archive, copy_archive, write_archive_digest
 from models.paths import FULL, ROOT
 from serve_config.control import Server, ServerError
 from serve_config.control.access import model_workers
@@ -44,9 +43,8 @@ def archive_version(mar: Path) -> str:
 
 
 def versioned_copy(source: Path, dest: Path, version: str) -> Path:
-    """`source` archive rewritten to `dest` with `version` in its MANIFEST (every other member unchanged),
-    with its own sha256 record."""
-    check_archive(source)
+    """`source`, an archive already checked (check_archive), rewritten to `dest` with `version` in its MANIFEST
+    (every other member unchanged), with its own sha256 record."""
     tmp = dest.with_name(dest.name + ".part")
     with zipfile.ZipFile(source) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
         for info in src.infolist():
@@ -98,11 +96,9 @@ class Rollout:
         if not source.exists() or archive_version(source) != version:
             raise ServerError(f"{source} does not hold version {version}, which is serving: cannot keep it for "
                               "rollback (was the server started by serve_config.control?)")
-        check_archive(source)
         kept = self.history_file.parent / f"{self.model}-{version}.mar"
         kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, kept)
-        write_archive_digest(kept)
+        copy_archive(source, kept)
         entries = [{"version": version, "archive": str(kept)}]
         self._save(entries)
         return entries
@@ -120,10 +116,10 @@ class Rollout:
             return {"model": self.model, "version": version, "changed": False}
         url = f"{self.model}-{version}.mar"
         in_store = self.store / url
-        if not in_store.exists():
-            shutil.copyfile(archive, in_store)
-            write_archive_digest(in_store)
-        check_archive(in_store)
+        if in_store.exists():
+            check_archive(in_store)
+        else:
+            copy_archive(archive, in_store)
         workers = max(1, len(model_workers(self.server, self.model)[0]))
         steps, t0 = {}, time.monotonic()
         registered = {str(v["modelVersion"]) for v in self.versions()}

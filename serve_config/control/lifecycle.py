@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Sequence
 
 import requests
 
-from export.manifest import check_archive, write_archive_digest
+from export.manifest import copy_archive
 from models.paths import FULL, ROOT
 from serve_config.control.access import has_ready_worker
 from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
@@ -88,11 +87,9 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     for name in models:
         if not (model_store / f"{name}.mar").exists():
             raise ServerError(f"{model_store}/{name}.mar is missing: run `make archive MODEL={name}`")
-        check_archive(model_store / f"{name}.mar")
-        # What this instance serves, kept as it is now: a later `make archive` rewrites the store's file, and
-        # `make rollback` must still be able to go back to this version (serve_config.rollout).
-        shutil.copyfile(model_store / f"{name}.mar", served / f"{name}.mar")
-        write_archive_digest(served / f"{name}.mar")
+        # Checked, and kept as it is now: a later `make archive` rewrites the store's file, and `make rollback`
+        # must still be able to go back to the version this instance serves (serve_config.rollout).
+        copy_archive(model_store / f"{name}.mar", served / f"{name}.mar")
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
