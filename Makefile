@@ -35,6 +35,14 @@ FLEET_PORT ?= 8090## the balancer's port: the fleet's only way in
 FLEET_STATS_PORT ?= 8091## HAProxy's per-replica stats page (/stats)
 FLEET_ISOLATION ?= auto## netns: each replica in a network namespace of its own (root); loopback; auto: netns where allowed
 TOKEN_FILE ?=## the fleet's bearer token file (a mounted Secret); empty: FLEET_DIR/token, made when missing
+IMAGE ?= localhost/torchserve-models## the serving image `make image` builds (tag: IMAGE_TAG, -cuda for VARIANT=cuda)
+IMAGE_TAG ?= latest## the image's tag
+VARIANT ?= cpu## the image's target: cpu, or cuda for GPU nodes
+IMAGE_MODELS ?= $(SERVE_MODELS)## archives baked into the image (empty: none, mount a model store)
+BASE_IMAGE ?= localhost/debian-bookworm-minbase## the local base image, made with debootstrap when podman lacks it
+PODMAN ?= podman --runtime runc --cgroup-manager cgroupfs## podman and its flags (runc: crun refuses hybrid cgroups)
+BUNDLE_DIR ?= build/bundle## where `make bundle` writes one KServe storageUri layout per model
+DEPLOY_DIR ?= build/deploy## where `make k8s` writes the rendered manifests
 SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)## models `make serve` builds and serves
 
 PY := $(VENV)/bin/python
@@ -49,18 +57,19 @@ sources = $(shell $(PYTHON) -m models.registry sources $(1) $(2))
 checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
 VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
 
-.PHONY: help prereqs prereqs-core prereqs-fleet fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale \
+.PHONY: help prereqs prereqs-core prereqs-fleet prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
+	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
 	sweep soak test pytest unit lock clean models FORCE
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
 	@echo "Targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
 	@echo "Variables (make VAR=value; the value in effect in brackets):"
 	@$(foreach v,$(VARIABLES),printf "  %-16s %s [%s]\n" "$(v)" "$$(grep -E '^$(v) \?=' $(firstword $(MAKEFILE_LIST)) | sed 's/.*## //')" "$($(v))";)
 
-prereqs: prereqs-core prereqs-fleet ## check the tools the venv cannot install: Python 3.11, Java 17, HAProxy
+prereqs: prereqs-core prereqs-fleet prereqs-deploy prereqs-image ## check the tools the venv cannot install: Python 3.11, Java 17, HAProxy, Prometheus, podman
 
 prereqs-core:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11 (python3.11 and python3.11-venv) or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -70,6 +79,15 @@ prereqs-core:
 
 prereqs-fleet:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null || { echo "error: haproxy not found. The fleet (make fleet, its tests) runs HAProxy from Debian's packages: apt-get install haproxy" >&2; exit 1; }
+
+prereqs-deploy:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { echo "error: promtool/prometheus not found. The alert rules' tests and the HPA query's test run Prometheus from Debian's packages: apt-get install prometheus" >&2; exit 1; }
+	@command -v unshare >/dev/null && command -v nsenter >/dev/null || { echo "error: unshare/nsenter not found (util-linux): apt-get install util-linux" >&2; exit 1; }
+
+prereqs-image:
+	@command -v podman >/dev/null || { echo "error: podman not found. make image builds with podman (no Docker engine needed): apt-get install podman runc uidmap" >&2; exit 1; }
+	@command -v runc >/dev/null || PATH="$$PATH:/usr/sbin:/sbin" command -v runc >/dev/null || { echo "error: runc not found: apt-get install runc (or set PODMAN to use another runtime)" >&2; exit 1; }
+	@PATH="$$PATH:/usr/sbin:/sbin" command -v debootstrap >/dev/null || podman image exists $(BASE_IMAGE) || { echo "error: debootstrap not found and no base image $(BASE_IMAGE): apt-get install debootstrap, or pass BASE_IMAGE= to pull debian:bookworm-slim" >&2; exit 1; }
 
 # pip bootstraps uv (requirements/uv.txt); uv installs the lock, about 6 times faster here (docs/development.md).
 # uv reads no pip.conf, so the package indexes this machine's pip is configured with are handed to it (none
@@ -173,6 +191,28 @@ deploy: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## serve MODEL's new arc
 rollback: | $(VENV_STAMP) ## serve MODEL's previous version again (after make deploy)
 	$(PY) -m serve_config.rollout rollback --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store
 
+IMAGE_REF = $(IMAGE):$(IMAGE_TAG)$(if $(filter cuda,$(VARIANT)),-cuda)
+
+image: $(foreach m,$(IMAGE_MODELS),$(TREE)model_store/$(m).mar) | $(VENV_STAMP) prereqs-image ## build the serving image with podman (runtime lock only, models baked in)
+	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m serve_config.deploy.image build --tag $(IMAGE_REF) --variant $(VARIANT) \
+		--models $(IMAGE_MODELS) --model-store $(TREE)model_store --podman "$(PODMAN)" $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
+
+image-test: image ## build the image, then run it: every model through it, its probes, the KServe runtime, a draining stop
+	IMAGE=$(IMAGE_REF) PODMAN="$(PODMAN)" $(PY) -m pytest tests/container $(PYTEST_ARGS)
+
+bundle: $(MARS) | $(VENV_STAMP) ## KServe storageUri layout per model: BUNDLE_DIR/<model>/{config/config.properties,model-store/<model>.mar}
+	$(foreach m,$(SERVE_MODELS),$(PY) -m serve_config.deploy.bundle --models $(m) --model-store $(TREE)model_store --out $(BUNDLE_DIR)/$(m) &&) true
+
+k8s: | $(VENV_STAMP) ## render the kustomize overlays (cpu, gpu), KServe and the adapter's rule into DEPLOY_DIR
+	$(PY) -m serve_config.deploy.manifests render --out $(DEPLOY_DIR)
+
+k8s-validate: | $(VENV_STAMP) ## validate every rendered manifest: kubernetes-validate --strict, KServe's CRD schemas
+	$(PY) -m serve_config.deploy.manifests validate
+
+rules-test: | $(VENV_STAMP) prereqs-deploy ## promtool check rules + promtool test rules on the alerts
+	$(PY) -m serve_config.deploy.manifests rules --out $(DEPLOY_DIR)
+	cd $(DEPLOY_DIR) && promtool check rules rules.yaml && promtool test rules rules_test.yaml
+
 bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
 	$(PY) -m loadtest.bench.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
 
@@ -182,12 +222,13 @@ sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, dela
 soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity for SOAK_S seconds: failures and RSS growth
 	$(PY) -m loadtest.bench.soak --model $(MODEL) --seconds $(SOAK_S) --out results/soak
 
-test: | $(VENV_STAMP) prereqs-fleet ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier
+test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) models
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
 
+# The image's tier needs a built image: `make image-test` (RECIPE=$(TEST_RECIPE) for the test tree's models).
 pytest: | $(VENV_STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --ignore=tests/container $(PYTEST_ARGS)
 
 unit: | $(VENV_STAMP) ## the unit tier without its slow tests: needs no built model, starts no server (seconds)
 	$(PY) -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)

@@ -128,6 +128,70 @@ class SentenceReference:
         assert np.abs(got - expected).max() <= atol and cosine.min() >= min_cosine, (np.abs(got - expected).max(), cosine.min())
 
 
+def assert_serves_every_model(inference_url: str, headers: dict[str, str] | None = None, *, samples: int = 3) -> None:
+    """Each default model answers real samples at `inference_url` as it does offline: the classifiers' top-k
+    equals the eager checkpoint's, the embedder's vectors equal sentence-transformers'. For servers started
+    some other way than the `server` fixture (a container, a KServe bundle)."""
+    import requests
+
+    from loadtest.payloads import payloads
+
+    headers = headers or {}
+    for spec in SERVED:
+        url = f"{inference_url}/predictions/{spec.name}"
+        if spec.kind == "text-embedding":
+            texts = ["The quick brown fox jumps over the lazy dog.", "ünïcödé ✓ text"]
+            answer = requests.post(url, json={"texts": texts}, headers=headers, timeout=60)
+            assert answer.status_code == 200, (spec.name, answer.text)
+            SentenceReference().assert_matches([i["embedding"] for i in answer.json()["embeddings"]], texts)
+            continue
+        reference = EagerReference(spec.name)
+        for sample in payloads(spec.name, samples):
+            answer = requests.post(url, data=sample.body, headers={**headers, "Content-Type": sample.content_type},
+                                   timeout=60)
+            assert answer.status_code == 200, (spec.name, answer.text)
+            reference.assert_matches(answer.json(), sample.body)
+
+
+class Traffic:
+    """Posts one real sample of `model` to `inference_url` in a loop on a thread, for as long as the `with` lasts,
+    recording each status code, or "refused" where no connection could be made (a server that has stopped)."""
+
+    def __init__(self, inference_url: str, model: str, *, pause: float = 0.02) -> None:
+        import threading
+
+        from loadtest.payloads import payloads
+
+        self.url, self.sample, self.pause = f"{inference_url}/predictions/{model}", payloads(model, 1)[0], pause
+        self.statuses: list = []
+        self._done, self._thread = threading.Event(), threading.Thread(target=self._send)
+
+    def _send(self) -> None:
+        import time
+
+        import requests
+
+        while not self._done.is_set():
+            try:
+                self.statuses.append(requests.post(self.url, data=self.sample.body, timeout=30,
+                                                   headers={"Content-Type": self.sample.content_type}).status_code)
+            except requests.ConnectionError:
+                self.statuses.append("refused")
+            time.sleep(self.pause)
+
+    def __enter__(self) -> "Traffic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def answered(self) -> list[int]:
+        return [s for s in self.statuses if s != "refused"]
+
+
 @pytest.fixture(scope="session")
 def sentence_reference():
     return SentenceReference()
