@@ -15,9 +15,9 @@ container tier runs it as the image's non-root user.
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +28,8 @@ from serve_config.control.instance import Ports
 from serve_config.control.lifecycle import end_group
 from serve_config.deploy import bundle as bd
 from serve_config.deploy.image import HERE as IMAGE_FILES, containerfile_env
-from tests.conftest import ROOT
 
-VENV = Path(os.environ.get("VIRTUAL_ENV") or ROOT / ".venv")
+VENV = Path(sys.prefix)  # the venv of the interpreter running the tests
 WORKDIR = "/home/model-server/run"
 ENTRYPOINT = ["/opt/venv/bin/python", "/opt/serve/entrypoint.py"]
 
@@ -94,7 +93,12 @@ def start(runtime: dict, bundle: Path, log: Path, extra_env: dict[str, str] | No
         "mount -t tmpfs tmpfs /opt", "mkdir /opt/venv /opt/serve",
         f"mount --bind -o ro {shlex.quote(str(VENV))} /opt/venv",
         f"mount --bind -o ro {shlex.quote(str(IMAGE_FILES))} /opt/serve",
-        "mount -t tmpfs tmpfs /tmp", "mount -t tmpfs tmpfs /home", f"mkdir -p {WORKDIR}", f"cd {WORKDIR}",
+        "mount -t tmpfs tmpfs /tmp", "mount -t tmpfs tmpfs /home", f"mkdir -p {WORKDIR}",
+        # The venv's scripts name its own path in their #! line: where the tmpfs hid it (a checkout under /tmp or
+        # /home), it is put back, read-only, from /opt/venv.
+        f"if [ ! -e {shlex.quote(str(VENV / 'bin' / 'python'))} ]; then mkdir -p {shlex.quote(str(VENV))} && "
+        f"mount --bind -o ro /opt/venv {shlex.quote(str(VENV))}; fi",
+        f"cd {WORKDIR}",
         f"exec {shlex.join([*ENTRYPOINT, *container['args']])}",
     ]
     with open(log, "wb") as out:

@@ -84,7 +84,11 @@ def main(argv: list[str]) -> int:
         log("usage: entrypoint.py COMMAND [ARG ...]")
         return 2
     DRAIN_FILE.unlink(missing_ok=True)
-    launcher = subprocess.Popen(argv)
+    try:
+        launcher = subprocess.Popen(argv)
+    except OSError as err:
+        log(f"cannot run {argv[0]}: {err}")
+        return 127
     requested = threading.Event()
     hurry = threading.Event()
 
