@@ -198,7 +198,11 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) 
              "reference": spec.reference or "eager checkpoint",
              "tolerance": {fmt: dataclasses.asdict(spec.tolerance_for(fmt)) for fmt in manifest["artifacts"]},
              "artifacts": results}
-    (artifacts_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    # Rewritten only when it changes: a re-verification that finds the same (the parity tier re-verifies the
+    # build tree) must not make the archives built from it look stale to make.
+    text, path = json.dumps(stamp, indent=2) + "\n", artifacts_dir / STAMP
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
     return stamp
 
 
