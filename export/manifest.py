@@ -20,8 +20,10 @@ MANIFEST = "manifest.json"
 ARTIFACT_FILES = {"trace": "model.trace.pt", "script": "model.script.pt", "onnx": "model.onnx",
                   "onnx_int8": "model.int8.onnx"}
 ARCHIVE_DIGEST = ".sha256"  # <name>.mar.sha256 beside each archive
+MAR_MANIFEST = "MAR-INF/MANIFEST.json"  # torch-model-archiver's record inside each .mar
 
-__all__ = ["ARCHIVE_DIGEST", "ARTIFACT_FILES", "ArchiveError", "IntegrityError", "MANIFEST", "check_archive",
+__all__ = ["ARCHIVE_DIGEST", "ARTIFACT_FILES", "ArchiveError", "IntegrityError", "MANIFEST", "MAR_MANIFEST",
+           "archive_model", "check_archive",
            "check_folder", "copy_archive", "check_integrity", "read", "sha256", "write", "write_archive_digest"]
 
 
@@ -83,6 +85,11 @@ def write_archive_digest(mar: Path, digest: str | None = None) -> Path:
     path = mar.with_name(mar.name + ARCHIVE_DIGEST)
     path.write_text(f"{digest or sha256(mar)}  {mar.name}\n")
     return path
+
+
+def archive_model(archive: zipfile.ZipFile) -> dict[str, Any]:
+    """The `model` record torch-model-archiver wrote into an open .mar: name, version, handler, config file."""
+    return json.loads(archive.read(MAR_MANIFEST))["model"]
 
 
 def copy_archive(source: Path, dest: Path) -> str:

@@ -28,18 +28,15 @@ from pathlib import Path
 
 import requests
 
-from export.manifest import check_archive, copy_archive, write_archive_digest
+from export.manifest import MAR_MANIFEST, archive_model, check_archive, copy_archive, write_archive_digest
 from models.paths import FULL, ROOT
 from serve_config.control import Server, ServerError
 from serve_config.control.access import model_workers
 from serve_config.control.lifecycle import SERVED_DIR
 
-MAR_MANIFEST = "MAR-INF/MANIFEST.json"
-
-
 def archive_version(mar: Path) -> str:
     with zipfile.ZipFile(mar) as archive:
-        return str(json.loads(archive.read(MAR_MANIFEST))["model"]["modelVersion"])
+        return str(archive_model(archive)["modelVersion"])
 
 
 def versioned_copy(source: Path, dest: Path, version: str) -> Path:

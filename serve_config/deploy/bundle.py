@@ -26,7 +26,7 @@ from typing import Sequence
 
 import yaml
 
-from export.manifest import ARCHIVE_DIGEST, IntegrityError, copy_archive
+from export.manifest import ARCHIVE_DIGEST, IntegrityError, archive_model, copy_archive
 from serve_config.control.instance import Ports
 from serve_config.control.lifecycle import TEMPLATE, render_config
 
@@ -43,6 +43,7 @@ SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "resp
 # cannot share them (docs/deploy.md). TS_DISABLE_TOKEN_AUTHORIZATION=false turns it back on; the probes
 # follow. Registration over the API is off: a pod serves what it started with, a new version is a rollout.
 CONTAINER = {
+    "management_address": f"http://127.0.0.1:{PORTS.management}",
     "grpc_inference_address": "0.0.0.0",
     "disable_token_authorization": "true",
     "enable_model_api": "false",
@@ -54,7 +55,7 @@ CONTAINER = {
 def archive_settings(mar: Path) -> tuple[str, dict]:
     """(version, model-config YAML) as packed in the archive: what TorchServe itself reads from it."""
     with zipfile.ZipFile(mar) as archive:
-        model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
+        model = archive_model(archive)
         config = yaml.safe_load(archive.read(model["configFile"])) if model.get("configFile") else {}
     return model.get("modelVersion", "1.0"), config or {}
 
@@ -76,8 +77,6 @@ def container_config(model_store: Path, *, snapshot: dict | None = None) -> str:
     """config.properties for a container whose archives are in `model_store`: every model there (load_models=all),
     or those of `snapshot`. Settings from the environment (TS_<KEY>) take precedence (enable_envvars_config)."""
     text = render_config(TEMPLATE, PORTS, model_store, host="0.0.0.0", overrides=CONTAINER)
-    text = text.replace("management_address=http://0.0.0.0:", "management_address=http://127.0.0.1:")
-    text = text.replace("grpc_management_address=0.0.0.0", "grpc_management_address=127.0.0.1")
     header = ("# Rendered by serve_config/deploy/bundle.py from serve_config/config.properties for a container "
               "(docs/deploy.md).\n")
     extra = ["", "# Container: TS_<KEY> variables override these settings; what to load at start-up.",
