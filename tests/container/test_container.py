@@ -21,8 +21,8 @@ import requests
 from serve_config.control.instance import Ports
 from serve_config.deploy import bundle as bd
 from serve_config.deploy import image as im
-from serve_config.deploy import manifests as mf
 from tests.conftest import SERVED, TREE, Traffic, assert_serves_every_model, built
+from tests.deploy import runtime as rt
 
 pytestmark = [pytest.mark.container, pytest.mark.integration, pytest.mark.slow]
 IMAGE = os.environ.get("IMAGE", "localhost/torchserve-models:latest")
@@ -125,11 +125,11 @@ def test_the_image_serves_every_baked_model_and_drains_on_stop():
 def test_the_kserve_runtime_serves_the_bundle_in_the_image(tmp_path):
     """The ServingRuntime's container as KServe would run it: the bundle read-only at /mnt/models, its args and
     env; its probes executed in the container pass, and readiness fails when a model has no worker."""
-    runtime = [d for d in mf.render(mf.SOURCES["kserve"]) if d["kind"] == "ServingRuntime"][0]["spec"]["containers"][0]
+    runtime = rt.container(rt.manifest("kserve", "ServingRuntime"))
     bundle = bd.write_bundle(tmp_path / "bundle", [s.name for s in SERVED], TREE.model_store)
     env = {e["name"]: e["value"] for e in runtime["env"]}
     container = Container("--volume", f"{bundle}:{bd.MOUNT}:ro", IMAGE, *runtime["args"], env=env)
-    probes = {name: runtime[name]["exec"]["command"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+    probes = rt.probes(rt.manifest("kserve", "ServingRuntime"))
     try:
         container.wait_healthy(probes["startupProbe"])
         assert container.exec(probes["readinessProbe"]).returncode == 0

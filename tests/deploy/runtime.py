@@ -15,6 +15,8 @@ container tier runs it as the image's non-root user.
 
 from __future__ import annotations
 
+import copy
+import functools
 import shlex
 import subprocess
 import sys
@@ -27,11 +29,38 @@ import requests
 from serve_config.control.instance import Ports
 from serve_config.control.lifecycle import end_group
 from serve_config.deploy import bundle as bd
+from serve_config.deploy import manifests as mf
 from serve_config.deploy.image import HERE as IMAGE_FILES, containerfile_env
 
 VENV = Path(sys.prefix)  # the venv of the interpreter running the tests
 WORKDIR = "/home/model-server/run"
 ENTRYPOINT = ["/opt/venv/bin/python", "/opt/serve/entrypoint.py"]
+
+
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+@functools.cache
+def _rendered(source: str) -> tuple[dict, ...]:
+    return tuple(mf.render(mf.SOURCES[source]))
+
+
+def manifest(source: str, kind: str) -> dict:
+    """The one `kind` among the rendered set `source` (cpu, gpu, kserve), rendered once per session; a copy."""
+    found = [d for d in _rendered(source) if d["kind"] == kind]
+    assert len(found) == 1, (source, kind, [d["kind"] for d in _rendered(source)])
+    return copy.deepcopy(found[0])
+
+
+def container(doc: dict) -> dict:
+    """The serving container of a Deployment or a ServingRuntime."""
+    spec = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
+    return spec["containers"][0]
+
+
+def probes(doc: dict) -> dict[str, list[str]]:
+    """{startupProbe|readinessProbe|livenessProbe: the exec command} of `doc`'s serving container."""
+    return {name: container(doc)[name]["exec"]["command"] for name in PROBES}
 
 
 @dataclass

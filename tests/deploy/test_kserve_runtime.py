@@ -3,6 +3,7 @@ the manifests' probes run as commands against it, a real Prometheus scraping it,
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -20,21 +21,12 @@ import yaml
 from loadtest.payloads import payloads
 from serve_config.deploy import bundle as bd
 from serve_config.deploy import manifests as mf
-from tests.conftest import SERVED, TREE, Traffic, assert_serves_every_model, built
+from tests.conftest import CLASSIFIERS, SERVED, TREE, Traffic, assert_serves_every_model, built
 from tests.deploy import runtime as rt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="a private mount namespace for the pod's file system "
                                  "needs root (CI runs as root); the container tier covers it with podman")]
-
-
-def kserve(kind: str) -> dict:
-    return [d for d in mf.render(mf.SOURCES["kserve"]) if d["kind"] == kind][0]
-
-
-def probes(doc: dict) -> dict[str, list[str]]:
-    container = doc["spec"]["template"]["spec"]["containers"][0] if doc["kind"] == "Deployment" else doc["spec"]["containers"][0]
-    return {name: container[name]["exec"]["command"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
 
 
 def tree_digest(root) -> dict[str, str]:
@@ -53,9 +45,9 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(bundle, tmp_path_factory):
     before = tree_digest(bundle)
-    runtime = rt.start(kserve("ServingRuntime"), bundle, tmp_path_factory.mktemp("pod") / "pod.log")
+    runtime = rt.start(rt.manifest("kserve", "ServingRuntime"), bundle, tmp_path_factory.mktemp("pod") / "pod.log")
     try:
-        answer = runtime.wait_until(probes(kserve("ServingRuntime"))["startupProbe"], timeout=300)
+        answer = runtime.wait_until(rt.probes(rt.manifest("kserve", "ServingRuntime"))["startupProbe"], timeout=300)
         assert answer.returncode == 0, f"{answer.stdout}\n{runtime.tail()}"
         yield runtime
     finally:
@@ -85,19 +77,22 @@ def test_the_runtime_serves_every_model_from_the_read_only_bundle(served):
         described = requests.get(f"{served.management_url}/models/{spec.name}", timeout=10).json()[0]
         config = yaml.safe_load((bd.TEMPLATE.parent / f"{spec.name}.yaml").read_text())
         assert (described["minWorkers"], described["batchSize"]) == (config["minWorkers"], config["batchSize"])
-    # Token authorization is off in the pod: the gateway authenticates (docs/deploy.md).
-    sample = payloads(SERVED[0].name, 1)[0]
-    answer = requests.post(f"{served.inference_url}/v2/models/{SERVED[0].name}/infer", timeout=30,
-                           json={"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES",
-                                             "data": [sample.body.decode("latin-1")]}]})
-    assert answer.status_code in (200, 400), answer.text  # the OIP route reaches the handler
+    # Token authorization is off in the pod (the gateway authenticates: docs/deploy.md). The Open Inference
+    # Protocol route answers as /predictions does: KServe's clients call it.
+    spec = CLASSIFIERS[0]
+    sample = payloads(spec.name, 1)[0]
+    native = requests.post(f"{served.inference_url}/predictions/{spec.name}", data=sample.body, timeout=30,
+                           headers={"Content-Type": sample.content_type}).json()
+    answer = requests.post(f"{served.inference_url}/v2/models/{spec.name}/infer", timeout=30, json={"inputs": [
+        {"name": spec.inputs[0].name, "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(sample.body).decode()]}]})
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+    assert outputs["index"] == [p["index"] for p in native]
 
 
 @pytest.mark.parametrize("source", ["kserve", "cpu"])
 def test_the_manifests_probes_pass_when_ready_and_fail_when_a_model_has_no_worker(served, source):
-    doc = kserve("ServingRuntime") if source == "kserve" else [d for d in mf.render(mf.SOURCES["cpu"])
-                                                                if d["kind"] == "Deployment"][0]
-    commands = probes(doc)
+    commands = rt.probes(rt.manifest("kserve", "ServingRuntime") if source == "kserve" else rt.manifest("cpu", "Deployment"))
     for name, command in commands.items():
         answer = served.exec(command)
         assert answer.returncode == 0, (name, answer.stdout, answer.stderr)
@@ -191,10 +186,10 @@ def test_token_authorization_on_in_the_pod_probes_still_work(tmp_path):
     the key file TorchServe writes to its working directory."""
     model = SERVED[0].name
     bundle = bd.write_bundle(tmp_path / "bundle", [model], TREE.model_store)
-    runtime = rt.start(kserve("ServingRuntime"), bundle, tmp_path / "pod.log",
+    runtime = rt.start(rt.manifest("kserve", "ServingRuntime"), bundle, tmp_path / "pod.log",
                        extra_env={"TS_DISABLE_TOKEN_AUTHORIZATION": "false"})
     try:
-        commands = probes(kserve("ServingRuntime"))
+        commands = rt.probes(rt.manifest("kserve", "ServingRuntime"))
         answer = runtime.wait_until(commands["startupProbe"], timeout=240)
         assert answer.returncode == 0, f"{answer.stdout}\n{runtime.tail()}"
         assert runtime.exec(commands["livenessProbe"]).returncode == 0
@@ -214,7 +209,7 @@ def test_sigterm_drains_then_stops(served):
     """What `docker stop` or a pod deletion does: readiness fails at once while requests are still answered for
     TS_DRAIN_SECONDS, then TorchServe stops and the entrypoint exits 0. Last in this module: it stops the server."""
     drain = float(served.env["TS_DRAIN_SECONDS"])
-    ready = probes(kserve("ServingRuntime"))["readinessProbe"]
+    ready = rt.probes(rt.manifest("kserve", "ServingRuntime"))["readinessProbe"]
     with Traffic(served.inference_url, SERVED[0].name) as traffic:
         time.sleep(1)
         started = time.monotonic()

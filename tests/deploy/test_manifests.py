@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from serve_config.deploy import manifests as mf
+from tests.deploy.runtime import container, probes
 from tests.conftest import ROOT, SERVED
 
 CONTAINERFILE = ROOT / "serve_config" / "deploy" / "image" / "Containerfile"
@@ -29,11 +30,6 @@ def one(docs: list[dict], kind: str) -> dict:
     found = [d for d in docs if d["kind"] == kind]
     assert len(found) == 1, (kind, [d["kind"] for d in docs])
     return found[0]
-
-
-def container(doc: dict) -> dict:
-    spec = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
-    return spec["containers"][0]
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu", "monitoring"])
@@ -106,12 +102,11 @@ def test_pods_are_locked_down(sets):
 
 def test_probes_are_the_same_commands_everywhere(sets):
     """The Deployment, the KServe runtime and the image's HEALTHCHECK run one probe script."""
-    deployment, runtime = container(one(sets["cpu"], "Deployment")), container(one(sets["kserve"], "ServingRuntime"))
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert deployment[probe]["exec"]["command"] == runtime[probe]["exec"]["command"]
-    ready = deployment["readinessProbe"]["exec"]["command"]
-    assert ready[-1] == "ready" and deployment["startupProbe"]["exec"]["command"] == ready
-    assert deployment["livenessProbe"]["exec"]["command"][-1] == "live"
+    deployment, runtime = probes(one(sets["cpu"], "Deployment")), probes(one(sets["kserve"], "ServingRuntime"))
+    assert deployment == runtime
+    ready = deployment["readinessProbe"]
+    assert ready[-1] == "ready" and deployment["startupProbe"] == ready
+    assert deployment["livenessProbe"][-1] == "live"
     healthcheck = re.search(r"HEALTHCHECK .*?CMD (\[.*?\])", CONTAINERFILE.read_text(), re.S).group(1)
     assert yaml.safe_load(healthcheck) == ready
 
