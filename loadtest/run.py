@@ -10,13 +10,15 @@ import argparse
 import csv
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.paths import ROOT
-from serve_config.control import ServerError, read_keys
+from serve_config.control import ServerError, end_group, read_keys
 # How loadtest/users.py labels a 503; not imported from there, since importing locust gevent-patches this process.
 REJECTED = "rejected"
 
@@ -67,37 +69,79 @@ def by_name(stats_csv: Path) -> dict[str, tuple[int, int]]:
                 if r["Name"] != "Aggregated"}
 
 
-class Run:
-    """One headless Locust run in its own process: started, then waited for (`finish`), so that a caller can act
-    on the servers while the load flows (the fleet's failover and rolling-update tests). `workers` > 0 runs
-    Locust distributed: one master and that many worker processes (`--processes`), so one core's worth of
-    load generator is not the limit."""
+class LoadError(RuntimeError):
+    """A load run that did what its caller waited for too late, or not at all; the message says which and why."""
 
-    def __init__(self, model: str, url: str, token: str, *, users: int, duration: str, out: Path, workers: int = 0,
-                 by_version: bool = False) -> None:
+
+class Run:
+    """One headless Locust run in its own process, so that a caller can act on the servers while the load flows
+    (the fleet's failover and rolling-update tests, deploy and rollback).
+
+    A run of a fixed `duration` ends by itself (`finish`). A run with `duration=None` lasts as long as the
+    operation it accompanies: start it, wait until requests flow (`wait_flowing`), do the operation, then `stop`
+    it. So a test never races a load of fixed length against work whose length depends on the host's speed.
+    Such a run is still bounded: it ends by itself after `max_seconds` whatever its caller does.
+    `workers` > 0 runs Locust distributed: one master and that many worker processes (`--processes`), so one
+    core's worth of load generator is not the limit."""
+
+    def __init__(self, model: str, url: str, token: str, *, users: int, duration: str | None, out: Path,
+                 workers: int = 0, by_version: bool = False, max_seconds: int = 900) -> None:
         self.report_dir = out / f"{model}-{dt.datetime.now():%Y%m%d-%H%M%S-%f}"
         self.report_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_file = self.report_dir / "stop"
         env = {**os.environ, "MODEL": model, "TS_TOKEN": token, "PYTHONPATH": str(ROOT),
-               "LOADTEST_BY_VERSION": "1" if by_version else ""}
+               "LOADTEST_BY_VERSION": "1" if by_version else "", "LOADTEST_STOP_FILE": str(self.stop_file)}
         command = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
                    "--headless", "--host", url, "--users", str(users), "--spawn-rate", str(users),
-                   "--run-time", duration, "--stop-timeout", "10", "--csv", str(self.report_dir / "locust"),
-                   "--html", str(self.report_dir / "report.html"), "--only-summary", "--loglevel", "WARNING",
-                   *(["--processes", str(workers)] if workers > 0 else [])]
+                   "--run-time", duration or f"{max_seconds}s", "--stop-timeout", "10",
+                   "--csv", str(self.report_dir / "locust"), "--html", str(self.report_dir / "report.html"),
+                   "--only-summary", "--loglevel", "WARNING", *(["--processes", str(workers)] if workers > 0 else [])]
         self.log = open(self.report_dir / "locust.log", "w")
         self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
 
+    def requests(self) -> int:
+        """Requests answered so far (failures included), as Locust last wrote them (about once a second)."""
+        try:
+            with self.stats_csv.open() as handle:
+                row = next((r for r in csv.DictReader(handle) if r["Name"] == "Aggregated"), None)
+        except (OSError, csv.Error):
+            return 0
+        return int(row["Request Count"]) if row else 0
+
+    def wait_flowing(self, more: int = 20, *, timeout: float = 180.0) -> int:
+        """Wait until `more` requests beyond those counted now have been answered: the load is really flowing
+        (Locust's start builds payloads and spawns users first, seconds on a loaded host). The count then."""
+        wanted, deadline = self.requests() + more, time.monotonic() + timeout
+        while (count := self.requests()) < wanted:
+            if self.process.poll() is not None:
+                raise LoadError(f"locust exited ({self.process.returncode}) after {count} requests, before "
+                                f"{wanted}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise LoadError(f"{count} requests after {timeout:.0f} s, wanted {wanted}: the load is not flowing "
+                                f"(is the server answering?)\n{self.tail()}")
+            time.sleep(0.25)
+        return count
+
+    def stop(self, timeout: float = 120.0) -> Summary:
+        """End the run now, the way its run time would (users stopped, statistics and report written)."""
+        self.stop_file.touch()
+        return self.finish(timeout)
+
     def finish(self, timeout: float | None = None) -> Summary:
         try:
             code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            end_group(self.process.pid, timeout=10, sig=signal.SIGKILL)
+            raise LoadError(f"locust did not end within {timeout:.0f} s; killed\n{self.tail()}") from None
         finally:
             self.log.close()
-        stats = self.report_dir / "locust_stats.csv"
-        if not stats.exists():
-            tail = (self.report_dir / "locust.log").read_text()[-3000:]
-            raise SystemExit(f"locust wrote no statistics (exit {code}):\n{tail}")
-        return summarise(stats)
+        if not self.stats_csv.exists():
+            raise LoadError(f"locust wrote no statistics (exit {code}):\n{self.tail()}")
+        return summarise(self.stats_csv)
+
+    def tail(self) -> str:
+        return (self.report_dir / "locust.log").read_text(errors="replace")[-3000:]
 
     @property
     def stats_csv(self) -> Path:

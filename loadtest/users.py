@@ -45,9 +45,10 @@ class InferenceUser(FastHttpUser):
             path, data=payload.body, name=path, catch_response=True,
             headers={"Authorization": self.auth, "Content-Type": payload.content_type, **payload.headers},
         ) as response:
+            text = response.text or ""  # None where no answer came (the connection was refused or reset)
             if response.status_code == 503:
-                response.failure(f"{REJECTED} (HTTP 503): {response.text[:120]}")
+                response.failure(f"{REJECTED} (HTTP 503): {text[:120]}")
             elif response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                response.failure(f"HTTP {response.status_code}: {text[:200] or response.error}")
             elif self.by_version:
                 response.request_meta["name"] = f"{path} version={response.headers.get('X-Model-Version', 'none')}"

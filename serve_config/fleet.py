@@ -31,10 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 from models.paths import FULL, ROOT
-from serve_config.control import Ports, Server, ServerError, netns, start, stop
-from serve_config.control.instance import read_properties
-from serve_config.control.instance import PID_FILE
-from serve_config.control.lifecycle import TEMPLATE, end_group, group_alive
+from serve_config.control import (PID_FILE, TEMPLATE, Ports, Server, ServerError, end_group, group_alive, netns,
+                                  read_properties, start, stop)
 
 HAPROXY_TEMPLATE = ROOT / "serve_config" / "haproxy.cfg"
 STATE, BALANCER_PID = "fleet.json", "haproxy.pid"

@@ -155,7 +155,8 @@ def assert_serves_every_model(inference_url: str, headers: dict[str, str] | None
 
 class Traffic:
     """Posts one real sample of `model` to `inference_url` in a loop on a thread, for as long as the `with` lasts,
-    recording each status code, or "refused" where no connection could be made (a server that has stopped)."""
+    recording each status code, or "refused" where no connection could be made (a server that has stopped), and
+    when each answer came (`times`, time.monotonic())."""
 
     def __init__(self, inference_url: str, model: str, *, pause: float = 0.02) -> None:
         import threading
@@ -164,6 +165,7 @@ class Traffic:
 
         self.url, self.sample, self.pause = f"{inference_url}/predictions/{model}", payloads(model, 1)[0], pause
         self.statuses: list = []
+        self.times: list[float] = []
         self._done, self._thread = threading.Event(), threading.Thread(target=self._send)
 
     def _send(self) -> None:
@@ -173,10 +175,12 @@ class Traffic:
 
         while not self._done.is_set():
             try:
-                self.statuses.append(requests.post(self.url, data=self.sample.body, timeout=30,
-                                                   headers={"Content-Type": self.sample.content_type}).status_code)
+                status = requests.post(self.url, data=self.sample.body, timeout=30,
+                                       headers={"Content-Type": self.sample.content_type}).status_code
             except requests.ConnectionError:
-                self.statuses.append("refused")
+                status = "refused"
+            self.times.append(time.monotonic())
+            self.statuses.append(status)
             time.sleep(self.pause)
 
     def __enter__(self) -> "Traffic":
@@ -190,6 +194,10 @@ class Traffic:
     @property
     def answered(self) -> list[int]:
         return [s for s in self.statuses if s != "refused"]
+
+    def answered_after(self, moment: float) -> list[int]:
+        """The statuses of the answers that came after `moment` (time.monotonic())."""
+        return [s for s, t in zip(list(self.statuses), list(self.times)) if t > moment and s != "refused"]
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ The names callers use are re-exported here: `from serve_config import control`.
 from export.manifest import ArchiveError, IntegrityError, check_archive
 from serve_config.control.access import has_ready_worker, model_workers, ready, rotate_token
 from serve_config.control.instance import KEY_FILE, PID_FILE, Ports, Server, ServerError, read_keys, read_properties
-from serve_config.control.lifecycle import TEMPLATE, ModelLoadError, load_failure, render_config, start, stop, wait_ready
+from serve_config.control.lifecycle import (TEMPLATE, ModelLoadError, end_group, group_alive, load_failure, render_config,
+                                           start, stop, wait_ready)
 
 __all__ = ["ArchiveError", "IntegrityError", "KEY_FILE", "ModelLoadError", "PID_FILE", "Ports", "Server", "ServerError",
-           "TEMPLATE", "check_archive", "has_ready_worker", "load_failure", "model_workers", "read_keys",
-           "read_properties", "ready", "render_config", "rotate_token", "start", "stop", "wait_ready"]
+           "TEMPLATE", "check_archive", "end_group", "group_alive", "has_ready_worker", "load_failure", "model_workers",
+           "read_keys", "read_properties", "ready", "render_config", "rotate_token", "start", "stop", "wait_ready"]

@@ -142,6 +142,6 @@ def test_the_kserve_runtime_serves_the_bundle_in_the_image(tmp_path):
         assert answer.returncode == 1 and f"{model}: no READY worker" in answer.stdout, answer.stdout
         assert container.exec(probes["livenessProbe"]).returncode == 0
         requests.put(management, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120)
-        container.wait_healthy(probes["readinessProbe"], timeout=120)
+        container.wait_healthy(probes["readinessProbe"], timeout=300)
     finally:
         container.remove()

@@ -144,14 +144,15 @@ def test_prometheus_scrapes_torchserve_and_evaluates_the_hpa_query_and_the_alert
         return answer["data"]["result"]
 
     try:
-        deadline = time.monotonic() + 60
+        # Waits below are bounded generously (a loaded host), and each ends as soon as its condition holds.
+        deadline = time.monotonic() + 120
         while not ready(f"http://127.0.0.1:{port}/-/ready"):
             assert prometheus.poll() is None and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
             time.sleep(0.5)
         adapter = yaml.safe_load(mf.render(mf.EXTRA["monitoring"])[0]["data"]["config.yaml"])["rules"][0]
         hpa_query = (adapter["metricsQuery"].replace("<<.Series>>", "ts_queue_latency_microseconds")
                      .replace("<<.LabelMatchers>>", 'namespace="ml",pod=~"torchserve-0"').replace("<<.GroupBy>>", "pod"))
-        deadline, value = time.monotonic() + 40, None
+        deadline, value = time.monotonic() + 120, None
         with Traffic(served.inference_url, SERVED[0].name):  # requests over many scrapes: counters grow between them
             while time.monotonic() < deadline:
                 if result := query(hpa_query):
@@ -160,7 +161,8 @@ def test_prometheus_scrapes_torchserve_and_evaluates_the_hpa_query_and_the_alert
                     if value > 0:
                         break
                 time.sleep(1)
-        assert value is not None and math.isfinite(value) and value > 0, value  # requests queued: a positive rate
+        assert value is not None and math.isfinite(value) and value > 0, (  # requests queued: a positive rate
+            f"the HPA query gave {value} after 120 s of traffic and 1 s scrapes")
         print(f"\nHPA metric {adapter['name']['as']} = {value:.6f} ({hpa_query})")
         # Every metric the alerts use is really exported, and Prometheus evaluates each rule without error.
         names = {r["metric"]["__name__"] for r in query(
@@ -168,7 +170,7 @@ def test_prometheus_scrapes_torchserve_and_evaluates_the_hpa_query_and_the_alert
             'ts_queue_latency_microseconds|ts_inference_requests_total"})')}
         assert names == {"WorkerLoadTime", "Requests2XX", "PredictionTime", "ts_queue_latency_microseconds",
                          "ts_inference_requests_total"}
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             rules = [r for g in requests.get(f"{api}/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]]
             evaluated = len(rules) == 4 and all(not r["lastEvaluation"].startswith("0001") for r in rules)
@@ -217,14 +219,13 @@ def test_sigterm_drains_then_stops(served):
         time.sleep(1)
         answer = served.exec(ready)
         assert answer.returncode == 1 and "draining" in answer.stdout, answer.stdout
-        answered_during_drain = len(traffic.statuses)
-        time.sleep(max(0.0, drain - 3))
-        assert len(traffic.statuses) > answered_during_drain  # still answering while draining
-        assert served.process.poll() is None
-        served.process.wait(timeout=drain + float(served.env["TS_STOP_SECONDS"]) + 10)
+        not_ready_at = time.monotonic()
+        # Bounded generously (the entrypoint's own limits plus a loaded host's slack), not timed.
+        served.process.wait(timeout=drain + float(served.env["TS_STOP_SECONDS"]) + 60)
         took = time.monotonic() - started
     assert served.process.returncode == 0, served.tail()
     assert took >= drain - 0.5
+    assert 200 in traffic.answered_after(not_ready_at), "nothing was answered while draining"
     statuses = traffic.statuses
     assert traffic.answered and set(traffic.answered) == {200}, sorted(set(map(str, statuses)))
     if "refused" in statuses:  # once refused (stopped), never answered again

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 
 import pytest
@@ -45,20 +44,21 @@ def test_a_versioned_copy_changes_only_the_manifest_version(tmp_path):
 
 
 def test_deploy_and_rollback_under_load_fail_no_request(served, tmp_path):
+    """The load runs from before the deploy until after the rollback (stopped then, not timed beforehand)."""
     server, store = served
     rollout = Rollout(server, MODEL, store)
-    locust = Run(MODEL, server.inference_url, server.keys()["inference"], users=6, duration="35s", out=tmp_path,
+    locust = Run(MODEL, server.inference_url, server.keys()["inference"], users=6, duration=None, out=tmp_path,
                  by_version=True)
     try:
-        time.sleep(4)
+        locust.wait_flowing(50)
         deployed = rollout.deploy()
         assert rollout.default_version() == deployed["version"] != "1.0"
-        time.sleep(3)
+        locust.wait_flowing(50)  # answers from the deployed version
         again = rollout.deploy()  # the same archive: nothing to do
         rolled = rollout.rollback()
-        assert locust.process.poll() is None, "the load ended before the rollback did; lengthen the run"
+        locust.wait_flowing(20)
     finally:
-        summary = locust.finish(timeout=120)
+        summary = locust.stop()
     names = by_name(locust.stats_csv)
     print(f"\ndeploy {deployed}\nrollback {rolled}\nunder load: {summary.line()}; per version: {names}")
     assert not again["changed"]

@@ -25,9 +25,15 @@ from tests.ops.bad_inputs import png
 from tests.ops.servers import store_with, template_with
 
 pytestmark = [pytest.mark.ops, pytest.mark.integration]
+# A generous bound, not a target (the figure is printed): a replacement worker loads in seconds on a quiet host;
+# a loaded one is allowed many times that.
+RECOVERY_WITHIN = 120
 
 
 def test_worker_killed_under_load_fails_fast_and_recovers(private_server, tmp_path, record_property):
+    """SIGKILL a worker while four clients send requests: only requests it held may fail (5xx, fast), none hangs,
+    TorchServe starts a replacement, and requests succeed again. The clients run until the recovery is seen
+    (stopped then, not timed beforehand); the recovery time is printed and bounded only generously."""
     server = private_server(["digits"], model_store=store_with(tmp_path, "digits"))
     timeout = yaml.safe_load((ROOT / "serve_config" / "digits.yaml").read_text())["responseTimeout"]
     body = payloads("digits", 1)[0]
@@ -46,41 +52,55 @@ def test_worker_killed_under_load_fails_fast_and_recovers(private_server, tmp_pa
                 status = 0
             results.append((start, time.monotonic() - t0, status))
 
+    def wait_for(condition, within: float, reason: str) -> None:
+        deadline = time.monotonic() + within
+        while not condition():
+            assert time.monotonic() < deadline, reason
+            time.sleep(0.1)
+
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2.0)
-    old = worker_pids(server, "digits", ready_only=True)
-    killed_at = time.monotonic() - t0
-    os.kill(old[0], signal.SIGKILL)
     ready_at = None
-    while time.monotonic() - t0 < killed_at + 40:
-        try:
-            pids = worker_pids(server, "digits", ready_only=True)
-        except (requests.RequestException, ValueError, KeyError, IndexError):
-            pids = []
-        if len(pids) >= len(old) and old[0] not in pids:  # a replacement READY, not just the survivors
-            ready_at = time.monotonic() - t0
-            break
-        time.sleep(0.1)
-    time.sleep(4.0)  # keep the load on after the restart
-    stop.set()
-    for t in threads:
-        t.join(timeout=timeout + 15)
+    try:
+        wait_for(lambda: sum(r[2] == 200 for r in results) >= 20, 120, "the load never flowed: no 20 answers in 120 s")
+        old = worker_pids(server, "digits", ready_only=True)
+        killed_at = time.monotonic() - t0
+        os.kill(old[0], signal.SIGKILL)
 
-    assert ready_at is not None, "no new worker became READY within 40 s"
+        def replaced() -> bool:  # a replacement READY, not just the survivors
+            try:
+                pids = worker_pids(server, "digits", ready_only=True)
+            except (requests.RequestException, ValueError, KeyError, IndexError):
+                return False
+            return len(pids) >= len(old) and old[0] not in pids
+
+        wait_for(replaced, RECOVERY_WITHIN, f"no new worker became READY within {RECOVERY_WITHIN} s of the kill")
+        ready_at = time.monotonic() - t0
+        # Keep the load on until 20 requests sent after the replacement was READY, and after the last failure,
+        # were answered.
+        def since_recovery() -> int:
+            since = max([ready_at, *(r[1] for r in list(results) if r[2] != 200)])
+            return sum(r[0] > since for r in list(results))
+
+        wait_for(lambda: since_recovery() >= 20, 120,
+                 "no 20 requests answered in 120 s after the new worker was READY and the last failure")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=timeout + 15)
+
     failed = [r for r in results if r[2] != 200]
     assert all(r[2] >= 500 for r in failed), f"a request failed other than with a 5xx: {failed[:5]}"
     assert max(r[1] - r[0] for r in results) < timeout, "a request hung past the response timeout"
     last_failure = max((r[1] for r in failed), default=killed_at)
     recovered = [r for r in results if r[0] > last_failure]
-    assert len(recovered) > 20 and all(r[2] == 200 for r in recovered)
+    assert len(recovered) >= 20 and all(r[2] == 200 for r in recovered)
     recovery_s = max(last_failure, ready_at) - killed_at
     record_property("recovery_s", round(recovery_s, 2))
     print(f"\nworker SIGKILL: {len(failed)} request(s) failed (5xx) of {len(results)}; new worker READY "
           f"{ready_at - killed_at:.2f}s after the kill; last failure {last_failure - killed_at:.2f}s after; "
-          f"recovered in {recovery_s:.2f}s (target < 10 s)")
-    assert recovery_s < 30, f"recovery took {recovery_s:.1f}s"
+          f"recovered in {recovery_s:.2f}s")
 
 
 def broken_archive(store: Path, tmp_path: Path) -> None:
