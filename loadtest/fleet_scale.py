@@ -22,6 +22,7 @@ from loadtest.procs import tree_cpu_seconds
 from loadtest.run import Run
 from models.paths import FULL, ROOT
 from serve_config import fleet as fleets
+from serve_config.control import owned_pid
 
 
 def measure(model: str, replicas: int, *, model_store: Path, users: int, seconds: int, workers: int,
@@ -31,7 +32,7 @@ def measure(model: str, replicas: int, *, model_store: Path, users: int, seconds
         fleet = fleets.launch(Path(tmp), replicas, [model], model_store=model_store)
         try:
             pids = {r.name: r.server.pid() for r in fleet.replicas}
-            balancer = int((Path(fleet.root) / fleets.BALANCER_PID).read_text())
+            balancer = owned_pid(Path(fleet.root) / fleets.BALANCER_PID)
             # A short warm-up run first, so that the measured one starts on warm workers and connections.
             Run(model, fleet.url, fleet.token(), users=users, duration="3s", out=out / "warmup",
                 workers=workers).finish(timeout=120)

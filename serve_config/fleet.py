@@ -6,7 +6,8 @@ pages, and one run folder per replica (replica-0, replica-1, ...), each an ordin
 serve_config.control with TorchServe's token authorization off: clients authenticate at the balancer with the
 token in the token file (created, mode 600, when it does not exist; point TOKEN_FILE at a mounted Secret).
 
-Everything is stopped by the PIDs recorded here, never by name. HAProxy's runtime API (`show stat`, `set server
+Everything is stopped by the PIDs recorded here (with their boot and start time: a stale record is never
+signalled), never by name. HAProxy's runtime API (`show stat`, `set server
 ... state drain|maint|ready`) drives draining and the rolling update (serve_config.rollout).
 """
 
@@ -32,7 +33,7 @@ from typing import Sequence
 
 from models.paths import FULL, ROOT
 from serve_config.control import (PID_FILE, TEMPLATE, Ports, Server, ServerError, end_group, group_alive, netns,
-                                  read_properties, start, stop)
+                                  owned_pid, port_free, port_holder, read_properties, record_pid, start, stop)
 
 HAPROXY_TEMPLATE = ROOT / "serve_config" / "haproxy.cfg"
 STATE, BALANCER_PID = "fleet.json", "haproxy.pid"
@@ -160,7 +161,7 @@ def start_balancer(fleet: Fleet) -> int:
     with open(root / "haproxy.out", "wb") as out:
         process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=root)
-    (root / BALANCER_PID).write_text(str(process.pid))
+    record_pid(root / BALANCER_PID, process.pid)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -211,6 +212,12 @@ def launch(root: Path, n: int, models: Sequence[str], *, model_store: Path = FUL
     root.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(str(root), list(models), str(model_store.resolve()), port or free_port(), stats_port or free_port(),
                   str((token_file or root / "token").resolve()))
+    taken = [f"port {port} ({variable}) is taken" + (f" by {who}" if (who := port_holder(port)) else "")
+             for variable, port in (("FLEET_PORT", fleet.port), ("FLEET_STATS_PORT", fleet.stats_port))
+             if not port_free(fleet.bind, port)]
+    if taken:  # before any replica starts, rather than as HAProxy's bind error once they all have
+        raise ServerError("; ".join(taken) + "; nothing was started. Stop what holds it, or choose other ports: "
+                          "make fleet FLEET_PORT=... FLEET_STATS_PORT=...")
     mode = isolation_mode(isolation)
     prefix = "tsfleet-" + sha256_text(str(root))[:8]
     fleet.replicas = [Replica(f"replica-{i}", str(root / f"replica-{i}"), asdict(Ports.free()),
@@ -231,16 +238,15 @@ def launch(root: Path, n: int, models: Sequence[str], *, model_store: Path = FUL
 
 
 def _alive_group(fleet: Fleet) -> bool:
-    pid_file = Path(fleet.root) / BALANCER_PID
-    if pid_file.exists() and group_alive(int(pid_file.read_text())):
+    if (pid := owned_pid(Path(fleet.root) / BALANCER_PID)) is not None and group_alive(pid):
         return True
-    return any(r.server.pid() is not None and group_alive(r.server.pid()) for r in fleet.replicas)
+    return any((pid := r.server.pid()) is not None and group_alive(pid) for r in fleet.replicas)
 
 
 def stop_balancer(root: Path, timeout: float = 10.0) -> None:
     pid_file = root / BALANCER_PID
-    if pid_file.exists():
-        end_group(int(pid_file.read_text()), timeout=timeout)
+    if (pid := owned_pid(pid_file)) is not None:  # a stale record is removed, and nothing signalled
+        end_group(pid, timeout=timeout)
         pid_file.unlink(missing_ok=True)
 
 

@@ -17,8 +17,13 @@ from export.manifest import IntegrityError
 from models import registry
 from models.paths import FULL, ROOT
 from serve_config.control.access import ready, rotate_token
-from serve_config.control.instance import KEY_KINDS, Ports, Server, ServerError, read_keys
-from serve_config.control.lifecycle import ModelLoadError, start, stop
+from serve_config.control.instance import KEY_KINDS, PID_FILE, Ports, Server, ServerError, read_keys
+from serve_config.control.lifecycle import ModelLoadError, PortInUse, start, stop
+from serve_config.control.records import read_pid
+
+# The make variable that moves each port of `make serve` (Makefile), for the message when one is taken.
+PORT_VARIABLES = {"inference": "INFERENCE_PORT", "management": "MANAGEMENT_PORT", "metrics": "METRICS_PORT",
+                  "grpc_inference": "GRPC_PORTS", "grpc_management": "GRPC_PORTS"}
 
 
 def curl_example(server: Server, model: str) -> str:
@@ -77,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             rotate_token(Server.from_run_dir(args.run_dir), args.kind)
             print(f"the {args.kind} key was replaced; the old one no longer works (`make -s token` prints the new one)")
         else:
+            record = read_pid(args.run_dir / PID_FILE)
+            if record is not None and record.stale:
+                print(f"{record.stale}: not signalled; the stale {args.run_dir / PID_FILE} is removed")
             print("stopped TorchServe" if stop(args.run_dir) else "no TorchServe was running from " + str(args.run_dir))
     except ModelLoadError as err:
         served = [m for m in args.models if m not in err.failed]
@@ -85,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, why in err.failed.items():
             print(f"  {name}: {why}", file=sys.stderr)
         print(f"  logs: {err.server.run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    except PortInUse as err:
+        moves = sorted({PORT_VARIABLES[role] for role in err.taken})
+        print(f"PortInUse: {err}; nothing was started. Stop what holds it, or choose other ports: "
+              f"make serve {' '.join(f'{v}=...' for v in moves)}", file=sys.stderr)
         return 1
     except (ServerError, IntegrityError) as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)

@@ -12,7 +12,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from serve_config.control import netns
+from serve_config.control.records import read_pid
 
 PID_FILE, KEY_FILE, OUT_FILE, CONFIG_FILE = "torchserve.pid", "key_file.json", "torchserve.out", "config.properties"
 NETNS_FILE = "netns"  # the network namespace the instance runs in, when not the host's (serve_config/control/netns.py)
@@ -42,6 +45,29 @@ class Ports:
         finally:
             for s in sockets:
                 s.close()
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on `port` of `host` now. Sockets in TIME_WAIT do not count: servers bind
+    with SO_REUSEADDR, and so does this probe."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP `port` on this host ("PID 123 (java)"), where this user can see it; else None."""
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return f"PID {conn.pid} ({psutil.Process(conn.pid).name()})"
+    except psutil.Error:
+        pass
+    return None
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -84,8 +110,10 @@ class Server:
         return f"http://{self.host}:{self.ports.metrics}"
 
     def pid(self) -> int | None:
-        path = self.run_dir / PID_FILE
-        return int(path.read_text()) if path.exists() else None
+        """The PID of the instance's process group leader, while its record names the process that was started
+        (serve_config/control/records.py); None when there is no record, or a stale one."""
+        record = read_pid(self.run_dir / PID_FILE)
+        return record.pid if record is not None and not record.stale else None
 
     def keys(self) -> dict[str, str]:
         return read_keys(self.run_dir)

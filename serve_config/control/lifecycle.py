@@ -1,8 +1,12 @@
 """Start, wait for and stop a TorchServe instance.
 
-The server runs in its own process group, whose leader PID is recorded in torchserve.pid; stopping signals
-that group by PID, never by name. Every archive is checked against the sha256 its build recorded before
-TorchServe sees it.
+The server runs in its own process group, whose leader PID is recorded in torchserve.pid with the boot and the
+start time it had (serve_config/control/records.py); stopping signals that group by PID, never by name, and never
+a PID whose record is stale. Before anything starts, each port is checked free (PortInUse names the holder).
+TorchServe sees only this module's settings: the caller's TS_* variables (TS_CONFIG_FILE among them, which
+TorchServe would prefer to --ts-config) are left out of its environment. Its logs are files bounded by size
+(serve_config/log4j2.xml). Every archive is checked against the sha256 its build recorded before TorchServe
+sees it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -22,11 +27,22 @@ from export.manifest import copy_archive
 from models.paths import FULL, ROOT
 from serve_config.control.access import has_ready_worker
 from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
-                                           ServerError)
+                                           ServerError, port_free, port_holder)
 from serve_config.control.netns import exec_prefix
+from serve_config.control.records import owned_pid, record_pid
 
 TEMPLATE = ROOT / "serve_config" / "config.properties"
+LOG_CONFIG = ROOT / "serve_config" / "log4j2.xml"
 SERVED_DIR = "served"  # copies of the archives an instance started with
+
+
+class PortInUse(ServerError):
+    """Ports the instance needs are taken: {port's role in Ports: (port, who holds it or None)}."""
+
+    def __init__(self, taken: dict[str, tuple[int, str | None]]) -> None:
+        self.taken = taken
+        super().__init__("; ".join(f"port {port} ({role.replace('_', ' ')}) is taken"
+                                   + (f" by {who}" if who else "") for role, (port, who) in taken.items()))
 
 
 class ModelLoadError(ServerError):
@@ -74,14 +90,19 @@ def _alive(pid: int) -> bool:
 
 def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model_store: Path = FULL.model_store,
           template: Path = TEMPLATE, timeout: float = 180.0, extra_env: dict[str, str] | None = None,
-          overrides: dict[str, str] | None = None, netns: str | None = None) -> Server:
+          overrides: dict[str, str] | None = None, netns: str | None = None, log_config: Path = LOG_CONFIG) -> Server:
     """Start TorchServe serving `models` from `model_store` and wait until every model has a ready worker.
     `overrides` replace settings of the template (render_config); `netns` runs it inside that network namespace
     (serve_config/control/netns.py), where its loopback addresses are its own."""
     run_dir = run_dir.resolve()
     server = Server(run_dir, ports, netns=netns)
-    if (pid := server.pid()) is not None and _alive(pid):
+    if (pid := owned_pid(run_dir / PID_FILE)) is not None and _alive(pid):
         raise ServerError(f"a TorchServe from {run_dir} is already running (PID {pid}); `make stop` first")
+    with server.network():
+        taken = [role for role, port in asdict(ports).items() if not port_free(server.host, port)]
+    if taken:  # said now, by name, rather than as a bind error buried in TorchServe's log
+        raise PortInUse({role: (getattr(ports, role), None if netns else port_holder(getattr(ports, role)))
+                         for role in taken})
     served = run_dir / SERVED_DIR
     served.mkdir(parents=True, exist_ok=True)
     for name in models:
@@ -95,19 +116,23 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     config = run_dir / CONFIG_FILE
     config.write_text(render_config(template, ports, model_store.resolve(), overrides=overrides))
-    env = {**os.environ, "TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"),
-           "LOG_LOCATION": str(run_dir / "logs"), "METRICS_LOCATION": str(run_dir / "logs"), **(extra_env or {})}
+    # TorchServe reads TS_CONFIG_FILE before --ts-config, and TS_<KEY> over the config where a config enables it:
+    # none of the caller's may change what runs here. extra_env is this module's callers' deliberate choice.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TS_")}
+    env.update({"TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"), "LOG_LOCATION": str(run_dir / "logs"),
+                "METRICS_LOCATION": str(run_dir / "logs"), **(extra_env or {})})
     torchserve = Path(sys.executable).parent / "torchserve"
     if netns:
         (run_dir / NETNS_FILE).write_text(netns)
     else:
         (run_dir / NETNS_FILE).unlink(missing_ok=True)
     command = [*exec_prefix(netns), str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
-               "--model-store", str(model_store.resolve()), "--models", *[f"{m}={m}.mar" for m in models]]
+               "--log-config", str(log_config), "--model-store", str(model_store.resolve()),
+               "--models", *[f"{m}={m}.mar" for m in models]]
     with open(run_dir / OUT_FILE, "wb") as out:
         process = subprocess.Popen(command, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    (run_dir / PID_FILE).write_text(str(process.pid))
+    record_pid(run_dir / PID_FILE, process.pid)
     try:
         wait_ready(server, models, timeout=timeout)
     except ModelLoadError:
@@ -129,7 +154,8 @@ def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None
         pid = server.pid()
         if pid is None or not _alive(pid):
             raise ServerError(f"TorchServe exited during start-up; see {server.run_dir / OUT_FILE} and "
-                              f"{server.run_dir / 'logs'}:\n{_tail(server.run_dir / OUT_FILE)}")
+                              f"{server.run_dir / 'logs'}:\n{_tail(server.run_dir / OUT_FILE)}\n"
+                              f"{_tail(server.run_dir / 'logs' / 'ts_log.log')}")
         try:
             headers = server.headers("management")
             for name in list(pending):
@@ -156,7 +182,7 @@ _LOAD_FAILED = ("Failed to load model", "Load model failed", "Model {name} faile
 
 def load_failure(run_dir: Path, model: str) -> str | None:
     """The first log line saying `model` failed to load, or None."""
-    for log in (run_dir / "logs" / "ts_log.log", run_dir / OUT_FILE):
+    for log in (run_dir / "logs" / "ts_log.log", run_dir / "logs" / "model_log.log", run_dir / OUT_FILE):
         if not log.exists():
             continue
         for line in log.read_text(errors="replace").splitlines():
@@ -166,11 +192,12 @@ def load_failure(run_dir: Path, model: str) -> str | None:
 
 
 def stop(run_dir: Path, *, timeout: float = 30.0) -> bool:
-    """Stop the instance of `run_dir` by its recorded PID (its process group). False if none was running."""
+    """Stop the instance of `run_dir` by its recorded PID (its process group). False if none was running, or the
+    record was stale (removed, and nothing signalled: serve_config/control/records.py)."""
     pid_file = run_dir / PID_FILE
-    if not pid_file.exists():
+    if (pid := owned_pid(pid_file)) is None:
         return False
-    stopped = end_group(int(pid_file.read_text()), timeout=timeout)
+    stopped = end_group(pid, timeout=timeout)
     pid_file.unlink(missing_ok=True)
     return stopped
 
