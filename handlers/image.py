@@ -73,11 +73,7 @@ def _from_json(value: Any) -> bytes:
 def _from_body(value: Any, content_type: str) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         if content_type == "application/json":  # TorchServe forwards undecodable JSON as raw bytes
-            try:
-                parsed = json.loads(bytes(value).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: {err}") from None
-            return _from_json(parsed)
+            return _from_json(parse_json_body(value))
         return bytes(value)
     if isinstance(value, str):
         if content_type == "application/json":

@@ -59,12 +59,23 @@ def content_type_of(headers: Mapping[str, Any] | None) -> str:
     return ""
 
 
-def parse_json_body(text: str) -> Any:
-    """A JSON body's value; RequestError 400 InvalidJSON when it does not parse."""
+def parse_json_body(data: str | bytes | bytearray) -> Any:
+    """A JSON body's value, from text or UTF-8 bytes; RequestError 400 InvalidJSON when it does not parse, for
+    every way it can fail: bytes that are not UTF-8, text that is not JSON, nesting deeper than the parser
+    recurses (RecursionError), or a number longer than Python converts (ValueError past 4,300 digits)."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: not UTF-8 (byte {err.start})") from None
     try:
-        return json.loads(text)
+        return json.loads(data)
     except json.JSONDecodeError as err:
         raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise RequestError(400, "InvalidJSON", "the body is not valid JSON here: it is nested too deeply") from None
+    except ValueError as err:  # e.g. Python's limit on the digits of an integer
+        raise RequestError(400, "InvalidJSON", f"the body is not valid JSON here: {err}") from None
 
 
 def decode_utf8(data: bytes) -> str:
@@ -99,16 +110,12 @@ def json_value(request: Mapping[str, Any], content_type: str) -> Any:
     object (a gRPC call; bytes that only look like JSON are left to the caller)."""
     body = request_body(request, content_type)
     if content_type == "application/json":
-        if isinstance(body, (bytes, bytearray)):  # TorchServe forwards undecodable JSON as raw bytes
-            try:
-                return parse_json_body(bytes(body).decode("utf-8"))
-            except UnicodeDecodeError as err:
-                raise RequestError(400, "InvalidJSON", f"the body is not valid JSON: not UTF-8 (byte {err.start})") from None
-        return parse_json_body(body) if isinstance(body, str) else body
+        # TorchServe's worker parses such a body first and forwards it as raw bytes when that fails.
+        return parse_json_body(body) if isinstance(body, (str, bytes, bytearray)) else body
     if not content_type and looks_like_json(body):
         try:
-            value = json.loads(bytes(body).decode("utf-8") if isinstance(body, (bytes, bytearray)) else body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            value = parse_json_body(body)
+        except RequestError:
             return None
         return value if isinstance(value, dict) else None
     return None

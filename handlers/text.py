@@ -18,6 +18,7 @@ A bad request gets its own RequestError and never touches its neighbours.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,6 +43,7 @@ class EmbeddingConfig(HandlerSettings):
     decimals: int = 7  # embedding values are rounded to this many decimals in the JSON answer
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 OUTPUTS = ("embedding", "tokens", "truncated")  # an OIP answer's outputs, in this order
 
 
@@ -52,6 +54,11 @@ def _check_text(value: Any, where: str, config: EmbeddingConfig) -> str:
         raise RequestError(400, "EmptyText", f"{where} is empty")
     if len(value) > config.max_text_chars:
         raise RequestError(413, "TextTooLong", f"{where} has {len(value)} characters; at most {config.max_text_chars}")
+    if (surrogate := _LONE_SURROGATE.search(value)) is not None:
+        # JSON's \uD800-\uDFFF escapes parse to such code points, which are no Unicode characters: the tokenizer
+        # refuses them, and would fail the whole batch with this request.
+        raise RequestError(400, "InvalidText", f"{where} has a lone UTF-16 surrogate (U+{ord(surrogate.group()):04X} "
+                                               f"at character {surrogate.start()}), which is not a Unicode character")
     return value
 
 
@@ -118,14 +125,13 @@ def parse_request(request: Mapping[str, Any], content_type: str, header_length: 
     if body is None or body in (b"", ""):
         raise RequestError(400, "EmptyRequest", "the request has no body; send text/plain or JSON {\"text\": ...}")
     value: Any = None
-    if content_type == "application/json":
-        if isinstance(body, (bytes, bytearray)):  # TorchServe forwards undecodable JSON as raw bytes
-            value = parse_json_body(decode_utf8(bytes(body)))
-        else:
-            value = parse_json_body(body) if isinstance(body, str) else body
+    if content_type == "application/json":  # TorchServe forwards JSON it could not parse as raw bytes
+        if isinstance(body, (bytes, bytearray)):
+            body = decode_utf8(bytes(body))  # a text model names bad UTF-8 as such (InvalidUTF8)
+        value = parse_json_body(body) if isinstance(body, str) else body
     elif not content_type and looks_like_json(body):  # a gRPC call with a JSON object; else it is text
         try:
-            value = parse_json_body(decode_utf8(bytes(body)) if isinstance(body, (bytes, bytearray)) else body)
+            value = parse_json_body(body)
         except RequestError:
             value = None
     if oip.is_infer_request(value):

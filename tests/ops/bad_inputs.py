@@ -62,6 +62,18 @@ def corrupted_jpeg() -> bytes:
     return bytes(data)
 
 
+def hostile_json(field: str) -> list[tuple[str, bytes, dict, int, str]]:
+    """Bodies that Python's JSON parser takes badly rather than refuses: nesting deeper than it recurses, and a
+    number with more digits than Python converts. TorchServe's worker fails to parse them too and forwards the
+    raw bytes; the handler must answer 400, never 500."""
+    return [
+        ("JSON nested 100,000 deep", ("[" * 100_000 + "]" * 100_000).encode(), JSON, 400, "InvalidJSON"),
+        (f"JSON: {field} nested 100,000 deep", f'{{"{field}": {"[" * 100_000}{"]" * 100_000}}}'.encode(), JSON, 400,
+         "InvalidJSON"),
+        ("JSON: an integer of 5,000 digits", f'{{"{field}": {"7" * 5000}}}'.encode(), JSON, 400, "InvalidJSON"),
+    ]
+
+
 def image_matrix(max_image_bytes: int, max_request_size: int) -> list[tuple[str, bytes, dict, int, str | None]]:
     good = png(64, 64)
     return [
@@ -89,6 +101,7 @@ def image_matrix(max_image_bytes: int, max_request_size: int) -> list[tuple[str,
          "InvalidImage"),
         ("JSON that does not parse", b'{"image": ', JSON, 400, "InvalidJSON"),
         ("JSON with invalid UTF-8", b'{"image": "\xff\xfe"}', JSON, 400, "InvalidJSON"),
+        *hostile_json("image"),
         ("a text/plain body", b"hello", TEXT, 400, "UnsupportedInput"),
         ("form-urlencoded body (curl's default)", good, {"Content-Type": "application/x-www-form-urlencoded"}, 415,
          "UnsupportedMediaType"),
@@ -121,6 +134,9 @@ def text_matrix(max_texts: int, max_chars: int, max_request_size: int) -> list[t
         ("JSON: texts holds a number", b'{"texts": ["a", 1]}', JSON, 400, "InvalidText"),
         ("JSON: texts holds NaN", b'{"texts": ["a", NaN]}', JSON, 400, "InvalidText"),
         ("JSON: texts holds a blank", b'{"texts": ["a", "   "]}', JSON, 400, "EmptyText"),
+        *hostile_json("text"),
+        ("JSON: a lone surrogate escape", b'{"text": "broken \\ud800 pair"}', JSON, 400, "InvalidText"),
+        ("JSON: texts holds a lone low surrogate", b'{"texts": ["fine", "\\udfff"]}', JSON, 400, "InvalidText"),
         ("JSON: one text over the limit", json.dumps({"texts": ["t"] * (max_texts + 1)}).encode(), JSON, 413,
          "TooManyTexts"),
         ("JSON: a text over max_text_chars", json.dumps({"text": "x" * (max_chars + 1)}).encode(), JSON, 413,

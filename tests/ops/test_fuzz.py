@@ -1,10 +1,14 @@
 """Fuzzing, in-process and bounded: the image decoder and the request parsers take arbitrary bytes and
 JSON; nothing but the project's own error types may come out (InvalidImage / ImageTooLarge from the
-decoder, RequestError from the parsers), and Pillow's decompression-bomb guard stays on throughout."""
+decoder, RequestError from the parsers), and Pillow's decompression-bomb guard stays on throughout. Texts
+and infer requests are fuzzed with everything JSON allows (lone surrogates, NUL, any code point, deep nesting,
+long numbers): a text the parser accepts must also pass the real tokenizer, which tokenizes a whole batch in
+one call, so a text it refused would fail every request batched with it."""
 
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
@@ -12,11 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from handlers import oip
 from handlers.image import ClassifierConfig, ImageClassifier, extract_image_bytes
-from handlers.requests import RequestError
+from handlers.requests import RequestError, parse_json_body
 from handlers.text import EmbeddingConfig, extract_texts
 from models.preprocessing import InvalidImage, build_preset, decode_image
-from tests.conftest import ROOT
+from models.text import TextPreset
+from tests.conftest import ROOT, TREE, built
 
 pytestmark = pytest.mark.ops
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -88,6 +94,61 @@ def test_text_request_parsing_raises_only_request_errors(body, content_type):
         assert 400 <= err.status < 500 and err.body()
     else:
         assert texts and all(isinstance(t, str) and t.strip() and len(t) <= 40 for t in texts)
+
+
+# Any code point, surrogates (category Cs) included: json.dumps writes them as \\uD800-style escapes, which JSON
+# allows and Python parses back into such code points.
+ANY_TEXT = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=24)
+ANY_TEXT_BYTES = ANY_TEXT.map(lambda t: t.encode("utf-8", "surrogatepass"))  # surrogates as (invalid) UTF-8
+HOSTILE_JSON = st.one_of(
+    st.builds(lambda n, c: (c * n).encode(), st.integers(900, 50_000), st.sampled_from(["[", '{"a":'])),
+    st.builds(lambda n: ('{"text": ' + "9" * n + "}").encode(), st.integers(4000, 6000)),
+    st.builds(lambda t: json.dumps({"text": t}).encode(), ANY_TEXT),
+    st.builds(lambda ts: json.dumps({"texts": ts}).encode(), st.lists(ANY_TEXT, min_size=1, max_size=3)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> TextPreset:
+    return TextPreset(built(TREE.artifacts("minilm") / "tokenizer.json"), max_length=256)
+
+
+@FUZZ
+@given(body=st.one_of(HOSTILE_JSON, ANY_TEXT_BYTES),
+       content_type=st.sampled_from(["", "application/json", "text/plain"]))
+def test_any_text_is_refused_alone_or_tokenized(tokenizer, body, content_type):
+    try:
+        texts, _ = extract_texts({"body": body}, content_type, EmbeddingConfig(max_texts_per_request=3))
+    except RequestError as err:
+        assert 400 <= err.status < 500 and err.body()
+        return
+    tokenizer.encode(["a neighbour in the same batch", *texts])
+
+
+@FUZZ
+@given(data=st.one_of(HOSTILE_JSON, st.binary(max_size=64), ANY_TEXT_BYTES))
+def test_the_json_reader_raises_only_request_errors(data):
+    try:
+        parse_json_body(data)
+    except RequestError as err:
+        assert err.status == 400 and err.kind == "InvalidJSON"
+
+
+TENSORS = st.fixed_dictionaries({
+    "name": st.one_of(st.text(max_size=4), JSON_VALUES),
+    "datatype": st.one_of(st.sampled_from(list(oip.DATATYPES)), JSON_VALUES),
+    "shape": st.one_of(st.lists(st.integers(-2, 2**40), max_size=3), JSON_VALUES),
+    "data": st.one_of(JSON_VALUES, st.lists(st.one_of(st.integers(), st.floats(), ANY_TEXT, st.booleans()),
+                                            max_size=6))})
+
+
+@FUZZ
+@given(body=st.one_of(JSON_VALUES, st.fixed_dictionaries({"inputs": st.lists(TENSORS, max_size=3)}, optional={
+    "outputs": JSON_VALUES, "id": JSON_VALUES})), binary=st.binary(max_size=32))
+def test_infer_request_parsing_raises_only_request_errors(body, binary):
+    try:
+        oip.parse(body, binary)
+    except RequestError as err:
+        assert 400 <= err.status < 500 and err.oip and err.body()
 
 
 def test_pillow_bomb_guard_stays_on():
