@@ -134,7 +134,7 @@ EXPORTERS: dict[str, Callable[[nn.Module, registry.ModelSpec, Path], dict[str, A
 
 def export(spec: registry.ModelSpec, checkpoint_dir: Path, out: Path) -> dict[str, Any]:
     """Export every format in spec.formats from the checkpoint; return the manifest written to `out`."""
-    model, meta = checkpoint.load(checkpoint_dir)
+    model, meta = checkpoint.load(checkpoint_dir, spec)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = {}
     for fmt in spec.formats:

@@ -86,7 +86,7 @@ def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Pat
     runner = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
     if spec.reference is not None:
         return {"artifact": artifact.name, **check_against_reference(spec, runner)}
-    model, _ = checkpoint.load(checkpoint_dir)
+    model, _ = checkpoint.load(checkpoint_dir, spec)
     held_out = held_out_inputs(spec)
     checks = []
     for kind in (("real", "random") if held_out is not None else ("random",)):

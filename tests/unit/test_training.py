@@ -10,6 +10,7 @@ import torch
 
 from models import checkpoint, registry
 from models.data import load_digits_split
+from models.registry import resolve
 from models.train import train
 
 
@@ -58,3 +59,23 @@ def test_progressive_resizing_trains_at_each_epochs_size(tmp_path, monkeypatch, 
     assert metrics["recipe"] == "full" and metrics["train_images"] == 32
     model, _ = checkpoint.load(tmp_path)
     assert model(torch.zeros(1, 3, 128, 128)).shape == (1, 8)
+
+
+@pytest.mark.parametrize("forged", [
+    {"builder": "subprocess:run", "builder_kwargs": {"args": ["touch", "{marker}"]}},  # code from elsewhere
+    {"builder": "torchvision.models:resnet18", "builder_kwargs": {"num_classes": 10}},  # another architecture
+    {"model": "no-such-model"},
+])
+def test_a_checkpoint_rebuilds_only_the_architecture_its_entry_names(tmp_path, forged):
+    """model.json comes with a checkpoint from elsewhere; its builder must be its registry entry's, or nothing runs."""
+    spec = registry.get("digits")
+    directory = checkpoint.save(resolve(spec.builder)(**spec.builder_kwargs), spec, tmp_path / "ckpt", metrics={}).parent
+    marker = tmp_path / "ran"
+    meta = json.loads((directory / checkpoint.META).read_text())
+    text = json.dumps({**meta, **forged}).replace("{marker}", str(marker))
+    (directory / checkpoint.META).write_text(text)
+    with pytest.raises(checkpoint.CheckpointError, match="registry|registered"):
+        checkpoint.load(directory)  # the entry its own "model" names
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(directory, spec)
+    assert not marker.exists()
