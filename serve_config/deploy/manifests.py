@@ -127,9 +127,21 @@ def validate_document(doc: dict, schemas: Path | None) -> list[str]:
     return problems
 
 
-def _selects(selector: dict, labels: dict) -> bool:
-    wanted = selector.get("matchLabels", selector) if isinstance(selector, dict) else {}
-    return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (a Service's plain map, or matchLabels and matchExpressions) selects `labels`; an
+    empty selector counts as selecting nothing here, since ours always name their pods."""
+    if not isinstance(selector, dict):
+        return False
+    if "matchLabels" in selector or "matchExpressions" in selector:
+        wanted, expressions = selector.get("matchLabels") or {}, selector.get("matchExpressions") or []
+    else:  # a Service's selector: a plain map
+        wanted, expressions = selector, []
+    tests = {"In": lambda key, values: labels.get(key) in values,
+             "NotIn": lambda key, values: labels.get(key) not in values,
+             "Exists": lambda key, _values: key in labels,
+             "DoesNotExist": lambda key, _values: key not in labels}
+    return bool(wanted or expressions) and all(labels.get(k) == v for k, v in wanted.items()) and all(
+        tests[e["operator"]](e["key"], e.get("values", [])) for e in expressions)
 
 
 def check_references(docs: list[dict]) -> list[str]:
@@ -142,7 +154,7 @@ def check_references(docs: list[dict]) -> list[str]:
         selector = {"Service": lambda s: s.get("selector"), "PodDisruptionBudget": lambda s: s.get("selector"),
                     "NetworkPolicy": lambda s: s.get("podSelector"),
                     "Deployment": lambda s: s.get("selector")}.get(doc["kind"])
-        if selector and not any(_selects(selector(doc["spec"]) or {}, labels) for labels in pods):
+        if selector and not any(selects(selector(doc["spec"]) or {}, labels) for labels in pods):
             problems.append(f"{name}: its selector matches no pod of this overlay's Deployments")
         if doc["kind"] == "HorizontalPodAutoscaler":
             target = doc["spec"]["scaleTargetRef"]

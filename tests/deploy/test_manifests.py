@@ -128,11 +128,39 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_the_cuda_image(sets):
     assert {"name": "TS_NUMBER_OF_GPU", "value": "1"} in gpu["env"]
 
 
-def test_the_network_policy_fences_management_and_metrics(sets):
-    policy = one(sets["cpu"], "NetworkPolicy")
+def assert_fenced(policy: dict) -> None:
+    """Inference and metrics from named peers only, never management; egress to the cluster's DNS alone."""
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     reachable = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert set(reachable) == {8080, 7070, 8082}  # never the management ports 8081, 7071
     assert all(source for source in reachable.values())  # each from named peers only, never from anywhere
+    egress = policy["spec"]["egress"]
+    assert [sorted((p["port"], p["protocol"]) for p in rule["ports"]) for rule in egress] == [[(53, "TCP"), (53, "UDP")]]
+    # To kube-system's resolver, as rendered: no podSelector that kustomize's common labels could have narrowed.
+    assert [rule["to"] for rule in egress] == [[{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "kube-system"}}}]]
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_the_network_policy_fences_management_metrics_and_egress(sets, name):
+    assert_fenced(one(sets[name], "NetworkPolicy"))
+
+
+def test_the_kserve_predictors_are_fenced_like_the_deployment(sets):
+    """KServe's predictor pods (labelled with their InferenceService and component: predictor) get the same
+    policy, and it selects the predictor of every InferenceService, on the ports the runtime serves."""
+    policy = one(sets["kserve"], "NetworkPolicy")
+    assert mf.validate_document(policy, None) == []
+    assert_fenced(policy)
+    services = [d["metadata"]["name"] for d in sets["kserve"] if d["kind"] == "InferenceService"]
+    selector = policy["spec"]["podSelector"]
+    for service in services:
+        labels = {"serving.kserve.io/inferenceservice": service, "component": "predictor"}
+        assert mf.selects(selector, labels), service
+    assert not mf.selects(selector, {"serving.kserve.io/inferenceservice": services[0], "component": "transformer"})
+    runtime = one(sets["kserve"], "ServingRuntime")
+    served = {p["containerPort"] for c in runtime["spec"]["containers"] for p in c.get("ports", [])}
+    assert served <= {8080, 7070}
 
 
 @pytest.fixture(scope="module")
