@@ -3,6 +3,7 @@ variables cannot change what runs, and the logs roll over by size into a capped 
 
 from __future__ import annotations
 
+import gzip
 import os
 import socket
 import subprocess
@@ -91,6 +92,11 @@ def test_the_callers_ts_variables_change_nothing_and_logs_stay_bounded(private_s
     assert all(p.stat().st_size <= 16 * 1024 for p in logs.glob("*.log")), {
         p.name: p.stat().st_size for p in logs.glob("*.log")}
     assert "org.pytorch.serve" not in (server.run_dir / ts.OUT_FILE).read_text(errors="replace")
+    # No key reaches a log, current or rolled (the access log records requests, never their headers).
+    keys = set(server.keys().values())
+    for log in [*logs.iterdir(), server.run_dir / ts.OUT_FILE]:
+        text = (gzip.decompress(log.read_bytes()) if log.suffix == ".gz" else log.read_bytes()).decode(errors="replace")
+        assert not [key for key in keys if key in text], f"a key is written in {log.name}"
 
 
 def _hostile_config(tmp_path: Path) -> Path:
