@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from export import manifest as mf
@@ -50,16 +52,37 @@ def stage(artifacts: Path, staging: Path, handler: Path, extra: tuple[Path, ...]
 
 def pack(name: str, serialized: Path, handler: Path, staging: Path, config: Path, out: Path,
          *, version: str = "1.0") -> Path:
-    """torch-model-archiver: one .mar named `name` in `out`, with its sha256 written beside it."""
+    """torch-model-archiver: one .mar named `name` in `out`, with its sha256 written beside it.
+
+    The last good archive survives any failure: the new one is packed in a folder of its own inside `out` and
+    moved over the old only once it is whole and on disk, its digest first. A pack that fails or is killed
+    leaves `out/<name>.mar` and its digest as they were (and make, seeing the target unchanged, deletes
+    nothing); one killed between the two moves leaves an archive older than its digest, which serving refuses
+    and the next `make archive` replaces."""
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name, "--version", version,
-         "--serialized-file", str(serialized), "--handler", str(handler), "--extra-files", str(staging),
-         "--config-file", str(config), "--export-path", str(out), "--force"],
-        check=True,
-    )
-    mar = out / f"{name}.mar"
-    mf.write_archive_digest(mar)
+    packing = Path(tempfile.mkdtemp(prefix=f".packing-{name}-", dir=out))
+    try:
+        subprocess.run(
+            [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name, "--version", version,
+             "--serialized-file", str(serialized), "--handler", str(handler), "--extra-files", str(staging),
+             "--config-file", str(config), "--export-path", str(packing), "--force"],
+            check=True,
+        )
+        new = packing / f"{name}.mar"
+        digest = mf.write_archive_digest(new)
+        for path in (new, digest):
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        mar = out / new.name
+        os.replace(digest, out / digest.name)
+        os.replace(new, mar)
+        folder = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    finally:
+        shutil.rmtree(packing, ignore_errors=True)
     return mar
 
 
