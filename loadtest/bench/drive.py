@@ -3,7 +3,8 @@
     python -m loadtest.bench.drive --plan plan.json --out steps.json
 
 A plan names the server (URL, tokens, metrics URL, its PID) and a list of steps: which served model
-(endpoint) to call, with how many concurrent users, for how long after a warm-up. One Locust process
+(endpoint) to call, with how many concurrent users, for how long after a warm-up (at least; a step also waits
+for `min_requests` answers, one per user by default, up to `max_seconds`). One Locust process
 runs every step, so no step pays Locust's start-up. A step's "form" (loadtest.payloads.FORMS, native by
 default) says how the payloads are sent: natively, or as Open Inference Protocol infer requests. Per step
 it records what Locust saw (requests/s, p50/p95/p99, failures), what the server's /metrics counters moved
@@ -68,6 +69,12 @@ def run_step(env: Environment, plan: dict, step: dict) -> dict:
     env.stats.reset_all()
     cpu0, server0, wall0 = time.process_time(), tree_cpu_seconds(plan["server_pid"]), time.perf_counter()
     gevent.sleep(step["seconds"])
+    # A step measures for its seconds and until `min_requests` answers came (by default one per user): on a
+    # loaded host a window of fixed length can close before a heavy target answers anything, and a rate over
+    # no answer says nothing. Bounded by `max_seconds`; the figures are per the real wall time.
+    wanted, cap = step.get("min_requests", step["users"]), step.get("max_seconds", 120.0)
+    while env.stats.total.num_requests < wanted and time.perf_counter() - wall0 < cap:
+        gevent.sleep(0.05)
     stats = env.stats.total
     wall = time.perf_counter() - wall0
     requests_done, failures = stats.num_requests, stats.num_failures
