@@ -27,18 +27,19 @@ from models.paths import ROOT
 from models.sources import closure
 
 
-def handler_modules(handler: Path) -> list[Path]:
-    """The repository files `handler` imports, directly or not (the handler itself goes in as the entry point)."""
-    return [path for path in closure([handler]) if path != handler.resolve()]
+def handler_modules(entry_points: list[Path]) -> list[Path]:
+    """The repository files the entry points (a handler, and its kind's module) need, directly or not, but the
+    handler itself (`entry_points[0]`, which goes in as the archive's entry point)."""
+    return [path for path in closure(entry_points) if path != entry_points[0].resolve()]
 
 
-def stage(artifacts: Path, staging: Path, handler: Path, extra: tuple[Path, ...] = ()) -> Path:
-    """Lay out the files beside the handler: the modules it imports, the export's assets (a tokenizer), the
+def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple[Path, ...] = ()) -> Path:
+    """Lay out the files beside the handler: the modules it needs, the export's assets (a tokenizer), the
     export manifest, the labels and `extra`; torch-model-archiver copies the folder's contents."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    for module in handler_modules(handler):
+    for module in handler_modules(entry_points):
         target = staging / module.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(module, target)
@@ -106,9 +107,9 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
     `serialized` file of their own, with `extra` files, for a peer that loads the pretrained source)."""
     manifest = verified_manifest(spec, artifacts)
     serialized = serialized or artifacts / manifest["artifacts"][artifact or spec.serve_artifact]["file"]
-    handler_path = ROOT / (handler or spec.handler)
-    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", handler_path, extra)
-    mar = pack(name or spec.name, serialized, handler_path, staging, config, out)
+    entry_points = registry.entry_points(spec, handler)
+    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", entry_points, extra)
+    mar = pack(name or spec.name, serialized, entry_points[0], staging, config, out)
     print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, {serialized.name}, handler {handler or spec.handler})")
     return mar
 

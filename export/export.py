@@ -22,17 +22,49 @@ from export import manifest as mf
 from models import checkpoint, registry
 
 
+def random_inputs(spec: registry.ModelSpec, batch: int, generator: torch.Generator,
+                  length: int | None = None) -> list[torch.Tensor]:
+    """Seeded random tensors of the input spec, `batch` rows (and every dynamic non-batch axis at `length`, when
+    given): normal floats, integers in [0, 10), booleans. A model whose inputs must hold other values (token
+    ids of a vocabulary) names its own registry `example_inputs` function."""
+    tensors = []
+    for t in spec.inputs:
+        shape = [batch] + [length if length is not None and axis in t.dynamic_axes else size
+                           for axis, size in enumerate(t.example_shape) if axis > 0]
+        dtype = getattr(torch, t.dtype)
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, generator=generator).to(dtype))
+        elif dtype == torch.bool:
+            tensors.append(torch.randint(0, 2, shape, generator=generator).bool())
+        else:
+            tensors.append(torch.randint(0, 10, shape, generator=generator).to(dtype))
+    return tensors
+
+
 def example_inputs(spec: registry.ModelSpec, *, seed: int = 0, shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
     """Example tensors of the input spec (batch >= 2 keeps the batch axis dynamic in ONNX): the registry's
-    `example_inputs` function for inputs random floats cannot stand for (token ids), else seeded randn.
-    `shape` gives (batch, length) for the function instead of the example shape."""
+    `example_inputs` function for inputs random values cannot stand for (token ids), else seeded random ones.
+    `shape` gives (batch, length) instead of the example shape."""
     if any(t.example_shape[0] < 2 for t in spec.inputs):
         raise ValueError(f"{spec.name}: every input's example batch must be >= 2 to stay dynamic")
     if spec.example_inputs is not None:
         batch, length = shape or spec.inputs[0].example_shape[:2]
         return tuple(registry.resolve(spec.example_inputs)(batch, length, seed=seed))
-    generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(t.example_shape, generator=generator, dtype=getattr(torch, t.dtype)) for t in spec.inputs)
+    batch, length = shape or (spec.inputs[0].example_shape[0], None)
+    return tuple(random_inputs(spec, batch, torch.Generator().manual_seed(seed), length))
+
+
+def describe_outputs(model: nn.Module, spec: registry.ModelSpec) -> list[dict[str, Any]]:
+    """Each output's name, dtype and shape, -1 on the axes that follow the inputs' dynamic axes: the eager model
+    run on two examples whose dynamic axes differ (batch 2 and 3, dynamic lengths 2 and 3)."""
+    shapes = []
+    for batch, length in ((2, 2), (3, 3)):
+        with torch.inference_mode():
+            out = model(*example_inputs(spec, seed=7, shape=(batch, length)))
+        shapes.append([(o.dtype, tuple(o.shape)) for o in (out if isinstance(out, (tuple, list)) else [out])])
+    return [{"name": name, "dtype": str(dtype).removeprefix("torch."),
+             "shape": [size if size == other else -1 for size, other in zip(shape, other_shape)]}
+            for name, (dtype, shape), (_, other_shape) in zip(spec.outputs, *shapes, strict=True)]
 
 
 def export_trace(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dict[str, Any]:
@@ -152,6 +184,7 @@ def export(spec: registry.ModelSpec, checkpoint_dir: Path, out: Path) -> dict[st
         assets[name] = mf.sha256(out / name)
     manifest = {
         "model": spec.name,
+        "kind": spec.kind,
         "commit": checkpoint.git_commit(),
         "checkpoint": {"dir": str(checkpoint_dir), "sha256": mf.sha256(checkpoint_dir / checkpoint.WEIGHTS),
                        "commit": meta.get("commit"), "metrics": meta.get("metrics", {})},
@@ -161,6 +194,7 @@ def export(spec: registry.ModelSpec, checkpoint_dir: Path, out: Path) -> dict[st
         "inputs": [{"name": t.name, "dtype": t.dtype, "example_shape": list(t.example_shape),
                     "dynamic_axes": {str(k): v for k, v in t.dynamic_axes.items()}} for t in spec.inputs],
         "outputs": list(spec.outputs),
+        "output_specs": describe_outputs(model, spec),
         "artifacts": artifacts,
         "not_applicable": dict(spec.not_applicable),
         "assets": assets,

@@ -34,14 +34,23 @@ class ToleranceError(RuntimeError):
 STAMP = "verified.json"
 
 
-def reference_inputs(spec: registry.ModelSpec, batch: int, kind: str, real: torch.Tensor | None) -> list[torch.Tensor]:
-    """Inputs for one check: `batch` held-out images (cycled) or seeded random tensors of the input spec."""
-    if kind == "real":
+def reference_inputs(spec: registry.ModelSpec, batch: int, source: str, real: torch.Tensor | None,
+                     length: int | None = None) -> list[torch.Tensor]:
+    """Inputs for one check: `batch` held-out rows (cycled) or seeded random tensors of the input spec (with its
+    dynamic non-batch axes at `length`)."""
+    from export.export import random_inputs
+
+    if source == "real":
         idx = torch.arange(batch) % real.shape[0]
         return [real[idx]]
-    generator = torch.Generator().manual_seed(1000 + batch)
-    return [torch.randn((batch, *t.example_shape[1:]), generator=generator, dtype=getattr(torch, t.dtype))
-            for t in spec.inputs]
+    return random_inputs(spec, batch, torch.Generator().manual_seed(1000 + batch + 7 * (length or 0)), length)
+
+
+def shape_grid(spec: registry.ModelSpec, source: str) -> list[tuple[int, int | None]]:
+    """(batch, dynamic length) cases: every verified batch size; for random inputs also the registry's
+    `check_shapes` (batch, length) pairs, which set every dynamic non-batch axis."""
+    grid: list[tuple[int, int | None]] = [(batch, None) for batch in spec.verify_batch_sizes]
+    return grid + [tuple(pair) for pair in spec.check_shapes] if source == "random" else grid
 
 
 def held_out_inputs(spec: registry.ModelSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -89,15 +98,16 @@ def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Pat
     model, _ = checkpoint.load(checkpoint_dir, spec)
     held_out = held_out_inputs(spec)
     checks = []
-    for kind in (("real", "random") if held_out is not None else ("random",)):
-        for batch in spec.verify_batch_sizes:
-            inputs = reference_inputs(spec, batch, kind, held_out[0] if held_out else None)
+    for source in (("real", "random") if held_out is not None else ("random",)):
+        for batch, length in shape_grid(spec, source):
+            inputs = reference_inputs(spec, batch, source, held_out[0] if held_out else None, length)
             with torch.inference_mode():
                 expected = model(*inputs)
             expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
             got = runner(inputs)
+            where = {"inputs": source, "batch": batch, **({"length": length} if length is not None else {})}
             for name, e, g in zip(spec.outputs, expected, got):
-                checks.append(compare(name, e, g, inputs=kind, batch=batch))
+                checks.append(compare(name, e, g, **where))
     agreement = None
     if held_out is not None:
         images, _labels = held_out

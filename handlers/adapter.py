@@ -1,10 +1,12 @@
-"""The TorchServe side every handler of ours shares: one worker's set-up, and one batch through a pipeline.
+"""The one TorchServe handler of every model of ours, whatever its kind: a worker's set-up, and one batch
+through the kind's pipeline.
 
-A pipeline (handlers.image.ImageClassifier, handlers.text.SentenceEncoder) is pure (handlers.requests.Pipeline).
-`PipelineHandler` reads the model config's `handler:` section into the subclass's settings class, fixes the
-worker's threads and device, loads the archive's model with the runtime backend, has the subclass build its
-pipeline, warms it up, and per batch reads each request's media type from TorchServe's context, times the
-three stages, sets each request's status and publishes the stage times as metrics.
+A pipeline (handlers.kinds.*) is pure (handlers.requests.Pipeline). `PipelineHandler` reads the export
+manifest packed in the archive, which names the model's kind (handlers.kinds), reads the model config's
+`handler:` section into that kind's `Settings`, fixes the worker's threads and device, loads the archive's
+model with the runtime backend, has the kind build its pipeline, warms it up, and per batch reads each
+request's media type from TorchServe's context, times the three stages, sets each request's status and
+publishes the stage times as metrics. TorchServe loads it as the archive's handler (handlers/handler.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from typing import Sequence
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import oip
+from handlers import kinds, oip
 from handlers.batch_metrics import StageClock, publish
 from handlers.requests import Pipeline, RequestError, content_type_of
-from handlers.settings import HandlerSettings
 from models.runtime import Runner, ThreadBudget, configure_cuda_math, load_runner, select_device
 
 logger = logging.getLogger(__name__)
@@ -69,14 +70,7 @@ def answer_all(context, results: Sequence[str | RequestError], version: str | No
 
 
 class PipelineHandler(BaseHandler):
-    """Subclasses set `settings_class` (a HandlerSettings) and implement `build`."""
-
-    settings_class: type[HandlerSettings] = HandlerSettings
-
-    def build(self, model_dir: Path, export_manifest: dict, runner: Runner, settings: HandlerSettings,
-              context) -> Pipeline:
-        """The model's pipeline; `context` gives the model's name, version and TorchServe's batch size."""
-        raise NotImplementedError
+    """Builds the pipeline of the kind the export manifest names (handlers.kinds)."""
 
     @staticmethod
     def served_as(context) -> tuple[str, str]:
@@ -86,18 +80,21 @@ class PipelineHandler(BaseHandler):
     def initialize(self, context) -> None:
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
-        settings = self.settings_class.from_mapping((context.model_yaml_config or {}).get("handler"))
+        export_manifest = json.loads((model_dir / "manifest.json").read_text())
+        kind = kinds.load(export_manifest["kind"])
+        settings = kind.Settings.from_mapping((context.model_yaml_config or {}).get("handler"))
         threads = ThreadBudget(intra_op=settings.intra_op_threads)
         threads.apply_to_torch()
         self.device = select_device(properties.get("gpu_id"))
         configure_cuda_math(self.device, allow_tf32=settings.allow_tf32)
-        export_manifest = json.loads((model_dir / "manifest.json").read_text())
         runner = load_runner(model_dir / context.manifest["model"]["serializedFile"], self.device, threads,
                              half=settings.precision == "fp16")
-        self.pipeline = self.build(model_dir, export_manifest, runner, settings, context)
+        self.pipeline: Pipeline = kind.build(model_dir, export_manifest, runner, settings,
+                                             served_as=self.served_as(context),
+                                             max_batch=int(properties.get("batch_size") or 1))
         self.pipeline.warm_up()
-        logger.info("%s ready on %s with %s (%d intra-op threads)", context.model_name, self.device,
-                    type(runner).__name__, threads.intra_op)
+        logger.info("%s (%s) ready on %s with %s (%d intra-op threads)", context.model_name, export_manifest["kind"],
+                    self.device, type(runner).__name__, threads.intra_op)
         self.initialized = True
 
     def handle(self, data, context):

@@ -34,6 +34,11 @@ class HandlerSettings:
         if self.precision not in PRECISIONS:
             raise ValueError(f"handler.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
+    @property
+    def rows_per_pass(self) -> int:
+        """The most rows (images, texts, examples) one forward pass holds: at most the largest verified batch."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how many rows a forward pass holds")
+
     @classmethod
     def from_mapping(cls: type[SettingsT], values: Mapping[str, Any] | None) -> SettingsT:
         """Build from the YAML mapping; unknown keys are an error so a typo does not pass silently."""

@@ -3,7 +3,8 @@
 A payload is sent in one of several forms (`FORMS`): the native one (`POST /predictions/<model>` with the
 file's bytes and media type), or an Open Inference Protocol infer request (`POST /v2/models/<model>/infer`)
 carrying the same input as one BYTES row (`oip-bytes`: the encoded image in base64, or the text), or, for an
-image, its decoded pixels as a UINT8 `[1, h, w, 3]` tensor in the binary tensor extension (`oip-pixels`).
+image, its decoded pixels as a UINT8 `[1, h, w, 3]` tensor in the binary tensor extension (`oip-pixels`), or, for
+a payload that already is an infer request (a tensor-kind model's), the same body at the infer route (`oip-json`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from models import registry
 
 NATIVE = "/predictions/{endpoint}"
 INFER = "/v2/models/{endpoint}/infer"
-FORMS = ("native", "oip-bytes", "oip-pixels")
+FORMS = ("native", "oip-bytes", "oip-pixels", "oip-json")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ def as_form(payload: Payload, form: str) -> Payload:
     if form == "native":
         return payload
     image = payload.content_type.startswith("image/")
+    if form == "oip-json" and payload.content_type == "application/json" and "inputs" in json.loads(payload.body):
+        return Payload(payload.body, payload.content_type, payload.label, payload.name, INFER)
     if form == "oip-bytes":
         row = base64.b64encode(payload.body).decode() if image else _text(payload)
         body = {"inputs": [{"name": "image" if image else "text", "shape": [1], "datatype": "BYTES", "data": [row]}]}

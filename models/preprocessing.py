@@ -250,7 +250,15 @@ def decode_for(preset: Any, data: bytes, *, max_pixels: int, **limits: Any) -> I
     return decode_image(data, max_pixels=max_pixels, draft=getattr(preset, "draft_size", None), **limits)
 
 
-PRESETS: dict[str, Callable[..., Any]] = {"digits": DigitsPreset, "rgb": RGBPreset}
+class TensorPreset:
+    """Rows that are already the model's input (tabular features): float32, unchanged. A model that needs its
+    features scaled scales them itself, inside the exported graph, so a client sends the raw values."""
+
+    def from_array(self, row: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(row, dtype=np.float32))
+
+
+PRESETS: dict[str, Callable[..., Any]] = {"digits": DigitsPreset, "rgb": RGBPreset, "tensor": TensorPreset}
 
 
 def build_preset(description: dict[str, Any]) -> Any:

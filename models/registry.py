@@ -21,19 +21,22 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from handlers import kinds
+
 FORMATS = ("trace", "script", "onnx", "onnx_int8")
 DEFAULT_FORMATS = ("trace", "script", "onnx")  # onnx_int8 is opt-in: it needs its own, looser tolerance
 # Which exported artifact backs each serving backend; the archive step packs that file.
 BACKEND_ARTIFACT = {"onnx": "onnx", "onnx-int8": "onnx_int8", "torchscript-trace": "trace",
                     "torchscript-script": "script"}
-KINDS = ("image-classifier", "text-embedding")
+KINDS = tuple(kinds.KINDS)  # handlers.kinds: one module per kind
 # The ratios `make bench` reports, each served target at its best concurrency against another figure.
 BENCH_RATIOS = ("served_over_compute_limit", "served_over_ceiling", "ours_over_peer")
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One model input: name, dtype, example shape (batch first) and which axes are dynamic."""
+    """One model input: name, dtype (a torch dtype's name: float32, float16, int64, int32, bool, uint8...),
+    example shape (batch first) and which axes are dynamic (axis -> label; a dynamic axis takes any size)."""
 
     name: str
     dtype: str
@@ -127,7 +130,7 @@ class ModelSpec:
     onnx_opset: int = 18
     verify_batch_sizes: tuple[int, ...] = (1, 2, 7, 32, 64)
     serve_backend: str = "onnx"
-    handler: str = "handlers/classifier_handler.py"
+    handler: str = "handlers/handler.py"  # the TorchServe entry point; the kind's module comes with it
     serve_by_default: bool = True
     # The bench's peer: TorchServe's stock path for the same weights, and the artifact it loads
     # ("pretrained": the pretrained source files themselves, for a peer that runs the eager library model).
@@ -157,9 +160,6 @@ class ModelSpec:
     # Files from the checkpoint folder the handler needs beside the model (a tokenizer), copied to the
     # export and packed into the archive.
     assets: tuple[str, ...] = ()
-    # What the bench's compute limit feeds the model and how it measures preprocessing:
-    # "module:class" of a loadtest.bench.compute workload (image tensors, or length-grouped texts).
-    bench_workload: str = "loadtest.bench.compute:ImageWorkload"
     # The request `make serve` shows for this model (None: no example to show).
     example: ExampleRequest | None = None
 
@@ -181,6 +181,9 @@ class ModelSpec:
             raise ValueError(f"{self.name}: peer_artifact {self.peer_artifact!r} must be one of formats {self.formats}")
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind {self.kind!r} is not one of {KINDS}")
+        unknown_dtypes = sorted({t.dtype for t in self.inputs} - set(kinds.DATATYPES))
+        if unknown_dtypes:
+            raise ValueError(f"{self.name}: input dtypes {unknown_dtypes} are not among {sorted(kinds.DATATYPES)}")
         if set(self.not_applicable) & set(self.formats):
             raise ValueError(f"{self.name}: formats {sorted(set(self.not_applicable) & set(self.formats))} are both "
                              "exported and marked not applicable")
@@ -209,6 +212,11 @@ class ModelSpec:
 
     def tolerance_for(self, fmt: str) -> Tolerance:
         return self.format_tolerance.get(fmt, self.tolerance)
+
+    @property
+    def bench_workload(self) -> str:
+        """"module:class" of the loadtest.bench.compute workload the bench feeds this model: its kind's."""
+        return kinds.get(self.kind).bench
 
     @property
     def serve_artifact(self) -> str:
@@ -321,17 +329,55 @@ MINILM = ModelSpec(
                               "BertConfig.__init__ and uses Python features TorchScript lacks); trace covers TorchScript"},
     verify_batch_sizes=(1, 2, 7, 32),
     serve_backend="onnx",
-    handler="handlers/embedding_handler.py",
     samples="models.samples:sample_texts",
     peer_handler="loadtest/bench/stock_text_handler.py",
     peer_artifact="pretrained",
     bench_p99_ms=1000.0,
     bench_goals={"served_over_compute_limit": 0.85, "ours_over_peer": 1.3},
-    bench_workload="loadtest.bench.compute:TextWorkload",
     example=ExampleRequest(content_type="text/plain", text="A sentence to embed."),
 )
 
-REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES, MINILM)}
+CANCER = ModelSpec(
+    name="cancer",
+    kind="tensor",
+    builder="models.tabular:TabularMLP",
+    builder_kwargs={"in_features": 30, "num_classes": 2, "hidden": [32, 16], "dropout": 0.3},
+    preset={"name": "tensor"},
+    inputs=(TensorSpec(name="features", dtype="float32", example_shape=(2, 30)),),
+    outputs=("logits",),
+    labels=("malignant", "benign"),
+    tolerance=Tolerance(atol=1e-4, min_top1_agreement=1.0),
+    dataset="models.data:load_breast_cancer_split",
+    samples="models.samples:sample_cancer",
+    # 426 training rows, 40 epochs: about 10 s. The bar is the held-out accuracy on 143 tumours (0.972 here).
+    train=TrainSpec(epochs=40, batch_size=32, lr=3e-3, weight_decay=5e-2, seed=0, min_accuracy=0.95, augment=False),
+    verify_batch_sizes=(1, 2, 7, 64, 256),
+    serve_backend="onnx",
+    bench_p99_ms=50.0,
+    example=ExampleRequest(content_type="application/json", file="docs/examples/cancer/infer.json"),
+)
+
+# Two inputs of different dtypes (one with a dynamic length), two outputs; its checkpoint is brought, not trained:
+# the README's bring-your-own example, served with no model-specific code (handlers/kinds/tensor.py).
+PAIR = ModelSpec(
+    name="pair",
+    kind="tensor",
+    builder="models.pair:PairScorer",
+    builder_kwargs={"features": 8, "vocab": 100, "width": 16, "classes": 3},
+    preset={"name": "tensor"},
+    inputs=(TensorSpec(name="features", dtype="float32", example_shape=(2, 8)),
+            TensorSpec(name="tokens", dtype="int64", example_shape=(2, 6), dynamic_axes={0: "batch", 1: "length"})),
+    outputs=("scores", "strongest"),
+    labels=(),
+    tolerance=Tolerance(atol=1e-4),
+    check_shapes=((1, 1), (3, 5), (7, 40)),  # (batch, length): trace checks and the verification grid
+    verify_batch_sizes=(1, 2, 7, 32),
+    serve_backend="onnx",
+    serve_by_default=False,
+    example=ExampleRequest(content_type="application/json", file="docs/examples/pair/infer.json"),
+)
+
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES, MINILM, CANCER, PAIR)}
 
 
 def get(name: str) -> ModelSpec:
@@ -356,12 +402,19 @@ def checkpoint_sources(spec: ModelSpec) -> list[str]:
     return relative(closure(modules, exclude=["models.registry"]))
 
 
-def archive_sources(spec: ModelSpec) -> list[str]:
-    """The repository files the model's .mar carries: its handler and everything the handler imports."""
+def entry_points(spec: ModelSpec, handler: str | None = None) -> list:
+    """The files an archive of `spec` starts from: its handler (or `handler`) and its kind's module, which the
+    handler loads by name (so no import statement leads there)."""
     from models.paths import ROOT
+
+    return [ROOT / (handler or spec.handler), ROOT / kinds.module_file(spec.kind)]
+
+
+def archive_sources(spec: ModelSpec) -> list[str]:
+    """The repository files the model's .mar carries: its entry points and everything they import."""
     from models.sources import closure, relative
 
-    return relative(closure([ROOT / spec.handler]))
+    return relative(closure(entry_points(spec)))
 
 
 def write_stamp(spec: ModelSpec, path: str) -> bool:

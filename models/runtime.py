@@ -133,7 +133,8 @@ class OrtRunner:
         return [torch.from_numpy(out) for out in binding.copy_outputs_to_cpu()]
 
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+                 torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
 
 
 class TorchScriptRunner:
@@ -155,7 +156,7 @@ class TorchScriptRunner:
                     inputs = [t.half() if t.is_floating_point() else t for t in inputs]
             out = self.module(*inputs)
         outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-        return [o.float().cpu() for o in outputs]
+        return [(o.float() if o.is_floating_point() else o).cpu() for o in outputs]  # fp16 comes back fp32
 
 
 def load_runner(path: Path, device: torch.device, threads: ThreadBudget, *, half: bool = False) -> Runner:

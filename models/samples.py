@@ -3,7 +3,8 @@
 digits: rendered from the held-out test split in several encodings (PNG, JPEG, BMP), modes (L, RGB,
 RGBA, P, I;16) and both polarities. shapes: generated images (a stream never trained on) at photo
 sizes up to 1920x1080 in JPEG, PNG and WebP, grayscale, RGBA, palette, CMYK and EXIF-rotated, plus
-the two photos scikit-learn ships.
+the two photos scikit-learn ships. cancer: held-out rows of scikit-learn's breast cancer data, each as an Open
+Inference Protocol infer request (JSON).
 
     python -m models.samples --model shapes --out build/samples/shapes --count 20
 """
@@ -156,6 +157,24 @@ def sample_texts(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
             out.append((json.dumps({"text": text}).encode(), -1, f"{n:03d}-text.json"))
         else:
             out.append((text.encode("utf-8"), -1, f"{n:03d}-text.txt"))
+    return out
+
+
+def sample_cancer(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
+    """`count` (bytes, label, filename) triples: held-out tumours as OIP infer requests of one FP32 row of 30 raw
+    measurements (input `features`), labelled with the diagnosis (0 malignant, 1 benign)."""
+    import json
+
+    from models.data import load_breast_cancer_split
+
+    split = load_breast_cancer_split(test_only=True)
+    picks = np.random.default_rng(seed).choice(len(split.test_labels), size=count,
+                                               replace=count > len(split.test_labels))
+    out = []
+    for n, idx in enumerate(picks):
+        row = [float(f"{v:.7g}") for v in split.test_images[idx]]  # the shortest text of each float32
+        body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, len(row)], "data": row}]}
+        out.append((json.dumps(body).encode(), int(split.test_labels[idx]), f"{n:03d}-tumour{idx}.json"))
     return out
 
 

@@ -22,8 +22,13 @@ from models.preprocessing import build_preset
 
 
 def preprocess_all(images: np.ndarray, preset) -> torch.Tensor:
-    """(N, H, W) raw arrays -> (N, C, S, S) through the same preset the handler uses."""
+    """Raw rows ((N, H, W) images, or (N, F) feature rows) -> model inputs through the preset the handler uses."""
     return torch.stack([preset.from_array(image) for image in images])
+
+
+def layout(batch: torch.Tensor) -> torch.Tensor:
+    """Image batches in channels-last memory (faster convolutions on CPUs); other ranks as they are."""
+    return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator, *, max_shift: float = 0.08, max_rotate: float = 0.15,
@@ -43,7 +48,7 @@ def augment(batch: torch.Tensor, generator: torch.Generator, *, max_shift: float
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, chunk: int = 256) -> float:
     model.eval()
-    correct = sum(int((model(images[i : i + chunk].contiguous(memory_format=torch.channels_last)).argmax(dim=1)
+    correct = sum(int((model(layout(images[i : i + chunk])).argmax(dim=1)
                        == labels[i : i + chunk]).sum())
                   for i in range(0, len(labels), chunk))
     return correct / len(labels)
@@ -66,7 +71,7 @@ def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None, rec
     train_y, test_y = torch.as_tensor(split.train_labels), torch.as_tensor(split.test_labels)
     print(f"{spec.name} ({recipe_name} recipe): {len(train_y)} train / {len(test_y)} test images, input "
           f"{tuple(train_x.shape[1:])}, data ready in {time.monotonic() - started:.1f}s", flush=True)
-    full_size = tuple(train_x.shape[-2:])
+    full_size = tuple(train_x.shape[-2:]) if train_x.dim() == 4 else None
 
     model = checkpoint.build_model(spec.builder, spec.builder_kwargs).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -74,16 +79,16 @@ def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None, rec
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=epochs * steps_per_epoch)
     test_acc = None
     for epoch in range(1, epochs + 1):
-        side = recipe.epoch_sizes[epoch - 1] if recipe.epoch_sizes else full_size[0]
+        side = recipe.epoch_sizes[epoch - 1] if recipe.epoch_sizes else None  # None: the full size
         model.train()
         order = torch.randperm(len(train_y), generator=generator)
         total_loss = 0.0
         for step, start in enumerate(range(0, len(order), recipe.batch_size), 1):
             idx = order[start : start + recipe.batch_size]
             batch = augment(train_x[idx], generator) if recipe.augment else train_x[idx]
-            if (side, side) != full_size:
+            if side is not None and (side, side) != full_size:
                 batch = F.interpolate(batch, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            logits = model(batch.contiguous(memory_format=torch.channels_last))
+            logits = model(layout(batch))
             loss = F.cross_entropy(logits, train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -94,7 +99,7 @@ def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None, rec
                 print(f"  epoch {epoch} step {step}/{steps_per_epoch}  loss {loss.item():.4f}  "
                       f"{time.monotonic() - started:6.1f}s", flush=True)
         # held-out accuracy is measured at the served size, so only after full-size epochs
-        test_acc = accuracy(model, test_x, test_y) if (side, side) == full_size else None
+        test_acc = accuracy(model, test_x, test_y) if side is None or (side, side) == full_size else None
         progress = f"test acc {test_acc:.4f}" if test_acc is not None else f"at {side} px"
         print(f"epoch {epoch:3d}/{epochs}  loss {total_loss / len(train_y):.4f}  {progress}  "
               f"{time.monotonic() - started:6.1f}s", flush=True)

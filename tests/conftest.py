@@ -20,8 +20,10 @@ from models.paths import ROOT
 TREE = paths.current()
 SERVED = [spec for spec in registry.REGISTRY.values() if spec.serve_by_default]
 TRAINED = [spec for spec in registry.REGISTRY.values() if spec.train is not None]
+# The served models of each kind, for the tests of what one kind does (tiers over every model use tests/kinds).
 CLASSIFIERS = [spec for spec in SERVED if spec.kind == "image-classifier"]
 EMBEDDERS = [spec for spec in SERVED if spec.kind == "text-embedding"]
+TENSORS = [spec for spec in SERVED if spec.kind == "tensor"]
 
 
 def built(path: Path) -> Path:
@@ -129,28 +131,23 @@ class SentenceReference:
 
 
 def assert_serves_every_model(inference_url: str, headers: dict[str, str] | None = None, *, samples: int = 3) -> None:
-    """Each default model answers real samples at `inference_url` as it does offline: the classifiers' top-k
-    equals the eager checkpoint's, the embedder's vectors equal sentence-transformers'. For servers started
-    some other way than the `server` fixture (a container, a KServe bundle)."""
+    """Each default model answers real samples at `inference_url` as it does offline, as its kind's checks say
+    (tests/kinds: a classifier's top-k equals the eager checkpoint's, an embedder's vectors equal
+    sentence-transformers'...). For servers started some other way than the `server` fixture (a container, a
+    KServe bundle)."""
     import requests
 
     from loadtest.payloads import payloads
+    from tests.kinds import checks
 
     headers = headers or {}
     for spec in SERVED:
         url = f"{inference_url}/predictions/{spec.name}"
-        if spec.kind == "text-embedding":
-            texts = ["The quick brown fox jumps over the lazy dog.", "ünïcödé ✓ text"]
-            answer = requests.post(url, json={"texts": texts}, headers=headers, timeout=60)
-            assert answer.status_code == 200, (spec.name, answer.text)
-            SentenceReference().assert_matches([i["embedding"] for i in answer.json()["embeddings"]], texts)
-            continue
-        reference = EagerReference(spec.name)
-        for sample in payloads(spec.name, samples):
-            answer = requests.post(url, data=sample.body, headers={**headers, "Content-Type": sample.content_type},
-                                   timeout=60)
-            assert answer.status_code == 200, (spec.name, answer.text)
-            reference.assert_matches(answer.json(), sample.body)
+        sent = payloads(spec.name, samples)
+        answers = [requests.post(url, data=p.body, headers={**headers, "Content-Type": p.content_type}, timeout=60)
+                   for p in sent]
+        assert all(a.status_code == 200 for a in answers), (spec.name, [a.text for a in answers])
+        checks(spec).assert_native(sent, [a.json() for a in answers])
 
 
 class Traffic:

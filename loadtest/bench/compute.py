@@ -9,7 +9,10 @@ class the handler uses. What goes in is the model's workload (the registry's `be
 - ImageWorkload: random tensors of the registry's input spec (an image model's cost does not depend on the
   pixels); preprocessing measured on the real payloads;
 - TextWorkload: the bench's own payload texts (their lengths decide the cost), taken `batch` at a time in
-  arrival order and length-grouped and padded as the handler does.
+  arrival order and length-grouped and padded as the handler does;
+- TensorWorkload: random tensors of the input spec; preprocessing is parsing and checking the real payloads'
+  infer requests.
+Each kind names its workload (handlers.kinds).
 The checkpoint and artifacts come from the build tree in $BUILD_TREE (the full one by default).
 """
 
@@ -179,6 +182,39 @@ class TextWorkload:
 
     def preprocess(self) -> dict:
         return text_preprocess_cost(self.preset, bench_texts(self.spec), self.handler_config)
+
+
+class TensorWorkload:
+    """A tensor-kind model: random rows of the input spec, and the cost of parsing and checking real infer requests."""
+
+    unit = "row"
+    forms = ("oip-json",)
+
+    def __init__(self, spec: registry.ModelSpec, artifacts: Path, handler_config: dict) -> None:
+        self.spec, self.artifacts, self.handler_config = spec, artifacts, handler_config
+
+    def passes(self, batch: int) -> tuple[list[list[torch.Tensor]], int]:
+        return [reference_inputs(self.spec, batch, "random", None)], batch
+
+    def preprocess(self, *, count: int = 64, rounds: int = 3) -> dict:
+        """Milliseconds per row to parse and check the payloads' infer requests, as the handler's preprocess does."""
+        from handlers.kinds import tensor
+        from loadtest.payloads import payloads
+
+        manifest = mf.read(self.artifacts)
+        pipeline = tensor.build(self.artifacts, manifest, None, tensor.Settings.from_mapping(self.handler_config),
+                                served_as=(self.spec.name, "1"), max_batch=1)
+        requests = [{"body": p.body} for p in payloads(self.spec.name, count)]
+        types = ["application/json"] * len(requests)
+        pipeline.preprocess(requests, types)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            batch = pipeline.preprocess(requests, types)
+        rows = sum(p.rows for p in batch.parsed.values())
+        ms = (time.perf_counter() - start) * 1000 / (rounds * rows)
+        summary = f"parse and check the infer request: {ms:.3f} ms per row ({rows} rows in {len(requests)} requests)"
+        print(f"  preprocess: {summary}", flush=True)
+        return {"ms_per_item": ms, "unit": "row", "payloads": len(requests), "summary": summary}
 
 
 def measure(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts: Path, *, threads: int,

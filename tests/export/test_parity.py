@@ -14,7 +14,7 @@ from export import manifest as mf
 from export.export import export
 from export.verify import ToleranceError, verify
 from models import checkpoint, registry
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TREE, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, built
 
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
@@ -70,6 +70,46 @@ def test_embedder_artifacts_match_sentence_transformers(spec):
         assert result["checks"] >= sum(-(-40 // b) for b in spec.verify_batch_sizes) - 4, fmt
     assert stamp["artifacts"]["trace"]["min_cosine"] >= 0.9999 and stamp["artifacts"]["onnx"]["max_abs_diff"] <= 1e-4
     assert stamp["artifacts"]["script"] == {"not_applicable": spec.not_applicable["script"]}
+
+
+@pytest.mark.parametrize("spec", TENSORS, ids=lambda s: s.name)
+def test_tensor_model_manifest_says_what_goes_in_and_out_and_every_artifact_matches_eager(spec):
+    """A tensor-kind model: the manifest names the kind, each input (dtype, shape, dynamic axes) and each output
+    with its dtype and shape (-1 on the axes that follow the batch); verification covered every batch size and
+    the held-out split's top-1 where the entry has one."""
+    directory = built(TREE.artifacts(spec.name) / mf.MANIFEST).parent
+    manifest = mf.read(directory)
+    assert manifest["kind"] == "tensor" and [i["name"] for i in manifest["inputs"]] == [t.name for t in spec.inputs]
+    assert [o["name"] for o in manifest["output_specs"]] == list(spec.outputs)
+    assert all(o["shape"][0] == -1 for o in manifest["output_specs"])
+    stamp = verify(spec, built(TREE.checkpoint(spec.name)), TREE.artifacts(spec.name))
+    for fmt, result in stamp["artifacts"].items():
+        assert result["max_abs_diff"] <= spec.tolerance.atol, fmt
+        assert result["checks"] == (2 if spec.dataset else 1) * len(spec.verify_batch_sizes) * len(spec.outputs) + \
+            len(spec.check_shapes) * len(spec.outputs), fmt
+        if spec.dataset:
+            assert result["top1_agreement"] >= spec.tolerance.min_top1_agreement, fmt
+
+
+def test_a_multi_input_multi_output_model_with_a_dynamic_length_exports_and_verifies_over_its_grid(tmp_path):
+    """Two inputs of different dtypes (FP32 features, INT64 tokens of any length), two outputs (FP32 and INT64):
+    every format verified over batch sizes x lengths; the manifest's outputs say -1 for the batch axis only."""
+    spec = registry.get("pair")
+    torch.manual_seed(0)
+    model = checkpoint.build_model(spec.builder, spec.builder_kwargs).eval()
+    checkpoint.save(model, spec, tmp_path / "checkpoint", metrics={})
+    manifest = export(spec, tmp_path / "checkpoint", tmp_path / "artifacts")
+    assert manifest["output_specs"] == [{"name": "scores", "dtype": "float32", "shape": [-1, 3]},
+                                        {"name": "strongest", "dtype": "int64", "shape": [-1]}]
+    stamp = verify(spec, tmp_path / "checkpoint", tmp_path / "artifacts")
+    for fmt in ("trace", "script", "onnx"):
+        result = stamp["artifacts"][fmt]
+        assert result["max_abs_diff"] <= 1e-4 and result["checks"] == 2 * (len(spec.verify_batch_sizes) + 3), fmt
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "artifacts" / "model.onnx")).graph
+    tokens = next(i for i in graph.input if i.name == "tokens").type.tensor_type.shape.dim
+    assert all(d.dim_param and not d.dim_value for d in tokens), "batch and length symbolic in the graph"
 
 
 def test_a_drifted_embedder_fails_verification_by_name(tmp_path):

@@ -12,7 +12,8 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from loadtest.payloads import payloads
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TREE, EagerReference, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, EagerReference, built
+from tests.kinds import checks
 
 
 def load_handler(spec, tmp_path):
@@ -119,3 +120,30 @@ def test_embedder_batch_answers_each_request_in_order_and_matches_the_reference(
             expected_texts.append(next(good))
     assert len(expected_texts) == len(texts) + len(listed)
     sentence_reference.assert_matches(embeddings, expected_texts)
+
+
+@pytest.mark.parametrize("spec", TENSORS, ids=lambda s: s.name)
+def test_tensor_batch_of_infer_requests_and_bad_ones_each_get_their_own_answer(spec, tmp_path):
+    """Real held-out rows as infer requests (JSON, some parsed by the frontend, some raw bytes), with bad requests
+    among them: each good answer equals the eager checkpoint on its rows, each bad one its own OIP 4xx."""
+    handler, context = load_handler(spec, tmp_path)
+    samples = payloads(spec.name, 12)
+    requests = [{"body": json.loads(s.body) if i % 2 else s.body} for i, s in enumerate(samples)]
+    headers = [{"body": {"content-type": "application/json"}} for _ in samples]
+    bad = [({"body": {"inputs": []}}, 400), ({"body": b"{oops"}, 400), ({"body": b"\x89PNG"}, 415),
+           ({"body": {"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1], "data": [1.0]}]}}, 400)]
+    for position, (req, _) in zip((0, 4, 8, 15), bad):
+        requests.insert(position, req)
+        headers.insert(position, {"body": {"content-type": "image/png" if req["body"] == b"\x89PNG" else "application/json"}})
+    answers = call(handler, context, requests, headers)
+    assert len(answers) == len(requests) == 16
+    good = []
+    for idx, answer in enumerate(answers):
+        status, _ = context.get_response_status(idx)
+        expected_bad = [b for p, b in zip((0, 4, 8, 15), bad) if p == idx]
+        if expected_bad:
+            assert status == expected_bad[0][1] and list(json.loads(answer)) == ["error"], answer
+        else:
+            assert status == 200, answer
+            good.append(json.loads(answer))
+    checks(spec).assert_native(samples, good)

@@ -4,7 +4,6 @@ REST, in every body form, with no media type to go by; a call without the key is
 
 from __future__ import annotations
 
-import base64
 import json
 
 import grpc
@@ -13,7 +12,8 @@ import requests
 
 from loadtest.grpc_client import Client
 from loadtest.payloads import payloads
-from tests.conftest import SERVED, worker_pids
+from tests.conftest import CLASSIFIERS, SERVED, worker_pids
+from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
 
@@ -53,29 +53,18 @@ def test_every_model_answers_over_grpc_as_over_rest(server, client, spec):
         native = rest(server, spec.name, sample.body, sample.content_type)
         assert native.status_code == 200, native.text
         answer = json.loads(client.predict(spec.name, sample.body))
-        if spec.kind == "text-embedding":
-            assert answer["tokens"] == native.json()["tokens"]
-            assert max(abs(a - b) for a, b in zip(answer["embedding"], native.json()["embedding"])) <= 1e-5
-        else:
-            assert answer == native.json()
+        checks(spec).same(answer, native.json())
 
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
 def test_json_and_infer_requests_are_told_apart_by_their_bytes(server, client, spec):
     """With no Content-Type, a JSON object is read as JSON (the native form or an OIP infer request)."""
     sample = payloads(spec.name, 1)[0]
-    if spec.kind == "text-embedding":
-        text = json.loads(sample.body)["text"] if sample.content_type == "application/json" else sample.body.decode()
-        native = json.dumps({"texts": [text, "second"]}).encode()
-        infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
-        listed = json.loads(client.predict(spec.name, native))
-        assert [e["tokens"] for e in listed["embeddings"]][1] == 3
-    else:
-        native = json.dumps({"image": base64.b64encode(sample.body).decode()}).encode()
-        infer = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                             "data": [base64.b64encode(sample.body).decode()]}]}
-        assert json.loads(client.predict(spec.name, native)) == rest(server, spec.name, sample.body,
-                                                                     sample.content_type).json()
+    native, infer = checks(spec).json_forms(sample)
+    if native is not None:  # the kind's own JSON form answers as its REST call does
+        checks(spec).same(json.loads(client.predict(spec.name, native)),
+                          requests.post(f"{server.inference_url}/predictions/{spec.name}", data=native, timeout=60,
+                                        headers={**server.headers(), "Content-Type": "application/json"}).json())
     reply = json.loads(client.predict(spec.name, json.dumps(infer).encode()))
     assert reply["model_name"] == spec.name and reply["outputs"][0]["shape"][0] == 1
 
@@ -120,7 +109,7 @@ def test_oip_health_over_rest_and_grpc_with_the_key(server):
 def test_oip_grpc_model_infer_reaches_the_image_handler(server):
     from loadtest.grpc_client import stubs
 
-    spec = next(s for s in SERVED if s.kind == "image-classifier")
+    spec = CLASSIFIERS[0]
     sample = payloads(spec.name, 1)[0]
     pb2, pb2_grpc = stubs(proto="open_inference_grpc")
     request = pb2.ModelInferRequest(model_name=spec.name, id="g", inputs=[pb2.ModelInferRequest.InferInputTensor(

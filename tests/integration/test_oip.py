@@ -17,63 +17,49 @@ import requests
 
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.bench.prometheus import scrape
-from loadtest.payloads import Payload, payloads
-from tests.conftest import SERVED, worker_pids
+from loadtest.payloads import payloads
+from tests.conftest import CLASSIFIERS, SERVED, worker_pids
+from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
 ROWS = 5
 
 
-def text_of(payload: Payload) -> str:
-    return json.loads(payload.body)["text"] if payload.content_type == "application/json" else payload.body.decode()
-
-
 class Rows:
-    """A model's rows for one request in each client's terms, and the native answers to compare with."""
+    """A model's rows for one request in each client's terms (its kind's checks, tests/kinds), and the native
+    answers to compare with."""
 
     def __init__(self, spec, server) -> None:
-        self.spec, self.server = spec, server
+        self.spec, self.server, self.checks = spec, server, checks(spec)
         self.samples = payloads(spec.name, ROWS)
-        self.image = spec.kind == "image-classifier"
-        self.input = spec.inputs[0].name if self.image else "text"
 
-    def elements(self, *, binary: bool) -> np.ndarray:
-        """BYTES elements: encoded images (raw in binary, base64 in JSON) or UTF-8 texts."""
-        if self.image:
-            return np.array([s.body if binary else base64.b64encode(s.body) for s in self.samples], dtype=object)
-        return np.array([text_of(s).encode() for s in self.samples], dtype=object)
+    def inputs(self, *, binary: bool) -> list[tuple[str, str, np.ndarray]]:
+        return self.checks.oip_inputs(self.samples, binary=binary)
 
-    def json_data(self) -> list[str]:
-        return [e.decode() for e in self.elements(binary=False)]
-
-    def native(self) -> list[dict]:
+    def native(self) -> list:
         url = f"{self.server.inference_url}/predictions/{self.spec.name}"
         return [requests.post(url, data=s.body, headers={**self.server.headers(), "Content-Type": s.content_type},
                               timeout=60).json() for s in self.samples]
 
     def assert_matches(self, outputs: dict[str, np.ndarray], native: list) -> None:
-        if self.image:
-            k = len(native[0])
-            assert outputs["label"].shape == outputs["index"].shape == outputs["score"].shape == (ROWS, k)
-            for row, answer in enumerate(native):
-                assert [x.decode() if isinstance(x, bytes) else x for x in outputs["label"][row]] == [p["label"] for p in answer]
-                assert outputs["index"][row].tolist() == [p["index"] for p in answer]
-                assert outputs["score"][row].tolist() == pytest.approx([p["score"] for p in answer], abs=1e-6)
-        else:
-            expected = np.array([a["embedding"] for a in native])
-            assert outputs["embedding"].shape == expected.shape == (ROWS, 384)
-            assert np.abs(outputs["embedding"] - expected).max() <= 1e-5
-            assert outputs["tokens"].tolist() == [a["tokens"] for a in native]
-            assert outputs["truncated"].tolist() == [a["truncated"] for a in native]
+        self.checks.assert_oip(outputs, native)
+
+
+def json_data(array: np.ndarray) -> list:
+    """A tensor's data as JSON values (BYTES as text)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in array.ravel().tolist()]
 
 
 def triton(server, rows: Rows, *, binary: bool) -> dict[str, np.ndarray]:
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(server.inference_url.removeprefix("http://"), network_timeout=60)
-    tensor = httpclient.InferInput(rows.input, [ROWS], "BYTES")
-    tensor.set_data_from_numpy(rows.elements(binary=binary), binary_data=binary)
-    result = client.infer(rows.spec.name, [tensor], request_id=f"triton-{binary}", headers=dict(server.headers()))
+    tensors = []
+    for name, datatype, array in rows.inputs(binary=binary):
+        tensor = httpclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        tensors.append(tensor)
+    result = client.infer(rows.spec.name, tensors, request_id=f"triton-{binary}", headers=dict(server.headers()))
     assert result.get_response()["id"] == f"triton-{binary}"
     assert result.get_response()["model_name"] == rows.spec.name
     names = [o["name"] for o in result.get_response()["outputs"]]
@@ -86,7 +72,8 @@ def kserve_rest(server, rows: Rows) -> dict[str, np.ndarray]:
     async def call():
         client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
         request = InferRequest(model_name=rows.spec.name, request_id="kserve",
-                               infer_inputs=[InferInput(rows.input, [ROWS], "BYTES", rows.json_data())])
+                               infer_inputs=[InferInput(name, list(array.shape), datatype, json_data(array))
+                                             for name, datatype, array in rows.inputs(binary=False)])
         try:
             return await client.infer(server.inference_url, request, model_name=rows.spec.name,
                                       headers=dict(server.headers()))
@@ -131,7 +118,7 @@ def test_real_clients_get_the_native_answers_while_native_requests_share_their_b
     assert worker_pids(server, spec.name) == pids
 
 
-@pytest.mark.parametrize("spec", [s for s in SERVED if s.kind == "image-classifier"], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_pixels_and_the_models_own_layout_give_the_same_answer_as_the_encoded_image(server, spec):
     """UINT8 [n, h, w, c] pixels (any size; the preset resizes) and FP32 in the model's input layout (already
     preprocessed) classify as the encoded image does."""
@@ -160,8 +147,9 @@ def test_pixels_and_the_models_own_layout_give_the_same_answer_as_the_encoded_im
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
 def test_requested_outputs_alone_are_answered_in_order(server, spec):
     rows = Rows(spec, server)
-    wanted = ["score", "label"] if rows.image else ["tokens"]
-    body = {"id": "only", "inputs": [{"name": rows.input, "shape": [ROWS], "datatype": "BYTES", "data": rows.json_data()}],
+    wanted = rows.checks.some_outputs
+    body = {"id": "only", "inputs": [{"name": name, "shape": list(array.shape), "datatype": datatype,
+                                      "data": json_data(array)} for name, datatype, array in rows.inputs(binary=False)],
             "outputs": [{"name": n} for n in wanted]}
     answer = requests.post(f"{server.inference_url}/v2/models/{spec.name}/infer", json=body, timeout=60,
                            headers=server.headers())
@@ -178,7 +166,7 @@ def test_a_request_of_more_rows_than_a_forward_pass_holds_is_split(server):
 
     from tests.conftest import ROOT
 
-    spec = next(s for s in SERVED if s.kind == "image-classifier")
+    spec = CLASSIFIERS[0]
     handler = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())["handler"]
     count = handler["max_rows_per_pass"] + 3
     assert count <= handler["max_rows_per_request"], "the config leaves no room for a request larger than a pass"

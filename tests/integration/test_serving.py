@@ -12,7 +12,8 @@ import yaml
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
 from loadtest.bench.prometheus import scrape
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, EagerReference, post_together, worker_pids
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, TENSORS, EagerReference, post_together, worker_pids
+from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +135,34 @@ def test_embedder_concurrent_mix_of_good_and_bad_requests(server, spec, sentence
             assert (answer.status_code, answer.json()["type"]) == expected, answer.text
     sentence_reference.assert_matches(good_embeddings, good_texts)
     assert worker_pids(server, spec.name) == pids_before, "a bad request restarted the worker"
+
+
+@pytest.mark.parametrize("spec", TENSORS, ids=lambda s: s.name)
+def test_tensor_model_answers_the_same_infer_request_at_both_routes_and_in_binary_as_eager(server, spec):
+    """A tensor-kind model: the JSON infer request at /predictions and at /v2/models/<m>/infer, and the same
+    tensors in the binary extension, all answered with the eager checkpoint's outputs for those rows."""
+    import numpy as np
+
+    samples = payloads(spec.name, 6)
+    auth = server.headers()
+    routes = {"native": predict_url(server, spec.name), "infer": f"{server.inference_url}/v2/models/{spec.name}/infer"}
+    for route, url in routes.items():
+        answers = [requests.post(url, data=s.body, headers={**auth, "Content-Type": "application/json"}, timeout=30)
+                   for s in samples]
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert all(a.json()["model_name"] == spec.name for a in answers)
+        checks(spec).assert_native(samples, [a.json() for a in answers])
+    for sample in samples[:2]:
+        body = json.loads(sample.body)
+        blobs = [np.asarray(i["data"], dtype=np.float32 if i["datatype"] == "FP32" else np.int64).tobytes()
+                 for i in body["inputs"]]
+        header = json.dumps({"inputs": [{k: v for k, v in i.items() if k != "data"} | {"parameters": {
+            "binary_data_size": len(b)}} for i, b in zip(body["inputs"], blobs)]}).encode()
+        answer = requests.post(routes["infer"], data=header + b"".join(blobs), timeout=30,
+                               headers={**auth, "Content-Type": "application/octet-stream",
+                                        "Inference-Header-Content-Length": str(len(header))})
+        assert answer.status_code == 200, answer.text
+        checks(spec).assert_native([sample], [answer.json()])
 
 
 def test_token_is_required(server):

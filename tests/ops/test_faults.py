@@ -19,6 +19,7 @@ import yaml
 
 from export import archive
 from loadtest.payloads import payloads
+from models import registry
 from serve_config import control as ts
 from tests.conftest import ROOT, TREE, built, worker_pids
 from tests.ops.bad_inputs import png
@@ -107,9 +108,10 @@ def broken_archive(store: Path, tmp_path: Path) -> None:
     """`broken.mar`: built by our own packer (so its sha256 checks out), but without the export manifest
     its handler needs, so the worker's load step fails: the 'missing file' fault."""
     artifacts = built(TREE.artifacts("digits"))
-    staging = archive.stage(artifacts, tmp_path / "broken-extra", ROOT / "handlers" / "classifier_handler.py")
+    entry_points = registry.entry_points(registry.get("digits"))
+    staging = archive.stage(artifacts, tmp_path / "broken-extra", entry_points)
     (staging / "manifest.json").unlink()
-    archive.pack("broken", artifacts / "model.onnx", ROOT / "handlers" / "classifier_handler.py", staging,
+    archive.pack("broken", artifacts / "model.onnx", entry_points[0], staging,
                  ROOT / "serve_config" / "digits.yaml", store)
 
 

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from handlers import oip
-from handlers.image import ClassifierConfig, ImageClassifier, extract_image_bytes
+from handlers.kinds.image import ClassifierConfig, ImageClassifier, extract_image_bytes
 from handlers.requests import RequestError, parse_json_body
-from handlers.text import EmbeddingConfig, extract_texts
+from handlers.kinds.text import EmbeddingConfig, extract_texts
 from models.preprocessing import InvalidImage, build_preset, decode_image
 from models.text import TextPreset
 from tests.conftest import ROOT, TREE, built
@@ -153,8 +153,10 @@ def test_infer_request_parsing_raises_only_request_errors(body, binary):
 
 def test_pillow_bomb_guard_stays_on():
     """Nothing in the project turns Pillow's decompression-bomb guard off; limits are per model instead."""
-    import handlers.classifier_handler  # noqa: F401  (import everything that could touch it)
-    import handlers.embedding_handler  # noqa: F401
+    import handlers.handler  # noqa: F401  (import everything that could touch it)
+    import handlers.kinds.image  # noqa: F401
+    import handlers.kinds.tensor  # noqa: F401
+    import handlers.kinds.text  # noqa: F401
     import models.samples  # noqa: F401
 
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > 0

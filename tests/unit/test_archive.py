@@ -21,7 +21,7 @@ def inputs(tmp_path):
     (staging / "index_to_name.json").write_text("{}")
     config = tmp_path / "model.yaml"
     config.write_text("batchSize: 1\n")
-    return serialized, ROOT / "handlers" / "classifier_handler.py", staging, config
+    return serialized, ROOT / "handlers" / "handler.py", staging, config
 
 
 def test_a_failed_pack_leaves_the_last_good_archive(tmp_path, inputs, monkeypatch):

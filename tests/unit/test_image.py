@@ -1,4 +1,4 @@
-"""The image pipeline (handlers.image) and the shared request helpers (handlers.requests), against a tiny fixed-weight model (exact outputs)."""
+"""The image pipeline (handlers.kinds.image) and the shared request helpers (handlers.requests), against a tiny fixed-weight model (exact outputs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from handlers.image import ClassifierConfig, ImageClassifier, extract_image_bytes, topk_predictions
+from handlers.kinds.image import ClassifierConfig, ImageClassifier, extract_image_bytes, topk_predictions
 from handlers.requests import RequestError, content_type_of
 from models.preprocessing import DigitsPreset
 from models.samples import encode, render

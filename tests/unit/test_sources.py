@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from handlers import kinds
 from models import registry
 from models.sources import closure, relative
 from tests.conftest import ROOT, SERVED
@@ -38,12 +39,13 @@ def test_digits_checkpoint_does_not_depend_on_the_other_models_code():
 
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
-def test_an_archive_carries_its_handler_and_exactly_the_modules_it_imports(spec):
+def test_an_archive_carries_its_handler_its_kind_and_exactly_the_modules_they_import(spec):
     files = sources(spec.name, "archive")
-    assert spec.handler in files
+    assert spec.handler in files and str(kinds.module_file(spec.kind)) in files
+    assert not {str(kinds.module_file(k)) for k in kinds.KINDS if k != spec.kind} & set(files), "another kind's code"
     assert not {"models/train.py", "models/shapes.py", "models/samples.py", "models/data.py", "models/minilm.py"} & set(files)
     assert not [f for f in files if f.startswith(("loadtest/", "export/", "serve_config/", "tests/"))]
-    assert files == relative(closure([ROOT / spec.handler]))
+    assert files == relative(closure([ROOT / spec.handler, ROOT / kinds.module_file(spec.kind)]))
 
 
 def test_closure_follows_lazy_imports_and_packages(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from handlers.requests import RequestError
-from handlers.text import EmbeddingConfig, extract_texts
+from handlers.kinds.text import EmbeddingConfig, extract_texts
 from models import minilm, registry
 from models.text import TextPreset, corpus_sentences, length_groups, mixed_texts, padding_fraction
 

@@ -1,4 +1,4 @@
-"""The image-classifier pipeline: pure request and batch functions. Nothing here knows about TorchServe.
+"""The image-classifier kind: pure request and batch functions. Nothing here knows about TorchServe.
 
 One request in, one answer out: `ImageClassifier.process` takes a batch of requests and returns, per
 request, either a JSON string of predictions or a `RequestError` that carries its own HTTP status
@@ -52,6 +52,10 @@ class ClassifierConfig(HandlerSettings):
     preprocess_threads: int = 1  # decode a batch's images on this many threads (Pillow and torch release the GIL)
     max_rows_per_request: int = 64  # images in one OIP request
     max_rows_per_pass: int = 64  # rows in one forward pass: at most the largest verified batch
+
+    @property
+    def rows_per_pass(self) -> int:
+        return self.max_rows_per_pass
 
 
 def _from_json(value: Any) -> bytes:
@@ -290,3 +294,17 @@ def _encoded(value: str | bytes, index: int) -> bytes:
         return base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, "InvalidBase64", f"row {index} is not valid base64") from None
+
+
+Settings = ClassifierConfig
+
+
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+          settings: ClassifierConfig, *, served_as: tuple[str, str], max_batch: int) -> ImageClassifier:
+    """The kind's pipeline for an exported model: its preprocessing preset, labels and input shape come from
+    the export manifest."""
+    from models.preprocessing import build_preset
+
+    return ImageClassifier(runner, build_preset(export_manifest["preset"]), export_manifest["labels"], settings,
+                           input_shape=export_manifest["inputs"][0]["example_shape"][1:], max_batch=max_batch,
+                           served_as=served_as)

@@ -42,6 +42,10 @@ class EmbeddingConfig(HandlerSettings):
     max_group_texts: int = 64
     decimals: int = 7  # embedding values are rounded to this many decimals in the JSON answer
 
+    @property
+    def rows_per_pass(self) -> int:
+        return self.max_group_texts
+
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 OUTPUTS = ("embedding", "tokens", "truncated")  # an OIP answer's outputs, in this order
@@ -224,3 +228,16 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
                    oip.Tensor("tokens", "INT32", (rows,), [i["tokens"] for i in items]),
                    oip.Tensor("truncated", "BOOL", (rows,), [i["truncated"] for i in items])]
         return oip.response(*self.served_as, request, outputs)
+
+
+Settings = EmbeddingConfig
+
+
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+          settings: EmbeddingConfig, *, served_as: tuple[str, str], max_batch: int) -> SentenceEncoder:
+    """The kind's pipeline for an exported model: its tokenizer (an asset beside the model) from the export
+    manifest's text preset."""
+    from pathlib import Path
+
+    return SentenceEncoder(runner, TextPreset.from_description(export_manifest["preset"], Path(model_dir)), settings,
+                           served_as=served_as)
