@@ -53,6 +53,9 @@ TREE := $(if $(filter quick,$(RECIPE)),build/quick/,)
 export BUILD_TREE := $(abspath $(or $(TREE),.))
 MARS = $(foreach m,$(SERVE_MODELS),$(TREE)model_store/$(m).mar)
 sources = $(shell $(PYTHON) -m models.registry sources $(1) $(2))
+# The frontend's endpoint plugin (handlers/frontend), compiled against the installed TorchServe's jar.
+PLUGIN_JAR := build/plugins/oip-endpoint.jar
+TS_JAR = $(VENV)/lib/python3.11/site-packages/ts/frontend/model-server.jar
 # What trains a checkpoint, and its registry entry; nothing for a checkpoint brought from elsewhere (no recipe).
 checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
 VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
@@ -60,7 +63,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
-	sweep soak test pytest unit lock clean models FORCE
+	sweep soak test pytest unit lock clean models plugin FORCE
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -76,6 +79,7 @@ prereqs-core:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "error: $(PYTHON) is not Python 3.11; the pinned torch wheels are built for 3.11" >&2; exit 1; }
 	@command -v java >/dev/null || { echo "error: java not found. TorchServe's frontend needs a Java 17 runtime (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 	@java -version 2>&1 | grep -Eq 'version "17[."]' || { echo "error: TorchServe 0.12 needs Java 17; found: $$(java -version 2>&1 | head -1)" >&2; exit 1; }
+	@command -v javac >/dev/null && command -v jar >/dev/null || { echo "error: javac/jar not found. The OIP endpoint plugin is compiled from source: install a JDK 17 (e.g. apt-get install openjdk-17-jdk-headless)" >&2; exit 1; }
 
 prereqs-fleet:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null || { echo "error: haproxy not found. The fleet (make fleet, its tests) runs HAProxy from Debian's packages: apt-get install haproxy" >&2; exit 1; }
@@ -129,13 +133,25 @@ $(TREE)model_store/%.mar: $(TREE)artifacts/%/verified.json serve_config/%.yaml e
 		$$(call sources,$$*,archive)
 	$(PY) -m export.archive --model $* --artifacts $(TREE)artifacts/$* --out $(TREE)model_store
 
+$(PLUGIN_JAR): $(shell find handlers/frontend -type f) | $(VENV_STAMP) prereqs-core
+	rm -rf build/plugin-classes build/plugin-patch && mkdir -p build/plugin-classes build/plugin-patch $(@D)
+	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR) -d build/plugin-classes \
+		$(shell find handlers/frontend/org -name '*.java')
+	javac --release 17 -Xlint:all -Werror -cp $(TS_JAR) -d build/plugin-patch $(shell find handlers/frontend/patch -name '*.java')
+	cp build/plugin-patch/org/pytorch/serve/http/HttpRequestHandlerChain.class \
+		build/plugin-classes/org/servemodels/oip/HttpRequestHandlerChain.class.bin
+	cp -r handlers/frontend/META-INF build/plugin-classes/
+	jar --create --file $@.tmp --manifest handlers/frontend/agent.mf -C build/plugin-classes . && mv $@.tmp $@
+
+plugin: $(PLUGIN_JAR) ## build the frontend's OIP endpoint plugin (model metadata and readiness over REST)
+
 train: $(TREE)checkpoints/$(MODEL)/model.pt ## train MODEL and write its self-describing checkpoint
 export: $(TREE)artifacts/$(MODEL)/manifest.json ## export MODEL to TorchScript (trace, script) and ONNX
 verify: $(TREE)artifacts/$(MODEL)/verified.json ## check MODEL's exports against eager (fresh process each)
 archive: $(TREE)model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
 models: $(MARS)
 
-serve: $(MARS) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
+serve: $(MARS) $(PLUGIN_JAR) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
 	$(PY) -m serve_config.control start --run-dir $(RUN_DIR) --models $(SERVE_MODELS) --model-store $(TREE)model_store \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
 		--grpc-ports $(GRPC_PORTS)
@@ -161,7 +177,7 @@ loadtest: ## Locust against the running server: make loadtest MODEL=digits USERS
 
 FLEET_TOKEN = $(or $(TOKEN_FILE),$(FLEET_DIR)/token)
 
-fleet: $(MARS) | $(VENV_STAMP) prereqs-fleet ## N TorchServe replicas behind HAProxy on FLEET_PORT (make fleet N=3)
+fleet: $(MARS) $(PLUGIN_JAR) | $(VENV_STAMP) prereqs-fleet ## N TorchServe replicas behind HAProxy on FLEET_PORT (make fleet N=3)
 	$(PY) -m serve_config.fleet start --root $(FLEET_DIR) --replicas $(N) --models $(SERVE_MODELS) \
 		--model-store $(TREE)model_store --port $(FLEET_PORT) --stats-port $(FLEET_STATS_PORT) --token-file $(FLEET_TOKEN) \
 		--isolation $(FLEET_ISOLATION)
@@ -193,7 +209,7 @@ rollback: | $(VENV_STAMP) ## serve MODEL's previous version again (after make de
 
 IMAGE_REF = $(IMAGE):$(IMAGE_TAG)$(if $(filter cuda,$(VARIANT)),-cuda)
 
-image: $(foreach m,$(IMAGE_MODELS),$(TREE)model_store/$(m).mar) | $(VENV_STAMP) prereqs-image ## build the serving image with podman (runtime lock only, models baked in)
+image: $(foreach m,$(IMAGE_MODELS),$(TREE)model_store/$(m).mar) $(PLUGIN_JAR) | $(VENV_STAMP) prereqs-image ## build the serving image with podman (runtime lock only, models baked in)
 	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m serve_config.deploy.image build --tag $(IMAGE_REF) --variant $(VARIANT) \
 		--models $(IMAGE_MODELS) --model-store $(TREE)model_store --podman "$(PODMAN)" $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
 
@@ -227,7 +243,7 @@ test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default 
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
 
 # The image's tier needs a built image: `make image-test` (RECIPE=$(TEST_RECIPE) for the test tree's models).
-pytest: | $(VENV_STAMP)
+pytest: $(PLUGIN_JAR) | $(VENV_STAMP)
 	$(PY) -m pytest tests --ignore=tests/container $(PYTEST_ARGS)
 
 unit: | $(VENV_STAMP) ## the unit tier without its slow tests: needs no built model, starts no server (seconds)

@@ -33,9 +33,28 @@ def handler_modules(entry_points: list[Path]) -> list[Path]:
     return [path for path in closure(entry_points) if path != entry_points[0].resolve()]
 
 
-def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple[Path, ...] = ()) -> Path:
+SIGNATURE = "signature.json"  # read by the frontend's OIP endpoint (handlers/frontend) for model metadata
+# The OIP metadata's `platform`, by the served file's type.
+PLATFORMS = {".onnx": "onnxruntime_onnx", ".pt": "pytorch_libtorch"}
+
+
+def signature(spec: registry.ModelSpec, manifest: dict, config: Path, serialized: Path) -> dict:
+    """What the served model takes and gives over the OIP (its kind's `signature`, with the model-config YAML's
+    handler settings), and its platform."""
+    import yaml
+
+    from handlers import kinds
+
+    kind = kinds.load(spec.kind)
+    settings = kind.Settings.from_mapping((yaml.safe_load(config.read_text()) or {}).get("handler"))
+    return {"platform": PLATFORMS.get(serialized.suffix, "pytorch"), **kind.signature(manifest, settings)}
+
+
+def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple[Path, ...] = (),
+          described: dict | None = None) -> Path:
     """Lay out the files beside the handler: the modules it needs, the export's assets (a tokenizer), the
-    export manifest, the labels and `extra`; torch-model-archiver copies the folder's contents."""
+    export manifest, the labels, the OIP signature (`described`) and `extra`; torch-model-archiver copies the
+    folder's contents."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -48,6 +67,8 @@ def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple
     for path in [*(artifacts / name for name in manifest.get("assets", {})), *extra]:
         shutil.copy2(path, staging / path.name)
     (staging / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(manifest["labels"])}))
+    if described is not None:
+        (staging / SIGNATURE).write_text(json.dumps(described, indent=1) + "\n")
     return staging
 
 
@@ -108,7 +129,8 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
     manifest = verified_manifest(spec, artifacts)
     serialized = serialized or artifacts / manifest["artifacts"][artifact or spec.serve_artifact]["file"]
     entry_points = registry.entry_points(spec, handler)
-    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", entry_points, extra)
+    staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", entry_points, extra,
+                    signature(spec, manifest, config, serialized))
     mar = pack(name or spec.name, serialized, entry_points[0], staging, config, out)
     print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, {serialized.name}, handler {handler or spec.handler})")
     return mar

@@ -8,7 +8,10 @@ the test tiers) asks the kind instead of branching on its name. A kind module de
   the model-config YAML: limits per request and per batch, threads;
 - `build(model_dir, export_manifest, runner, settings, *, served_as, max_batch) -> Pipeline`: the pure
   request pipeline (handlers.requests.Pipeline) that reads requests in the kind's native forms and as Open
-  Inference Protocol infer requests, runs batches and writes answers and OIP outputs.
+  Inference Protocol infer requests, runs batches and writes answers and OIP outputs;
+- `signature(export_manifest, settings) -> {"inputs", "outputs"}`: what an infer request takes and gives, each
+  tensor's name, datatype and shape (-1: any size): the model metadata `GET /v2/models/<m>` answers, packed
+  into the archive as `signature.json` (handlers/frontend serves it).
 
 This table is the one list of kinds; it imports nothing (the registry reads it with any Python). `bench` names
 the kind's bench workload (loadtest.bench.compute), `tolerance` how verification compares its outputs.
@@ -35,7 +38,7 @@ DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "
 @dataclass(frozen=True)
 class Kind:
     name: str
-    module: str  # the kind's module: Settings and build
+    module: str  # the kind's module: Settings, build and signature
     bench: str  # "module:class" of its compute workload for `make bench`
     comparison: str  # how verification compares outputs, for the docs and reports
 

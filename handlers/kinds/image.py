@@ -299,6 +299,16 @@ def _encoded(value: str | bytes, index: int) -> bytes:
 Settings = ClassifierConfig
 
 
+def signature(export_manifest: dict, settings: ClassifierConfig) -> dict:
+    """What an infer request takes and its answer gives, as OIP model metadata lists them (-1: any size). The
+    input also takes UINT8 [n, h, w, c] pixels or FP32 in the model's layout (docs/protocols.md); metadata
+    names one datatype per input, the encoded image."""
+    k = min(settings.topk, len(export_manifest["labels"]))
+    return {"inputs": [{"name": export_manifest["inputs"][0]["name"], "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": name, "datatype": datatype, "shape": [-1, k]}
+                        for name, datatype in zip(OUTPUTS, ("BYTES", "INT64", "FP32"), strict=True)]}
+
+
 def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
           settings: ClassifierConfig, *, served_as: tuple[str, str], max_batch: int) -> ImageClassifier:
     """The kind's pipeline for an exported model: its preprocessing preset, labels and input shape come from

@@ -223,6 +223,14 @@ class TensorModel(Pipeline[TensorBatch, dict]):
 Settings = TensorConfig
 
 
+def signature(export_manifest: dict, settings: TensorConfig) -> dict:
+    """The model's own inputs and outputs, as OIP model metadata lists them (-1: a dynamic axis)."""
+    return {"inputs": [{"name": p.name, "datatype": p.datatype, "shape": list(p.shape)}
+                       for p in model_inputs(export_manifest)],
+            "outputs": [{"name": o["name"], "datatype": DATATYPES[o["dtype"]], "shape": o["shape"]}
+                        for o in export_manifest["output_specs"]]}
+
+
 def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
           settings: TensorConfig, *, served_as: tuple[str, str], max_batch: int) -> TensorModel:
     """The kind's pipeline: inputs and outputs from the export manifest, nothing from the model's own code."""

@@ -233,6 +233,14 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
 Settings = EmbeddingConfig
 
 
+def signature(export_manifest: dict, settings: EmbeddingConfig) -> dict:
+    """What an infer request takes and its answer gives, as OIP model metadata lists them (-1: any size)."""
+    width = export_manifest["output_specs"][0]["shape"][-1]
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": name, "datatype": datatype, "shape": shape} for name, datatype, shape in
+                        zip(OUTPUTS, ("FP32", "INT32", "BOOL"), ([-1, width], [-1], [-1]), strict=True)]}
+
+
 def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
           settings: EmbeddingConfig, *, served_as: tuple[str, str], max_batch: int) -> SentenceEncoder:
     """The kind's pipeline for an exported model: its tokenizer (an asset beside the model) from the export

@@ -34,6 +34,10 @@ from serve_config.control.records import owned_pid, record_pid
 TEMPLATE = ROOT / "serve_config" / "config.properties"
 LOG_CONFIG = ROOT / "serve_config" / "log4j2.xml"
 SERVED_DIR = "served"  # copies of the archives an instance started with
+# The frontend's endpoint plugins: the OIP's model metadata, readiness and infer routes (handlers/frontend),
+# built by `make plugin` from source against the installed TorchServe's jar.
+PLUGINS_DIR = ROOT / "build" / "plugins"
+PLUGIN_JAR = "oip-endpoint.jar"
 
 
 class PortInUse(ServerError):
@@ -54,10 +58,14 @@ class ModelLoadError(ServerError):
 
 
 def render_config(template: Path, ports: Ports, model_store: Path, host: str = "127.0.0.1",
-                  overrides: dict[str, str] | None = None) -> str:
-    """The checked-in config.properties with this instance's addresses, gRPC ports and model store, and
-    `overrides` of settings the template already has (a fleet replica turns token authorization off)."""
+                  overrides: dict[str, str] | None = None, plugins: Path = PLUGINS_DIR) -> str:
+    """The checked-in config.properties with this instance's addresses, gRPC ports, model store and endpoint
+    plugins folder, and `overrides` of settings the template already has."""
+    vmargs = re.search(r"^vmargs=(.*)$", template.read_text(), flags=re.M)
     settings = {
+        "plugins_path": plugins,
+        # the plugin's agent, so endpoint plugins can read request bodies (handlers/frontend/.../BodyRetention)
+        "vmargs": f"{(overrides or {}).get('vmargs', vmargs.group(1) if vmargs else '')} -javaagent:{plugins / PLUGIN_JAR}",
         "inference_address": f"http://{host}:{ports.inference}",
         "management_address": f"http://{host}:{ports.management}",
         "metrics_address": f"http://{host}:{ports.metrics}",
@@ -65,7 +73,7 @@ def render_config(template: Path, ports: Ports, model_store: Path, host: str = "
         "grpc_management_port": ports.grpc_management,
         "model_store": model_store,
         "allowed_urls": "file://" + re.escape(str(model_store)) + "/.*",
-        **(overrides or {}),
+        **{key: value for key, value in (overrides or {}).items() if key != "vmargs"},
     }
     text = template.read_text()
     for key, value in settings.items():
@@ -103,6 +111,8 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     if taken:  # said now, by name, rather than as a bind error buried in TorchServe's log
         raise PortInUse({role: (getattr(ports, role), None if netns else port_holder(getattr(ports, role)))
                          for role in taken})
+    if not (PLUGINS_DIR / PLUGIN_JAR).is_file():
+        raise ServerError(f"{PLUGINS_DIR / PLUGIN_JAR} is missing: run `make plugin` (the OIP endpoints)")
     served = run_dir / SERVED_DIR
     served.mkdir(parents=True, exist_ok=True)
     for name in models:

@@ -76,7 +76,7 @@ def model_snapshot(model_store: Path, models: Sequence[str]) -> dict:
 def container_config(model_store: Path, *, snapshot: dict | None = None) -> str:
     """config.properties for a container whose archives are in `model_store`: every model there (load_models=all),
     or those of `snapshot`. Settings from the environment (TS_<KEY>) take precedence (enable_envvars_config)."""
-    text = render_config(TEMPLATE, PORTS, model_store, host="0.0.0.0", overrides=CONTAINER)
+    text = render_config(TEMPLATE, PORTS, model_store, host="0.0.0.0", overrides=CONTAINER, plugins=IMAGE_DIR / "plugins")
     header = ("# Rendered by serve_config/deploy/bundle.py from serve_config/config.properties for a container "
               "(docs/deploy.md).\n")
     extra = ["", "# Container: TS_<KEY> variables override these settings; what to load at start-up.",

@@ -32,6 +32,7 @@ from typing import Sequence
 
 from export.manifest import IntegrityError
 from models.paths import ROOT
+from serve_config.control.lifecycle import PLUGIN_JAR, PLUGINS_DIR
 from serve_config.deploy.bundle import container_config, copy_archives
 
 HERE = Path(__file__).resolve().parent / "image"
@@ -81,6 +82,8 @@ def stage(context: Path, models: Sequence[str], model_store: Path) -> Path:
     for name in ("entrypoint.py", "probe.py", "log4j2.xml"):
         shutil.copy2(HERE / name, context / "image" / name)
     (context / "image" / "config.properties").write_text(container_config(STORE_IN_IMAGE))
+    (context / "image" / "plugins").mkdir()  # the frontend's endpoint plugins (plugins_path in the config)
+    shutil.copy2(PLUGINS_DIR / PLUGIN_JAR, context / "image" / "plugins" / PLUGIN_JAR)
     for name in ("uv.txt", "runtime.txt"):
         shutil.copy2(ROOT / "requirements" / name, context / "requirements" / name)
     copy_archives(model_store, models, context / "model-store")

@@ -84,16 +84,16 @@ def test_bad_input_over_grpc_is_a_4xx_body_and_the_workers_stay(server, client, 
 
 
 def test_oip_health_over_rest_and_grpc_with_the_key(server):
-    """What ts_open_inference_protocol adds (docs/protocols.md): /v2/health/* over REST and KServe's
-    GRPCInferenceService beside TorchServe's own, both behind the key; model metadata and readiness are not
-    REST routes in TorchServe 0.12 (404)."""
+    """What ts_open_inference_protocol and our endpoint plugin add (docs/protocols.md): /v2/health/* and model
+    readiness over REST, and KServe's GRPCInferenceService beside TorchServe's own, all behind the key."""
     from loadtest.grpc_client import stubs
 
     for path, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready")):
         assert requests.get(f"{server.inference_url}{path}", headers=server.headers(), timeout=10).json() == {key: True}
         assert requests.get(f"{server.inference_url}{path}", timeout=10).status_code == 400
+    # model readiness and metadata over REST come from our endpoint plugin (tests/integration/test_oip_metadata.py)
     assert requests.get(f"{server.inference_url}/v2/models/{SERVED[0].name}/ready", headers=server.headers(),
-                        timeout=10).status_code == 404
+                        timeout=10).json()["ready"] is True
     pb2, pb2_grpc = stubs(proto="open_inference_grpc")
     with grpc.insecure_channel(f"127.0.0.1:{server.ports.grpc_inference}") as channel:
         stub = pb2_grpc.GRPCInferenceServiceStub(channel)

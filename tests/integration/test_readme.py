@@ -48,7 +48,10 @@ def test_each_curl_line_of_the_readme_answers_as_shown(server, command):
     body, status = proc.stdout.rsplit("\n", 1)
     assert status == "200", body
     answer = json.loads(body)
-    if isinstance(answer, dict) and "outputs" in answer:  # an Open Inference Protocol answer
+    if isinstance(answer, dict) and "platform" in answer:  # OIP model metadata
+        assert answer["name"] in command and answer["versions"] and answer["inputs"] and answer["outputs"]
+        assert all({"name", "datatype", "shape"} <= set(t) for t in answer["inputs"] + answer["outputs"])
+    elif isinstance(answer, dict) and "outputs" in answer:  # an Open Inference Protocol answer
         assert answer["model_name"] in command and answer["outputs"]
         assert all(len(o["data"]) == __import__("math").prod(o["shape"]) for o in answer["outputs"])
     elif isinstance(answer, list):  # an image model: top-k, best first
