@@ -355,6 +355,7 @@ CANCER = ModelSpec(
     train=TrainSpec(epochs=40, batch_size=32, lr=3e-3, weight_decay=5e-2, seed=0, min_accuracy=0.95, augment=False),
     verify_batch_sizes=(1, 2, 7, 64, 256),
     serve_backend="onnx",
+    peer_handler="loadtest/bench/stock_tensor_handler.py",  # TorchServe's BaseHandler, as a user would extend it
     bench_p99_ms=50.0,
     example=ExampleRequest(content_type="application/json", file="docs/examples/cancer/infer.json"),
 )
@@ -375,6 +376,7 @@ PAIR = ModelSpec(
     check_shapes=((1, 1), (3, 5), (7, 40)),  # (batch, length): trace checks and the verification grid
     verify_batch_sizes=(1, 2, 7, 32),
     serve_backend="onnx",
+    peer_handler="loadtest/bench/stock_tensor_handler.py",
     serve_by_default=False,
     example=ExampleRequest(content_type="application/json", file="docs/examples/pair/infer.json"),
 )

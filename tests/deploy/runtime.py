@@ -3,7 +3,8 @@
 A private mount namespace (unshare) gives the process the pod's file system where it matters:
 - /mnt/models: the bundle, bind-mounted read-only, where KServe's storage initializer puts the storageUri;
 - /opt/venv: this project's venv (the image installs the same runtime lock there);
-- /opt/serve: serve_config/deploy/image (the entrypoint, probe.py, log4j2.xml the image copies there);
+- /opt/serve: serve_config/deploy/image (the entrypoint, probe.py, log4j2.xml the image copies there) and the
+  built frontend plugin in plugins/, as the image lays them out;
 - /tmp and /home/model-server/run: empty tmpfs, like the pod's emptyDirs, the only writable paths.
 The command is the image's ENTRYPOINT (without tini, which only reaps and forwards) followed by the
 ServingRuntime's args, unchanged; the environment is the Containerfile's ENV, then the runtime's env, then TS_*
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 import requests
 
 from serve_config.control.instance import Ports
-from serve_config.control.lifecycle import end_group
+from serve_config.control.lifecycle import PLUGIN_JAR, PLUGINS_DIR, end_group
 from serve_config.deploy import bundle as bd
 from serve_config.deploy import manifests as mf
 from serve_config.deploy.image import HERE as IMAGE_FILES, containerfile_env
@@ -109,6 +111,11 @@ def start(runtime: dict, bundle: Path, log: Path, extra_env: dict[str, str] | No
     """Start the ServingRuntime's container `runtime` (its spec.containers[0]) on `bundle`."""
     ports = Ports.free()
     container = runtime["spec"]["containers"][0]
+    opt_serve = log.parent / f"{log.stem}-opt-serve"  # the image's /opt/serve: its files and the plugin
+    shutil.rmtree(opt_serve, ignore_errors=True)
+    shutil.copytree(IMAGE_FILES, opt_serve)
+    (opt_serve / "plugins").mkdir()
+    shutil.copy2(PLUGINS_DIR / PLUGIN_JAR, opt_serve / "plugins" / PLUGIN_JAR)
     env = containerfile_env()
     env.update({e["name"]: e["value"] for e in container.get("env", [])})
     env.update({"TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports.inference}",
@@ -121,7 +128,7 @@ def start(runtime: dict, bundle: Path, log: Path, extra_env: dict[str, str] | No
         f"mount --bind {shlex.quote(str(bundle))} {bd.MOUNT}", f"mount -o remount,ro,bind {bd.MOUNT}",
         "mount -t tmpfs tmpfs /opt", "mkdir /opt/venv /opt/serve",
         f"mount --bind -o ro {shlex.quote(str(VENV))} /opt/venv",
-        f"mount --bind -o ro {shlex.quote(str(IMAGE_FILES))} /opt/serve",
+        f"mount --bind -o ro {shlex.quote(str(opt_serve))} /opt/serve",
         "mount -t tmpfs tmpfs /tmp", "mount -t tmpfs tmpfs /home", f"mkdir -p {WORKDIR}",
         # The venv's scripts name its own path in their #! line: where the tmpfs hid it (a checkout under /tmp or
         # /home), it is put back, read-only, from /opt/venv.

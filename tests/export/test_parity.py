@@ -12,7 +12,7 @@ import torch
 
 from export import manifest as mf
 from export.export import export
-from export.verify import ToleranceError, verify
+from export.verify import STAMP, ToleranceError, verify
 from models import checkpoint, registry
 from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, built
 
@@ -29,9 +29,21 @@ def test_manifest_describes_each_artifact(spec):
     mf.check_folder(directory, manifest)
 
 
+def build_stamp(spec) -> dict:
+    """The verification stamp the build wrote (export.verify ran every artifact in a fresh process), held to the
+    export it is about: the manifest it names and the files that manifest records. The verifier itself is put
+    to the test below, on drifted and tampered exports."""
+    directory = built(TREE.artifacts(spec.name) / STAMP).parent
+    stamp = json.loads((directory / STAMP).read_text())
+    assert stamp["model"] == spec.name and stamp["manifest_sha256"] == mf.sha256(directory / mf.MANIFEST)
+    mf.check_folder(directory)
+    assert set(stamp["artifacts"]) == set(spec.formats) | set(spec.not_applicable)
+    return stamp
+
+
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_artifacts_match_eager_within_tolerance(spec):
-    stamp = verify(spec, built(TREE.checkpoint(spec.name)), TREE.artifacts(spec.name))
+    stamp = build_stamp(spec)
     for fmt, result in stamp["artifacts"].items():
         assert result["max_abs_diff"] <= spec.tolerance.atol, fmt
         assert result["top1_agreement"] >= spec.tolerance.min_top1_agreement, fmt
@@ -57,10 +69,10 @@ def test_embedder_export_has_dynamic_batch_and_sequence_and_says_what_does_not_a
 
 @pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
 def test_embedder_artifacts_match_sentence_transformers(spec):
-    """Verification in full (fresh process per artifact, sentence-transformers' encode() as the reference,
+    """The build's verification (fresh process per artifact, sentence-transformers' encode() as the reference,
     batches 1/2/7/32, token lengths 3 to 256 and past the limit): every artifact within its tolerance, the
     not-applicable format reported as such, not as a pass."""
-    stamp = verify(spec, built(TREE.checkpoint(spec.name)), TREE.artifacts(spec.name))
+    stamp = build_stamp(spec)
     assert stamp["reference"] == spec.reference
     for fmt in spec.formats:
         result, tol = stamp["artifacts"][fmt], spec.tolerance_for(fmt)
@@ -82,7 +94,7 @@ def test_tensor_model_manifest_says_what_goes_in_and_out_and_every_artifact_matc
     assert manifest["kind"] == "tensor" and [i["name"] for i in manifest["inputs"]] == [t.name for t in spec.inputs]
     assert [o["name"] for o in manifest["output_specs"]] == list(spec.outputs)
     assert all(o["shape"][0] == -1 for o in manifest["output_specs"])
-    stamp = verify(spec, built(TREE.checkpoint(spec.name)), TREE.artifacts(spec.name))
+    stamp = build_stamp(spec)
     for fmt, result in stamp["artifacts"].items():
         assert result["max_abs_diff"] <= spec.tolerance.atol, fmt
         assert result["checks"] == (2 if spec.dataset else 1) * len(spec.verify_batch_sizes) * len(spec.outputs) + \

@@ -35,7 +35,10 @@ def test_the_container_config_listens_where_the_pod_needs_and_keeps_the_rest_of_
     changed = {k for k in template if template[k] != config[k]}
     assert changed <= {"inference_address", "management_address", "metrics_address", "grpc_inference_address",
                        "grpc_management_address", "grpc_inference_port", "grpc_management_port", "model_store",
-                       "allowed_urls", *bd.CONTAINER}
+                       "allowed_urls", "plugins_path", *bd.CONTAINER}
+    # the frontend's OIP plugin as the image lays it out, and its agent (handlers/frontend)
+    assert config["plugins_path"] == str(bd.IMAGE_DIR / "plugins")
+    assert config["vmargs"].endswith(f"-javaagent:{bd.IMAGE_DIR / 'plugins' / 'oip-endpoint.jar'}")
 
 
 def test_the_probe_follows_the_environment_only_where_the_server_does(probe, tmp_path, monkeypatch):
