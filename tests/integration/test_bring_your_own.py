@@ -42,6 +42,8 @@ def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tr
     try:
         token = make("-s", "token", f"RUN_DIR={run_dir}").strip()
         client = httpclient.InferenceServerClient(f"127.0.0.1:{ports.inference}", network_timeout=60)
+        metadata = client.get_model_metadata("pair", headers={"Authorization": f"Bearer {token}"})
+        print(f"\npair metadata (tritonclient): {metadata}")
         features = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
         tokens = np.random.default_rng(1).integers(0, 100, size=(3, 11)).astype(np.int64)
         inputs = [httpclient.InferInput("features", [3, 8], "FP32"), httpclient.InferInput("tokens", [3, 11], "INT64")]
@@ -52,6 +54,10 @@ def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tr
                               headers={"Authorization": f"Bearer {token}"})
     finally:
         make("stop", f"RUN_DIR={run_dir}")
+    assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 8]},
+                                  {"name": "tokens", "datatype": "INT64", "shape": [-1, -1]}]
+    assert metadata["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 3]},
+                                   {"name": "strongest", "datatype": "INT64", "shape": [-1]}]
     with torch.inference_mode():
         scores, strongest = model(torch.from_numpy(features), torch.from_numpy(tokens))
     assert [o["name"] for o in result.get_response()["outputs"]] == ["strongest", "scores"]
