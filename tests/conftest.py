@@ -148,6 +148,26 @@ def assert_serves_every_model(inference_url: str, headers: dict[str, str] | None
                    for p in sent]
         assert all(a.status_code == 200 for a in answers), (spec.name, [a.text for a in answers])
         checks(spec).assert_native(sent, [a.json() for a in answers])
+    assert_oip_metadata(inference_url, headers, [spec.name for spec in SERVED])
+
+
+def assert_oip_metadata(inference_url: str, headers: dict[str, str], models) -> None:
+    """Triton's HTTP client at `inference_url` gets each model's metadata (what its archive's signature.json says,
+    with its name and versions) and finds it ready: the frontend plugin runs there (handlers/frontend)."""
+    import json
+    import zipfile
+
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(inference_url.split("://", 1)[-1], network_timeout=60)
+    for name in models:
+        metadata = client.get_model_metadata(name, headers=headers)
+        with zipfile.ZipFile(TREE.archive(name)) as archive:
+            signature = json.loads(archive.read("signature.json"))
+        assert metadata["name"] == name and metadata["versions"], metadata
+        assert {k: metadata[k] for k in signature} == signature, (metadata, signature)
+        assert client.is_model_ready(name, headers=headers), name
+    assert client.is_server_ready(headers=headers)
 
 
 class Traffic:

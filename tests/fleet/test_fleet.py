@@ -65,6 +65,14 @@ def test_the_balancer_authenticates_and_its_errors_are_json(fleet):
     assert all(not r.server.token_auth() for r in fleet.replicas)
 
 
+def test_the_open_inference_protocol_metadata_and_readiness_answer_through_the_balancer(fleet):
+    """Every replica runs the frontend plugin: through HAProxy, with the fleet's token, a real client gets the
+    model's metadata and readiness as from one server."""
+    from tests.conftest import assert_oip_metadata
+
+    assert_oip_metadata(fleet.url, {"Authorization": f"Bearer {fleet.token()}"}, [MODEL])
+
+
 def test_a_rotated_token_file_is_taken_in_without_restarting_the_balancer(fleet):
     body, headers = sample()
     url = f"{fleet.url}/predictions/{MODEL}"
