@@ -114,9 +114,10 @@ def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps
     warm = [{**steps[0], "target": WARMUP, "users": max(s["users"] for s in steps), "warmup": 0.0,
              "seconds": server_warmup_s}] if server_warmup_s > 0 else []
     run_dir = work / "run"
+    ts.stop(run_dir)  # one an interrupted bench left running, before its PID file goes
     shutil.rmtree(run_dir, ignore_errors=True)
-    server = ts.start(run_dir, endpoints, ports=ts.Ports.free(), model_store=store, timeout=timeout)
-    try:
+    try:  # start() raises ModelLoadError with the server still up (it serves the models that loaded): stop it too
+        server = ts.start(run_dir, endpoints, ports=ts.Ports.free(), model_store=store, timeout=timeout)
         keys = server.keys()
         plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
                 "inference_token": keys["inference"], "management_token": keys["management"],

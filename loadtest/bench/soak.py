@@ -111,11 +111,12 @@ def soak(model: str, *, seconds: float, fraction: float, users: int, out_root: P
     report_dir = out_root / f"{model}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     report_dir.mkdir(parents=True)
     work = ROOT / "build" / "soak" / model
+    ts.stop(work / "run")  # one an interrupted soak left running, before its PID file goes
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     run_dir = work / "run"
-    server = ts.start(run_dir, [model], ports=ts.Ports.free(), model_store=model_store)
-    try:
+    try:  # start() raises ModelLoadError with the server still up (it serves the models that loaded): stop it too
+        server = ts.start(run_dir, [model], ports=ts.Ports.free(), model_store=model_store)
         keys = server.keys()
         plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
                 "inference_token": keys["inference"], "management_token": keys["management"], "payload_model": model}
