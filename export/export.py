@@ -54,6 +54,12 @@ def example_inputs(spec: registry.ModelSpec, *, seed: int = 0, shape: tuple[int,
     return tuple(random_inputs(spec, batch, torch.Generator().manual_seed(seed), length))
 
 
+def input_records(spec: registry.ModelSpec) -> list[dict[str, Any]]:
+    """The manifest's record of each input (name, dtype, example shape, dynamic axes), which the handlers read."""
+    return [{"name": t.name, "dtype": t.dtype, "example_shape": list(t.example_shape),
+             "dynamic_axes": {str(k): v for k, v in t.dynamic_axes.items()}} for t in spec.inputs]
+
+
 def describe_outputs(model: nn.Module, spec: registry.ModelSpec) -> list[dict[str, Any]]:
     """Each output's name, dtype and shape, -1 on the axes that follow the inputs' dynamic axes: the eager model
     run on two examples whose dynamic axes differ (batch 2 and 3, dynamic lengths 2 and 3)."""
@@ -191,8 +197,7 @@ def export(spec: registry.ModelSpec, checkpoint_dir: Path, out: Path) -> dict[st
         "torch": torch.__version__,
         "preset": meta["preset"],
         "labels": meta["labels"],
-        "inputs": [{"name": t.name, "dtype": t.dtype, "example_shape": list(t.example_shape),
-                    "dynamic_axes": {str(k): v for k, v in t.dynamic_axes.items()}} for t in spec.inputs],
+        "inputs": input_records(spec),
         "outputs": list(spec.outputs),
         "output_specs": describe_outputs(model, spec),
         "artifacts": artifacts,

@@ -27,7 +27,7 @@ from export.manifest import copy_archive
 from models.paths import FULL, ROOT
 from serve_config.control.access import has_ready_worker
 from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
-                                           ServerError, port_free, port_holder)
+                                           ServerError, port_free, port_holder, read_properties)
 from serve_config.control.netns import exec_prefix
 from serve_config.control.records import owned_pid, record_pid
 
@@ -61,11 +61,8 @@ def render_config(template: Path, ports: Ports, model_store: Path, host: str = "
                   overrides: dict[str, str] | None = None, plugins: Path = PLUGINS_DIR) -> str:
     """The checked-in config.properties with this instance's addresses, gRPC ports, model store and endpoint
     plugins folder, and `overrides` of settings the template already has."""
-    vmargs = re.search(r"^vmargs=(.*)$", template.read_text(), flags=re.M)
     settings = {
         "plugins_path": plugins,
-        # the plugin's agent, so endpoint plugins can read request bodies (handlers/frontend/.../BodyRetention)
-        "vmargs": f"{(overrides or {}).get('vmargs', vmargs.group(1) if vmargs else '')} -javaagent:{plugins / PLUGIN_JAR}",
         "inference_address": f"http://{host}:{ports.inference}",
         "management_address": f"http://{host}:{ports.management}",
         "metrics_address": f"http://{host}:{ports.metrics}",
@@ -73,8 +70,11 @@ def render_config(template: Path, ports: Ports, model_store: Path, host: str = "
         "grpc_management_port": ports.grpc_management,
         "model_store": model_store,
         "allowed_urls": "file://" + re.escape(str(model_store)) + "/.*",
-        **{key: value for key, value in (overrides or {}).items() if key != "vmargs"},
+        **(overrides or {}),
     }
+    # the plugin's agent, so endpoint plugins can read request bodies (handlers/frontend/.../BodyRetention)
+    vmargs = settings.get("vmargs", read_properties(template).get("vmargs", ""))
+    settings["vmargs"] = f"{vmargs} -javaagent:{plugins / PLUGIN_JAR}"
     text = template.read_text()
     for key, value in settings.items():
         text, count = re.subn(rf"^{key}=.*$", lambda _m, k=key, v=value: f"{k}={v}", text, flags=re.M)

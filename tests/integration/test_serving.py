@@ -141,7 +141,7 @@ def test_embedder_concurrent_mix_of_good_and_bad_requests(server, spec, sentence
 def test_tensor_model_answers_the_same_infer_request_at_both_routes_and_in_binary_as_eager(server, spec):
     """A tensor-kind model: the JSON infer request at /predictions and at /v2/models/<m>/infer, and the same
     tensors in the binary extension, all answered with the eager checkpoint's outputs for those rows."""
-    import numpy as np
+    from tests.kinds.tensor import binary
 
     samples = payloads(spec.name, 6)
     auth = server.headers()
@@ -153,14 +153,10 @@ def test_tensor_model_answers_the_same_infer_request_at_both_routes_and_in_binar
         assert all(a.json()["model_name"] == spec.name for a in answers)
         checks(spec).assert_native(samples, [a.json() for a in answers])
     for sample in samples[:2]:
-        body = json.loads(sample.body)
-        blobs = [np.asarray(i["data"], dtype=np.float32 if i["datatype"] == "FP32" else np.int64).tobytes()
-                 for i in body["inputs"]]
-        header = json.dumps({"inputs": [{k: v for k, v in i.items() if k != "data"} | {"parameters": {
-            "binary_data_size": len(b)}} for i, b in zip(body["inputs"], blobs)]}).encode()
-        answer = requests.post(routes["infer"], data=header + b"".join(blobs), timeout=30,
+        raw, header_length = binary(json.loads(sample.body))
+        answer = requests.post(routes["infer"], data=raw, timeout=30,
                                headers={**auth, "Content-Type": "application/octet-stream",
-                                        "Inference-Header-Content-Length": str(len(header))})
+                                        "Inference-Header-Content-Length": str(header_length)})
         assert answer.status_code == 200, answer.text
         checks(spec).assert_native([sample], [answer.json()])
 

@@ -13,7 +13,19 @@ from handlers.kinds import DATATYPES
 from tests.conftest import TREE, built
 from tests.ops.bad_inputs import JSON, hostile_json
 
-NUMPY = {datatype: np.dtype(name if name != "bool" else np.bool_) for name, datatype in DATATYPES.items()}
+NUMPY = {datatype: np.dtype(name) for name, datatype in DATATYPES.items()}
+
+
+def binary(body: dict) -> tuple[bytes, int]:
+    """A JSON infer request in the binary tensor extension: the JSON header, then each input's raw bytes; and the
+    header's length (Inference-Header-Content-Length)."""
+    header, blobs = {k: v for k, v in body.items() if k != "inputs"} | {"inputs": []}, []
+    for item in body["inputs"]:
+        raw = np.asarray(item["data"], dtype=NUMPY[item["datatype"]]).tobytes()
+        header["inputs"].append({k: v for k, v in item.items() if k != "data"} | {"parameters": {"binary_data_size": len(raw)}})
+        blobs.append(raw)
+    text = json.dumps(header).encode()
+    return text + b"".join(blobs), len(text)
 
 
 def arrays_of(body: dict) -> dict[str, np.ndarray]:
@@ -85,11 +97,11 @@ class Checks:
 
     def first_row(self) -> dict:
         """A well-formed one-row request: every input at its example shape (dynamic axes at 1), zeros."""
-        return {"inputs": [{"name": t.name, "datatype": DATATYPES[t.dtype],
-                            "shape": [1, *(1 if a in t.dynamic_axes else s for a, s in enumerate(t.example_shape) if a)],
-                            "data": [0] * math.prod(1 if a in t.dynamic_axes else s
-                                                    for a, s in enumerate(t.example_shape) if a)}
-                           for t in self.spec.inputs]}
+        inputs = []
+        for t in self.spec.inputs:
+            shape = [1, *(1 if a in t.dynamic_axes else s for a, s in enumerate(t.example_shape) if a)]
+            inputs.append({"name": t.name, "datatype": DATATYPES[t.dtype], "shape": shape, "data": [0] * math.prod(shape)})
+        return {"inputs": inputs}
 
     def oip_matrix(self, handler):
         """Bad infer requests for this model's inputs: (name, body, headers, status)."""

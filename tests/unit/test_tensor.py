@@ -12,16 +12,16 @@ import torch
 
 from handlers.kinds import DATATYPES, tensor
 from handlers.requests import RequestError
+from export.export import input_records
 from models import checkpoint, registry
+from tests.kinds.tensor import binary
 
 SPEC = registry.get("pair")
 
 
 def manifest_of(spec) -> dict:
-    """The export manifest's part the kind reads (what export.export writes)."""
-    return {"inputs": [{"name": t.name, "dtype": t.dtype, "example_shape": list(t.example_shape),
-                        "dynamic_axes": {str(k): v for k, v in t.dynamic_axes.items()}} for t in spec.inputs],
-            "outputs": list(spec.outputs)}
+    """The export manifest's part the kind reads, as export.export writes it."""
+    return {"inputs": input_records(spec), "outputs": list(spec.outputs)}
 
 
 class Counting:
@@ -63,17 +63,6 @@ def alone(model, body: dict) -> list[np.ndarray]:
                            else torch.int64) for i in body["inputs"]]
     with torch.inference_mode():
         return [o.numpy() for o in model(*arrays)]
-
-
-def binary(body: dict) -> tuple[bytes, int]:
-    """The same request in the binary tensor extension: the JSON header, then each input's raw bytes."""
-    header, blobs = {"inputs": []}, []
-    for item in body["inputs"]:
-        raw = np.asarray(item["data"], dtype=np.float32 if item["datatype"] == "FP32" else np.int64).tobytes()
-        header["inputs"].append({k: v for k, v in item.items() if k != "data"} | {"parameters": {"binary_data_size": len(raw)}})
-        blobs.append(raw)
-    text = json.dumps(header).encode()
-    return text + b"".join(blobs), len(text)
 
 
 def test_rows_of_every_request_share_passes_grouped_by_length_and_each_answer_is_its_own(model):
