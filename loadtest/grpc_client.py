@@ -25,7 +25,7 @@ from types import ModuleType
 
 from models.paths import ROOT
 
-PROTOS = ("proto/inference.proto", "proto/open_inference_grpc.proto", "google/rpc/status.proto")
+PROTOS = ("proto/inference.proto", "proto/management.proto", "proto/open_inference_grpc.proto", "google/rpc/status.proto")
 OUT = ROOT / "build" / "grpc"
 
 
@@ -37,7 +37,8 @@ def jar() -> Path:
 
 def stubs(out: Path = OUT, proto: str = "inference") -> tuple[ModuleType, ModuleType]:
     """(<proto>_pb2, <proto>_pb2_grpc), compiled from the installed jar's protos into `out` on first use:
-    `inference` (TorchServe's own API) or `open_inference_grpc` (KServe's GRPCInferenceService)."""
+    `inference` (TorchServe's own API), `management` (its management API) or `open_inference_grpc` (KServe's
+    GRPCInferenceService)."""
     import grpc_tools
     from grpc_tools import protoc
 

@@ -72,7 +72,8 @@ def render_config(template: Path, ports: Ports, model_store: Path, host: str = "
         "allowed_urls": "file://" + re.escape(str(model_store)) + "/.*",
         **(overrides or {}),
     }
-    # the plugin's agent, so endpoint plugins can read request bodies (handlers/frontend/.../BodyRetention)
+    # the plugin's agent: endpoint plugins read request bodies, registrations stay inside the model store
+    # (handlers/frontend/.../FrontendPatches)
     vmargs = settings.get("vmargs", read_properties(template).get("vmargs", ""))
     settings["vmargs"] = f"{vmargs} -javaagent:{plugins / PLUGIN_JAR}"
     text = template.read_text()

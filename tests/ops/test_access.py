@@ -4,13 +4,18 @@ that works with them, key rotation, and no archive from a URL or from outside th
 from __future__ import annotations
 
 import http.server
+import json
+import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
+import grpc
 import pytest
 import requests
 
+from loadtest.grpc_client import stubs
 from serve_config import control as ts
 from tests.conftest import ROOT, SERVED
 from tests.ops.servers import store_with, template_with
@@ -112,3 +117,67 @@ def test_no_archive_is_fetched_from_a_url_even_with_registration_on(private_serv
         assert [m["modelName"] for m in listed.json()["models"]] == ["digits"]
     finally:
         httpd.shutdown()
+
+
+def planted_model(folder: Path, marker: Path) -> Path:
+    """An unpacked model folder outside the store whose handler, when imported, writes `marker`."""
+    (folder / "MAR-INF").mkdir(parents=True)
+    (folder / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({
+        "runtime": "python", "archiverVersion": "0.12.0",
+        "model": {"modelName": "planted", "handler": "planted.py", "modelVersion": "1.0"}}))
+    (folder / "planted.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n\n"
+                                       "def handle(data, context):\n    return ['ran'] * len(data or [])\n")
+    return folder
+
+
+def test_no_management_call_loads_a_model_from_outside_the_store(private_server, tmp_path):
+    """TorchServe 0.12 applies allowed_urls to URLs only: a management caller (the key holder, over REST or
+    gRPC) could register any directory of the host as a model and run its handler. The frontend agent's
+    ArchiveUtils admits a plain name of the store's entries only; the planted handler must never run."""
+    marker = tmp_path / "planted-ran"
+    planted = planted_model(tmp_path / "elsewhere" / "planted", marker)
+    server = private_server(["digits"], model_store=store_with(tmp_path, "digits"))
+    # the same folder in the server's working directory, named as if it were in the store
+    shutil.copytree(planted, server.run_dir / "planted")
+    management = server.headers("management")
+    for url in (str(planted), str(planted.parent), f"{planted}/", "planted", f"./planted", str(tmp_path / "store"),
+                str(server.run_dir / "planted")):
+        answer = requests.post(f"{server.management_url}/models", timeout=60, headers=management,
+                               params={"url": url, "model_name": "planted", "initial_workers": 1, "synchronous": "true"})
+        assert 400 <= answer.status_code < 500, (url, answer.status_code, answer.text)
+        assert answer.json()["message"], answer.text
+
+    pb2, pb2_grpc = stubs(proto="management")
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports.grpc_management}") as channel:
+        stub = pb2_grpc.ManagementAPIsServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RegisterModel(pb2.RegisterModelRequest(url=str(planted), model_name="planted", initial_workers=1,
+                                                        synchronous=True),
+                               metadata=[("authorization", f"Bearer {server.keys()['management']}")], timeout=60)
+        assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), refused.value
+
+    assert not marker.exists(), "a handler from outside the model store ran"
+    listed = requests.get(f"{server.management_url}/models", headers=management, timeout=10).json()["models"]
+    assert [m["modelName"] for m in listed] == ["digits"]
+    # what the store holds still registers by its name (make deploy's path), beside the running version
+    copy = tmp_path / "store" / "digits-copy.mar"
+    shutil.copy2(tmp_path / "store" / "digits.mar", copy)
+    answer = requests.post(f"{server.management_url}/models", timeout=120, headers=management,
+                           params={"url": copy.name, "model_name": "digits2", "initial_workers": 1,
+                                   "synchronous": "true"})
+    assert answer.status_code == 200, answer.text
+
+
+def test_workflow_registration_obeys_enable_model_api(private_server, tmp_path):
+    """TorchServe 0.12's workflow API registers and unregisters whatever enable_model_api says; with the model
+    API off, workflows are refused as models are (405)."""
+    server = private_server(["digits"], model_store=store_with(tmp_path, "digits"),
+                            template=template_with(tmp_path, enable_model_api="false"))
+    management = server.headers("management")
+    for method, path, params in (("POST", "/models", {"url": "digits.mar", "model_name": "again"}),
+                                 ("POST", "/workflows", {"url": "any.war"}),
+                                 ("DELETE", "/workflows/any", {})):
+        answer = requests.request(method, f"{server.management_url}{path}", params=params, headers=management,
+                                  timeout=30)
+        assert answer.status_code == 405, (method, path, answer.status_code, answer.text)
+    assert requests.get(f"{server.management_url}/workflows", headers=management, timeout=10).status_code == 200

@@ -21,7 +21,7 @@ from export import archive
 from loadtest.payloads import payloads
 from models import registry
 from serve_config import control as ts
-from tests.conftest import ROOT, TREE, built, worker_pids
+from tests.conftest import CLASSIFIERS, ROOT, TREE, built, worker_pids
 from tests.ops.bad_inputs import png
 from tests.ops.servers import store_with, template_with
 
@@ -247,3 +247,41 @@ def test_soak_holds_steady_without_failures(tmp_path):
     print(f"\nsoak: {data['rps']:.1f} req/s against a target of {data['target_rps']:.1f}")
     assert len(data["samples"]) >= 15 and all(s["workers"] >= 1 and s["frontend_mib"] > 0 for s in data["samples"])
     assert (Path(data["report_dir"]) / "rss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def multipart(parts: int, boundary: str = "b0undary") -> bytes:
+    """A multipart/form-data body of `parts` tiny text fields."""
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nx\r\n".encode()
+    return part * parts + f"--{boundary}--\r\n".encode()
+
+
+def test_form_bodies_of_many_fields_are_refused_before_the_frontend_expands_them(server):
+    """TorchServe expands a form body into objects per field on the JVM heap: eight concurrent bodies of
+    max_request_size holding 4M empty fields each ran a 1 GB heap out of memory (-XX:+ExitOnOutOfMemoryError: the
+    server was gone). The frontend agent counts the fields first and answers 413 past max_form_fields (16); the
+    same JVM goes on serving, and forms within the limit still reach the handler."""
+    pid = ts.owned_pid(server.run_dir / ts.PID_FILE)
+    limit = int(ts.read_properties(ts.TEMPLATE)["max_form_fields"])
+    max_body = int(ts.read_properties(ts.TEMPLATE)["max_request_size"])
+    url = f"{server.inference_url}/predictions/{CLASSIFIERS[0].name}"
+    urlencoded = {"Content-Type": "application/x-www-form-urlencoded", **server.headers()}
+    form = {"Content-Type": "multipart/form-data; boundary=b0undary", **server.headers()}
+    bombs = [(b"a&" * (max_body // 2 - 8), urlencoded), (multipart(max_body // 60), form)] * 4
+
+    def send(body_headers):
+        body, headers = body_headers
+        return requests.post(url, data=body, headers=headers, timeout=120)
+
+    with ThreadPoolExecutor(len(bombs)) as pool:
+        answers = list(pool.map(send, bombs))
+    for answer in answers:
+        assert answer.status_code == 413 and answer.json()["type"] == "TooManyFormFields", answer.text[:300]
+    # at the limit a form passes the gate: the handler answers it (no file part: 400), over it the gate does
+    for parts, status in ((limit, 400), (limit + 1, 413)):
+        answer = requests.post(url, data=multipart(parts), headers=form, timeout=60)
+        assert answer.status_code == status, (parts, answer.text[:300])
+    answer = requests.post(url, data="a=1&b=2", headers=urlencoded, timeout=60)
+    assert answer.status_code == 415 and answer.json()["type"] == "UnsupportedMediaType", answer.text[:300]
+    upload = requests.post(url, files={"data": ("red.png", png(28, 28), "image/png")}, headers=server.headers(), timeout=60)
+    assert upload.status_code == 200, upload.text
+    assert ts.owned_pid(server.run_dir / ts.PID_FILE) == pid, "the frontend restarted"

@@ -274,7 +274,7 @@ public class OpenInferenceEndpoint extends ModelServerEndpoint {
     }
 
     static void infer(Request req, Response rsp, Model model, String version) throws IOException {
-        if (!BodyRetention.active()) {
+        if (!FrontendPatches.bodiesRetained()) {
             error(rsp, 501, "this frontend cannot read request bodies in endpoint plugins (the oip-endpoint agent "
                     + "is not active: see the server's stderr); infer is not served at this route");
             return;

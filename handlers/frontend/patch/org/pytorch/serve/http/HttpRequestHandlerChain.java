@@ -21,16 +21,29 @@ import org.pytorch.serve.servingsdk.impl.ModelServerResponse;
 import org.pytorch.serve.util.NettyUtils;
 import org.pytorch.serve.wlm.ModelManager;
 import org.pytorch.serve.wlm.WorkerInitializationException;
+import org.pytorch.serve.http.api.rest.InferenceRequestHandler;
+import org.pytorch.serve.workflow.api.http.WorkflowInferenceRequestHandler;
+import org.pytorch.serve.workflow.api.http.WorkflowMgmtRequestHandler;
+import org.servemodels.oip.FormFieldGate;
+import org.servemodels.oip.WorkflowApiGate;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
 /**
- * TorchServe 0.12's request handler chain, with one difference: a custom endpoint (a frontend plugin) runs on a
- * task after Netty has released the request, so it could never read a request body. This chain holds a retained
- * duplicate of the request for the task and releases it when the endpoint has answered. Everything else keeps
- * TorchServe's members and behaviour, so the classes that extend it load unchanged. Substituted for
- * TorchServe's own class at start-up by org.servemodels.oip.BodyRetention (a Java agent), only when that class's
- * bytes are the 0.12.0 release's.
+ * TorchServe 0.12's request handler chain, with two differences:
+ *
+ * <ul>
+ *   <li>a custom endpoint (a frontend plugin) runs on a task after Netty has released the request, so it could
+ *       never read a request body. This chain holds a retained duplicate of the request for the task and releases
+ *       it when the endpoint has answered;
+ *   <li>the workflow management handler is reached through org.servemodels.oip.WorkflowApiGate, which applies
+ *       enable_model_api to workflows as TorchServe does to models, and the inference handlers through
+ *       org.servemodels.oip.FormFieldGate, which refuses form bodies of too many fields before they are expanded.
+ * </ul>
+ *
+ * Everything else keeps TorchServe's members and behaviour, so the classes that extend it load unchanged.
+ * Substituted for TorchServe's own class at start-up by org.servemodels.oip.FrontendPatches (a Java agent), only
+ * when that class's bytes are the 0.12.0 release's.
  */
 public abstract class HttpRequestHandlerChain {
     private static final Logger logger = LoggerFactory.getLogger(HttpRequestHandlerChain.class);
@@ -44,8 +57,14 @@ public abstract class HttpRequestHandlerChain {
     }
 
     public HttpRequestHandlerChain setNextHandler(HttpRequestHandlerChain next) {
-        chain = next;
-        return chain;
+        if (next instanceof WorkflowMgmtRequestHandler) {
+            chain = new WorkflowApiGate(next);
+        } else if (next instanceof InferenceRequestHandler || next instanceof WorkflowInferenceRequestHandler) {
+            chain = new FormFieldGate(next);
+        } else {
+            chain = next;
+        }
+        return next; // the caller goes on chaining from TorchServe's handler, as before
     }
 
     public abstract void handleRequest(

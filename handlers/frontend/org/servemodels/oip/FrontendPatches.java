@@ -1,0 +1,90 @@
+package org.servemodels.oip;
+
+import java.io.IOException;
+import java.io.InputStream;
+import java.lang.instrument.ClassFileTransformer;
+import java.lang.instrument.Instrumentation;
+import java.security.MessageDigest;
+import java.security.NoSuchAlgorithmException;
+import java.security.ProtectionDomain;
+import java.util.HexFormat;
+import java.util.Map;
+import java.util.Set;
+import java.util.concurrent.ConcurrentHashMap;
+
+/**
+ * A Java agent (`-javaagent:oip-endpoint.jar` in the frontend's vmargs) that substitutes our versions of two
+ * TorchServe classes (handlers/frontend/patch) for its own when they load:
+ *
+ * <ul>
+ *   <li>HttpRequestHandlerChain: keeps the request alive until a custom endpoint has answered, so endpoint plugins
+ *       can read request bodies, and refuses workflow registration while enable_model_api is false (TorchServe's
+ *       workflow API ignores that setting);
+ *   <li>ArchiveUtils: a registration that is not a URL must name an entry of the model store, so no caller of the
+ *       management APIs (REST or gRPC) can load a model from a directory elsewhere on the host.
+ * </ul>
+ *
+ * A class is substituted only when TorchServe's is byte for byte the one its replacement was written for
+ * (TorchServe 0.12.0, whose release is final); otherwise the agent says so on stderr and leaves it alone, and
+ * OpenInferenceEndpoint answers infer requests with a 501 when the chain was not substituted.
+ */
+public final class FrontendPatches {
+    static final String CHAIN = "org/pytorch/serve/http/HttpRequestHandlerChain";
+    static final String ARCHIVES = "org/pytorch/serve/archive/utils/ArchiveUtils";
+    // class -> sha256 of TorchServe 0.12.0's bytes of it
+    static final Map<String, String> REPLACES = Map.of(
+            CHAIN, "fb9677e4e8354e653d69114cede4a86a99da02dfd7d4f12ec2613523f1625927",
+            ARCHIVES, "53a63f5dc14488648c078aa9ac2e3052884c8d9ef8198314d5faf9ede88ec1bd");
+    static final Set<String> substituted = ConcurrentHashMap.newKeySet();
+
+    private FrontendPatches() {}
+
+    /** Whether the chain that lets endpoints read request bodies is in place. */
+    public static boolean bodiesRetained() {
+        return substituted.contains(CHAIN);
+    }
+
+    static String resource(String name) {
+        return "/org/servemodels/oip/" + name.substring(name.lastIndexOf('/') + 1) + ".class.bin";
+    }
+
+    public static void premain(String args, Instrumentation instrumentation) throws IOException {
+        Map<String, byte[]> replacements = new ConcurrentHashMap<>();
+        for (String name : REPLACES.keySet()) {
+            try (InputStream stream = FrontendPatches.class.getResourceAsStream(resource(name))) {
+                if (stream == null) {
+                    System.err.println("frontend agent: " + resource(name) + " is missing from the jar; " + name
+                            + " left as it is");
+                    continue;
+                }
+                replacements.put(name, stream.readAllBytes());
+            }
+        }
+        instrumentation.addTransformer(new ClassFileTransformer() {
+            @Override
+            public byte[] transform(ClassLoader loader, String name, Class<?> redefined, ProtectionDomain domain,
+                    byte[] original) {
+                byte[] replacement = name == null ? null : replacements.get(name);
+                if (replacement == null) {
+                    return null;
+                }
+                String digest = sha256(original);
+                if (!REPLACES.get(name).equals(digest)) {
+                    System.err.println("frontend agent: " + name + " has sha256 " + digest + ", not TorchServe "
+                            + "0.12.0's; left as it is");
+                    return null;
+                }
+                substituted.add(name);
+                return replacement;
+            }
+        });
+    }
+
+    static String sha256(byte[] bytes) {
+        try {
+            return HexFormat.of().formatHex(MessageDigest.getInstance("SHA-256").digest(bytes));
+        } catch (NoSuchAlgorithmException e) {
+            return "";
+        }
+    }
+}
