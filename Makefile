@@ -137,9 +137,9 @@ $(PLUGIN_JAR): $(shell find handlers/frontend -type f) | $(VENV_STAMP) prereqs-c
 	rm -rf build/plugin-classes build/plugin-patch && mkdir -p build/plugin-classes build/plugin-patch $(@D)
 	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR) -d build/plugin-classes \
 		$(shell find handlers/frontend/org -name '*.java')
-	javac --release 17 -Xlint:all -Werror -cp $(TS_JAR):build/plugin-classes -d build/plugin-patch \
+	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR):build/plugin-classes -d build/plugin-patch \
 		$(shell find handlers/frontend/patch -name '*.java')
-	for class in http/HttpRequestHandlerChain archive/utils/ArchiveUtils; do \
+	for class in http/HttpRequestHandlerChain archive/utils/ArchiveUtils ServerInitializer; do \
 		cp build/plugin-patch/org/pytorch/serve/$$class.class build/plugin-classes/org/servemodels/oip/$${class##*/}.class.bin; done
 	cp -r handlers/frontend/META-INF build/plugin-classes/
 	jar --create --file $@.tmp --manifest handlers/frontend/agent.mf -C build/plugin-classes . && mv $@.tmp $@

@@ -1,0 +1,81 @@
+package org.pytorch.serve;
+
+import io.netty.channel.Channel;
+import io.netty.channel.ChannelInitializer;
+import io.netty.channel.ChannelPipeline;
+import io.netty.handler.codec.http.HttpObjectAggregator;
+import io.netty.handler.codec.http.HttpServerCodec;
+import io.netty.handler.ssl.SslContext;
+import org.pytorch.serve.http.ExtendedSSLHandler;
+import org.pytorch.serve.http.HttpRequestHandler;
+import org.pytorch.serve.http.HttpRequestHandlerChain;
+import org.pytorch.serve.http.InvalidRequestHandler;
+import org.pytorch.serve.http.TokenAuthorizationHandler;
+import org.pytorch.serve.http.api.rest.ApiDescriptionRequestHandler;
+import org.pytorch.serve.http.api.rest.InferenceRequestHandler;
+import org.pytorch.serve.http.api.rest.ManagementRequestHandler;
+import org.pytorch.serve.http.api.rest.OpenInferenceProtocolRequestHandler;
+import org.pytorch.serve.http.api.rest.PrometheusMetricsRequestHandler;
+import org.pytorch.serve.servingsdk.impl.PluginsManager;
+import org.pytorch.serve.util.ConfigManager;
+import org.pytorch.serve.util.ConnectorType;
+import org.pytorch.serve.util.TokenAuthorization.TokenType;
+import org.pytorch.serve.workflow.api.http.WorkflowInferenceRequestHandler;
+import org.pytorch.serve.workflow.api.http.WorkflowMgmtRequestHandler;
+import org.servemodels.oip.BodyAdmission;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * TorchServe 0.12's channel set-up, with one handler more: org.servemodels.oip.BodyAdmission sits between the
+ * HTTP codec and the aggregator, so a request whose body would take the bytes that the server holds for request
+ * bodies past their budget is refused from its headers, before its body is read into memory. The handler chain
+ * behind it is TorchServe's, built in the same order. Substituted for TorchServe's class at start-up by
+ * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
+ */
+public class ServerInitializer extends ChannelInitializer<Channel> {
+    private static final Logger logger = LoggerFactory.getLogger(ServerInitializer.class);
+    private ConnectorType connectorType;
+    private SslContext sslCtx;
+
+    public ServerInitializer(SslContext sslCtx, ConnectorType type) {
+        this.sslCtx = sslCtx;
+        this.connectorType = type;
+    }
+
+    @Override
+    public void initChannel(Channel ch) {
+        ChannelPipeline pipeline = ch.pipeline();
+        ConfigManager config = ConfigManager.getInstance();
+        if (sslCtx != null) {
+            pipeline.addLast("ssl", new ExtendedSSLHandler(sslCtx, connectorType));
+        }
+        pipeline.addLast("http", new HttpServerCodec());
+        pipeline.addLast("admission", new BodyAdmission());
+        pipeline.addLast("aggregator", new HttpObjectAggregator(config.getMaxRequestSize()));
+
+        HttpRequestHandlerChain head = new ApiDescriptionRequestHandler(connectorType);
+        HttpRequestHandlerChain last = head;
+        boolean all = ConnectorType.ALL.equals(connectorType);
+        if (all || ConnectorType.INFERENCE_CONNECTOR.equals(connectorType)) {
+            last = last.setNextHandler(new TokenAuthorizationHandler(TokenType.INFERENCE));
+            last = last.setNextHandler(new InferenceRequestHandler(PluginsManager.getInstance().getInferenceEndpoints()));
+            last = last.setNextHandler(new WorkflowInferenceRequestHandler());
+            if (config.isOpenInferenceProtocol()) {
+                logger.info("OIP added with handler chain");
+                last = last.setNextHandler(new OpenInferenceProtocolRequestHandler());
+            }
+        }
+        if (all || ConnectorType.MANAGEMENT_CONNECTOR.equals(connectorType)) {
+            last = last.setNextHandler(new TokenAuthorizationHandler(TokenType.MANAGEMENT));
+            last = last.setNextHandler(
+                    new ManagementRequestHandler(PluginsManager.getInstance().getManagementEndpoints()));
+            last = last.setNextHandler(new WorkflowMgmtRequestHandler());
+        }
+        if (config.isMetricApiEnable() && all || ConnectorType.METRICS_CONNECTOR.equals(connectorType)) {
+            last = last.setNextHandler(new PrometheusMetricsRequestHandler());
+        }
+        last.setNextHandler(new InvalidRequestHandler());
+        pipeline.addLast("handler", new HttpRequestHandler(head));
+    }
+}
