@@ -35,7 +35,8 @@ _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def decode_image(data: bytes, *, max_pixels: int, draft: tuple[int, int] | None = None, min_side: int = 1,
-                 max_aspect: float | None = None, allow_animated: bool = True) -> Image.Image:
+                 max_aspect: float | None = None, allow_animated: bool = True,
+                 charge: Callable[[int], None] | None = None) -> Image.Image:
     """Decode `data` into a loaded PIL image, refusing anything over `max_pixels` before decoding it.
 
     Raises InvalidImage for empty, truncated, corrupt or non-image bytes, for a side under `min_side`, a
@@ -43,7 +44,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft: tuple[int, int] | None 
     frames (animated GIF, WebP or PNG: which frame is meant is ambiguous); and ImageTooLarge for images
     whose header declares more than `max_pixels` pixels (a decompression bomb is refused from its header).
     `draft` (width, height): a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that still covers
-    it (libjpeg's DCT scaling), which costs a fraction of a full decode of a large photo.
+    it (libjpeg's DCT scaling), which costs a fraction of a full decode of a large photo. `charge`, when given,
+    is called with the pixels about to be decoded (after that scaling) before any is, and may raise to refuse.
     """
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
@@ -67,6 +69,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft: tuple[int, int] | None 
                 raise InvalidImage(f"the image is animated ({image.n_frames} frames); send a single still image")
             if draft is not None and image.format == "JPEG":
                 image.draft(None, draft)
+            if charge is not None:
+                charge(image.size[0] * image.size[1])
             image.load()
     except InvalidImage:
         raise

@@ -9,9 +9,10 @@ On one server (TorchServe's management API, the management key, archives from th
 3. it becomes the default version: new requests go to it from that moment;
 4. the old version drains (its job queue empty, then a grace for the batch its workers hold) and is unregistered.
 
-Every version served is recorded in `<run dir>/deploys/<model>.json`, each with an archive holding exactly what
-was registered (the version `make serve` started with is copied into `<run dir>/deploys/` on the first
-deploy), so `make rollback` goes back one version by the same four steps, and can be repeated.
+Every version served is recorded in `<run dir>/deploys/<model>.json` (serve_config.control.deploys), each with an
+archive holding exactly what was registered (the version `make serve` started with is copied into
+`<run dir>/deploys/` on the first deploy), so `make rollback` goes back one version by the same four steps, and can
+be repeated, and a restart serves the version that was the default before it.
 
 Fleet: `rolling_update` replaces the replicas one at a time: drain it at the balancer (no new request; wait until
 it holds none), update it as above, wait until it is READY, put it back in the rotation.
@@ -30,7 +31,7 @@ import requests
 
 from export.manifest import MAR_MANIFEST, archive_model, check_archive, copy_archive, write_archive_digest
 from models.paths import FULL, ROOT
-from serve_config.control import Server, ServerError
+from serve_config.control import Server, ServerError, deploys
 from serve_config.control.access import model_workers
 from serve_config.control.lifecycle import SERVED_DIR
 
@@ -63,7 +64,7 @@ class Rollout:
                  timeout: float = 240.0) -> None:
         self.server, self.model, self.store = server, model, model_store.resolve()
         self.drain_grace, self.timeout = drain_grace, timeout
-        self.history_file = server.run_dir / "deploys" / f"{model}.json"
+        self.history_file = deploys.history_file(server.run_dir, model)
 
     # -- management API --
     def _api(self, method: str, path: str, **kwargs) -> requests.Response:
@@ -83,8 +84,8 @@ class Rollout:
 
     # -- history --
     def history(self) -> list[dict]:
-        if self.history_file.exists():
-            return json.loads(self.history_file.read_text())
+        if entries := deploys.read_history(self.server.run_dir, self.model):
+            return entries
         # The version the server started with, from the copy it kept at start (the store's file may have been
         # rebuilt since).
         version = self.default_version()
@@ -101,8 +102,7 @@ class Rollout:
         return entries
 
     def _save(self, entries: list[dict]) -> None:
-        self.history_file.parent.mkdir(parents=True, exist_ok=True)
-        self.history_file.write_text(json.dumps(entries, indent=2))
+        deploys.write_history(self.server.run_dir, self.model, entries)
 
     # -- the steps --
     def _switch(self, archive: Path, version: str) -> dict:
@@ -111,7 +111,7 @@ class Rollout:
         old = self.default_version()
         if old == version:
             return {"model": self.model, "version": version, "changed": False}
-        url = f"{self.model}-{version}.mar"
+        url = deploys.versioned_name(self.model, version)
         in_store = self.store / url
         if in_store.exists():
             check_archive(in_store)

@@ -3,6 +3,8 @@
 - instance: an instance's run directory, ports, addresses and keys;
 - lifecycle: config rendering, start (archives and ports checked first), readiness wait, stop by process-group PID;
 - records: PID records that name their process exactly (boot and start time), files written atomically;
+- supervisor: the process group's leader, which restarts TorchServe when it dies;
+- deploys: the version of each model a run directory serves, which every (re)start serves;
 - access: workers, the readiness probe and key rotation;
 - cli: `python -m serve_config.control`, behind `make serve/stop/token/ready/rotate-token`.
 
@@ -15,10 +17,11 @@ from serve_config.control.instance import (KEY_FILE, OUT_FILE, PID_FILE, Ports, 
                                            port_holder, read_keys, read_properties)
 from serve_config.control.lifecycle import (LOG_CONFIG, TEMPLATE, ModelLoadError, PortInUse, end_group, group_alive,
                                            load_failure, render_config, start, stop, wait_ready)
+from serve_config.control import deploys
 from serve_config.control.records import owned_pid, read_pid, record_pid, write_atomic
 
 __all__ = ["ArchiveError", "IntegrityError", "KEY_FILE", "LOG_CONFIG", "ModelLoadError", "OUT_FILE", "PID_FILE",
-           "PortInUse", "Ports", "Server", "ServerError", "TEMPLATE", "check_archive", "end_group", "group_alive",
+           "PortInUse", "Ports", "Server", "ServerError", "TEMPLATE", "check_archive", "deploys", "end_group", "group_alive",
            "has_ready_worker", "load_failure", "model_workers", "owned_pid", "port_free", "port_holder", "read_keys",
            "read_pid", "read_properties", "ready", "record_pid", "render_config", "rotate_token", "start", "stop",
            "wait_ready", "write_atomic"]

@@ -20,6 +20,7 @@ from serve_config.control.access import ready, rotate_token
 from serve_config.control.instance import KEY_KINDS, PID_FILE, Ports, Server, ServerError, read_keys
 from serve_config.control.lifecycle import ModelLoadError, PortInUse, start, stop
 from serve_config.control.records import read_pid
+from serve_config.control.supervisor import run as supervise
 
 # The make variable that moves each port of `make serve` (Makefile), for the message when one is taken.
 PORT_VARIABLES = {"inference": "INFERENCE_PORT", "management": "MANAGEMENT_PORT", "metrics": "METRICS_PORT",
@@ -60,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p_ready.add_argument("--models", nargs="*")
     p_rotate = sub.add_parser("rotate-token", help="replace the inference or management key of the running server")
     p_rotate.add_argument("--kind", choices=("inference", "management"), default="inference")
-    for p in (p_start, p_token, p_stop, p_ready, p_rotate):
+    p_supervise = sub.add_parser("supervise", help="(started by `start`) keep the run directory's TorchServe running")
+    for p in (p_start, p_token, p_stop, p_ready, p_rotate, p_supervise):
         p.add_argument("--run-dir", type=Path, default=ROOT / "run")
     return parser
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             ports = Ports(args.inference_port, args.management_port, args.metrics_port, *args.grpc_ports)
             server = start(args.run_dir, args.models, ports=ports, model_store=args.model_store, timeout=args.timeout)
             print(_started(server, args.models))
+        elif args.cmd == "supervise":
+            return supervise(args.run_dir.resolve())
         elif args.cmd == "token":
             print(read_keys(args.run_dir)[args.kind])
         elif args.cmd == "ready":

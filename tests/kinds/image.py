@@ -55,4 +55,5 @@ class Checks:
         return bad_inputs.image_matrix(handler["max_image_bytes"], max_request)
 
     def oip_matrix(self, handler):
-        return bad_inputs.oip_matrix(True, tuple(self.spec.inputs[0].example_shape[1:]), handler["max_rows_per_request"])
+        return bad_inputs.oip_matrix(True, tuple(self.spec.inputs[0].example_shape[1:]), handler["max_rows_per_request"],
+                                     handler)

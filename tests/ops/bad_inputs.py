@@ -155,9 +155,18 @@ def _infer(inputs, **extra) -> bytes:
     return json.dumps({"inputs": inputs, **extra}).encode()
 
 
-def oip_matrix(image_model: bool, input_shape: tuple[int, ...], max_rows: int) -> list[tuple[str, bytes, dict, int]]:
+def flat_png(side: int) -> bytes:
+    """A grey PNG of side x side pixels: a few KB that decode to side^2 pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 200).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def oip_matrix(image_model: bool, input_shape: tuple[int, ...], max_rows: int,
+               handler: dict | None = None) -> list[tuple[str, bytes, dict, int]]:
     """Bad Open Inference Protocol infer requests for /v2/models/<model>/infer: (name, body, headers, status).
-    Each must be answered with its status and the protocol's `{"error": "..."}` body."""
+    Each must be answered with its status and the protocol's `{"error": "..."}` body. `handler`: an image
+    model's handler settings, for its pixel budgets."""
     good = base64.b64encode(png(64, 64)).decode() if image_model else "a fine sentence"
     name = "image" if image_model else "text"
     cases = [
@@ -204,6 +213,15 @@ def oip_matrix(image_model: bool, input_shape: tuple[int, ...], max_rows: int) -
             ("FP32 with NaN", _infer([{"name": name, "shape": [1, *input_shape], "datatype": "FP32",
                                        "data": [float("nan")] + [0.0] * (math.prod(input_shape) - 1)}]), JSON, 400),
         ]
+        if handler is not None:
+            # as many of the largest images the model takes as a request may hold: a few MB that decode to a
+            # minute of work without a budget (TorchServe's responseTimeout then killed the worker and its batch)
+            side = math.isqrt(handler["max_image_pixels"])
+            assert max_rows * side * side > handler["max_pixels_per_request"]
+            big = base64.b64encode(flat_png(side)).decode()
+            cases.append(("images past the request's pixel budget",
+                          _infer([{"name": name, "shape": [max_rows], "datatype": "BYTES", "data": [big] * max_rows}]),
+                          JSON, 413))
     else:
         cases += [
             ("an empty text", _infer([{"name": name, "shape": [1], "datatype": "BYTES", "data": ["  "]}]), JSON, 400),

@@ -28,3 +28,12 @@ def store_with(tmp_path: Path, *models: str) -> Path:
         for suffix in (".mar", ".mar.sha256"):
             shutil.copy2(built(TREE.model_store / f"{model}{suffix}"), store / f"{model}{suffix}")
     return store
+
+
+def frontend_pid(server: ts.Server) -> int:
+    """The PID of the server's JVM (TorchServe's frontend), under the supervisor that leads its process group."""
+    import psutil
+
+    javas = [p.pid for p in psutil.Process(server.pid()).children(recursive=True) if p.name() == "java"]
+    assert len(javas) == 1, javas
+    return javas[0]

@@ -4,6 +4,7 @@ that works with them, key rotation, and no archive from a URL or from outside th
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -47,6 +48,29 @@ def test_metrics_endpoint_is_loopback_only_as_configured(server):
     assert server.metrics_url.startswith("http://127.0.0.1:")
     answer = requests.get(f"{server.metrics_url}/metrics", timeout=10)
     assert answer.status_code == 200 and "ts_inference_requests_total" in answer.text
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on at `port`, from the kernel's tables (IPv4 and IPv6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]  # each 32-bit word is host-endian
+                found.add(str(ipaddress.ip_address(b"".join(words))))
+    return found
+
+
+def test_every_port_of_the_server_listens_on_loopback_only(server):
+    """CVE-2024-35199: TorchServe before 0.11 bound its gRPC ports to every interface. Here all five ports,
+    gRPC included, listen on 127.0.0.1 alone (the container and the fleet put their own fence in front)."""
+    ports = server.ports
+    for name, port in (("inference", ports.inference), ("management", ports.management), ("metrics", ports.metrics),
+                       ("grpc inference", ports.grpc_inference), ("grpc management", ports.grpc_management)):
+        assert listening_addresses(port) == {"127.0.0.1"}, (name, port, listening_addresses(port))
 
 
 def test_readiness_probe_works_with_token_auth(server):
@@ -106,13 +130,18 @@ def test_no_archive_is_fetched_from_a_url_even_with_registration_on(private_serv
     try:
         server = private_server(["digits"], model_store=store_with(tmp_path, "digits"),
                                 template=template_with(tmp_path, enable_model_api="true"))
+        store = tmp_path / "store"
+        (tmp_path / "elsewhere").mkdir()
+        shutil.copy2(store / "digits.mar", tmp_path / "elsewhere" / "evil.mar")
+        # the last: an allowed prefix climbing out of the store (CVE-2024-35198: copied into the store before 0.11)
         for url in (f"http://127.0.0.1:{httpd.server_port}/evil.mar", "file:///etc/passwd",
-                    f"file://{tmp_path}/elsewhere/evil.mar"):
+                    f"file://{tmp_path}/elsewhere/evil.mar", f"file://{store}/../elsewhere/evil.mar"):
             answer = requests.post(f"{server.management_url}/models", params={"url": url}, timeout=30,
                                    headers=server.headers("management"))
             assert 400 <= answer.status_code < 500, (url, answer.status_code, answer.text)
             assert "allowed" in answer.text.lower() or "not found" in answer.text.lower(), answer.text
         assert hits == [], "TorchServe fetched from the URL"
+        assert not (store / "evil.mar").exists(), "an archive from outside landed in the store"
         listed = requests.get(f"{server.management_url}/models", headers=server.headers("management"), timeout=10)
         assert [m["modelName"] for m in listed.json()["models"]] == ["digits"]
     finally:

@@ -22,9 +22,10 @@ from export import archive
 from loadtest.payloads import payloads
 from models import registry
 from serve_config import control as ts
+from serve_config.rollout import Rollout, versioned_copy
 from tests.conftest import CLASSIFIERS, ROOT, TREE, built, worker_pids
 from tests.ops.bad_inputs import png
-from tests.ops.servers import store_with, template_with
+from tests.ops.servers import frontend_pid, store_with, template_with
 
 pytestmark = [pytest.mark.ops, pytest.mark.integration]
 # A generous bound, not a target (the figure is printed): a replacement worker loads in seconds on a quiet host;
@@ -261,7 +262,7 @@ def test_form_bodies_of_many_fields_are_refused_before_the_frontend_expands_them
     max_request_size holding 4M empty fields each ran a 1 GB heap out of memory (-XX:+ExitOnOutOfMemoryError: the
     server was gone). The frontend agent counts the fields first and answers 413 past max_form_fields (16); the
     same JVM goes on serving, and forms within the limit still reach the handler."""
-    pid = ts.owned_pid(server.run_dir / ts.PID_FILE)
+    pid = frontend_pid(server)
     limit = int(ts.read_properties(ts.TEMPLATE)["max_form_fields"])
     max_body = int(ts.read_properties(ts.TEMPLATE)["max_request_size"])
     url = f"{server.inference_url}/predictions/{CLASSIFIERS[0].name}"
@@ -285,7 +286,7 @@ def test_form_bodies_of_many_fields_are_refused_before_the_frontend_expands_them
     assert answer.status_code == 415 and answer.json()["type"] == "UnsupportedMediaType", answer.text[:300]
     upload = requests.post(url, files={"data": ("red.png", png(28, 28), "image/png")}, headers=server.headers(), timeout=60)
     assert upload.status_code == 200, upload.text
-    assert ts.owned_pid(server.run_dir / ts.PID_FILE) == pid, "the frontend restarted"
+    assert frontend_pid(server) == pid, "the frontend restarted"
 
 
 def test_request_bodies_past_the_byte_budget_are_refused_as_they_arrive(private_server, tmp_path):
@@ -297,7 +298,7 @@ def test_request_bodies_past_the_byte_budget_are_refused_as_they_arrive(private_
     mib = 1 << 20
     server = private_server(["digits"], model_store=store_with(tmp_path, "digits"),
                             template=template_with(tmp_path, max_held_request_bytes=str(16 * mib)))
-    pid = ts.owned_pid(server.run_dir / ts.PID_FILE)
+    pid = frontend_pid(server)
     url = f"{server.inference_url}/predictions/digits"
     octets = {**server.headers(), "Content-Type": "application/octet-stream"}
     holders = []
@@ -329,4 +330,59 @@ def test_request_bodies_past_the_byte_budget_are_refused_as_they_arrive(private_
             holder.close()
     admitted = large_until(lambda a: a.status_code != 503)
     assert admitted.status_code == 400 and admitted.json()["type"] != "ServerBusy", admitted.text
-    assert ts.owned_pid(server.run_dir / ts.PID_FILE) == pid, "the frontend restarted"
+    assert frontend_pid(server) == pid, "the frontend restarted"
+
+
+def test_a_killed_frontend_comes_back_by_itself_on_the_version_it_served(private_server, tmp_path):
+    """The supervisor that leads each instance's process group restarts TorchServe when its JVM dies (here
+    SIGKILL, as the kernel's OOM killer would), with backoff, on the version each model served, and says so in
+    torchserve.out; under load it is answering again within 60 s. The deploy history survives too: rollback
+    still goes back, and a stop and start of the same run directory serves the version that was the default."""
+    store = store_with(tmp_path, "digits")
+    server = private_server(["digits"], model_store=store)
+    rollout = Rollout(server, "digits", store)
+    newer = versioned_copy(store / "digits.mar", tmp_path / "newer.mar", "2.0")  # other bytes: another version
+    deployed = rollout.deploy(newer)["version"]
+    url, image = f"{server.inference_url}/predictions/digits", png(28, 28)
+    statuses, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                statuses.append(requests.post(url, data=image, timeout=10,
+                                              headers={**server.headers(), "Content-Type": "image/png"}).status_code)
+            except (requests.RequestException, ValueError, KeyError):
+                statuses.append(None)  # refused while it is down, or no key file yet
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        while statuses.count(200) < 20:
+            time.sleep(0.1)
+        jvm = frontend_pid(server)
+        os.kill(jvm, signal.SIGKILL)
+        killed, served_before = time.monotonic(), len(statuses)
+        def answering_again() -> bool:  # refused while it was down, then answered
+            tail = statuses[served_before:]
+            return None in tail and 200 in tail[tail.index(None):]
+
+        while not answering_again():
+            assert time.monotonic() - killed < 60, f"not answering 60 s after the kill: {statuses[served_before:][-5:]}"
+            time.sleep(0.2)
+        back = time.monotonic() - killed
+    finally:
+        stop.set()
+        thread.join()
+    out = (server.run_dir / ts.OUT_FILE).read_text()
+    print(f"\nanswering again {back:.1f} s after the JVM was killed; supervisor said:\n"
+          + "\n".join(line for line in out.splitlines() if "supervisor:" in line))
+    assert "supervisor: TorchServe exited" in out and "TorchServe started again" in out
+    assert frontend_pid(server) != jvm
+    assert rollout.default_version() == deployed
+    assert rollout.rollback()["version"] == "1.0"
+    assert rollout.deploy(newer)["version"] == deployed
+    ts.stop(server.run_dir)
+    again = ts.start(server.run_dir, ["digits"], ports=server.ports, model_store=store)
+    assert Rollout(again, "digits", store).default_version() == deployed
+    assert Rollout(again, "digits", store).rollback()["version"] == "1.0"

@@ -135,3 +135,56 @@ def test_decoding_on_several_threads_gives_the_same_answers_in_order(classifier)
     assert [r if isinstance(r, str) else (r.status, r.kind) for r in serial] == \
            [r if isinstance(r, str) else (r.status, r.kind) for r in parallel]
     assert threaded._pool is not None and classifier._pool is None
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A PNG of one colour: a few hundred bytes that decode to width x height pixels."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("L", (width, height), 200).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def oip_images(*images: bytes) -> dict:
+    return {"body": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
+                                 "data": [base64.b64encode(i).decode() for i in images]}]}}
+
+
+def budgeted(classifier: ImageClassifier, **limits) -> ImageClassifier:
+    from dataclasses import replace
+
+    config = replace(classifier.config, max_image_bytes=1_000_000, max_image_pixels=1_000_000, **limits)
+    return ImageClassifier(classifier.runner, classifier.preset, classifier.labels, config)
+
+
+def test_a_request_whose_images_decode_past_its_pixel_budget_is_refused_before_decoding_them(classifier):
+    """Bytes say little of pixels: a few hundred bytes of PNG decode to a million. A request's images share
+    max_pixels_per_request; the image that would pass it is refused before it is decoded, the rest of the
+    request with it, and its neighbours are answered."""
+    limited = budgeted(classifier, max_pixels_per_request=2_500_000, max_pixels_per_batch=100_000_000)
+    decoded = []
+    preset = limited.preset
+    limited.preset = lambda image: decoded.append(image.size) or preset(image)
+    big = flat_png(1000, 1000)
+    results = limited.process([{"body": PNG}, oip_images(*[big] * 64), {"body": big}], ["image/png", "application/json", "image/png"])
+    assert isinstance(results[0], str) and isinstance(results[2], str)
+    assert (results[1].status, results[1].kind) == (413, "RequestTooLarge")
+    assert "max_pixels_per_request" in results[1].body() and results[1].oip
+    assert decoded.count((1000, 1000)) == 2 + 1  # two of the 64 rows, then the third request
+
+
+def test_a_batch_decodes_within_its_pixel_budget_and_the_rest_are_told_to_retry(classifier):
+    limited = budgeted(classifier, max_pixels_per_request=1_000_000, max_pixels_per_batch=2_500_000)
+    big, pixels = flat_png(1000, 1000), {"body": PNG}
+    results = limited.process([{"body": big}, pixels, {"body": big}, {"body": big}, pixels], ["image/png"] * 5)
+    answered = [isinstance(r, str) for r in results]
+    assert answered == [True, True, True, False, True]
+    assert (results[3].status, results[3].kind) == (503, "BatchBudgetSpent")
+    # UINT8 pixels count as well
+    rows = {"body": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [3, 1000, 1000, 1],
+                                 "data": [200] * 3_000_000}]}}
+    refused = limited.process([rows], ["application/json"])[0]
+    assert (refused.status, refused.kind) == (413, "RequestTooLarge")

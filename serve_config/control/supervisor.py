@@ -1,0 +1,102 @@
+"""Keeps one TorchServe running: `python -m serve_config.control supervise --run-dir <run dir>`, started by
+serve_config.control.lifecycle.start as the leader of the instance's process group (its PID is the one in
+torchserve.pid, so `make stop` and the fleet stop it and everything under it together).
+
+It starts TorchServe with the command lifecycle wrote to `<run dir>/supervisor.json`, each model on the version its
+run directory serves (serve_config.control.deploys), and waits. When TorchServe exits without being asked to (a
+SIGKILL, an out-of-memory exit of the JVM, a crash), it ends what is left of it in the group (orphaned workers),
+says so on its output (`<run dir>/torchserve.out`) and starts it again after a backoff: 1 s, doubling to 30 s at
+most, back to 1 s once a run has lasted a minute. SIGTERM (make stop) ends TorchServe and the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from serve_config.control.deploys import startup_archive
+
+SPEC_FILE = "supervisor.json"
+EXITED = "supervisor: TorchServe exited"  # how its output says TorchServe died (lifecycle.wait_ready reads it)
+BACKOFF_S, MAX_BACKOFF_S, STEADY_S = 1.0, 30.0, 60.0
+
+
+def say(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} supervisor: {message}", flush=True)
+
+
+def command(run_dir: Path, spec: dict) -> list[str]:
+    store = Path(spec["model_store"])
+    return [*spec["command"], "--models", *[f"{m}={startup_archive(run_dir, m, store)}" for m in spec["models"]]]
+
+
+def end_leftovers(grace: float = 10.0) -> None:
+    """Stop every other process of this process group (what a killed TorchServe left: its workers)."""
+    me, group = os.getpid(), os.getpgid(0)
+    left = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if process.pid != me and os.getpgid(process.pid) == group:
+                process.terminate()
+                left.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    _, alive = psutil.wait_procs(left, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def run(run_dir: Path) -> int:
+    spec = json.loads((run_dir / SPEC_FILE).read_text())
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def on_term(signum, frame):  # noqa: ARG001
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    backoff, restarts = BACKOFF_S, 0
+    while not stopping:
+        started = time.monotonic()
+        try:
+            argv = command(run_dir, spec)
+        except Exception as err:  # noqa: BLE001 - a lost archive: say so and try again later
+            say(f"cannot start TorchServe: {err}")
+            argv = None
+        if argv is not None:
+            child = subprocess.Popen(argv, cwd=run_dir, stdin=subprocess.DEVNULL)
+            if restarts:
+                say(f"TorchServe started again (PID {child.pid}, restart {restarts}), serving "
+                    f"{', '.join(a for a in argv[argv.index('--models') + 1:])}")
+            code = child.wait()
+            if stopping:
+                break
+            say(f"TorchServe exited (PID {child.pid}, code {code}) while serving; restarting in {backoff:.0f} s")
+        end_leftovers()
+        if time.monotonic() - started >= STEADY_S:
+            backoff = BACKOFF_S
+        deadline = time.monotonic() + backoff
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        backoff, restarts = min(backoff * 2, MAX_BACKOFF_S), restarts + 1
+    if child is not None:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    end_leftovers(grace=5.0)
+    return 0
+
