@@ -3,11 +3,11 @@
 The server runs in its own process group, led by a supervisor (serve_config/control/supervisor.py) that restarts
 TorchServe when it dies, on the versions the run directory serves (serve_config/control/deploys.py). The leader's
 PID is recorded in torchserve.pid with the boot and the start time it had (serve_config/control/records.py);
-stopping signals that group by PID, never by name, and never a PID whose record is stale. Before anything starts, each port is checked free (PortInUse names the holder).
-TorchServe sees only this module's settings: the caller's TS_* variables (TS_CONFIG_FILE among them, which
-TorchServe would prefer to --ts-config) are left out of its environment. Its logs are files bounded by size
-(serve_config/log4j2.xml). Every archive is checked against the sha256 its build recorded before TorchServe
-sees it.
+stopping signals that group by PID, never by name, and never a PID whose record is stale. Before anything
+starts, each port is checked free (PortInUse names the holder). TorchServe sees only this module's settings:
+the caller's TS_* variables (TS_CONFIG_FILE among them, which TorchServe would prefer to --ts-config) are left
+out of its environment. Its logs are files bounded by size (serve_config/log4j2.xml). Every archive is checked
+against the sha256 its build recorded before TorchServe sees it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from serve_config.control.access import has_ready_worker
 from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
                                            ServerError, port_free, port_holder, read_properties)
 from serve_config.control.netns import exec_prefix
-from serve_config.control.records import owned_pid, record_pid, write_atomic
 from serve_config.control import supervisor
+from serve_config.control.records import owned_pid, record_pid, write_atomic
 
 TEMPLATE = ROOT / "serve_config" / "config.properties"
 LOG_CONFIG = ROOT / "serve_config" / "log4j2.xml"
@@ -147,8 +147,8 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     write_atomic(run_dir / supervisor.SPEC_FILE, json.dumps({"command": command, "models": list(models),
                                                         "model_store": str(model_store.resolve())}, indent=2))
     with open(run_dir / OUT_FILE, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "serve_config.control", "supervise", "--run-dir", str(run_dir)],
-                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        supervise = [sys.executable, "-m", "serve_config.control", "supervise", "--run-dir", str(run_dir)]
+        process = subprocess.Popen(supervise, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     record_pid(run_dir / PID_FILE, process.pid)
     try:

@@ -60,7 +60,8 @@ def listening_addresses(port: int) -> set[str]:
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                 raw = bytes.fromhex(address)
                 words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]  # each 32-bit word is host-endian
-                found.add(str(ipaddress.ip_address(b"".join(words))))
+                ip = ipaddress.ip_address(b"".join(words))
+                found.add(str(getattr(ip, "ipv4_mapped", None) or ip))  # Java listens on ::ffff:127.0.0.1
     return found
 
 

@@ -23,7 +23,6 @@ import java.util.ArrayDeque;
 import java.util.Iterator;
 import java.util.concurrent.ConcurrentLinkedQueue;
 import java.util.concurrent.atomic.AtomicLong;
-import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.ModelManager;
 
@@ -73,14 +72,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
 
     static long budget() {
         if (budget < 0) {
-            long configured = DEFAULT_BUDGET;
-            try {
-                configured = Long.parseLong(ConfigManager.getInstance().getProperty("max_held_request_bytes",
-                        String.valueOf(DEFAULT_BUDGET)).trim());
-            } catch (NumberFormatException e) {
-                System.err.println("max_held_request_bytes is not a number; using " + DEFAULT_BUDGET);
-            }
-            budget = configured;
+            budget = Settings.number("max_held_request_bytes", DEFAULT_BUDGET);
         }
         return budget;
     }

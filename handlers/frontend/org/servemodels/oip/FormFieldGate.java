@@ -14,7 +14,6 @@ import org.pytorch.serve.archive.DownloadArchiveException;
 import org.pytorch.serve.archive.model.ModelException;
 import org.pytorch.serve.archive.workflow.WorkflowException;
 import org.pytorch.serve.http.HttpRequestHandlerChain;
-import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.NettyUtils;
 import org.pytorch.serve.wlm.WorkerInitializationException;
 
@@ -42,14 +41,7 @@ public final class FormFieldGate extends HttpRequestHandlerChain {
 
     public FormFieldGate(HttpRequestHandlerChain next) {
         this.next = next;
-        int configured = DEFAULT_MAX_FIELDS;
-        try {
-            configured = Integer.parseInt(ConfigManager.getInstance().getProperty("max_form_fields",
-                    String.valueOf(DEFAULT_MAX_FIELDS)).trim());
-        } catch (NumberFormatException e) {
-            System.err.println("max_form_fields is not a number; using " + DEFAULT_MAX_FIELDS);
-        }
-        this.maxFields = configured;
+        this.maxFields = (int) Math.min(Integer.MAX_VALUE, Settings.number("max_form_fields", DEFAULT_MAX_FIELDS));
     }
 
     @Override
