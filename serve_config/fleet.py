@@ -3,8 +3,9 @@
 The fleet lives in one folder (run/fleet by default): fleet.json (where everything listens, which models, which
 store), haproxy.cfg rendered from serve_config/haproxy.cfg, the balancer's runtime socket, its JSON error
 pages, and one run folder per replica (replica-0, replica-1, ...), each an ordinary instance of
-serve_config.control with TorchServe's token authorization off: clients authenticate at the balancer with the
-token in the token file (created, mode 600, when it does not exist; point TOKEN_FILE at a mounted Secret).
+serve_config.control. Clients authenticate at the balancer with the token in the token file (created, mode 600,
+when it does not exist; point TOKEN_FILE at a mounted Secret); the replicas keep TorchServe's token authorization
+on, with keys the fleet gives them all (replica-keys.json, mode 600), which the balancer sends on.
 
 Everything is stopped by the PIDs recorded here (with their boot and start time: a stale record is never
 signalled), never by name. HAProxy's runtime API (`show stat`, `set server
@@ -33,12 +34,14 @@ from typing import Sequence
 
 from models.paths import FULL, ROOT
 from serve_config.control import (PID_FILE, TEMPLATE, Ports, Server, ServerError, end_group, group_alive, netns,
-                                  owned_pid, port_free, port_holder, read_properties, record_pid, start, stop)
+                                  owned_pid, port_free, port_holder, read_properties, record_pid, start, stop,
+                                  write_atomic)
 
 HAPROXY_TEMPLATE = ROOT / "serve_config" / "haproxy.cfg"
 STATE, BALANCER_PID = "fleet.json", "haproxy.pid"
-# TorchServe behind a balancer that authenticates: its own per-process random keys are off.
-REPLICA_OVERRIDES = {"disable_token_authorization": "true"}
+# The keys every replica takes (the frontend agent keeps a key file it finds at start-up), so the balancer can
+# send them: a replica's ports refuse anyone without them, in every isolation mode.
+REPLICA_KEYS = "replica-keys.json"
 ERRORS = {
     502: ("Bad Gateway", "BadGateway", "the replica answering this request failed; retry"),
     503: ("Service Unavailable", "NoReadyReplica", "no replica is ready to serve; retry with backoff"),
@@ -115,6 +118,15 @@ def ensure_token(path: Path) -> str:
     return token
 
 
+def replica_keys(fleet: Fleet) -> dict[str, str]:
+    """The replicas' keys (inference, management, api), made once per fleet folder, mode 600."""
+    path = Path(fleet.root) / REPLICA_KEYS
+    if not path.exists():
+        write_atomic(path, json.dumps({kind: secrets.token_urlsafe(32) for kind in ("inference", "management", "api")}),
+                     mode=0o600)
+    return json.loads(path.read_text())
+
+
 def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE) -> str:
     """haproxy.cfg for `fleet`: its addresses, its replicas as checked servers, the error pages and token."""
     root = Path(fleet.root)
@@ -131,11 +143,13 @@ def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE) -> str:
     max_body = int(read_properties(TEMPLATE).get("max_request_size", 8388608))
     servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.ports['inference']} check port {r.ports['management']}"
                         + (f" namespace {r.netns}" if r.netns else "") for r in fleet.replicas)
-    checks = "\n".join(f"    http-check connect\n    http-check send meth GET uri /models/{model}\n"
+    keys = replica_keys(fleet)
+    checks = "\n".join(f"    http-check connect\n    http-check send meth GET uri /models/{model} "
+                       f"hdr Authorization \"Bearer {keys['management']}\"\n"
                        f"    http-check expect rstring '\"status\": \"READY\"'" for model in fleet.models)
     return template.read_text().format(socket=fleet.socket, errors=errors, bind=fleet.bind, port=fleet.port,
                                        stats_port=fleet.stats_port, bearers=bearers, max_body=max_body,
-                                       servers=servers, checks=checks)
+                                       servers=servers, checks=checks, replica_key=keys["inference"])
 
 
 def haproxy_binary() -> str:
@@ -147,13 +161,13 @@ def haproxy_binary() -> str:
 
 def start_replica(fleet: Fleet, replica: Replica, *, timeout: float = 240.0) -> Server:
     return start(Path(replica.run_dir), fleet.models, ports=replica.server.ports, model_store=Path(fleet.model_store),
-                 overrides=REPLICA_OVERRIDES, timeout=timeout, netns=replica.netns)
+                 keys=replica_keys(fleet), timeout=timeout, netns=replica.netns)
 
 
 def start_balancer(fleet: Fleet) -> int:
     root = Path(fleet.root)
     config = root / "haproxy.cfg"
-    config.write_text(render_haproxy(fleet))
+    write_atomic(config, render_haproxy(fleet), mode=0o600)  # it holds the replicas' keys
     binary = haproxy_binary()
     check = subprocess.run([binary, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
     if check.returncode != 0:

@@ -84,6 +84,16 @@ def read_keys(run_dir: Path) -> dict[str, str]:
     return {"inference": data["inference"]["key"], "management": data["management"]["key"], "api": data["API"]["key"]}
 
 
+def write_keys(run_dir: Path, keys: dict[str, str]) -> None:
+    """Put `keys` (as read_keys returns them) where TorchServe's frontend takes them at start-up instead of making
+    its own (the frontend agent's TokenAuthorization), mode 600."""
+    from serve_config.control.records import write_atomic
+
+    data = {"management": {"key": keys["management"]}, "inference": {"key": keys["inference"]},
+            "API": {"key": keys["api"]}}
+    write_atomic(run_dir / KEY_FILE, json.dumps(data, indent=2), mode=0o600)
+
+
 @dataclass(frozen=True)
 class Server:
     """A running (or stopped) instance: where it lives and how to reach it."""

@@ -29,7 +29,7 @@ from export.manifest import copy_archive
 from models.paths import FULL, ROOT
 from serve_config.control.access import has_ready_worker
 from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
-                                           ServerError, port_free, port_holder, read_properties)
+                                           ServerError, port_free, port_holder, read_properties, write_keys)
 from serve_config.control.netns import exec_prefix
 from serve_config.control import supervisor
 from serve_config.control.records import owned_pid, record_pid, write_atomic
@@ -102,10 +102,13 @@ def _alive(pid: int) -> bool:
 
 def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model_store: Path = FULL.model_store,
           template: Path = TEMPLATE, timeout: float = 180.0, extra_env: dict[str, str] | None = None,
-          overrides: dict[str, str] | None = None, netns: str | None = None, log_config: Path = LOG_CONFIG) -> Server:
+          overrides: dict[str, str] | None = None, netns: str | None = None, log_config: Path = LOG_CONFIG,
+          keys: dict[str, str] | None = None) -> Server:
     """Start TorchServe serving `models` from `model_store` and wait until every model has a ready worker.
     `overrides` replace settings of the template (render_config); `netns` runs it inside that network namespace
-    (serve_config/control/netns.py), where its loopback addresses are its own."""
+    (serve_config/control/netns.py), where its loopback addresses are its own; `keys` (inference, management,
+    api) are the keys it takes, instead of new random ones (a fleet's replicas share the keys their balancer
+    sends). Either way a restart by the supervisor keeps the keys."""
     run_dir = run_dir.resolve()
     server = Server(run_dir, ports, netns=netns)
     if (pid := owned_pid(run_dir / PID_FILE)) is not None and _alive(pid):
@@ -127,7 +130,10 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
         copy_archive(model_store / f"{name}.mar", served / f"{name}.mar")
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
-    (run_dir / KEY_FILE).unlink(missing_ok=True)
+    if keys is not None:
+        write_keys(run_dir, keys)
+    else:
+        (run_dir / KEY_FILE).unlink(missing_ok=True)
     config = run_dir / CONFIG_FILE
     config.write_text(render_config(template, ports, model_store.resolve(), overrides=overrides))
     # TorchServe reads TS_CONFIG_FILE before --ts-config, and TS_<KEY> over the config where a config enables it:

@@ -6,19 +6,23 @@ Failover and rolling-update figures are printed (pytest -s, or the captured outp
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 import yaml
 
+from loadtest.grpc_client import Client
 from loadtest.payloads import payloads
 from loadtest.run import Run, by_name
 from models.paths import ROOT
 from serve_config import fleet as fleets
 from serve_config.rollout import Rollout, rolling_update
-from tests.ops.servers import store_with
+from tests.ops.servers import frontend_pid, store_with
 
 pytestmark = [pytest.mark.fleet, pytest.mark.integration, pytest.mark.slow]
 MODEL = "digits"
@@ -98,6 +102,42 @@ def test_replicas_are_reachable_only_through_the_balancer(fleet):
             assert s.connect_ex(("127.0.0.1", replica.ports["inference"])) != 0, f"{replica.name} reachable from the host"
         with replica.server.network():
             assert requests.get(f"{replica.server.inference_url}/ping", timeout=10).json()["status"] == "Healthy"
+
+
+def test_a_loopback_fleets_replicas_refuse_anyone_without_their_key(tmp_path):
+    """Without network namespaces (a user who is not root) a replica listens on host loopback ports any local
+    user can reach. Its token authorization stays on with the fleet's replica keys: HTTP and gRPC refuse a
+    caller without them, while the balancer, which sends them on, serves; a replica's JVM killed and restarted by
+    its supervisor keeps the keys, so the balancer serves on."""
+    store = store_with(tmp_path, MODEL)
+    fleet = fleets.launch(tmp_path / "fleet", 1, [MODEL], model_store=store, isolation="loopback")
+    try:
+        replica = fleet.replicas[0]
+        assert replica.netns is None
+        body, headers = sample()
+        direct = f"http://127.0.0.1:{replica.ports['inference']}/predictions/{MODEL}"
+        for sent in ({}, {"Authorization": f"Bearer {fleet.token()}"}):
+            answer = requests.post(direct, data=body, headers={**headers, **sent}, timeout=30)
+            assert answer.status_code == 400 and "Token Authorization failed" in answer.text, answer.text
+        management = f"http://127.0.0.1:{replica.ports['management']}/models"
+        assert requests.get(management, timeout=10).status_code == 400
+        client = Client("127.0.0.1", replica.ports["grpc_inference"], None)
+        try:
+            with pytest.raises(grpc.RpcError):
+                client.ping()
+        finally:
+            client.close()
+        through = requests.post(f"{fleet.url}/predictions/{MODEL}", data=body, timeout=30,
+                                headers={**headers, **fleet.headers()})
+        assert through.status_code == 200, through.text
+        os.kill(frontend_pid(replica.server), signal.SIGKILL)
+        fleets.wait_status(fleet, {replica.name: "DOWN"}, timeout=DOWN_WITHIN)
+        fleets.wait_status(fleet, {replica.name: "UP"}, timeout=UP_WITHIN)
+        again = requests.post(f"{fleet.url}/predictions/{MODEL}", data=body, timeout=30,
+                              headers={**headers, **fleet.headers()})
+        assert again.status_code == 200, again.text
+    finally:
+        fleets.shutdown(tmp_path / "fleet")
 
 
 def test_no_ready_replica_is_a_json_503_and_a_replica_back_in_rotation_serves(fleet):

@@ -37,8 +37,9 @@ import org.pytorch.serve.wlm.ModelManager;
  * <p>Here the bytes of every body that declares more than SMALL_BODY bytes (or no length) are reserved, as they
  * arrive, from one budget shared by every channel, max_held_request_bytes (config.properties; 256 MiB unless
  * set), and given back when the request's response is written. A body that does not fit is answered 503 at
- * once, the rest of it is not read, and its connection is closed. Reserving what arrives rather than what is
- * declared means a client that declares a large body and sends it slowly holds only what it sent. A request
+ * once; the rest of it is read and dropped (nothing is held) and its connection is then closed. Reserving what
+ * arrives rather than what is declared means a client that declares a large body and sends it slowly holds only
+ * what it sent. A request
  * whose client went away before its answer keeps its reservation until its model's job queue has been empty once
  * (TorchServe still runs such a job, holding its body), so clients that disconnect cannot queue bodies past the
  * budget either. Small bodies pass uncounted: what they hold is bounded by the job queues (docs/operations.md).
@@ -84,9 +85,12 @@ public final class BodyAdmission extends ChannelDuplexHandler {
 
     @Override
     public void channelRead(ChannelHandlerContext ctx, Object msg) throws Exception {
-        if (discarding) {
-            discarding = !(msg instanceof LastHttpContent);
+        if (discarding) { // the rest of a refused body: read and dropped, so the client reads our answer
             ReferenceCountUtil.release(msg);
+            if (msg instanceof LastHttpContent) {
+                discarding = false;
+                ctx.close();
+            }
             return;
         }
         if (msg instanceof HttpRequest) {
@@ -107,9 +111,10 @@ public final class BodyAdmission extends ChannelDuplexHandler {
                     outstanding.remove(arriving);
                     held.addAndGet(-arriving.bytes);
                     current = null;
-                    discarding = !(msg instanceof LastHttpContent);
+                    boolean whole = msg instanceof LastHttpContent;
+                    discarding = !whole;
                     ReferenceCountUtil.release(msg);
-                    refuse(ctx, arriving.bytes + bytes);
+                    refuse(ctx, arriving.bytes + bytes, whole);
                     return;
                 }
                 arriving.bytes += bytes;
@@ -206,7 +211,11 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         return null;
     }
 
-    private static void refuse(ChannelHandlerContext ctx, long bytes) {
+    /**
+     * Answers 503 and closes the connection: at once when the whole body has arrived, else once the rest of it has
+     * been read and dropped (closing on unread bytes would reset the connection before the client reads this).
+     */
+    private static void refuse(ChannelHandlerContext ctx, long bytes, boolean whole) {
         String body = "{\n  \"code\": 503,\n  \"type\": \"ServerBusy\",\n  \"message\": \"the server holds "
                 + (held.get() >> 20) + " MiB of request bodies (max_held_request_bytes: " + (budget() >> 20)
                 + " MiB), no room for a body of " + bytes + " bytes and more; retry with backoff\"\n}\n";
@@ -217,6 +226,10 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         response.headers().set(HttpHeaderNames.CONNECTION, HttpHeaderValues.CLOSE);
         response.headers().set(HttpHeaderNames.RETRY_AFTER, "1");
         // written past this handler: a refused request holds no reservation to give back
-        ctx.writeAndFlush(response).addListener(ChannelFutureListener.CLOSE);
+        if (whole) {
+            ctx.writeAndFlush(response).addListener(ChannelFutureListener.CLOSE);
+        } else {
+            ctx.writeAndFlush(response);
+        }
     }
 }
