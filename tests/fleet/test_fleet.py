@@ -65,8 +65,8 @@ def test_the_balancer_authenticates_and_its_errors_are_json(fleet):
     answer = requests.post(url, data=body, headers={**headers, **fleet.headers()}, timeout=30)
     assert answer.status_code == 200 and answer.json()[0]["label"], answer.text
     assert answer.headers["X-Model-Version"] == "1.0"
-    # Behind the balancer TorchServe checks no key: the token is the balancer's alone.
-    assert all(not r.server.token_auth() for r in fleet.replicas)
+    # Behind the balancer TorchServe still checks its keys: the fleet's replica keys, which the balancer sends on.
+    assert all(r.server.token_auth() for r in fleet.replicas)
 
 
 def test_the_open_inference_protocol_metadata_and_readiness_answer_through_the_balancer(fleet):
@@ -101,7 +101,8 @@ def test_replicas_are_reachable_only_through_the_balancer(fleet):
             s.settimeout(2)
             assert s.connect_ex(("127.0.0.1", replica.ports["inference"])) != 0, f"{replica.name} reachable from the host"
         with replica.server.network():
-            assert requests.get(f"{replica.server.inference_url}/ping", timeout=10).json()["status"] == "Healthy"
+            assert requests.get(f"{replica.server.inference_url}/ping", timeout=10,
+                                headers=replica.server.headers()).json()["status"] == "Healthy"
 
 
 def test_a_loopback_fleets_replicas_refuse_anyone_without_their_key(tmp_path):
@@ -159,7 +160,8 @@ def test_a_replica_whose_model_has_no_worker_leaves_the_rotation_and_comes_back(
     replica = fleet.replicas[1]
     scale = f"{replica.server.management_url}/models/{MODEL}"
     with replica.server.network():
-        assert requests.put(scale, params={"min_worker": 0, "max_worker": 0, "synchronous": "true"}, timeout=60).ok
+        assert requests.put(scale, params={"min_worker": 0, "max_worker": 0, "synchronous": "true"}, timeout=60,
+                            headers=replica.server.headers("management")).ok
     try:
         out = fleets.wait_status(fleet, {replica.name: "DOWN"}, timeout=DOWN_WITHIN)
         body, headers = sample()
@@ -168,7 +170,8 @@ def test_a_replica_whose_model_has_no_worker_leaves_the_rotation_and_comes_back(
         assert answers == [200] * 10
     finally:
         with replica.server.network():
-            assert requests.put(scale, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120).ok
+            assert requests.put(scale, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120,
+                                headers=replica.server.headers("management")).ok
     back = fleets.wait_status(fleet, {replica.name: "UP"}, timeout=UP_WITHIN)
     print(f"\nno worker: out of rotation in {out:.2f} s; back {back:.2f} s after its worker was READY")
 
