@@ -21,9 +21,10 @@ JSON = {"Content-Type": "application/json"}
 TEXT = {"Content-Type": "text/plain"}
 
 
-def png(width: int, height: int, color=(200, 30, 30)) -> bytes:
+def png(width: int, height: int, color=(200, 30, 30), mode: str = "RGB") -> bytes:
+    """A PNG of one colour: a few KB even when it decodes to millions of pixels (mode L is the smallest)."""
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    Image.new(mode, (width, height), color).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -155,13 +156,6 @@ def _infer(inputs, **extra) -> bytes:
     return json.dumps({"inputs": inputs, **extra}).encode()
 
 
-def flat_png(side: int) -> bytes:
-    """A grey PNG of side x side pixels: a few KB that decode to side^2 pixels."""
-    buffer = io.BytesIO()
-    Image.new("L", (side, side), 200).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def oip_matrix(image_model: bool, input_shape: tuple[int, ...], max_rows: int,
                handler: dict | None = None) -> list[tuple[str, bytes, dict, int]]:
     """Bad Open Inference Protocol infer requests for /v2/models/<model>/infer: (name, body, headers, status).
@@ -218,7 +212,7 @@ def oip_matrix(image_model: bool, input_shape: tuple[int, ...], max_rows: int,
             # minute of work without a budget (TorchServe's responseTimeout then killed the worker and its batch)
             side = math.isqrt(handler["max_image_pixels"])
             assert max_rows * side * side > handler["max_pixels_per_request"]
-            big = base64.b64encode(flat_png(side)).decode()
+            big = base64.b64encode(png(side, side, 200, mode="L")).decode()
             cases.append(("images past the request's pixel budget",
                           _infer([{"name": name, "shape": [max_rows], "datatype": "BYTES", "data": [big] * max_rows}]),
                           JSON, 413))

@@ -13,6 +13,7 @@ from handlers.kinds.image import ClassifierConfig, ImageClassifier, extract_imag
 from handlers.requests import RequestError, content_type_of
 from models.preprocessing import DigitsPreset
 from models.samples import encode, render
+from tests.ops.bad_inputs import png
 
 PNG = encode(render(torch.eye(8).numpy(), polarity="dark-on-light"))
 B64 = base64.b64encode(PNG).decode()
@@ -137,17 +138,6 @@ def test_decoding_on_several_threads_gives_the_same_answers_in_order(classifier)
     assert threaded._pool is not None and classifier._pool is None
 
 
-def flat_png(width: int, height: int) -> bytes:
-    """A PNG of one colour: a few hundred bytes that decode to width x height pixels."""
-    from io import BytesIO
-
-    from PIL import Image
-
-    buffer = BytesIO()
-    Image.new("L", (width, height), 200).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def oip_images(*images: bytes) -> dict:
     return {"body": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
                                  "data": [base64.b64encode(i).decode() for i in images]}]}}
@@ -168,7 +158,7 @@ def test_a_request_whose_images_decode_past_its_pixel_budget_is_refused_before_d
     decoded = []
     preset = limited.preset
     limited.preset = lambda image: decoded.append(image.size) or preset(image)
-    big = flat_png(1000, 1000)
+    big = png(1000, 1000, 200, mode="L")
     results = limited.process([{"body": PNG}, oip_images(*[big] * 64), {"body": big}], ["image/png", "application/json", "image/png"])
     assert isinstance(results[0], str) and isinstance(results[2], str)
     assert (results[1].status, results[1].kind) == (413, "RequestTooLarge")
@@ -178,7 +168,7 @@ def test_a_request_whose_images_decode_past_its_pixel_budget_is_refused_before_d
 
 def test_a_batch_decodes_within_its_pixel_budget_and_the_rest_are_told_to_retry(classifier):
     limited = budgeted(classifier, max_pixels_per_request=1_000_000, max_pixels_per_batch=2_500_000)
-    big, pixels = flat_png(1000, 1000), {"body": PNG}
+    big, pixels = png(1000, 1000, 200, mode="L"), {"body": PNG}
     results = limited.process([{"body": big}, pixels, {"body": big}, {"body": big}, pixels], ["image/png"] * 5)
     answered = [isinstance(r, str) for r in results]
     assert answered == [True, True, True, False, True]
