@@ -80,7 +80,7 @@ def run(run_dir: Path) -> int:
             child = subprocess.Popen(argv, cwd=run_dir, stdin=subprocess.DEVNULL)
             if restarts:
                 say(f"TorchServe started again (PID {child.pid}, restart {restarts}), serving "
-                    f"{', '.join(a for a in argv[argv.index('--models') + 1:])}")
+                    f"{', '.join(argv[argv.index('--models') + 1:])}")
             code = child.wait()
             if stopping:
                 break
