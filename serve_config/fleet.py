@@ -36,6 +36,7 @@ from models.paths import FULL, ROOT
 from serve_config.control import (PID_FILE, TEMPLATE, Ports, Server, ServerError, end_group, group_alive, netns,
                                   owned_pid, port_free, port_holder, read_properties, record_pid, start, stop,
                                   write_atomic)
+from serve_config.control.instance import KEY_KINDS
 
 HAPROXY_TEMPLATE = ROOT / "serve_config" / "haproxy.cfg"
 STATE, BALANCER_PID = "fleet.json", "haproxy.pid"
@@ -122,7 +123,7 @@ def replica_keys(fleet: Fleet) -> dict[str, str]:
     """The replicas' keys (inference, management, api), made once per fleet folder, mode 600."""
     path = Path(fleet.root) / REPLICA_KEYS
     if not path.exists():
-        write_atomic(path, json.dumps({kind: secrets.token_urlsafe(32) for kind in ("inference", "management", "api")}),
+        write_atomic(path, json.dumps({kind: secrets.token_urlsafe(32) for kind in KEY_KINDS}),
                      mode=0o600)
     return json.loads(path.read_text())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from serve_config.control import netns
-from serve_config.control.records import read_pid
+from serve_config.control.records import read_pid, write_atomic
 
 PID_FILE, KEY_FILE, OUT_FILE, CONFIG_FILE = "torchserve.pid", "key_file.json", "torchserve.out", "config.properties"
 NETNS_FILE = "netns"  # the network namespace the instance runs in, when not the host's (serve_config/control/netns.py)
@@ -87,8 +87,6 @@ def read_keys(run_dir: Path) -> dict[str, str]:
 def write_keys(run_dir: Path, keys: dict[str, str]) -> None:
     """Put `keys` (as read_keys returns them) where TorchServe's frontend takes them at start-up instead of making
     its own (the frontend agent's TokenAuthorization), mode 600."""
-    from serve_config.control.records import write_atomic
-
     data = {"management": {"key": keys["management"]}, "inference": {"key": keys["inference"]},
             "API": {"key": keys["api"]}}
     write_atomic(run_dir / KEY_FILE, json.dumps(data, indent=2), mode=0o600)
