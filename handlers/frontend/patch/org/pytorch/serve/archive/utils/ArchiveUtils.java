@@ -98,8 +98,7 @@ public final class ArchiveUtils {
      * does not hold, or one that the server's working directory holds too.
      */
     static void requireInStore(List<String> allowedUrls, File location, String url) throws InvalidArchiveURLException {
-        if (isValidURL(url) || allowedUrls.stream().anyMatch(
-                allowed -> Pattern.compile(allowed, Pattern.CASE_INSENSITIVE).matcher(url).matches())) {
+        if (isValidURL(url) || validateURL(allowedUrls, url)) { // validateURL throws only for what isValidURL admits
             return;
         }
         String refused = "Registration from " + url + " refused: name an archive of the model store by its file name"
