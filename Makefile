@@ -31,6 +31,7 @@ PYTEST_ARGS ?=## extra pytest arguments for `make test` and `make unit`, e.g. -k
 WORKERS ?= 0## Locust worker processes under one master for `make loadtest` / `make fleet-loadtest` (0: one process)
 N ?= 3## replicas of `make fleet`
 FLEET_DIR ?= run/fleet## where `make fleet` keeps the balancer, its token and the replicas' run folders
+KEEP ?= 5## versions of a model that deploy, rollback and fleet-update keep (the rest are deleted: docs/operations.md)
 FLEET_PORT ?= 8090## the balancer's port: the fleet's only way in
 FLEET_STATS_PORT ?= 8091## HAProxy's per-replica stats page (/stats)
 FLEET_ISOLATION ?= auto## netns: each replica in a network namespace of its own (root); loopback; auto: netns where allowed
@@ -60,10 +61,10 @@ TS_JAR = $(VENV)/lib/python3.11/site-packages/ts/frontend/model-server.jar
 checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
 VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
 
-.PHONY: help prereqs prereqs-core prereqs-fleet prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
-	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale \
+.PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
+	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
-	sweep soak test pytest unit lock clean models plugin FORCE
+	sweep soak switch-bench test proofs pytest unit lock clean models plugin FORCE
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -72,7 +73,7 @@ help: ## show the targets and the variables they take
 	@echo "Variables (make VAR=value; the value in effect in brackets):"
 	@$(foreach v,$(VARIABLES),printf "  %-16s %s [%s]\n" "$(v)" "$$(grep -E '^$(v) \?=' $(firstword $(MAKEFILE_LIST)) | sed 's/.*## //')" "$($(v))";)
 
-prereqs: prereqs-core prereqs-fleet prereqs-deploy prereqs-image ## check the tools the venv cannot install: Python 3.11, Java 17, HAProxy, Prometheus, podman
+prereqs: prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image ## check the tools the venv cannot install: Python 3.11, Java 17, HAProxy, wrk, Prometheus, podman
 
 prereqs-core:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11 (python3.11 and python3.11-venv) or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -83,6 +84,9 @@ prereqs-core:
 
 prereqs-fleet:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null || { echo "error: haproxy not found. The fleet (make fleet, its tests) runs HAProxy from Debian's packages: apt-get install haproxy" >&2; exit 1; }
+
+prereqs-wrk:
+	@command -v wrk >/dev/null || { echo "error: wrk not found. The version-switch measurement (make switch-bench, make proofs) drives load with wrk from Debian's packages: apt-get install wrk" >&2; exit 1; }
 
 prereqs-deploy:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { echo "error: promtool/prometheus not found. The alert rules' tests and the HPA query's test run Prometheus from Debian's packages: apt-get install prometheus" >&2; exit 1; }
@@ -197,37 +201,40 @@ fleet-loadtest: ## Locust through the balancer: make fleet-loadtest MODEL=digits
 		--url http://127.0.0.1:$(FLEET_PORT) --out results/loadtest --workers $(WORKERS)
 
 fleet-update: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## rolling update of MODEL: one replica at a time, drained at the balancer
-	$(PY) -m serve_config.rollout fleet-update --model $(MODEL) --fleet $(FLEET_DIR) --model-store $(TREE)model_store
+	$(PY) -m serve_config.rollout fleet-update --model $(MODEL) --fleet $(FLEET_DIR) --model-store $(TREE)model_store --keep $(KEEP)
 
 fleet-scale: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) prereqs-fleet ## MODEL's throughput and CPU with 1, 2 and 3 replicas behind HAProxy
 	$(PY) -m loadtest.fleet_scale --model $(MODEL) --model-store $(TREE)model_store --out results/fleet-scale
 
 deploy: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## serve MODEL's new archive as its default version, then retire the old one (no downtime)
-	$(PY) -m serve_config.rollout deploy --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store
+	$(PY) -m serve_config.rollout deploy --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store --keep $(KEEP)
 
 rollback: | $(VENV_STAMP) ## serve MODEL's previous version again (after make deploy)
-	$(PY) -m serve_config.rollout rollback --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store
+	$(PY) -m serve_config.rollout rollback --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store --keep $(KEEP)
+
+recover: | $(VENV_STAMP) ## after a deploy or rollback was killed: put MODEL back on the version its history records
+	$(PY) -m serve_config.rollout recover --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store --keep $(KEEP)
 
 IMAGE_REF = $(IMAGE):$(IMAGE_TAG)$(if $(filter cuda,$(VARIANT)),-cuda)
 
 image: $(foreach m,$(IMAGE_MODELS),$(TREE)model_store/$(m).mar) $(PLUGIN_JAR) | $(VENV_STAMP) prereqs-image ## build the serving image with podman (runtime lock only, models baked in)
-	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m serve_config.deploy.image build --tag $(IMAGE_REF) --variant $(VARIANT) \
+	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m serve_config.cluster.image build --tag $(IMAGE_REF) --variant $(VARIANT) \
 		--models $(IMAGE_MODELS) --model-store $(TREE)model_store --podman "$(PODMAN)" $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
 
 image-test: image ## build the image, then run it: every model through it, its probes, the KServe runtime, a draining stop
 	IMAGE=$(IMAGE_REF) PODMAN="$(PODMAN)" $(PY) -m pytest tests/container $(PYTEST_ARGS)
 
 bundle: $(MARS) | $(VENV_STAMP) ## KServe storageUri layout per model: BUNDLE_DIR/<model>/{config/config.properties,model-store/<model>.mar}
-	$(foreach m,$(SERVE_MODELS),$(PY) -m serve_config.deploy.bundle --models $(m) --model-store $(TREE)model_store --out $(BUNDLE_DIR)/$(m) &&) true
+	$(foreach m,$(SERVE_MODELS),$(PY) -m serve_config.cluster.bundle --models $(m) --model-store $(TREE)model_store --out $(BUNDLE_DIR)/$(m) &&) true
 
 k8s: | $(VENV_STAMP) ## render the kustomize overlays (cpu, gpu), KServe and the adapter's rule into DEPLOY_DIR
-	$(PY) -m serve_config.deploy.manifests render --out $(DEPLOY_DIR)
+	$(PY) -m serve_config.cluster.manifests render --out $(DEPLOY_DIR)
 
 k8s-validate: | $(VENV_STAMP) ## validate every rendered manifest: kubernetes-validate --strict, KServe's CRD schemas
-	$(PY) -m serve_config.deploy.manifests validate
+	$(PY) -m serve_config.cluster.manifests validate
 
 rules-test: | $(VENV_STAMP) prereqs-deploy ## promtool check rules + promtool test rules on the alerts
-	$(PY) -m serve_config.deploy.manifests rules --out $(DEPLOY_DIR)
+	$(PY) -m serve_config.cluster.manifests rules --out $(DEPLOY_DIR)
 	cd $(DEPLOY_DIR) && promtool check rules rules.yaml && promtool test rules rules_test.yaml
 
 bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
@@ -236,16 +243,25 @@ bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server 
 sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
 	$(PY) -m loadtest.bench.sweep --model $(MODEL) --out results/sweep
 
+switch-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) prereqs-wrk ## wrk through one deploy and one rollback beside a steady run: errors, timeouts, the slowest request
+	$(PY) -m loadtest.switch --model $(MODEL) --model-store $(TREE)model_store --out results/switch
+
 soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity for SOAK_S seconds: failures and RSS growth
 	$(PY) -m loadtest.bench.soak --model $(MODEL) --seconds $(SOAK_S) --out results/soak
 
-test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's
+test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's and the proofs'
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) models
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
 
+proofs: | $(VENV_STAMP) prereqs-fleet prereqs-wrk ## the slow proofs (a frontend SIGKILLed, deploys killed at every step, a loopback fleet's keys): .ci/run runs them after make test
+	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) models
+	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest PYTEST_MARK=proof
+
 # The image's tier needs a built image: `make image-test` (RECIPE=$(TEST_RECIPE) for the test tree's models).
+# The proofs (marker `proof`) have their own target, `make proofs`.
+PYTEST_MARK = not proof
 pytest: $(PLUGIN_JAR) | $(VENV_STAMP)
-	$(PY) -m pytest tests --ignore=tests/container $(PYTEST_ARGS)
+	$(PY) -m pytest tests --ignore=tests/container -m "$(PYTEST_MARK)" $(PYTEST_ARGS) --durations=15
 
 unit: | $(VENV_STAMP) ## the unit tier without its slow tests: needs no built model, starts no server (seconds)
 	$(PY) -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)

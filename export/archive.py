@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from export import manifest as mf
 from export.verify import STAMP
-from models import registry
+from models import durable, registry
 from models.paths import ROOT
 from models.sources import closure
 
@@ -92,17 +91,9 @@ def pack(name: str, serialized: Path, handler: Path, staging: Path, config: Path
         )
         new = packing / f"{name}.mar"
         digest = mf.write_archive_digest(new)
-        for path in (new, digest):
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
         mar = out / new.name
-        os.replace(digest, out / digest.name)
-        os.replace(new, mar)
-        folder = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        durable.publish(digest, out / digest.name)
+        durable.publish(new, mar)
     finally:
         shutil.rmtree(packing, ignore_errors=True)
     return mar

@@ -8,11 +8,11 @@ or a .mar (before serving), whose own sha256 must also match the `<name>.mar.sha
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from models import durable
 from models.digest import sha256
 
 MANIFEST = "manifest.json"
@@ -83,7 +83,7 @@ def check_folder(directory: Path, manifest: dict[str, Any] | None = None) -> Non
 def write_archive_digest(mar: Path, digest: str | None = None) -> Path:
     """Record the archive's sha256 beside it, as `sha256sum` writes it (`digest` where it is already known)."""
     path = mar.with_name(mar.name + ARCHIVE_DIGEST)
-    path.write_text(f"{digest or sha256(mar)}  {mar.name}\n")
+    durable.write_atomic(path, f"{digest or sha256(mar)}  {mar.name}\n")
     return path
 
 
@@ -94,9 +94,10 @@ def archive_model(archive: zipfile.ZipFile) -> dict[str, Any]:
 
 def copy_archive(source: Path, dest: Path) -> str:
     """Copy an archive, once it passes check_archive, with its sha256 record (the same bytes: hashed once); its
-    sha256."""
+    sha256. Each file is replaced in one step; a copy killed between the two leaves an archive that fails its
+    check, which the next copy replaces."""
     digest = check_archive(source)
-    shutil.copyfile(source, dest)
+    durable.copy_atomic(source, dest)
     write_archive_digest(dest, digest)
     return digest
 

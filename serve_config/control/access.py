@@ -1,4 +1,4 @@
-"""Keys and readiness of a running instance: which workers are READY, the readiness probe, key rotation."""
+"""Keys and readiness of a running instance: its workers, its readiness (probe.py's), key rotation."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Sequence
 
 import requests
 
+from serve_config.control import probe
 from serve_config.control.instance import Server, ServerError
 
 
@@ -18,31 +19,15 @@ def model_workers(server: Server, model: str, headers: dict[str, str] | None = N
     return (answer.json()[0].get("workers", []) if answer.ok else []), answer.status_code
 
 
-def has_ready_worker(server: Server, model: str, headers: dict[str, str]) -> tuple[bool, int]:
-    """Whether the management API lists a READY worker for `model`, and the status code it answered."""
-    workers, status = model_workers(server, model, headers, timeout=5)
-    return any(w.get("status") == "READY" for w in workers), status
-
-
-def ready(server: Server, models: Sequence[str] | None = None) -> tuple[bool, str]:
-    """Readiness for probes: /ping (with the inference key, which TorchServe requires) is Healthy and each
-    model (default: every registered one) has a READY worker. (ok, one line saying why)."""
+def ready(server: Server, models: Sequence[str] | None = None, *, version: str | None = None,
+          timeout: float = 5.0) -> tuple[bool, str]:
+    """Whether `server` is ready (serve_config/control/probe.py: the one readiness), for `models` (default: every
+    served one) or one model's `version`: (ok, one line saying why)."""
     try:
         with server.network():
-            ping = requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=5)
-        if not ping.ok or ping.json().get("status") != "Healthy":
-            return False, f"/ping answered {ping.status_code} {ping.text.strip()[:100]}"
-        mgmt = server.headers("management")
-        if models is None:
-            with server.network():
-                listed = requests.get(f"{server.management_url}/models", headers=mgmt, timeout=5).json()["models"]
-            models = [m["modelName"] for m in listed]
-        for name in models:
-            ok, status = has_ready_worker(server, name, mgmt)
-            if not ok:
-                return False, f"{name}: no READY worker ({status})"
-        return True, f"ready: {', '.join(models)}"
-    except (ServerError, requests.RequestException, ValueError, KeyError, IndexError) as err:
+            return True, probe.check(server.inference_url, server.keys()["inference"], models or (), version=version,
+                                     timeout=timeout)
+    except (probe.ProbeError, ServerError, OSError, ValueError, KeyError) as err:
         return False, f"not ready: {err}"
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import psutil
 
+from models.durable import write_atomic
 from serve_config.control import netns
-from serve_config.control.records import read_pid, write_atomic
+from serve_config.control.records import read_pid
 
 PID_FILE, KEY_FILE, OUT_FILE, CONFIG_FILE = "torchserve.pid", "key_file.json", "torchserve.out", "config.properties"
 NETNS_FILE = "netns"  # the network namespace the instance runs in, when not the host's (serve_config/control/netns.py)

@@ -23,20 +23,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import requests
 
 from export.manifest import copy_archive
+from models.durable import write_atomic
 from models.paths import FULL, ROOT
-from serve_config.control.access import has_ready_worker
+from serve_config.control.access import ready
 from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
                                            ServerError, port_free, port_holder, read_properties, write_keys)
 from serve_config.control.netns import exec_prefix
-from serve_config.control import supervisor
-from serve_config.control.records import owned_pid, record_pid, write_atomic
+from serve_config.control import deploys, supervisor
+from serve_config.control.records import owned_pid, record_pid
 
 TEMPLATE = ROOT / "serve_config" / "config.properties"
 LOG_CONFIG = ROOT / "serve_config" / "log4j2.xml"
-SERVED_DIR = "served"  # copies of the archives an instance started with
 # The frontend's endpoint plugins: the OIP's model metadata, readiness and infer routes (handlers/frontend),
 # built by `make plugin` from source against the installed TorchServe's jar.
 PLUGINS_DIR = ROOT / "build" / "plugins"
@@ -120,14 +119,13 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
                          for role in taken})
     if not (PLUGINS_DIR / PLUGIN_JAR).is_file():
         raise ServerError(f"{PLUGINS_DIR / PLUGIN_JAR} is missing: run `make plugin` (the OIP endpoints)")
-    served = run_dir / SERVED_DIR
-    served.mkdir(parents=True, exist_ok=True)
     for name in models:
         if not (model_store / f"{name}.mar").exists():
             raise ServerError(f"{model_store}/{name}.mar is missing: run `make archive MODEL={name}`")
         # Checked, and kept as it is now: a later `make archive` rewrites the store's file, and `make rollback`
         # must still be able to go back to the version this instance serves (serve_config.rollout).
-        copy_archive(model_store / f"{name}.mar", served / f"{name}.mar")
+        deploys.started_copy(run_dir, name).parent.mkdir(parents=True, exist_ok=True)
+        copy_archive(model_store / f"{name}.mar", deploys.started_copy(run_dir, name))
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     if keys is not None:
@@ -181,16 +179,12 @@ def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None
             raise ServerError(f"TorchServe exited during start-up; see {server.run_dir / OUT_FILE} and "
                               f"{server.run_dir / 'logs'}:\n{_tail(server.run_dir / OUT_FILE)}\n"
                               f"{_tail(server.run_dir / 'logs' / 'ts_log.log')}")
-        try:
-            headers = server.headers("management")
-            for name in list(pending):
-                if has_ready_worker(server, name, headers)[0]:
-                    pending.remove(name)
-                elif (why := load_failure(server.run_dir, name)) is not None:
-                    pending.remove(name)
-                    failed[name] = why
-        except (ServerError, requests.RequestException, ValueError, KeyError, IndexError):
-            pass  # not up yet: no key file, no listener, or a model not registered so far
+        for name in list(pending):  # not up yet reads as not ready: no key file, no listener, not registered
+            if ready(server, [name])[0]:
+                pending.remove(name)
+            elif (why := load_failure(server.run_dir, name)) is not None:
+                pending.remove(name)
+                failed[name] = why
         if not pending:
             if failed:
                 raise ModelLoadError(server, failed)

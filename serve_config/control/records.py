@@ -1,6 +1,6 @@
 """The files the control plane keeps about the processes it started, and how they are written.
 
-- `write_atomic`: a file is replaced whole or not at all (a temporary file beside it, fsync, rename), so a crash
+- every file is written with `write_atomic` (models/durable.py): replaced whole or not at all, so a crash
   mid-write never leaves half a record for the next command to trip on.
 - PID records (`record_pid`, `owned_pid`): a bare PID names whatever process holds that number now, which after a
   reboot, or once the process is gone, can be anyone's. A record therefore also names the boot it was made in and
@@ -12,37 +12,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from models.durable import write_atomic
+
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _SAME_START_S = 0.5  # psutil's start times come from the kernel's clock ticks: the same process reads the same
-
-
-def write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
-    """Replace `path` with `text` in one step: written to a temporary file in the same folder, flushed to disk,
-    then renamed over `path` (the folder is synced too, so the rename itself survives a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def boot_id() -> str:

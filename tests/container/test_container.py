@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from serve_config.control.instance import Ports
-from serve_config.deploy import bundle as bd
-from serve_config.deploy import image as im
+from serve_config.cluster import bundle as bd
+from serve_config.cluster import image as im
 from tests.conftest import SERVED, TREE, Traffic, assert_serves_every_model, built
 from tests.deploy import runtime as rt
 
@@ -89,6 +89,22 @@ def test_the_image_is_the_runtime_only_and_runs_as_a_user(image_config):
                     "import importlib.util as u, sys; print(sys.version_info[:2], [m for m in ('sklearn', 'locust', "
                     "'pytest', 'transformers', 'matplotlib') if u.find_spec(m)], u.find_spec('ts') is not None)")
     assert answer.stdout.strip() == "(3, 11) [] True", answer.stdout + answer.stderr
+
+
+def test_the_package_indexes_reach_the_build_as_a_secret_and_stay_out_of_the_image():
+    """The indexes the build installed from (this machine's pip configuration; a mirror's URL may hold
+    credentials) are in no layer's history, no build argument, no environment variable and no file of the image."""
+    indexes = im.pip_setting("global.extra-index-url") + im.pip_setting("global.find-links")
+    if not indexes:
+        pytest.skip("this machine's pip names no extra index: the build had nothing to keep secret")
+    history = podman("history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE).stdout
+    inspected = podman("image", "inspect", IMAGE).stdout
+    for index in indexes:
+        assert index not in history and index not in inspected, index
+    found = podman("run", "--rm", "--network", "host", "--entrypoint", "/bin/sh", IMAGE, "-c",
+                   "ls /run/secrets 2>/dev/null; grep -rlsF -e " + " -e ".join(shlex.quote(i) for i in indexes)
+                   + " /etc /opt /home /root /tmp 2>/dev/null | head -5", check=False)
+    assert found.stdout.strip() == "", found.stdout
 
 
 def test_the_image_serves_every_baked_model_and_drains_on_stop():

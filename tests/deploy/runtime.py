@@ -3,7 +3,7 @@
 A private mount namespace (unshare) gives the process the pod's file system where it matters:
 - /mnt/models: the bundle, bind-mounted read-only, where KServe's storage initializer puts the storageUri;
 - /opt/venv: this project's venv (the image installs the same runtime lock there);
-- /opt/serve: serve_config/deploy/image (the entrypoint, probe.py, log4j2.xml the image copies there) and the
+- /opt/serve: the files the image copies there (serve_config/cluster/image.py's OPT_SERVE) and the
   built frontend plugin in plugins/, as the image lays them out;
 - /tmp and /home/model-server/run: empty tmpfs, like the pod's emptyDirs, the only writable paths.
 The command is the image's ENTRYPOINT (without tini, which only reaps and forwards) followed by the
@@ -30,9 +30,9 @@ import requests
 
 from serve_config.control.instance import Ports
 from serve_config.control.lifecycle import PLUGIN_JAR, PLUGINS_DIR, end_group
-from serve_config.deploy import bundle as bd
-from serve_config.deploy import manifests as mf
-from serve_config.deploy.image import HERE as IMAGE_FILES, containerfile_env
+from serve_config.cluster import bundle as bd
+from serve_config.cluster import manifests as mf
+from serve_config.cluster.image import OPT_SERVE, containerfile_env
 
 VENV = Path(sys.prefix)  # the venv of the interpreter running the tests
 WORKDIR = "/home/model-server/run"
@@ -113,8 +113,9 @@ def start(runtime: dict, bundle: Path, log: Path, extra_env: dict[str, str] | No
     container = runtime["spec"]["containers"][0]
     opt_serve = log.parent / f"{log.stem}-opt-serve"  # the image's /opt/serve: its files and the plugin
     shutil.rmtree(opt_serve, ignore_errors=True)
-    shutil.copytree(IMAGE_FILES, opt_serve)
-    (opt_serve / "plugins").mkdir()
+    (opt_serve / "plugins").mkdir(parents=True)
+    for name, source in OPT_SERVE.items():
+        shutil.copy2(source, opt_serve / name)
     shutil.copy2(PLUGINS_DIR / PLUGIN_JAR, opt_serve / "plugins" / PLUGIN_JAR)
     env = containerfile_env()
     env.update({e["name"]: e["value"] for e in container.get("env", [])})

@@ -19,8 +19,8 @@ import requests
 import yaml
 
 from loadtest.payloads import payloads
-from serve_config.deploy import bundle as bd
-from serve_config.deploy import manifests as mf
+from serve_config.cluster import bundle as bd
+from serve_config.cluster import manifests as mf
 from tests.conftest import CLASSIFIERS, SERVED, TREE, Traffic, assert_serves_every_model, built
 from tests.deploy import runtime as rt
 

@@ -11,11 +11,11 @@ import subprocess
 import pytest
 import yaml
 
-from serve_config.deploy import manifests as mf
+from serve_config.cluster import manifests as mf
 from tests.deploy.runtime import container, probes
 from tests.conftest import ROOT, SERVED
 
-CONTAINERFILE = ROOT / "serve_config" / "deploy" / "image" / "Containerfile"
+CONTAINERFILE = ROOT / "serve_config" / "cluster" / "image" / "Containerfile"
 needs_schemas = pytest.mark.skipif(not (mf.SCHEMAS / "kserve").is_dir(),
                                    reason=f"KServe's CRD schemas are not at {mf.SCHEMAS}/kserve (a clone without "
                                           f"../shared); the KServe manifests cannot be validated here")

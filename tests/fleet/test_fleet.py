@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.fleet, pytest.mark.integration, pytest.mark.slow]
 MODEL = "digits"
 RESPONSE_TIMEOUT_S = yaml.safe_load((ROOT / "serve_config" / f"{MODEL}.yaml").read_text())["responseTimeout"]
 # Generous bounds on waits, not targets (the figures are printed): the balancer checks every second and acts on
-# two results (serve_config/haproxy.cfg), so a change of state shows in about 2 s; a loaded host is allowed
+# two results (serve_config/fleet/haproxy.cfg), so a change of state shows in about 2 s; a loaded host is allowed
 # many times that. A restarted replica is UP two passed checks after READY, and leastconn sends to it at once.
 DOWN_WITHIN, UP_WITHIN, SERVES_WITHIN = 30, 60, 60
 
@@ -105,6 +105,7 @@ def test_replicas_are_reachable_only_through_the_balancer(fleet):
                                 headers=replica.server.headers()).json()["status"] == "Healthy"
 
 
+@pytest.mark.proof
 def test_a_loopback_fleets_replicas_refuse_anyone_without_their_key(tmp_path):
     """Without network namespaces (a user who is not root) a replica listens on host loopback ports any local
     user can reach. Its token authorization stays on with the fleet's replica keys: HTTP and gRPC refuse a

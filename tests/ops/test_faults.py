@@ -313,6 +313,7 @@ def test_request_bodies_past_the_byte_budget_are_refused_as_they_arrive(private_
     assert frontend_pid(server) == pid, "the frontend restarted"
 
 
+@pytest.mark.proof
 def test_a_killed_frontend_comes_back_by_itself_on_the_version_it_served(private_server, tmp_path):
     """The supervisor that leads each instance's process group restarts TorchServe when its JVM dies (here
     SIGKILL, as the kernel's OOM killer would), with backoff, on the version each model served, and says so in

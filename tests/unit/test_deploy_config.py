@@ -8,8 +8,8 @@ import re
 import pytest
 
 from serve_config.control.instance import read_properties
-from serve_config.deploy import bundle as bd
-from serve_config.deploy import image as im
+from serve_config.cluster import bundle as bd
+from serve_config.cluster import image as im
 
 
 def properties(text: str) -> dict[str, str]:
@@ -18,7 +18,7 @@ def properties(text: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("probe", im.HERE / "probe.py")
+    spec = importlib.util.spec_from_file_location("probe", im.OPT_SERVE["probe.py"])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -76,3 +76,19 @@ def test_the_containerfile_builds_cpu_by_default_and_cuda_on_request():
     assert re.search(r"^USER 1000:1000$", text, re.M) and "ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim" in text
     env = im.containerfile_env()
     assert env["PATH"].startswith("/opt/venv/bin:") and env["TS_CONFIG_FILE"] == "/opt/serve/config.properties"
+
+
+def test_package_indexes_reach_the_image_build_as_a_secret_never_as_an_argument(tmp_path, monkeypatch):
+    """An index URL may carry credentials: it goes to `podman build` in a mode-600 secret file, which the
+    Containerfile mounts for one RUN, not as a --build-arg (kept in the image's history)."""
+    mirror = "https://builder:s3cret@mirror.example/simple"
+    settings = {"global.extra-index-url": [mirror, "file:///srv/pypi/simple"], "global.find-links": ["/srv/wheels"]}
+    monkeypatch.setattr(im, "pip_setting", lambda key: settings.get(key, []))
+    args, volumes = im.build_arguments(tmp_path / "secrets")
+    assert not [a for a in args + volumes if "s3cret" in a or "mirror.example" in a], args
+    secret = tmp_path / "secrets" / "pip_indexes"
+    assert args[args.index("--secret") + 1] == f"id=pip_indexes,src={secret}"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert secret.read_text().splitlines() == [f"index {mirror}", "index file:///srv/pypi/simple", "links /srv/wheels"]
+    containerfile = (im.HERE / "Containerfile").read_text()
+    assert "RUN --mount=type=secret,id=pip_indexes" in containerfile and "PIP_EXTRA_INDEX_URL" not in containerfile

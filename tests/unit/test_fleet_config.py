@@ -23,11 +23,13 @@ def test_the_rendered_config_is_valid_and_authenticates_with_the_token_file(tmp_
     assert (tmp_path / "bearers.lst").read_text() == f"Bearer {token}\n"
     text = config.read_text()
     assert text.count("    server replica-") == 2 and ("namespace ns-1" in text) == namespaces
-    # the replicas' own keys: made once (mode 600), sent on to them and with every health check
+    # the replicas' own keys: made once (mode 600), sent on to them and with every health check, which asks the
+    # readiness route (serve_config/control/probe.py) on the port requests go to
     keys = fleets.replica_keys(fleet)
     assert (tmp_path / fleets.REPLICA_KEYS).stat().st_mode & 0o777 == 0o600 and len(set(keys.values())) == 3
     assert f'http-request set-header Authorization "Bearer {keys["inference"]}"' in text
-    assert text.count(f'hdr Authorization "Bearer {keys["management"]}"') == 1 and token not in text
+    assert f'http-check send meth GET uri /v2/health/ready hdr Authorization "Bearer {keys["inference"]}"' in text
+    assert keys["management"] not in text and token not in text and f"check port {PORTS['management']}" not in text
     for status in (502, 503, 504):
         page = (tmp_path / "errors" / f"{status}.http").read_text()
         assert page.startswith(f"HTTP/1.1 {status}") and "application/json" in page

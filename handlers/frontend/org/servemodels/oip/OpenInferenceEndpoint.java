@@ -42,7 +42,7 @@ import org.pytorch.serve.wlm.WorkerThread;
  *
  * <pre>
  *   GET  /v2                                          server metadata
- *   GET  /v2/health/live | /v2/health/ready           live; ready while every model has a READY worker
+ *   GET  /v2/health/live | /v2/health/ready           live; ready while every model has a READY worker (and which)
  *   GET  /v2/models/{m}[/versions/{v}]                model metadata: name, versions, platform, inputs, outputs
  *   GET  /v2/models/{m}[/versions/{v}]/ready          ready while that model (version) has a READY worker
  *   POST /v2/models/{m}[/versions/{v}]/infer          the handler, as TorchServe's own infer route does it
@@ -80,12 +80,19 @@ public class OpenInferenceEndpoint extends ModelServerEndpoint {
             body.addProperty("live", true);
             json(rsp, 200, body);
         } else if (path.length == 2 && path[0].equals("health") && path[1].equals("ready")) {
+            // The readiness of the whole server, defined here once (serve_config/control/probe.py asks it, and so
+            // does the fleet's HAProxy): at least one model, and each default version has a loaded worker.
+            // "models" says which, beyond the OIP's "ready".
             boolean ready = !ModelManager.getInstance().getDefaultModels().isEmpty();
+            JsonObject models = new JsonObject();
             for (Model model : ModelManager.getInstance().getDefaultModels().values()) {
-                ready &= hasReadyWorker(model);
+                boolean loaded = hasReadyWorker(model);
+                models.addProperty(model.getModelName(), loaded);
+                ready &= loaded;
             }
             JsonObject body = new JsonObject();
             body.addProperty("ready", ready);
+            body.add("models", models);
             json(rsp, ready ? 200 : 503, body);
         } else {
             Target target = Target.parse(path);

@@ -1,6 +1,6 @@
 """TorchServe's configuration inside a container, and the model bundle KServe downloads.
 
-    python -m serve_config.deploy.bundle --models digits --model-store model_store --out build/bundle/digits
+    python -m serve_config.cluster.bundle --models digits --model-store model_store --out build/bundle/digits
 
 A bundle is the storageUri layout KServe's TorchServe runtimes read:
 
@@ -10,7 +10,7 @@ A bundle is the storageUri layout KServe's TorchServe runtimes read:
 model_snapshot registers each model at start-up with the workers, batch size, batch delay and response timeout
 of the model-config YAML packed in its own archive, and the archive's version, so the snapshot cannot
 disagree with the model it starts. The same config (without the snapshot, with load_models=all) is the image's
-default (serve_config/deploy/image.py). Both derive from serve_config/config.properties: capacity, metrics and
+default (serve_config/cluster/image.py). Both derive from serve_config/config.properties: capacity, metrics and
 request limits are the same as `make serve`'s; what differs is listed in CONTAINER below.
 """
 
@@ -77,7 +77,7 @@ def container_config(model_store: Path, *, snapshot: dict | None = None) -> str:
     """config.properties for a container whose archives are in `model_store`: every model there (load_models=all),
     or those of `snapshot`. Settings from the environment (TS_<KEY>) take precedence (enable_envvars_config)."""
     text = render_config(TEMPLATE, PORTS, model_store, host="0.0.0.0", overrides=CONTAINER, plugins=IMAGE_DIR / "plugins")
-    header = ("# Rendered by serve_config/deploy/bundle.py from serve_config/config.properties for a container "
+    header = ("# Rendered by serve_config/cluster/bundle.py from serve_config/config.properties for a container "
               "(docs/deploy.md).\n")
     extra = ["", "# Container: TS_<KEY> variables override these settings; what to load at start-up.",
              "enable_envvars_config=true"]

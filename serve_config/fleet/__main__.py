@@ -1,0 +1,3 @@
+from serve_config.fleet.cli import main
+
+raise SystemExit(main())
