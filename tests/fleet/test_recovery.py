@@ -20,7 +20,7 @@ from serve_config import control as ts
 from serve_config import fleet as fleets
 from serve_config.control import deploys
 from serve_config.rollout import FAULT_ENV, STEPS, Rollout, versioned_copy
-from tests.ops.servers import store_with
+from tests.ops.servers import serving, store_with
 
 pytestmark = [pytest.mark.fleet, pytest.mark.integration, pytest.mark.slow, pytest.mark.proof]
 MODEL = "digits"
@@ -58,14 +58,8 @@ def assert_serves_only(server: ts.Server, store: Path, version: str) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recovery")
-    store = store_with(root, MODEL)
-    run_dir = root / "run"
-    server = ts.start(run_dir, [MODEL], ports=ts.Ports.free(), model_store=store)
-    try:
-        yield server, store
-    finally:
-        ts.stop(run_dir)
+    with serving(tmp_path_factory.mktemp("recovery"), MODEL) as instance:
+        yield instance
 
 
 def on(server: ts.Server, store: Path) -> list[str]:

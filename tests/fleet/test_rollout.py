@@ -16,7 +16,7 @@ from loadtest.run import Run, by_name
 from models.paths import ROOT
 from serve_config import control as ts
 from serve_config.rollout import Rollout, archive_version, versioned_copy
-from tests.ops.servers import store_with
+from tests.ops.servers import serving, store_with
 
 pytestmark = [pytest.mark.fleet, pytest.mark.integration, pytest.mark.slow]
 MODEL = "digits"
@@ -24,13 +24,8 @@ MODEL = "digits"
 
 @pytest.fixture
 def served(tmp_path):
-    store = store_with(tmp_path, MODEL)
-    run_dir = tmp_path / "run"
-    server = ts.start(run_dir, [MODEL], ports=ts.Ports.free(), model_store=store)
-    try:
-        yield server, store
-    finally:
-        ts.stop(run_dir)
+    with serving(tmp_path, MODEL) as instance:
+        yield instance
 
 
 def test_a_versioned_copy_changes_only_the_manifest_version(tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from serve_config import control as ts
-from tests.conftest import ROOT, TREE, built
+from tests.conftest import TREE, built
 
 
 def template_with(tmp_path: Path, **overrides) -> Path:
@@ -28,6 +30,17 @@ def store_with(tmp_path: Path, *models: str) -> Path:
         for suffix in (".mar", ".mar.sha256"):
             shutil.copy2(built(TREE.model_store / f"{model}{suffix}"), store / f"{model}{suffix}")
     return store
+
+
+@contextmanager
+def serving(root: Path, model: str) -> Iterator[tuple[ts.Server, Path]]:
+    """`model` served from a store of its own under `root` (a test may rebuild or rewrite it); stopped by PID."""
+    store = store_with(root, model)
+    server = ts.start(root / "run", [model], ports=ts.Ports.free(), model_store=store)
+    try:
+        yield server, store
+    finally:
+        ts.stop(root / "run")
 
 
 def frontend_pid(server: ts.Server) -> int:
