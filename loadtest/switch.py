@@ -44,14 +44,14 @@ end
 """
 
 
-def wrk(url: str, script: Path, *, connections: int, seconds: float | None, timeout_s: float = 2.0) -> subprocess.Popen:
+def wrk(url: str, script: Path, *, connections: int, seconds: float | None, timeout_s: int = 2) -> subprocess.Popen:
     """wrk on one thread with `connections` in flight; for `seconds`, or (None) until it is sent SIGINT."""
     binary = shutil.which("wrk")
     if binary is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (Debian's package; `make prereqs`)")
     duration = f"{int(seconds)}s" if seconds else "3600s"
-    return subprocess.Popen([binary, "-t1", f"-c{connections}", f"-d{duration}", f"--timeout={timeout_s}s", "-s",
-                             str(script), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([binary, "-t1", f"-c{connections}", f"-d{duration}", "--timeout", f"{timeout_s}s",
+                             "-s", str(script), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def result(process: subprocess.Popen) -> dict:

@@ -150,7 +150,10 @@ class Rollout:
         workers = max(1, len(model_workers(self.server, self.model)[0]))
         steps, t0 = {}, time.monotonic()
         if version not in registered:
-            self._api("POST", "/models", params={"url": url, "initial_workers": workers, "synchronous": "true"})
+            # Not synchronous: TorchServe waits for a synchronous registration's workers on the Netty thread that
+            # took the request, and the inference connections that share that event loop hang meanwhile (wrk
+            # measured requests with no answer for seconds). _wait_ready polls instead.
+            self._api("POST", "/models", params={"url": url, "initial_workers": workers, "synchronous": "false"})
         step("registered")
         self._wait_ready(version, workers)
         steps["register_ready_s"] = time.monotonic() - t0
