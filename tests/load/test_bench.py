@@ -13,7 +13,7 @@ from loadtest.bench import bench
 from loadtest.bench.report import TARGETS
 from tests.conftest import SERVED, TREE
 
-pytestmark = [pytest.mark.load, pytest.mark.integration]
+pytestmark = [pytest.mark.load, pytest.mark.integration, pytest.mark.proof]  # minutes: `make proofs`
 
 
 def _finite(value) -> bool:

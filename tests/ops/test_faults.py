@@ -238,6 +238,7 @@ def test_a_slow_request_does_not_block_another_model(private_server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.proof
 def test_soak_holds_steady_without_failures(tmp_path):
     """`make soak`, shortened by parameter (20 s instead of 600): no failed request, RSS sampled throughout,
     the plot and report written. The achieved rate and memory growth are printed, not asserted."""
