@@ -27,8 +27,7 @@ from typing import Sequence
 import yaml
 
 from export.manifest import ARCHIVE_DIGEST, IntegrityError, archive_model, copy_archive
-from serve_config.control.instance import Ports
-from serve_config.control.lifecycle import TEMPLATE, render_config
+from serve_config.control import TEMPLATE, Ports, render_config
 
 PORTS = Ports(inference=8080, management=8081, metrics=8082, grpc_inference=7070, grpc_management=7071)
 IMAGE_DIR = Path("/opt/serve")  # the image's own files: entrypoint, probe, log4j2.xml, config.properties

@@ -33,7 +33,7 @@ from typing import Sequence
 from export.manifest import IntegrityError
 from models.durable import write_atomic
 from models.paths import ROOT
-from serve_config.control.lifecycle import PLUGIN_JAR, PLUGINS_DIR
+from serve_config.control import PLUGIN_JAR, PLUGINS_DIR
 from serve_config.cluster.bundle import container_config, copy_archives
 
 HERE = Path(__file__).resolve().parent / "image"

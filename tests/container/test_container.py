@@ -18,7 +18,7 @@ import uuid
 import pytest
 import requests
 
-from serve_config.control.instance import Ports
+from serve_config.control import Ports
 from serve_config.cluster import bundle as bd
 from serve_config.cluster import image as im
 from tests.conftest import SERVED, TREE, Traffic, assert_serves_every_model, built

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import requests
 
-from serve_config.control.instance import Ports
-from serve_config.control.lifecycle import PLUGIN_JAR, PLUGINS_DIR, end_group
+from serve_config.control import PLUGIN_JAR, PLUGINS_DIR, Ports, end_group
 from serve_config.cluster import bundle as bd
 from serve_config.cluster import manifests as mf
 from serve_config.cluster.image import OPT_SERVE, containerfile_env

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from serve_config.control.instance import read_properties
+from serve_config.control import read_properties
 from serve_config.cluster import bundle as bd
 from serve_config.cluster import image as im
 
