@@ -155,7 +155,7 @@ def test_the_kserve_runtime_serves_the_bundle_in_the_image(tmp_path):
         management = f"http://127.0.0.1:{container.ports.management}/models/{model}"
         requests.put(management, params={"min_worker": 0, "max_worker": 0, "synchronous": "true"}, timeout=120)
         answer = container.exec(probes["readinessProbe"])
-        assert answer.returncode == 1 and f"{model}: no READY worker" in answer.stdout, answer.stdout
+        assert answer.returncode == 1 and f"no loaded worker for {model}" in answer.stdout, answer.stdout
         assert container.exec(probes["livenessProbe"]).returncode == 0
         requests.put(management, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120)
         container.wait_healthy(probes["readinessProbe"], timeout=300)

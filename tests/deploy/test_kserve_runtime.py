@@ -101,7 +101,7 @@ def test_the_manifests_probes_pass_when_ready_and_fail_when_a_model_has_no_worke
     rt.scale(served, model, 0)
     try:
         answer = served.exec(commands["readinessProbe"])
-        assert answer.returncode == 1 and f"{model}: no READY worker" in answer.stdout, answer.stdout
+        assert answer.returncode == 1 and f"no loaded worker for {model}" in answer.stdout, answer.stdout
         assert served.exec(commands["startupProbe"]).returncode == 1
         assert served.exec(commands["livenessProbe"]).returncode == 0  # the frontend is alive: no restart
     finally:
