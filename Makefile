@@ -167,7 +167,7 @@ stop: ## stop the TorchServe that `make serve` started (by its PID)
 token: ## print the current inference key (make -s token)
 	@$(PY) -m serve_config.control token --run-dir $(RUN_DIR)
 
-ready: ## readiness probe of the running server: exit 0 when /ping is Healthy and every model has a READY worker
+ready: ## readiness probe of the running server: exit 0 when every model has a loaded worker (serve_config/control/probe.py)
 	@$(PY) -m serve_config.control ready --run-dir $(RUN_DIR)
 
 rotate-token: ## replace the running server's inference key (KIND=management for the management key)

@@ -56,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p_token = sub.add_parser("token", help="print a key of the running server")
     p_token.add_argument("--kind", choices=KEY_KINDS, default="inference")
     p_stop = sub.add_parser("stop", help="stop the server started from --run-dir, by its PID")
-    p_ready = sub.add_parser("ready", help="readiness probe: exit 0 when /ping is Healthy and every model has a "
-                                           "READY worker (usable as a Kubernetes exec probe)")
+    p_ready = sub.add_parser("ready", help="readiness probe: exit 0 when every model (default: every served one) has a "
+                                           "worker that loaded it (serve_config/control/probe.py; usable as an exec probe)")
     p_ready.add_argument("--models", nargs="*")
     p_rotate = sub.add_parser("rotate-token", help="replace the inference or management key of the running server")
     p_rotate.add_argument("--kind", choices=("inference", "management"), default="inference")
