@@ -89,8 +89,11 @@ def test_oip_health_over_rest_and_grpc_with_the_key(server):
     from loadtest.grpc_client import stubs
 
     for path, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready")):
-        assert requests.get(f"{server.inference_url}{path}", headers=server.headers(), timeout=10).json() == {key: True}
+        assert requests.get(f"{server.inference_url}{path}", headers=server.headers(), timeout=10).json()[key] is True
         assert requests.get(f"{server.inference_url}{path}", timeout=10).status_code == 400
+    # readiness names each model's state too (serve_config/control/probe.py reports which one is not ready)
+    served = requests.get(f"{server.inference_url}/v2/health/ready", headers=server.headers(), timeout=10).json()
+    assert served["models"] == {spec.name: True for spec in SERVED}, served
     # model readiness and metadata over REST come from our endpoint plugin (tests/integration/test_oip_metadata.py)
     assert requests.get(f"{server.inference_url}/v2/models/{SERVED[0].name}/ready", headers=server.headers(),
                         timeout=10).json()["ready"] is True
