@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-
 from export.manifest import copy_archive
 from models.durable import write_atomic
 from models.paths import FULL, ROOT
