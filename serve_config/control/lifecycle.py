@@ -132,7 +132,7 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     else:
         (run_dir / KEY_FILE).unlink(missing_ok=True)
     config = run_dir / CONFIG_FILE
-    config.write_text(render_config(template, ports, model_store.resolve(), overrides=overrides))
+    write_atomic(config, render_config(template, ports, model_store.resolve(), overrides=overrides))
     # TorchServe reads TS_CONFIG_FILE before --ts-config, and TS_<KEY> over the config where a config enables it:
     # none of the caller's may change what runs here. extra_env is this module's callers' deliberate choice.
     env = {key: value for key, value in os.environ.items() if not key.startswith("TS_")}
@@ -140,7 +140,7 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
                 "METRICS_LOCATION": str(run_dir / "logs"), **(extra_env or {})})
     torchserve = Path(sys.executable).parent / "torchserve"
     if netns:
-        (run_dir / NETNS_FILE).write_text(netns)
+        write_atomic(run_dir / NETNS_FILE, netns)
     else:
         (run_dir / NETNS_FILE).unlink(missing_ok=True)
     command = [*exec_prefix(netns), str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),

@@ -34,12 +34,11 @@ def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE) -> str:
     errors.mkdir(exist_ok=True)
     for status, (reason, kind, message) in ERRORS.items():
         body = json.dumps({"code": status, "type": kind, "message": message})
-        (errors / f"{status}.http").write_text(
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nCache-Control: no-cache\r\n"
-            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+        write_atomic(errors / f"{status}.http",
+                     f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nCache-Control: no-cache\r\n"
+                     f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+    write_atomic(root / "bearers.lst", f"Bearer {ensure_token(Path(fleet.token_file))}\n", mode=0o600)
     bearers = root / "bearers.lst"
-    bearers.write_text(f"Bearer {ensure_token(Path(fleet.token_file))}\n")
-    bearers.chmod(0o600)
     max_body = int(read_properties(TEMPLATE).get("max_request_size", 8388608))
     servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.ports['inference']} check"
                         + (f" namespace {r.netns}" if r.netns else "") for r in fleet.replicas)
@@ -145,7 +144,7 @@ def reload_token(fleet: Fleet) -> bool:
         answer = command(fleet, line).strip()
         if answer:
             raise ServerError(f"haproxy refused '{line.split(' ', 1)[0]} acl': {answer}")
-    bearers.write_text(new + "\n")  # what a restart of the balancer loads
+    write_atomic(bearers, new + "\n", mode=0o600)  # what a restart of the balancer loads
     return True
 
 

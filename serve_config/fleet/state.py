@@ -4,7 +4,6 @@ the clients' token file, and the keys every replica takes."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,11 +71,8 @@ class Fleet:
 
 def ensure_token(path: Path) -> str:
     """The fleet's bearer token from `path`; a new random one (written with mode 600) when there is none."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+    if not path.exists():  # whole or not at all, and never readable by others, not even while it is written
+        write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o600)
     token = path.read_text().strip()
     if len(token) < 16 or any(c.isspace() for c in token):
         raise ServerError(f"{path}: a token is one word of at least 16 characters")
