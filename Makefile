@@ -143,7 +143,8 @@ $(PLUGIN_JAR): $(shell find handlers/frontend -type f) | $(VENV_STAMP) prereqs-c
 		$(shell find handlers/frontend/org -name '*.java')
 	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR):build/plugin-classes -d build/plugin-patch \
 		$(shell find handlers/frontend/patch -name '*.java')
-	for class in http/HttpRequestHandlerChain archive/utils/ArchiveUtils ServerInitializer util/TokenAuthorization; do \
+	for class in http/HttpRequestHandlerChain archive/utils/ArchiveUtils ServerInitializer util/TokenAuthorization \
+		grpcimpl/GRPCInterceptor; do \
 		cp build/plugin-patch/org/pytorch/serve/$$class.class build/plugin-classes/org/servemodels/oip/$${class##*/}.class.bin; done
 	cp -r handlers/frontend/META-INF build/plugin-classes/
 	jar --create --file $@.tmp --manifest handlers/frontend/agent.mf -C build/plugin-classes . && mv $@.tmp $@

@@ -294,7 +294,7 @@ def test_request_bodies_past_the_byte_budget_are_refused_as_they_arrive(private_
     sending 8 MiB bodies exhausted the frontend's memory (every request failed afterwards). The frontend agent's
     BodyAdmission reserves the bytes of large bodies as they arrive from max_held_request_bytes: with a 1 MiB
     budget a 3 MiB body is refused (503, read to its end and dropped, so the client gets the answer) while a body
-    within the budget and a small request are served, again and again (each gives its bytes back)."""
+    within the budget and a small request are served, again and again (each gives its bytes back); over gRPC too."""
     mib = 1 << 20
     server = private_server(["digits"], model_store=store_with(tmp_path, "digits"),
                             template=template_with(tmp_path, max_held_request_bytes=str(mib)))
@@ -310,6 +310,28 @@ def test_request_bodies_past_the_byte_budget_are_refused_as_they_arrive(private_
         small = requests.post(url, data=png(28, 28), headers={**server.headers(), "Content-Type": "image/png"},
                               timeout=60)
         assert small.status_code == 200, small.text
+    # The gRPC ports take from the same budget (GrpcAdmission): a 3 MiB message ends its call at once with
+    # RESOURCE_EXHAUSTED, a message within the budget and a small one are answered.
+    import grpc
+
+    from loadtest.grpc_client import stubs
+
+    pb2, pb2_grpc = stubs()
+    options = [("grpc.max_send_message_length", 16 * mib)]
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports.grpc_inference}", options=options) as channel:
+        stub, key = pb2_grpc.InferenceAPIsServiceStub(channel), [("authorization", f"Bearer {server.keys()['inference']}")]
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Predictions(pb2.PredictionsRequest(model_name="digits", input={"data": bytes(3 * mib)}),
+                                 metadata=key, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+            assert "max_held_request_bytes" in refused.value.details()
+            within = stub.Predictions(pb2.PredictionsRequest(model_name="digits", input={"data": bytes(mib // 2)}),
+                                      metadata=key, timeout=60)
+            assert b"InvalidImage" in within.prediction, within.prediction[:200]
+            small = stub.Predictions(pb2.PredictionsRequest(model_name="digits", input={"data": png(28, 28)}),
+                                     metadata=key, timeout=60)
+            assert b"label" in small.prediction, small.prediction[:200]
     assert requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=10).status_code == 200
     assert frontend_pid(server) == pid, "the frontend restarted"
 

@@ -71,7 +71,25 @@ public final class BodyAdmission extends ChannelDuplexHandler {
 
     public BodyAdmission() {}
 
-    static long budget() {
+    /**
+     * Reserves a body held outside this handler (a gRPC message: GrpcAdmission): the bytes reserved (0 for a small
+     * body, which passes uncounted), or -1 when the budget has no room for it.
+     */
+    public static long admit(long bytes) {
+        if (bytes <= SMALL_BODY) {
+            return 0;
+        }
+        return reserve(bytes) ? bytes : -1;
+    }
+
+    /** Gives back what admit reserved. */
+    public static void release(long bytes) {
+        if (bytes > 0) {
+            held.addAndGet(-bytes);
+        }
+    }
+
+    public static long budget() {
         if (budget < 0) {
             budget = Settings.number("max_held_request_bytes", DEFAULT_BUDGET);
         }

@@ -13,7 +13,7 @@ import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
 
 /**
- * A Java agent (`-javaagent:oip-endpoint.jar` in the frontend's vmargs) that substitutes our versions of four
+ * A Java agent (`-javaagent:oip-endpoint.jar` in the frontend's vmargs) that substitutes our versions of five
  * TorchServe classes (handlers/frontend/patch) for its own when they load:
  *
  * <ul>
@@ -25,7 +25,8 @@ import java.util.concurrent.ConcurrentHashMap;
  *   <li>ServerInitializer: puts BodyAdmission in front of each channel's aggregator, so request bodies are admitted
  *       against one budget of bytes before they are read;
  *   <li>TokenAuthorization: a key file found at start-up is kept (a restarted frontend keeps its clients' keys, a
- *       fleet seeds its replicas' keys), keys are 32 random bytes, compared in constant time.
+ *       fleet seeds its replicas' keys), keys are 32 random bytes, compared in constant time;
+ *   <li>GRPCInterceptor: gRPC request messages are admitted against the same byte budget (GrpcAdmission).
  * </ul>
  *
  * A class is substituted only when TorchServe's is byte for byte the one its replacement was written for
@@ -37,12 +38,14 @@ public final class FrontendPatches {
     static final String ARCHIVES = "org/pytorch/serve/archive/utils/ArchiveUtils";
     static final String CHANNELS = "org/pytorch/serve/ServerInitializer";
     static final String TOKENS = "org/pytorch/serve/util/TokenAuthorization";
+    static final String GRPC_CALLS = "org/pytorch/serve/grpcimpl/GRPCInterceptor";
     // class -> sha256 of TorchServe 0.12.0's bytes of it
     static final Map<String, String> REPLACES = Map.of(
             CHAIN, "fb9677e4e8354e653d69114cede4a86a99da02dfd7d4f12ec2613523f1625927",
             ARCHIVES, "53a63f5dc14488648c078aa9ac2e3052884c8d9ef8198314d5faf9ede88ec1bd",
             CHANNELS, "096cdc16ec94359c5bafd0fddf4443e3d9a8c7656863d0b57bf1586fd2f8f700",
-            TOKENS, "e6b5b9cedfb53c962d1c1e85b18e4143605860883395927df36565b76da59af8");
+            TOKENS, "e6b5b9cedfb53c962d1c1e85b18e4143605860883395927df36565b76da59af8",
+            GRPC_CALLS, "43ccf60fdede17fb9194c59ccf2304d47d94a60884a0880a91595e6e33b53292");
     static final Set<String> substituted = ConcurrentHashMap.newKeySet();
 
     private FrontendPatches() {}
