@@ -97,6 +97,7 @@ def launch(root: Path, n: int, models: Sequence[str], *, model_store: Path = FUL
         for replica in fleet.replicas:
             if replica.netns:
                 netns.create(replica.netns)
+        replica_keys(fleet)  # made once, here: replicas starting in parallel would each make their own
         with ThreadPoolExecutor(max_workers=n) as pool:
             list(pool.map(lambda r: start_replica(fleet, r, timeout=timeout), fleet.replicas))
         start_balancer(fleet)
