@@ -57,6 +57,8 @@ sources = $(shell $(PYTHON) -m models.registry sources $(1) $(2))
 # The frontend's endpoint plugin (handlers/frontend), compiled against the installed TorchServe's jar.
 PLUGIN_JAR := build/plugins/oip-endpoint.jar
 TS_JAR = $(VENV)/lib/python3.11/site-packages/ts/frontend/model-server.jar
+TORCH_DIR = $(VENV)/lib/python3.11/site-packages/torch
+CPP_RUNNER = build/cpp/runner
 # What trains a checkpoint, and its registry entry; nothing for a checkpoint brought from elsewhere (no recipe).
 checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
 VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
@@ -64,7 +66,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
-	sweep soak switch-bench test proofs pytest unit lock clean models plugin FORCE
+	sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run FORCE
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -73,7 +75,7 @@ help: ## show the targets and the variables they take
 	@echo "Variables (make VAR=value; the value in effect in brackets):"
 	@$(foreach v,$(VARIABLES),printf "  %-16s %s [%s]\n" "$(v)" "$$(grep -E '^$(v) \?=' $(firstword $(MAKEFILE_LIST)) | sed 's/.*## //')" "$($(v))";)
 
-prereqs: prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image ## check the tools the venv cannot install: Python 3.11, Java 17, HAProxy, wrk, Prometheus, podman
+prereqs: prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image ## check the tools the venv cannot install: Python 3.11, Java 17, g++, HAProxy, wrk, Prometheus, podman
 
 prereqs-core:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11 (python3.11 and python3.11-venv) or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -81,6 +83,7 @@ prereqs-core:
 	@command -v java >/dev/null || { echo "error: java not found. TorchServe's frontend needs a Java 17 runtime (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 	@java -version 2>&1 | grep -Eq 'version "17[."]' || { echo "error: TorchServe 0.12 needs Java 17; found: $$(java -version 2>&1 | head -1)" >&2; exit 1; }
 	@command -v javac >/dev/null && command -v jar >/dev/null || { echo "error: javac/jar not found. The OIP endpoint plugin is compiled from source: install a JDK 17 (e.g. apt-get install openjdk-17-jdk-headless)" >&2; exit 1; }
+	@command -v g++ >/dev/null || { echo "error: g++ not found. AOTInductor compiles each model's package with the host's C++ compiler at export, and the C++ runner is built with it: apt-get install g++" >&2; exit 1; }
 
 prereqs-fleet:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null || { echo "error: haproxy not found. The fleet (make fleet, its tests) runs HAProxy from Debian's packages: apt-get install haproxy" >&2; exit 1; }
@@ -127,7 +130,8 @@ build/registry/%.json: FORCE
 $(TREE)checkpoints/%/model.pt: $$(call checkpoint_deps,$$*) | $(VENV_STAMP)
 	$(PY) -m models.train --model $* --out $(TREE)checkpoints/$* --recipe $(RECIPE)
 
-$(TREE)artifacts/%/manifest.json: $(TREE)checkpoints/%/model.pt export/export.py export/manifest.py build/registry/%.json
+$(TREE)artifacts/%/manifest.json: $(TREE)checkpoints/%/model.pt export/export.py export/manifest.py models/runtime.py \
+		build/registry/%.json
 	$(PY) -m export.export --model $* --checkpoint $(TREE)checkpoints/$* --out $(TREE)artifacts/$*
 
 $(TREE)artifacts/%/verified.json: $(TREE)artifacts/%/manifest.json export/verify.py models/runtime.py
@@ -149,10 +153,23 @@ $(PLUGIN_JAR): $(shell find handlers/frontend -type f) | $(VENV_STAMP) prereqs-c
 	cp -r handlers/frontend/META-INF build/plugin-classes/
 	jar --create --file $@.tmp --manifest handlers/frontend/agent.mf -C build/plugin-classes . && mv $@.tmp $@
 
+# The C++ runner, against the libtorch the torch wheel ships. By hand, not find_package(Torch): that fails on a host
+# without CUDA libraries. The rpath (not runpath: --disable-new-dtags) lets libtorch find its own neighbours.
+$(CPP_RUNNER): export/cpp/runner.cpp | $(VENV_STAMP) prereqs-core
+	mkdir -p $(@D)
+	g++ -std=c++20 -O2 -D_GLIBCXX_USE_CXX11_ABI=$$($(PY) -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))') \
+		-I$(TORCH_DIR)/include -I$(TORCH_DIR)/include/torch/csrc/api/include $< -o $@.tmp \
+		-L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(abspath $(TORCH_DIR))/lib -Wl,--disable-new-dtags
+	mv $@.tmp $@
+
+cpp-runner: $(CPP_RUNNER) ## build the C++ runner (libtorch, no Python): TorchScript and AOTInductor exports
+cpp-run: $(TREE)artifacts/$(MODEL)/verified.json $(CPP_RUNNER) | $(VENV_STAMP) ## MODEL's TorchScript and AOTInductor exports run in C++, beside Python's outputs
+	$(PY) -m export.native --model $(MODEL) --artifacts $(TREE)artifacts/$(MODEL) --runner $(CPP_RUNNER)
+
 plugin: $(PLUGIN_JAR) ## build the frontend's OIP endpoint plugin (model metadata and readiness over REST)
 
 train: $(TREE)checkpoints/$(MODEL)/model.pt ## train MODEL and write its self-describing checkpoint
-export: $(TREE)artifacts/$(MODEL)/manifest.json ## export MODEL to TorchScript (trace, script) and ONNX
+export: $(TREE)artifacts/$(MODEL)/manifest.json ## export MODEL: TorchScript (trace, script), ONNX, torch.export, AOTInductor
 verify: $(TREE)artifacts/$(MODEL)/verified.json ## check MODEL's exports against eager (fresh process each)
 archive: $(TREE)model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
 models: $(MARS)
@@ -261,7 +278,7 @@ proofs: | $(VENV_STAMP) prereqs-fleet prereqs-wrk ## the slow proofs (a frontend
 # The image's tier needs a built image: `make image-test` (RECIPE=$(TEST_RECIPE) for the test tree's models).
 # The proofs (marker `proof`) have their own target, `make proofs`.
 PYTEST_MARK = not proof
-pytest: $(PLUGIN_JAR) | $(VENV_STAMP)
+pytest: $(PLUGIN_JAR) $(CPP_RUNNER) | $(VENV_STAMP)
 	$(PY) -m pytest tests --ignore=tests/container -m "$(PYTEST_MARK)" $(PYTEST_ARGS) --durations=15
 
 unit: | $(VENV_STAMP) ## the unit tier without its slow tests: needs no built model, starts no server (seconds)

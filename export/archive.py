@@ -34,7 +34,7 @@ def handler_modules(entry_points: list[Path]) -> list[Path]:
 
 SIGNATURE = "signature.json"  # read by the frontend's OIP endpoint (handlers/frontend) for model metadata
 # The OIP metadata's `platform`, by the served file's type.
-PLATFORMS = {".onnx": "onnxruntime_onnx", ".pt": "pytorch_libtorch"}
+PLATFORMS = {".onnx": "onnxruntime_onnx", ".pt": "pytorch_libtorch", ".pt2": "pytorch_aotinductor"}
 
 
 def signature(spec: registry.ModelSpec, manifest: dict, config: Path, serialized: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Export a checkpoint to TorchScript (trace and script) and ONNX, and write the manifest.
+"""Export a checkpoint to TorchScript (trace and script), ONNX, torch.export and AOTInductor; write the manifest.
 
     python -m export.export --model digits --checkpoint checkpoints/digits --out artifacts/digits
 
@@ -95,14 +95,21 @@ def export_script(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dic
     return {"exporter": "torch.jit.script", "format": "torchscript"}
 
 
+def dynamic_shapes(spec: registry.ModelSpec, *, derive_others: bool = False) -> tuple[dict[int, Any], ...]:
+    """torch.export's dynamic shapes for the registry's dynamic axes: positional (one entry per input, so it holds
+    whatever the model's forward() names its arguments), one shared Dim for the batch (1 to 4096). Other axes get
+    a Dim per input, or with `derive_others` Dim.AUTO: torch.export then finds their range and relations itself
+    (a BERT's sequence is at most its 512 positions, and its ids and mask share one length)."""
+    def dim(t: registry.TensorSpec, label: str):
+        if label != "batch" and derive_others:
+            return torch.export.Dim.AUTO
+        return torch.export.Dim(label if label == "batch" else f"{t.name}_{label}", min=1, max=4096)
+
+    return tuple({axis: dim(t, label) for axis, label in t.dynamic_axes.items()} for t in spec.inputs)
+
+
 def export_onnx(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dict[str, Any]:
     """ONNX through the dynamo-based exporter (torch.export), named explicitly, with dynamic axes from the registry."""
-    # Positional (one entry per input), so it holds whatever the model's forward() names its arguments.
-    dynamic_shapes = tuple(
-        {axis: torch.export.Dim(label if label == "batch" else f"{t.name}_{label}", min=1, max=4096)
-         for axis, label in t.dynamic_axes.items()}
-        for t in spec.inputs
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
@@ -112,7 +119,7 @@ def export_onnx(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dict[
             opset_version=spec.onnx_opset,
             input_names=[t.name for t in spec.inputs],
             output_names=list(spec.outputs),
-            dynamic_shapes=dynamic_shapes,
+            dynamic_shapes=dynamic_shapes(spec),
             external_data=False,
             verbose=False,
         )
@@ -162,11 +169,56 @@ def export_onnx_int8(model: nn.Module, spec: registry.ModelSpec, path: Path) -> 
             "from": source.name, "fp32_matmuls": len(excluded)}
 
 
+def export_program(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dict[str, Any]:
+    """A torch.export ExportedProgram (non-strict: traced through Python, guarded on the dynamic axes), saved with
+    torch.export.save; the successor of TorchScript, and what AOTInductor and ExecuTorch start from."""
+    program = torch.export.export(model, example_inputs(spec), dynamic_shapes=dynamic_shapes(spec, derive_others=True),
+                                  strict=False)
+    torch.export.save(program, str(path))
+    return {"exporter": "torch.export.export(strict=False)", "format": "pt2",
+            "ranges": {str(symbol): [_bound(r.lower), _bound(r.upper)] for symbol, r in program.range_constraints.items()}}
+
+
+def _bound(value) -> int | None:
+    """A symbolic size's bound as JSON: an int, or None where it is unbounded."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):  # int(int_oo) fails inside sympy
+        return None
+
+
+def export_aoti(model: nn.Module, spec: registry.ModelSpec, path: Path) -> dict[str, Any]:
+    """AOTInductor: the program export compiled ahead of time into a package of native code for this host (its CPU's
+    instruction set and this torch), or for its GPU when it has one (the program is exported again on the device).
+    The manifest records what it was built for; models.runtime refuses to load it anywhere else."""
+    from torch._inductor import aoti_compile_and_package
+
+    from models.runtime import aoti_build_host, quiet_cpp_extension
+
+    source = path.parent / mf.ARTIFACT_FILES["program"]
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is missing: aoti compiles the program export (list program first)")
+    if torch.cuda.is_available():  # a CUDA package: weights and example inputs on the device
+        device = torch.device("cuda", 0)
+        on_device = tuple(t.to(device) for t in example_inputs(spec))
+        program = torch.export.export(model.to(device), on_device, dynamic_shapes=dynamic_shapes(spec, derive_others=True),
+                                      strict=False)
+        model.to("cpu")
+    else:
+        device, program = torch.device("cpu"), torch.export.load(str(source))
+    with quiet_cpp_extension():
+        aoti_compile_and_package(program, package_path=str(path))
+    return {"exporter": "torch._inductor.aoti_compile_and_package", "format": "pt2-aoti",
+            "from": source.name, "built_for": aoti_build_host(device)}
+
+
 EXPORTERS: dict[str, Callable[[nn.Module, registry.ModelSpec, Path], dict[str, Any]]] = {
     "trace": export_trace,
     "script": export_script,
     "onnx": export_onnx,
     "onnx_int8": export_onnx_int8,
+    "program": export_program,
+    "aoti": export_aoti,
 }
 
 
@@ -180,10 +232,10 @@ def export(spec: registry.ModelSpec, checkpoint_dir: Path, out: Path) -> dict[st
         started = time.monotonic()
         info = EXPORTERS[fmt](model, spec, path)
         artifacts[fmt] = {"file": path.name, **info, "sha256": mf.sha256(path), "bytes": path.stat().st_size}
-        print(f"{spec.name}: exported {fmt:6s} -> {path} ({path.stat().st_size / 1e3:.0f} kB, "
+        print(f"{spec.name}: exported {fmt:9s} -> {path} ({path.stat().st_size / 1e3:.0f} kB, "
               f"{time.monotonic() - started:.1f}s)", flush=True)
     for fmt, reason in spec.not_applicable.items():
-        print(f"{spec.name}: {fmt:6s} not applicable: {reason}", flush=True)
+        print(f"{spec.name}: {fmt:9s} not applicable: {reason}", flush=True)
     assets = {}
     for name in spec.assets:
         shutil.copy2(checkpoint_dir / name, out / name)

@@ -18,7 +18,7 @@ from models.digest import sha256
 MANIFEST = "manifest.json"
 # File name per export format inside artifacts/<model>/.
 ARTIFACT_FILES = {"trace": "model.trace.pt", "script": "model.script.pt", "onnx": "model.onnx",
-                  "onnx_int8": "model.int8.onnx"}
+                  "onnx_int8": "model.int8.onnx", "program": "model.program.pt2", "aoti": "model.aoti.pt2"}
 ARCHIVE_DIGEST = ".sha256"  # <name>.mar.sha256 beside each archive
 MAR_MANIFEST = "MAR-INF/MANIFEST.json"  # torch-model-archiver's record inside each .mar
 

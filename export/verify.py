@@ -201,7 +201,7 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) 
         print(f"{spec.name}: {summary(spec, fmt, results[fmt])}", flush=True)
     for fmt, reason in manifest.get("not_applicable", {}).items():
         results[fmt] = {"not_applicable": reason}
-        print(f"{spec.name}: {fmt:6s} not applicable (not verified): {reason}", flush=True)
+        print(f"{spec.name}: {fmt:9s} not applicable (not verified): {reason}", flush=True)
     if failures:
         raise ToleranceError(f"{len(failures)} verification failure(s) for {spec.name}:\n  " + "\n  ".join(failures))
     stamp = {"model": spec.name, "manifest_sha256": mf.sha256(artifacts_dir / mf.MANIFEST),

@@ -166,7 +166,7 @@ def test_a_drifted_export_fails_with_a_named_difference(tmp_path, digits_copy):
     with pytest.raises(ToleranceError) as info:
         verify(spec, digits_copy / "checkpoint", tmp_path / "artifacts")
     message = str(info.value)
-    for fmt in ("model.trace.pt", "model.script.pt", "model.onnx"):
+    for fmt in ("model.trace.pt", "model.script.pt", "model.onnx", "model.program.pt2", "model.aoti.pt2"):
         assert f"{fmt}" in message
     assert "output 'logits' max abs diff" in message and "> atol 0.0001 at batch 1" in message
 
@@ -202,7 +202,7 @@ def test_an_engineers_own_torchvision_model_exports_verifies_archives_and_serves
     model = checkpoint.build_model(BRING_YOUR_OWN.builder, BRING_YOUR_OWN.builder_kwargs).eval()
     checkpoint.save(model, BRING_YOUR_OWN, tmp_path / "checkpoint", metrics={})
     manifest = export(BRING_YOUR_OWN, tmp_path / "checkpoint", tmp_path / "artifacts")
-    assert set(manifest["artifacts"]) == {"trace", "script", "onnx"}
+    assert set(manifest["artifacts"]) == set(registry.DEFAULT_FORMATS)  # torch.export and AOTInductor included
     stamp = verify(BRING_YOUR_OWN, tmp_path / "checkpoint", tmp_path / "artifacts")
     assert all(r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] is None for r in stamp["artifacts"].values())
     assert json.loads((tmp_path / "artifacts" / "verified.json").read_text())["model"] == "mobilenet-own"

@@ -96,3 +96,26 @@ def test_every_visible_gpu_gets_its_own_worker_device():
     for gpu_id in range(torch.cuda.device_count()):
         runner = TorchScriptRunner(path, select_device(str(gpu_id)))
         assert {p.device for p in runner.module.parameters()} == {torch.device("cuda", gpu_id)}
+
+
+@pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
+def test_aoti_compiles_for_the_gpu_and_runs_on_the_workers_device(spec, tmp_path):
+    """On a CUDA host export compiles the AOTInductor package for the GPU and records its compute capability; the
+    runner runs it on the worker's device and hands back CPU tensors matching eager."""
+    from export.export import export_aoti, export_program
+    from models.runtime import AotiRunner, aoti_host_problems
+
+    configure_cuda_math(torch.device("cuda", 0), allow_tf32=False)
+    model, _ = checkpoint.load(built(TREE.checkpoint(spec.name)))
+    export_program(model, spec, tmp_path / "model.program.pt2")
+    record = export_aoti(model, spec, tmp_path / "model.aoti.pt2")["built_for"]
+    assert record["device"] == "cuda" and record["capability"].startswith("sm_") and aoti_host_problems(record) == []
+    runner = AotiRunner(tmp_path / "model.aoti.pt2", torch.device("cuda", 0), record, model=spec.name)
+    assert runner.device == torch.device("cuda", 0)
+    batch, _ = real_batch(spec)
+    with torch.inference_mode():
+        expected = model.cpu()(batch)
+    got = runner([batch])[0]
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, expected, atol=spec.tolerance.atol, rtol=1e-3)
+    assert torch.equal(got.argmax(1), expected.argmax(1))

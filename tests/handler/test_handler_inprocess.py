@@ -21,13 +21,18 @@ def load_handler(spec, tmp_path):
     model_dir = tmp_path / spec.name
     with zipfile.ZipFile(built(TREE.archive(spec.name))) as mar:
         mar.extractall(model_dir)
+    return initialize(spec.name, model_dir)
+
+
+def initialize(name, model_dir):
+    """The handler of an unpacked archive, initialized with TorchServe's own Context as its model loader does."""
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
-    module_spec = importlib.util.spec_from_file_location(f"mar_{spec.name}_handler", model_dir / manifest["model"]["handler"])
+    module_spec = importlib.util.spec_from_file_location(f"mar_{name}_handler", model_dir / manifest["model"]["handler"])
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     handler_class = next(v for v in vars(module).values() if isinstance(v, type) and v.__module__ == module.__name__)
-    context = Context(spec.name, str(model_dir), manifest, config["batchSize"], None, ts.__version__,
+    context = Context(name, str(model_dir), manifest, config["batchSize"], None, ts.__version__,
                       model_yaml_config=config)
     handler = handler_class()
     handler.initialize(context)
