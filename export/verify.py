@@ -108,17 +108,21 @@ def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Pat
             where = {"inputs": source, "batch": batch, **({"length": length} if length is not None else {})}
             for name, e, g in zip(spec.outputs, expected, got):
                 checks.append(compare(name, e, g, **where))
-    agreement = None
+    agreement = accuracy = None
     if held_out is not None:
-        images, _labels = held_out
-        agree = 0
+        images, labels = held_out
+        agree = eager_right = artifact_right = 0
         for start in range(0, len(images), 64):
-            chunk = images[start : start + 64]
+            chunk, truth = images[start : start + 64], labels[start : start + 64]
             with torch.inference_mode():
                 eager_top1 = model(chunk).argmax(dim=1)
-            agree += (runner([chunk])[0].argmax(dim=1) == eager_top1).sum().item()
+            top1 = runner([chunk])[0].argmax(dim=1)
+            agree += (top1 == eager_top1).sum().item()
+            eager_right += (eager_top1 == truth).sum().item()
+            artifact_right += (top1 == truth).sum().item()
         agreement = agree / len(images)
-    return {"artifact": artifact.name, "checks": checks, "top1_agreement": agreement}
+        accuracy = {"eager": eager_right / len(images), "artifact": artifact_right / len(images)}
+    return {"artifact": artifact.name, "checks": checks, "top1_agreement": agreement, "accuracy": accuracy}
 
 
 def mean_cosine(checks: list[dict[str, Any]]) -> float | None:
@@ -146,6 +150,12 @@ def judge(spec: registry.ModelSpec, fmt: str, report: dict[str, Any]) -> list[st
         mean = mean_cosine(report["checks"])
         if not (mean is not None and mean >= tol.min_mean_cosine):
             failures.append(f"{report['artifact']} ({fmt}) mean cosine similarity {mean} < {tol.min_mean_cosine}")
+    accuracy = report.get("accuracy")
+    if tol.max_accuracy_drop is not None and accuracy is not None and \
+            not accuracy["eager"] - accuracy["artifact"] <= tol.max_accuracy_drop:
+        failures.append(f"{report['artifact']} ({fmt}) held-out accuracy {accuracy['artifact']:.4f} is "
+                        f"{100 * (accuracy['eager'] - accuracy['artifact']):.2f} points below eager's "
+                        f"{accuracy['eager']:.4f} (at most {100 * tol.max_accuracy_drop:g})")
     agreement = report["top1_agreement"]
     if agreement is not None and agreement < tol.min_top1_agreement:
         failures.append(f"{report['artifact']} ({fmt}) top-1 agreement with eager {agreement:.4f} < "
@@ -165,6 +175,8 @@ def summary(spec: registry.ModelSpec, fmt: str, result: dict[str, Any]) -> str:
         parts.append(f"mean cosine {result['mean_cosine']:.6f} (>= {tol.min_mean_cosine:g})")
     if result["top1_agreement"] is not None:
         parts.append(f"top-1 agreement {result['top1_agreement']:.4f}")
+    if result.get("accuracy") is not None and tol.max_accuracy_drop is not None:
+        parts.append(f"held-out accuracy {result['accuracy']['artifact']:.4f} (eager {result['accuracy']['eager']:.4f})")
     return "  ".join(parts) + f"  [{result['checks']} checks, batches {list(spec.verify_batch_sizes)}]"
 
 
@@ -197,7 +209,8 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) 
         results[fmt] = {"file": entry["file"], "sha256": entry["sha256"], "max_abs_diff": worst["max_abs_diff"],
                         "worst_at": {k: worst[k] for k in ("batch", "inputs", "output")},
                         "min_cosine": min(cosines) if cosines else None, "mean_cosine": mean_cosine(report["checks"]),
-                        "top1_agreement": report["top1_agreement"], "checks": len(report["checks"])}
+                        "top1_agreement": report["top1_agreement"], "accuracy": report.get("accuracy"),
+                        "checks": len(report["checks"])}
         print(f"{spec.name}: {summary(spec, fmt, results[fmt])}", flush=True)
     for fmt, reason in manifest.get("not_applicable", {}).items():
         results[fmt] = {"not_applicable": reason}

@@ -32,6 +32,7 @@ DEFAULT_FORMATS = ("trace", "script", "onnx", "program", "aoti")
 # Which exported artifact backs each serving backend; the archive step packs that file.
 BACKEND_ARTIFACT = {"onnx": "onnx", "onnx-int8": "onnx_int8", "torchscript-trace": "trace",
                     "torchscript-script": "script", "aoti": "aoti"}
+QUANTIZATIONS = ("dynamic", "static")
 KINDS = tuple(kinds.KINDS)  # handlers.kinds: one module per kind
 # The ratios `make bench` reports, each served target at its best concurrency against another figure.
 BENCH_RATIOS = ("served_over_compute_limit", "served_over_ceiling", "ours_over_peer")
@@ -51,12 +52,14 @@ class TensorSpec:
 @dataclass(frozen=True)
 class Tolerance:
     """How close an exported artifact must be to its reference: elementwise max |diff| (None: not
-    checked), top-1 agreement (classifiers) and, per output row, cosine similarity (embeddings)."""
+    checked), top-1 agreement (classifiers), the held-out accuracy it may lose against eager (a fraction: 0.005 is
+    half a point; quantised classifiers) and, per output row, cosine similarity (embeddings)."""
 
     atol: float | None
     min_top1_agreement: float = 1.0
     min_cosine: float | None = None  # every row
     min_mean_cosine: float | None = None  # the mean over all rows checked
+    max_accuracy_drop: float | None = None  # eager's held-out accuracy minus the artifact's, at most
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,10 @@ class ModelSpec:
     reference: str | None = None
     # Formats that do not apply to this model, with the reason the tools report (never a pass).
     not_applicable: dict[str, str] = field(default_factory=dict)
+    # How onnx_int8 quantises: "dynamic" (MatMul weights int8 per channel, activations quantised per batch at run
+    # time: transformers) or "static" (QDQ: weights int8 per channel, activation ranges calibrated on the
+    # training split the checkpoint was trained on, the classifier head kept fp32: CNNs).
+    quantization: str = "dynamic"
     # Per-format tolerance where one differs from `tolerance` (a quantised variant).
     format_tolerance: dict[str, Tolerance] = field(default_factory=dict)
     # Files from the checkpoint folder the handler needs beside the model (a tokenizer), copied to the
@@ -193,6 +200,10 @@ class ModelSpec:
                              "exported and marked not applicable")
         if "aoti" in self.formats and self.formats.index("aoti") < (self.formats + ("program",)).index("program"):
             raise ValueError(f"{self.name}: aoti compiles the program export; list 'program' before 'aoti' in formats")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"{self.name}: quantization {self.quantization!r} is not one of {QUANTIZATIONS}")
+        if self.quantization == "static" and self.dataset is None:
+            raise ValueError(f"{self.name}: static quantization calibrates on the training split: it needs a dataset")
         if set(self.format_tolerance) - set(self.formats):
             raise ValueError(f"{self.name}: format_tolerance names formats not exported: "
                              f"{sorted(set(self.format_tolerance) - set(self.formats))}")
@@ -280,7 +291,10 @@ DIGITS = ModelSpec(
     dataset="models.data:load_digits_split",
     samples="models.samples:sample_digits",
     train=TrainSpec(epochs=30, batch_size=64, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.97),
-    serve_backend="onnx",
+    formats=(*DEFAULT_FORMATS, "onnx_int8"),
+    quantization="static",
+    format_tolerance={"onnx_int8": Tolerance(atol=None, min_top1_agreement=0.98, max_accuracy_drop=0.005)},
+    serve_backend="onnx",  # INT8 is slower for a net this small (quantise/dequantise costs more than it saves)
     bench_goals={"served_over_ceiling": 0.85, "ours_over_peer": 1.5},
     example=ExampleRequest(content_type="image/png", file="docs/examples/digits/seven.png"),
 )
@@ -303,6 +317,9 @@ SHAPES = ModelSpec(
     # `make test` on a clean clone: 3,200 images, about 3 minutes; a working model, not a good one.
     train_quick=TrainSpec(epochs=4, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0, min_accuracy=0.4,
                           augment=False, epoch_sizes=(64, 64, 96, 128), dataset_kwargs={"train": 3200, "test": 1600}),
+    formats=(*DEFAULT_FORMATS, "onnx_int8"),
+    quantization="static",
+    format_tolerance={"onnx_int8": Tolerance(atol=None, min_top1_agreement=0.98, max_accuracy_drop=0.005)},
     serve_backend="onnx",
     bench_p99_ms=1000.0,
     bench_goals={"served_over_compute_limit": 0.9, "ours_over_peer": 2.0},
