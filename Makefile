@@ -66,7 +66,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
-	sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run FORCE
+	sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check FORCE
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -116,12 +116,20 @@ $(VENV_STAMP): $(LOCK) requirements/uv.txt | prereqs-core
 	$(PY) -m pip check
 	touch $@
 
+# ExecuTorch, for `make mobile` alone, from its own lock (resolved against dev.txt, so nothing already installed moves).
+MOBILE_STAMP := $(VENV)/.mobile-installed
+$(MOBILE_STAMP): requirements/mobile.txt | $(VENV_STAMP)
+	$(UV) pip install --quiet $(UV_INDEXES) --require-hashes --no-deps --python $(PY) -r requirements/mobile.txt
+	$(PY) -m pip check
+	touch $@
+
 venv: $(VENV_STAMP) ## create .venv and install the locked dependencies (requirements/dev.txt, every hash checked)
 
 lock: | $(VENV_STAMP) ## re-resolve requirements/*.in into the hashed locks (needs the package indexes)
 	$(UV_COMPILE) --output-file requirements/uv.txt requirements/uv.in
 	$(UV_COMPILE) --output-file requirements/dev.txt requirements/dev.in
 	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/runtime.txt requirements/runtime.in
+	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/mobile.txt requirements/mobile.in
 
 # A registry entry as JSON, rewritten only when the entry changes: what depends on the entry depends on this.
 build/registry/%.json: FORCE
@@ -161,6 +169,12 @@ $(CPP_RUNNER): export/cpp/runner.cpp | $(VENV_STAMP) prereqs-core
 		-I$(TORCH_DIR)/include -I$(TORCH_DIR)/include/torch/csrc/api/include $< -o $@.tmp \
 		-L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(abspath $(TORCH_DIR))/lib -Wl,--disable-new-dtags
 	mv $@.tmp $@
+
+mobile: $(TREE)checkpoints/$(MODEL)/model.pt | $(MOBILE_STAMP) ## lower MODEL (an image model) to an ExecuTorch .pte (XNNPACK), verify it with ExecuTorch's runtime, report size and latency
+	$(PY) -m export.mobile --model $(MODEL) --checkpoint $(TREE)checkpoints/$(MODEL) --out $(TREE)mobile/$(MODEL)
+
+mobile-check: ## make mobile for every image model: what .ci/run runs
+	$(foreach m,$(shell $(PYTHON) -m models.registry list | while read m; do [ "$$($(PYTHON) -m models.registry get $$m kind)" = image-classifier ] && echo $$m; done),$(MAKE) --no-print-directory mobile MODEL=$(m) &&) true
 
 cpp-runner: $(CPP_RUNNER) ## build the C++ runner (libtorch, no Python): TorchScript and AOTInductor exports
 cpp-run: $(TREE)artifacts/$(MODEL)/verified.json $(CPP_RUNNER) | $(VENV_STAMP) ## MODEL's TorchScript and AOTInductor exports run in C++, beside Python's outputs
@@ -285,4 +299,4 @@ unit: | $(VENV_STAMP) ## the unit tier without its slow tests: needs no built mo
 	$(PY) -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)
 
 clean: ## remove generated artifacts of both trees (keeps .venv)
-	rm -rf checkpoints artifacts model_store build results
+	rm -rf checkpoints artifacts model_store mobile build results
