@@ -117,15 +117,11 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, out: Path, lowered: d
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {}, [f"{out / PTE} could not be loaded or run by ExecuTorch's runtime:\n{proc.stderr.strip()[-2000:]}"]
+    from export.verify import judge
+
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    tol, failures = spec.tolerance, []
-    for c in result["checks"]:
-        if c["shape"] != c["expected_shape"] or not c["max_abs_diff"] <= tol.atol:
-            failures.append(f"{PTE} at batch {c['batch']} ({c['inputs']} inputs): max abs diff {c['max_abs_diff']:.3g} "
-                            f"> atol {tol.atol:g} (shape {c['shape']}, eager {c['expected_shape']})")
-    if result["top1_agreement"] < tol.min_top1_agreement:
-        failures.append(f"{PTE}: top-1 agreement with eager {result['top1_agreement']:.4f} < {tol.min_top1_agreement}")
-    return result, failures
+    # Judged as every export is: the registry's tolerance (a .pte has no format tolerance of its own).
+    return result, judge(spec, "pte", {"artifact": PTE, **result})
 
 
 def main(argv: list[str] | None = None) -> int:
