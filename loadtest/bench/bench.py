@@ -12,8 +12,9 @@ On one machine, one after the other, in the same conditions:
               peer's figure is the better of the two;
 3. Locust (loadtest/bench/drive.py) drives each at rising concurrency, recording requests/s, latency
    percentiles, failures, the handler's per-batch metrics, and the CPU of load generator and server; then the
-   served model in the other request forms (Open Inference Protocol BYTES, and pixel tensors for an image
-   model), at the same concurrency levels, to compare with its native form.
+   served model on each other backend the registry's `bench_backends` names (its own archive, same config and
+   handler), and in the other request forms (Open Inference Protocol BYTES, and pixel tensors for an image
+   model), at the same concurrency levels, to compare with the served default in its native form.
 The report (JSON, Markdown, PNG) goes to results/bench/<model>-<timestamp>/; the ratios print last.
 """
 
@@ -78,6 +79,11 @@ def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL) -> tu
     workers = serve_settings(spec).get("minWorkers", 1)
     endpoints = [{"target": "served", "endpoint": spec.name, "workers": workers},
                  {"target": "ceiling", "endpoint": f"{spec.name}-ceiling", "workers": workers}]
+    for backend in spec.bench_backends:  # the same config and handler on another verified artifact
+        endpoints.append({"target": f"backend {backend}", "endpoint": f"{spec.name}-{backend}", "workers": workers,
+                          "backend": backend})
+        archive.archive(spec, artifacts, store, config=config, name=endpoints[-1]["endpoint"],
+                        artifact=registry.BACKEND_ARTIFACT[backend], staging=work / f"extra-{backend}")
     archive.archive(spec, artifacts, store, config=config, name=endpoints[1]["endpoint"],
                     handler="loadtest/bench/empty_handler.py", staging=work / "extra-ceiling")
     source = {}
@@ -135,12 +141,13 @@ def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode:
     names (Open Inference Protocol BYTES rows, pixel tensors), at the same levels."""
     served = next(e for e in endpoints if e["target"] == "served")
     forms = [{**served, "target": form, "form": form} for form in registry.resolve(spec.bench_workload).forms]
+    backends = [e for e in endpoints if "backend" in e]
     # A step lasts at least three p99 budgets, so that even the slowest target (a stock peer of a heavy model)
     # completes requests in it; QUICK's 2 s would not for a model whose requests take a second.
     seconds = max(mode.seconds, 3 * spec.bench_p99_ms / 1000)
-    # The forms run right after served and before the peers: a stock peer leaves a queue of requests its
-    # workers finish after its step ends, and the next steps would share the CPU with them.
-    order = [endpoints[0], *forms, *endpoints[1:]]
+    # The other backends and forms run right after served and before the peers: a stock peer leaves a queue of
+    # requests its workers finish after its step ends, and the next steps would share the CPU with them.
+    order = [endpoints[0], *backends, *forms, *(e for e in endpoints[1:] if "backend" not in e)]
     steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": seconds} for e in order for users in mode.levels]
     print(f"[2/3] starting TorchServe with {', '.join(e['endpoint'] for e in endpoints)}; then [3/3] Locust: "
           f"{mode.server_warmup_s:g}s server warm-up, {len(steps)} steps of {seconds:g}s (+{mode.warmup_s:g}s "

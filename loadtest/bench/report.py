@@ -142,11 +142,18 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
     }
     budget = cpu_budget(os.cpu_count() or 1, targets, compute, workers)
     native = {s["users"]: s for s in targets["served"]["steps"]}
-    forms = {}
-    for form in dict.fromkeys(s["target"] for s in steps if s["target"] not in TARGETS):
-        rows = [{**s, "breakdown": breakdown(s["server_metrics"]), "over_native": s["rps"] / native[s["users"]]["rps"]
-                 if native.get(s["users"], {}).get("rps") else math.nan} for s in steps if s["target"] == form]
-        forms[form] = {"steps": rows, "at_served_best": next((r for r in rows if r["users"] == served["users"]), None)}
+
+    def variants(key: str) -> dict[str, Any]:
+        """The served model's other request forms (key "form") or other backends ("backend"), each level's
+        req/s over the served default's in its native form at the same level, and the variant's own best."""
+        out = {}
+        for name in dict.fromkeys(s[key] for s in steps if s["target"] not in TARGETS and key in s):
+            rows = [{**s, "breakdown": breakdown(s["server_metrics"]), "over_native": s["rps"] / native[s["users"]]["rps"]
+                     if native.get(s["users"], {}).get("rps") else math.nan} for s in steps if s.get(key) == name]
+            best = best_step(rows, spec.bench_p99_ms)
+            out[name] = {"steps": rows, "at_served_best": next((r for r in rows if r["users"] == served["users"]), None),
+                         "best": best, "best_over_served_best": best["rps"] / served["rps"] if served["rps"] else math.nan}
+        return out
     return {
         "model": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
@@ -159,7 +166,8 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
         "ratios": ratios,
         "cpu_budget": budget,
         "goals": goals(spec, ratios, budget),
-        "forms": forms,
+        "forms": variants("form"),
+        "backends": variants("backend"),
     }
 
 
@@ -187,6 +195,9 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
 
 def ratios_text(data: dict[str, Any]) -> str:
     lines = []
+    if data.get("backends"):
+        lines += [f"other backends of {data['model']} against the served one ({data['compute_limit']['backend']} "
+                  "compute, registry serve_backend), each at its best concurrency:", *backend_lines(data)]
     if data.get("forms"):
         lines += [f"request forms of {data['model']} against the native one (req/s at the same concurrency):",
                   *form_lines(data)]
@@ -205,6 +216,19 @@ def ratios_text(data: dict[str, Any]) -> str:
                      f"({fastest['backend']}, verified to a looser tolerance: {fastest['samples_per_s']:.0f}/s at batch "
                      f"{fastest['batch']}; not served by default)")
     return "\n".join(lines)
+
+
+def backend_lines(data: dict[str, Any]) -> list[str]:
+    """One line per other backend: its best req/s over served's best, and its req/s over served's by level."""
+    lines = []
+    served = data["targets"]["served"]["best"]
+    for backend, b in data["backends"].items():
+        best = b["best"]
+        levels = ", ".join(f"{s['over_native']:.3f} at {s['users']}" for s in b["steps"])
+        lines.append(f"  {backend + ' / served':<24} {b['best_over_served_best']:6.3f}   ({best['rps']:.0f} req/s at "
+                     f"{best['users']} users, p99 {_f(best['p99_ms'], 0)} ms; served {served['rps']:.0f} req/s at "
+                     f"{served['users']} users); by level: {levels}")
+    return lines
 
 
 def form_lines(data: dict[str, Any]) -> list[str]:
@@ -258,6 +282,16 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(f"| {s['users']} | {_f(b['mean_batch_size'])} | {_f(b['preprocess_ms_per_batch'], 2)} | "
                    f"{_f(b['inference_ms_per_batch'], 2)} | {_f(b['postprocess_ms_per_batch'], 2)} | "
                    f"{_f(b['queue_ms_per_request'], 2)} | {_f(b['frontend_ms_per_request'], 2)} | {sizes} |")
+    if data.get("backends"):
+        out += ["", "## Other serving backends (registry `bench_backends`: own archive, same config and handler)", "",
+                "| backend | users | req/s | over served | p50 ms | p99 ms | failures | mean batch | inference ms/batch |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for backend, b in data["backends"].items():
+            for s in b["steps"]:
+                mark = " **best**" if s["users"] == b["best"]["users"] else ""
+                out.append(f"| {backend}{mark} | {s['users']} | {s['rps']:.1f} | {_f(s['over_native'], 3)} | "
+                           f"{_f(s['p50_ms'], 0)} | {_f(s['p99_ms'], 0)} | {s['failures']} | "
+                           f"{_f(s['breakdown']['mean_batch_size'])} | {_f(s['breakdown']['inference_ms_per_batch'], 2)} |")
     out += ["", "## Request forms (the served model, same concurrency levels)", "",
             "Native: `/predictions/<model>` with the file's bytes. oip-bytes: `/v2/models/<model>/infer`, one BYTES row "
             "(base64 image, or the text). oip-pixels: the decoded image as a UINT8 tensor in the binary extension. "
@@ -332,6 +366,9 @@ def plot(data: dict[str, Any], directory: Path) -> None:
             ax.plot([s["users"] for s in steps], [s["rps"] for s in steps], marker="os"[n % 2], color=color,
                     linestyle=line, alpha=1.0 if n == len(groups) - 1 else 0.5,
                     label=target if len(groups) == 1 else f"{target} ({workers})")
+    for n, (backend, b) in enumerate(data.get("backends", {}).items()):
+        ax.plot([s["users"] for s in b["steps"]], [s["rps"] for s in b["steps"]], marker="^",
+                color=("tab:green", "tab:purple", "tab:brown")[n % 3], linestyle="-.", label=f"served on {backend}")
     ax.axhline(data["compute_limit"]["samples_per_s"], color="tab:red", linewidth=1, label="compute limit")
     save(fig, ax, "throughput.png", xlabel="concurrent clients", ylabel="requests/s",
          title=f"{data['model']}: throughput vs concurrency")

@@ -12,7 +12,7 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from loadtest.payloads import payloads
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, EagerReference, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, ClassifierReference, built
 from tests.kinds import checks
 
 
@@ -60,7 +60,7 @@ def test_mixed_batch_gets_one_answer_each_matching_eager(spec, tmp_path):
     answers = call(handler, context, requests, headers)
     assert len(answers) == len(requests) == 18
 
-    reference = EagerReference(spec.name)
+    reference = ClassifierReference(spec.name)
     good = iter(samples)
     for idx, answer in enumerate(answers):
         status, _phrase = context.get_response_status(idx)

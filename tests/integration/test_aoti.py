@@ -15,7 +15,7 @@ from export.archive import archive
 from loadtest.payloads import payloads
 from models import registry
 from models.runtime import HostMismatch, aoti_build_host
-from tests.conftest import ROOT, TREE, EagerReference, built, post_together
+from tests.conftest import ROOT, TREE, ClassifierReference, built, post_together
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_the_aoti_package_is_served_in_batches_and_answers_as_eager(aoti_store, 
     finally:
         stop(tmp_path / "run")
     assert [a.status_code for a in answers] == [200] * len(samples), [a.text for a in answers]
-    reference = EagerReference("digits")
+    reference = ClassifierReference("digits")
     for answer, sample in zip(answers, samples):
         reference.assert_matches(answer.json(), sample.body)
     assert metadata.status_code == 200 and metadata.json()["platform"] == "pytorch_aotinductor"

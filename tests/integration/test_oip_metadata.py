@@ -11,8 +11,10 @@ import json
 import pytest
 import requests
 
+from export import manifest as mf
+from export.archive import PLATFORMS
 from loadtest.payloads import payloads
-from tests.conftest import SERVED, assert_oip_metadata, worker_pids
+from tests.conftest import SERVED, TREE, assert_oip_metadata, worker_pids
 from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
@@ -48,7 +50,8 @@ def test_metadata_and_readiness_of_every_model_through_real_clients(server, spec
     metadata = client.get_model_metadata(spec.name, headers=headers)
     print(f"\n{spec.name} metadata (tritonclient): {json.dumps(metadata)}")
     assert metadata["versions"] == ["1.0"]
-    assert metadata["platform"] == {"onnx": "onnxruntime_onnx"}.get(spec.serve_backend, "pytorch_libtorch")
+    served = mf.read(TREE.artifacts(spec.name))["artifacts"][spec.serve_artifact]["file"]  # model.onnx, model.int8.onnx...
+    assert metadata["platform"] == PLATFORMS[served[served.rindex("."):]]
     assert client.get_model_metadata(spec.name, model_version="1.0", headers=headers) == metadata
     assert client.is_model_ready(spec.name, model_version="1.0", headers=headers)
     assert kserve_ready(server, spec.name, headers)

@@ -12,7 +12,7 @@ import yaml
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.payloads import payloads
 from loadtest.bench.prometheus import scrape
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, TENSORS, EagerReference, post_together, worker_pids
+from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, TENSORS, ClassifierReference, post_together, worker_pids
 from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def batch_counters(server, model: str) -> tuple[float, float]:
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_all_three_input_forms_equal_offline_predictions(server, spec):
-    reference = EagerReference(spec.name)
+    reference = ClassifierReference(spec.name)
     auth = server.headers()
     url = predict_url(server, spec.name)
     for sample in payloads(spec.name, 7):
@@ -65,7 +65,7 @@ def bad_requests(spec) -> list[tuple[bytes, dict, int, str]]:
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
 def test_concurrent_mix_of_good_and_bad_requests_each_get_their_own_answer(server, spec):
-    reference = EagerReference(spec.name)
+    reference = ClassifierReference(spec.name)
     samples = payloads(spec.name, 24)
     jobs = [("good", s.body, {"Content-Type": s.content_type}, s) for s in samples]
     jobs += [("bad", body, headers, (status, kind)) for body, headers, status, kind in bad_requests(spec)]

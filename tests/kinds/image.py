@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import EagerReference
+from tests.conftest import ClassifierReference
 from tests.ops import bad_inputs
 
 
@@ -20,7 +20,7 @@ class Checks:
         self.input = spec.inputs[0].name
 
     def assert_native(self, payloads, answers) -> None:
-        reference = EagerReference(self.spec.name)
+        reference = ClassifierReference(self.spec.name)
         for payload, answer in zip(payloads, answers, strict=True):
             reference.assert_matches(answer, payload.body)
 

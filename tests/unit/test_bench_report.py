@@ -10,7 +10,7 @@ import torch
 
 from handlers.batch_metrics import BATCHES, REQUESTS, STAGE_MS
 from loadtest.bench import prometheus
-from loadtest.bench.report import best_step, breakdown, cpu_budget, goals
+from loadtest.bench.report import assemble, best_step, breakdown, cpu_budget, goals, ratios_text
 from models import registry
 from models.preprocessing import PRESETS, decode_image
 from models.samples import sample_digits
@@ -118,3 +118,36 @@ def test_goals_are_met_only_within_the_p99_budget_and_say_what_the_cpu_allows():
 def test_bench_goals_must_name_a_reported_ratio():
     with pytest.raises(ValueError, match="bench_goals"):
         registry.ModelSpec(**{**registry.get("digits").__dict__, "bench_goals": {"served_over_nothing": 1.0}})
+
+
+def test_bench_backends_must_be_other_verified_serving_backends():
+    digits = registry.get("digits").__dict__
+    assert registry.get("shapes").bench_backends == ("onnx",) and registry.get("digits").bench_backends == ("onnx-int8",)
+    for wrong in (("onnx",), ("tensorrt",), ("aoti-cuda",)):
+        with pytest.raises(ValueError, match="bench_backends"):
+            registry.ModelSpec(**{**digits, "bench_backends": wrong})
+    with pytest.raises(ValueError, match="bench_backends"):  # a backend whose format the model does not export
+        registry.ModelSpec(**{**registry.get("cancer").__dict__, "bench_backends": ("onnx-int8",)})
+
+
+def test_other_backends_are_compared_with_served_per_level_and_at_each_best():
+    spec = registry.get("shapes")  # p99 budget 1000 ms
+
+    def run(target, users, rps, p99, **extra):
+        return {"target": target, "users": users, "rps": rps, "p99_ms": p99, "failures": 0, "requests": 100,
+                "server_cores": 1.5, "loadgen_cores": 0.2, "server_metrics": {}, "workers": 2, **extra}
+
+    steps = [run("served", 4, 100.0, 80), run("served", 16, 150.0, 400),
+             run("backend onnx-int8", 4, 150.0, 60, backend="onnx-int8"),
+             run("backend onnx-int8", 16, 300.0, 1500, backend="onnx-int8"),  # faster, but past the p99 budget
+             run("oip-bytes", 4, 90.0, 90, form="oip-bytes"), run("oip-bytes", 16, 120.0, 500, form="oip-bytes"),
+             run("ceiling", 4, 400.0, 20), run("ceiling", 16, 500.0, 60), run("peer", 4, 50.0, 300)]
+    compute = {"threads": 1, "device": "cpu", "best": {"samples_per_s": 80.0, "backend": "onnx", "batch": 16},
+               "preprocess": {"payloads": 1, "summary": "-"}, "samples_per_s": {"onnx": {1: 50.0, 16: 80.0}}}
+    data = assemble(spec, {"minWorkers": 2}, compute, steps, quick=True)
+    int8 = data["backends"]["onnx-int8"]
+    assert [s["over_native"] for s in int8["steps"]] == [1.5, 2.0]
+    assert int8["best"]["users"] == 4 and int8["best_over_served_best"] == pytest.approx(1.0)  # 150 at 4 vs 150 at 16
+    assert list(data["forms"]) == ["oip-bytes"] and "onnx-int8" not in data["forms"]
+    assert data["forms"]["oip-bytes"]["at_served_best"]["over_native"] == pytest.approx(0.8)
+    assert "onnx-int8 / served" in ratios_text(data)
