@@ -132,7 +132,6 @@ def cached(split: str, count: int, *, seed: int = 0, size: int = SIZE, cache: Pa
                             boxes=np.concatenate([s.boxes for s in scenes]), labels=np.concatenate([s.labels for s in scenes]),
                             offsets=offsets)
         partial.replace(path)
-    with np.load(path) as data:
-        o = data["offsets"]
-        return [Scene(data["images"][i], data["boxes"][o[i]:o[i + 1]], data["labels"][o[i]:o[i + 1]], data["masks"][i])
-                for i in range(len(o) - 1)]
+    with np.load(path) as data:  # each key read once: an NpzFile decompresses the whole array at every access
+        images, masks, boxes, labels, o = (data[k] for k in ("images", "masks", "boxes", "labels", "offsets"))
+    return [Scene(images[i], boxes[o[i]:o[i + 1]], labels[o[i]:o[i + 1]], masks[i]) for i in range(len(o) - 1)]
