@@ -169,7 +169,8 @@ def test_tampered_artifact_is_refused(digits_copy):
 
 
 def test_a_drifted_export_fails_with_a_named_difference(tmp_path, digits_copy):
-    spec = dataclasses.replace(registry.get("digits"), formats=registry.DEFAULT_FORMATS, format_tolerance={})
+    spec = dataclasses.replace(registry.get("digits"), formats=registry.DEFAULT_FORMATS, format_tolerance={},
+                               bench_backends=())
     model, _ = checkpoint.load(digits_copy / "checkpoint")
     with torch.no_grad():
         model.classifier[-1].bias += 0.01  # a small, systematic drift on every logit

@@ -21,7 +21,8 @@ def _finite(value) -> bool:
 
 
 # The harness differs per kind (its workload, forms and peer), not per model: one served model of each kind drives
-# it here (the first in the registry); `make bench MODEL=<any>` runs the same code for the others.
+# it here (the first in the registry: digits also benches its INT8 backend); `make bench MODEL=<any>` runs the same
+# code for the others.
 ONE_PER_KIND = list({spec.kind: spec for spec in reversed(SERVED)}.values())[::-1]
 
 
@@ -73,7 +74,16 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
         for s in f["steps"]:
             assert s["requests"] > 0 and s["failures"] == 0, (form, s["errors"])
             assert _finite(s["over_native"]) and s["over_native"] > 0
+    # the registry's other serving backends, each served from its own archive at every level beside served
+    assert list(data["backends"]) == list(spec.bench_backends)
+    for backend, b in data["backends"].items():
+        assert [s["users"] for s in b["steps"]] == list(bench.QUICK.levels)
+        for s in b["steps"]:
+            assert s["requests"] > 0 and s["failures"] == 0, (backend, s["errors"])
+            assert _finite(s["over_native"]) and s["over_native"] > 0 and s["breakdown"]["batches"] > 0
+        assert _finite(b["best_over_served_best"]) and b["best_over_served_best"] > 0
     report = (report_dir / "report.md").read_text()
+    assert ("## Other serving backends" in report) == bool(spec.bench_backends)
     for section in ("## Ratios", "## Load, per target", "## Where the time goes", "## Request forms", "## Goals",
                     "## CPU per request", "## Compute limit"):
         assert section in report
