@@ -37,6 +37,11 @@ SIGNATURE = "signature.json"  # read by the frontend's OIP endpoint (handlers/fr
 PLATFORMS = {".onnx": "onnxruntime_onnx", ".pt": "pytorch_libtorch", ".pt2": "pytorch_aotinductor"}
 
 
+def platform(serialized: Path) -> str:
+    """The OIP metadata's platform for the served file, from its type."""
+    return PLATFORMS.get(Path(serialized).suffix, "pytorch")
+
+
 def signature(spec: registry.ModelSpec, manifest: dict, config: Path, serialized: Path) -> dict:
     """What the served model takes and gives over the OIP (its kind's `signature`, with the model-config YAML's
     handler settings), and its platform."""
@@ -46,7 +51,7 @@ def signature(spec: registry.ModelSpec, manifest: dict, config: Path, serialized
 
     kind = kinds.load(spec.kind)
     settings = kind.Settings.from_mapping((yaml.safe_load(config.read_text()) or {}).get("handler"))
-    return {"platform": PLATFORMS.get(serialized.suffix, "pytorch"), **kind.signature(manifest, settings)}
+    return {"platform": platform(serialized), **kind.signature(manifest, settings)}
 
 
 def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple[Path, ...] = (),
