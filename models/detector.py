@@ -72,13 +72,19 @@ def decode(heatmap: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, k: i
     heat = torch.sigmoid(heatmap)
     heat = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat).to(heat.dtype)  # local peaks only
     n, classes, h, w = heat.shape
-    scores, index = heat.reshape(n, classes * h * w).topk(k, dim=1)
-    cell = index % (h * w)
-    labels = index // (h * w) + 1
-    ys, xs = (cell // w).to(heat.dtype), (cell % w).to(heat.dtype)
+    scores, index = heat.reshape(n, -1).topk(k, dim=1)
+    # Each flat position's class, cell, row and column, looked up rather than computed by // and % of the index:
+    # the ONNX exporter cannot divide by a size that is only known at run time (a dynamic height or width).
+    cell = torch.arange(h * w, device=heat.device).reshape(1, h, w)
+    ys, xs = torch.meshgrid(torch.arange(h, device=heat.device), torch.arange(w, device=heat.device), indexing="ij")
+    plane = torch.ones(classes, 1, 1, dtype=torch.long, device=heat.device)
+    per_class = torch.arange(classes, device=heat.device).reshape(classes, 1, 1)
+    labels = (per_class * torch.ones_like(cell)).reshape(-1)[index] + 1
+    cell = (plane * cell).reshape(-1)[index]
+    ys, xs = (plane * ys).reshape(-1)[index].to(heat.dtype), (plane * xs).reshape(-1)[index].to(heat.dtype)
     at = cell[:, None, :].expand(n, 2, k)
-    wh = size.reshape(n, 2, h * w).gather(2, at).exp() * stride
-    off = offset.reshape(n, 2, h * w).gather(2, at)
+    wh = size.reshape(n, 2, -1).gather(2, at).exp() * stride
+    off = offset.reshape(n, 2, -1).gather(2, at)
     cx, cy = (xs + off[:, 0]) * stride, (ys + off[:, 1]) * stride
     boxes = torch.stack([cx - wh[:, 0] / 2, cy - wh[:, 1] / 2, cx + wh[:, 0] / 2, cy + wh[:, 1] / 2], dim=-1)
     return boxes, scores, labels
