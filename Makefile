@@ -45,6 +45,7 @@ PODMAN ?= podman --runtime runc --cgroup-manager cgroupfs## podman and its flags
 BUNDLE_DIR ?= build/bundle## where `make bundle` writes one KServe storageUri layout per model
 DEPLOY_DIR ?= build/deploy## where `make k8s` writes the rendered manifests
 SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)## models `make serve` builds and serves
+TEST_MODELS ?= $(shell $(PYTHON) -m models.registry list --tested)## models `make test` builds: the default ones and every one trained here
 
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
@@ -65,7 +66,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
-	deploy rollback venv train export verify archive serve stop token ready rotate-token predict loadtest bench \
+	deploy rollback venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
 	sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check FORCE
 
 help: ## show the targets and the variables they take
@@ -205,6 +206,10 @@ ready: ## readiness probe of the running server: exit 0 when every model has a l
 rotate-token: ## replace the running server's inference key (KIND=management for the management key)
 	@$(PY) -m serve_config.control rotate-token --run-dir $(RUN_DIR) --kind $(KIND)
 
+evaluate: | $(VENV_STAMP) ## score a scene model through the running server beside the same score offline (within 0.005): make evaluate MODEL=shapes-detector
+	$(PY) -m loadtest.evaluate --model $(MODEL) --run-dir $(RUN_DIR) --url http://127.0.0.1:$(INFERENCE_PORT) \
+		--out results/evaluate/$(MODEL).json
+
 predict: ## send MODEL's sample input to the running server and print the answer
 	@$(PY) -m loadtest.predict --model $(MODEL) --run-dir $(RUN_DIR) --url http://127.0.0.1:$(INFERENCE_PORT)
 
@@ -282,7 +287,7 @@ soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity 
 	$(PY) -m loadtest.bench.soak --model $(MODEL) --seconds $(SOAK_S) --out results/soak
 
 test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's and the proofs'
-	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) models
+	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) models SERVE_MODELS="$(TEST_MODELS)"
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
 
 proofs: | $(VENV_STAMP) prereqs-fleet prereqs-wrk ## the slow proofs (a frontend SIGKILLed, deploys killed at every step, a loopback fleet's keys): .ci/run runs them after make test

@@ -22,7 +22,7 @@ from pathlib import Path
 from export import manifest as mf
 from export.verify import STAMP
 from models import durable, registry
-from models.paths import ROOT
+from models.paths import ROOT, model_config
 from models.sources import closure
 
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     spec = registry.get(args.model)
-    archive(spec, args.artifacts, args.out, config=args.config or ROOT / "serve_config" / f"{spec.name}.yaml")
+    archive(spec, args.artifacts, args.out, config=args.config or model_config(spec.name))
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from models import checkpoint, registry
-from models.paths import ROOT
+from models.paths import ROOT, model_config_values
 
 PTE = "model.pte"
 REPORT = "mobile.json"
@@ -34,9 +34,7 @@ KINDS = ("image-classifier",)  # what a device runs here: an image in, scores ou
 
 def served_batch(spec: registry.ModelSpec) -> int:
     """The largest batch the model is served with (its model-config YAML's batchSize)."""
-    import yaml
-
-    config = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text()) or {}
+    config = model_config_values(spec.name)
     return int(config.get("batchSize", 1))
 
 

@@ -6,8 +6,11 @@ Each artifact is loaded in a fresh Python process (so nothing cached by the expo
 artifact can hide a problem) with the backend that serves it: ONNX Runtime for .onnx, torch.jit.load
 for TorchScript. Each is compared with the eager model from the checkpoint on every batch size in the
 registry, with real held-out images and with random inputs: max |diff| per output against the
-registry's tolerance. Top-1 agreement is measured over the whole held-out split. All failures are
-collected and reported together; on success a stamp (verified.json) records the figures.
+registry's tolerance. Top-1 agreement is measured over the whole held-out split. A kind whose outputs are not
+compared element by element (handlers.kinds: `compare`; detections, class masks) is checked on held-out images
+only, at every verified batch size and, through the preset, at each of the registry's `verify_image_sizes`; its
+figures (matched detections, pixel agreement) are judged against the tolerance. All failures are collected and
+reported together; on success a stamp (verified.json) records the figures.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from export import manifest as mf
+from handlers import kinds
 from models import checkpoint, registry
 from models.paths import ROOT
 
@@ -64,6 +68,57 @@ def held_out_inputs(spec: registry.ModelSpec) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([preset.from_array(x) for x in split.test_images]), torch.as_tensor(split.test_labels)
 
 
+def image_cases(spec: registry.ModelSpec) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """(where, inputs) of a kind compared its own way: held-out images through the preset at every verified batch
+    size, then three at a time scaled to each of `verify_image_sizes` (width, height) first."""
+    import numpy as np
+    from PIL import Image
+
+    from models.preprocessing import build_preset
+
+    images = registry.resolve(spec.dataset)(test_only=True).test_images
+    preset = build_preset(spec.preset)
+    cases = [({"inputs": "real", "batch": batch},
+              torch.stack([preset.from_array(images[i % len(images)]) for i in range(batch)]))
+             for batch in spec.verify_batch_sizes]
+    for n, (width, height) in enumerate(spec.verify_image_sizes):
+        picks = [images[(7 * n + i) % len(images)] for i in range(3)]
+        rows = [preset.from_array(np.asarray(Image.fromarray(x).resize((width, height), Image.Resampling.BILINEAR)))
+                for x in picks]
+        cases.append(({"inputs": f"real {width}x{height}", "batch": 3}, torch.stack(rows)))
+    return cases
+
+
+def check_by_kind(spec: registry.ModelSpec, model: torch.nn.Module, runner, compare_outputs) -> list[dict[str, Any]]:
+    """The kind's own comparison (its `compare`) of the artifact's outputs with eager's, case by case."""
+    checks = []
+    for where, inputs in image_cases(spec):
+        with torch.inference_mode():
+            expected = model(inputs)
+        expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+        got = runner([inputs])
+        shapes_ok = [tuple(e.shape) for e in expected] == [tuple(g.shape) for g in got]
+        checks.append({**where, "output": ",".join(spec.outputs), "max_abs_diff": None, "min_cosine": None,
+                       "cosines": None, "shape": [list(g.shape) for g in got],
+                       "expected_shape": [list(e.shape) for e in expected],
+                       "figures": compare_outputs(expected, got) if shapes_ok else None})
+    return checks
+
+
+def combined_figures(checks: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The kind's figures over every case: the least of a `min_` figure or an agreement, the most of a `max_`
+    figure, the sum of a count."""
+    figures = [c["figures"] for c in checks if c.get("figures")]
+    if not figures:
+        return None
+    out = {}
+    for key in figures[0]:
+        values = [f[key] for f in figures]
+        out[key] = min(values) if key.startswith("min_") or key.endswith("agreement") else \
+            max(values) if key.startswith("max_") else sum(values)
+    return out
+
+
 def compare(name: str, expected: torch.Tensor, got: torch.Tensor, **where: Any) -> dict[str, Any]:
     """One output's figures: max |diff| and, for 2-D outputs, the lowest row-wise cosine similarity."""
     shape_ok = tuple(expected.shape) == tuple(got.shape)
@@ -96,6 +151,10 @@ def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Pat
     if spec.reference is not None:
         return {"artifact": artifact.name, **check_against_reference(spec, runner)}
     model, _ = checkpoint.load(checkpoint_dir, spec)
+    compare_outputs = getattr(kinds.load(spec.kind), "compare", None)
+    if compare_outputs is not None:
+        return {"artifact": artifact.name, "checks": check_by_kind(spec, model, runner, compare_outputs),
+                "top1_agreement": None, "accuracy": None}
     held_out = held_out_inputs(spec)
     checks = []
     for source in (("real", "random") if held_out is not None else ("random",)):
@@ -140,6 +199,20 @@ def judge(spec: registry.ModelSpec, fmt: str, report: dict[str, Any]) -> list[st
             failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} shape {c['shape']} != reference "
                             f"{c['expected_shape']} {where}")
             continue
+        figures = c.get("figures") or {}
+        if tol.min_box_iou is not None and (figures.get("unmatched") or figures.get("extra")):
+            failures.append(f"{report['artifact']} ({fmt}) detections differ from eager's {where}: "
+                            f"{figures['unmatched']} of {figures['detections']} have no partner of the same label, "
+                            f"{figures['extra']} extra")
+        for key, bound in (("min_box_iou", tol.min_box_iou), ("min_pixel_agreement", tol.min_pixel_agreement)):
+            value = figures.get(key.removeprefix("min_")) if key == "min_pixel_agreement" else figures.get(key)
+            if bound is not None and not (value is not None and value >= bound):
+                failures.append(f"{report['artifact']} ({fmt}) {key.removeprefix('min_').replace('_', ' ')} {value} "
+                                f"< {bound} {where}")
+        if tol.max_score_diff is not None and not (figures.get("max_score_diff") is not None
+                                                   and figures["max_score_diff"] <= tol.max_score_diff):
+            failures.append(f"{report['artifact']} ({fmt}) score difference {figures.get('max_score_diff')} > "
+                            f"{tol.max_score_diff} {where}")
         if tol.atol is not None and not c["max_abs_diff"] <= tol.atol:  # `not <=` also catches NaN
             failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} max abs diff {c['max_abs_diff']:.3g} > "
                             f"atol {tol.atol:g} {where}")
@@ -167,6 +240,10 @@ def summary(spec: registry.ModelSpec, fmt: str, result: dict[str, Any]) -> str:
     """One printed line of a verified artifact's figures against its tolerance."""
     tol = spec.tolerance_for(fmt)
     worst = result["worst_at"]
+    if result.get("figures") is not None:
+        figures = "  ".join(f"{key.replace('_', ' ')} {value:.6g}" for key, value in result["figures"].items())
+        return f"{fmt:9s} {figures}  [{result['checks']} checks, batches {list(spec.verify_batch_sizes)}, images " \
+               f"{['x'.join(map(str, size)) for size in spec.verify_image_sizes]}]"
     parts = [f"{fmt:9s} max abs diff {result['max_abs_diff']:.3g} (atol {'unchecked' if tol.atol is None else f'{tol.atol:g}'},"
              f" worst at batch {worst['batch']} {worst['inputs']})"]
     if result["min_cosine"] is not None and tol.min_cosine is not None:
@@ -204,13 +281,13 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) 
             failures.append(str(err))
             continue
         failures += judge(spec, fmt, report)
-        worst = max(report["checks"], key=lambda c: c["max_abs_diff"])
+        worst = max(report["checks"], key=lambda c: c["max_abs_diff"] or 0.0)
         cosines = [c["min_cosine"] for c in report["checks"] if c["min_cosine"] is not None]
         results[fmt] = {"file": entry["file"], "sha256": entry["sha256"], "max_abs_diff": worst["max_abs_diff"],
                         "worst_at": {k: worst[k] for k in ("batch", "inputs", "output")},
                         "min_cosine": min(cosines) if cosines else None, "mean_cosine": mean_cosine(report["checks"]),
                         "top1_agreement": report["top1_agreement"], "accuracy": report.get("accuracy"),
-                        "checks": len(report["checks"])}
+                        "figures": combined_figures(report["checks"]), "checks": len(report["checks"])}
         print(f"{spec.name}: {summary(spec, fmt, results[fmt])}", flush=True)
     for fmt, reason in manifest.get("not_applicable", {}).items():
         results[fmt] = {"not_applicable": reason}

@@ -9,7 +9,7 @@ detector, post-processing included, with fixed output shapes, and every export f
 
     images (N, 3, H, W) float32, normalised  ->  boxes (N, k, 4) float32 [x0, y0, x1, y1] in input pixels,
                                                  scores (N, k) float32 in [0, 1], best first,
-                                                 labels (N, k) int64, 1..num_classes (0 is the background)
+                                                 labels (N, k) int64, 1..num_classes - 1 (0: the background)
 
 Every image gets k rows; the handler keeps those over its score threshold. H and W are any multiples of 16.
 
@@ -30,7 +30,8 @@ STRIDE = 4  # output grid cells per input pixel, each way
 
 
 class CenterNet(nn.Module):
-    def __init__(self, num_classes: int = 8, max_detections: int = 32, width: int = 64) -> None:
+    def __init__(self, num_classes: int = 9, max_detections: int = 32, width: int = 64) -> None:
+        """`num_classes` counts the background, as torchvision's detection models do: a heatmap per other class."""
         super().__init__()
         import torchvision
 
@@ -40,7 +41,7 @@ class CenterNet(nn.Module):
                                    trunk.layer3)  # stride 16, 256 channels
         self.up = nn.Sequential(_up(256, 2 * width), _up(2 * width, width))  # stride 4
         # The heatmap's bias starts every class at a prior of 0.1 (the paper's -2.19), so the focal loss starts small.
-        self.heatmap = _head(width, num_classes, bias=-2.19)
+        self.heatmap = _head(width, num_classes - 1, bias=-2.19)
         self.size = _head(width, 2)  # log of (w, h), in grid cells
         self.offset = _head(width, 2)  # the centre's position within its cell, (x, y)
 
@@ -90,13 +91,13 @@ def decode(heatmap: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, k: i
     return boxes, scores, labels
 
 
-def targets(boxes: list[torch.Tensor], labels: list[torch.Tensor], side: int, num_classes: int
+def targets(boxes: list[torch.Tensor], labels: list[torch.Tensor], side: int, heatmaps: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training targets for square images of `side` pixels: a Gaussian peak per object at its centre's cell on
     its class's heatmap (radius from the box's size, as the paper's), and at that cell its log-size and offset,
     with a mask of those cells. An object whose centre lies outside the image has no peak."""
     n, cells = len(boxes), side // STRIDE
-    heat = torch.zeros(n, num_classes, cells, cells)
+    heat = torch.zeros(n, heatmaps, cells, cells)
     size, offset, mask = torch.zeros(n, 2, cells, cells), torch.zeros(n, 2, cells, cells), torch.zeros(n, cells, cells)
     grid = torch.arange(cells, dtype=torch.float32)
     for i, (image_boxes, image_labels) in enumerate(zip(boxes, labels, strict=True)):
@@ -127,7 +128,7 @@ def loss(model: CenterNet, images: torch.Tensor, boxes: list[torch.Tensor], labe
          masks: torch.Tensor) -> torch.Tensor:
     """The training loss of one batch (the scene trainer's interface; masks are unused here): heatmap focal loss
     plus L1 on log-size and offset at the object centres."""
-    heat, size, offset, at = targets(boxes, labels, images.shape[-1], model.num_classes)
+    heat, size, offset, at = targets(boxes, labels, images.shape[-1], model.num_classes - 1)
     p_heat, p_size, p_offset = model.heads(images)
     m = at[:, None]
     objects = at.sum().clamp(min=1)

@@ -44,3 +44,16 @@ def current() -> Layout:
     """The tree named by $BUILD_TREE (make sets it; `make test` points it at the quick tree), else the full one."""
     value = os.environ.get(TREE_VARIABLE)
     return Layout(Path(value).resolve()) if value else FULL
+
+
+def model_config(model: str) -> Path:
+    """The model-config YAML of `model` (TorchServe's batching and workers, and the handler's `handler:` section),
+    which its archive packs."""
+    return ROOT / "serve_config" / f"{model}.yaml"
+
+
+def model_config_values(model: str) -> dict:
+    """model_config(model), read."""
+    import yaml
+
+    return yaml.safe_load(model_config(model).read_text()) or {}

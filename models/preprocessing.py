@@ -248,6 +248,68 @@ class RGBPreset:
         return v2.Compose([v2.Lambda(to_rgb), v2.PILToTensor(), self._tensor_steps])
 
 
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of a decoded image as it is shown, after its EXIF orientation (which to_rgb applies)."""
+    width, height = image.size
+    orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation: 5 to 8 turn the image a quarter
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+class LetterboxPreset:
+    """Colour image of any size -> (3, size, size) tensor for the scene models (detector, segmenter): scaled, aspect
+    kept, so its long side is `size` (antialiased, on uint8), placed at the top left of the square, the rest padded
+    with the mean colour (0 after normalising), then scaled to [0, 1] and normalised by `mean` and `std`.
+
+    Top-left placement keeps the way back simple: a point of the square at (x, y) is (x, y) / scale(width, height)
+    in the original image, and the image fills the square's `content(width, height)` top-left corner. A scene of
+    `size` pixels passes unchanged but for the normalisation, which is what training feeds (`normalise`).
+
+    No reduced-size JPEG decoding (draft): the answers are in the original image's pixels."""
+
+    def __init__(self, *, size: int = 160, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 std: tuple[float, ...] = (0.25, 0.25, 0.25)) -> None:
+        if size < 16 or size % 16:
+            raise ValueError(f"size must be a multiple of 16 (the models' coarsest stride), got {size}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self._mean = torch.tensor(self.mean).reshape(-1, 1, 1)
+        self._std = torch.tensor(self.std).reshape(-1, 1, 1)
+
+    def scale(self, width: int, height: int) -> float:
+        return self.size / max(width, height)
+
+    def content(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the image inside the square."""
+        scale = self.scale(width, height)
+        return max(1, min(self.size, round(width * scale))), max(1, min(self.size, round(height * scale)))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) uint8 -> float32 normalised (the training loop's input, batch at a time)."""
+        mean, std = self._mean.to(images.device), self._std.to(images.device)
+        return (images.float() / 255 - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        rgb = to_rgb(image)
+        return self.from_tensor(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
+
+    def from_array(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, size, size) float32."""
+        return self.from_tensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1))
+
+    def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> (3, size, size) float32."""
+        from torchvision.transforms.v2 import functional as TF
+
+        height, width = chw.shape[-2:]
+        new_width, new_height = self.content(width, height)
+        if (new_height, new_width) != (height, width):
+            chw = TF.resize(chw, [new_height, new_width], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        out = torch.zeros(3, self.size, self.size)
+        out[:, :new_height, :new_width] = self.normalise(chw)
+        return out
+
+
 def decode_for(preset: Any, data: bytes, *, max_pixels: int, **limits: Any) -> Image.Image:
     """Decode request bytes the way `preset` wants them (reduced-size JPEG decoding when it allows);
     `limits` go to decode_image (min_side, max_aspect, allow_animated)."""
@@ -262,7 +324,8 @@ class TensorPreset:
         return torch.from_numpy(np.asarray(row, dtype=np.float32))
 
 
-PRESETS: dict[str, Callable[..., Any]] = {"digits": DigitsPreset, "rgb": RGBPreset, "tensor": TensorPreset}
+PRESETS: dict[str, Callable[..., Any]] = {"digits": DigitsPreset, "rgb": RGBPreset, "letterbox": LetterboxPreset,
+                                          "tensor": TensorPreset}
 
 
 def build_preset(description: dict[str, Any]) -> Any:

@@ -60,6 +60,11 @@ class Tolerance:
     min_cosine: float | None = None  # every row
     min_mean_cosine: float | None = None  # the mean over all rows checked
     max_accuracy_drop: float | None = None  # eager's held-out accuracy minus the artifact's, at most
+    # Kinds that compare their own way (handlers.kinds: `compare`): detections matched one to one (same label, box
+    # IoU at least, score difference at most), class masks by the share of pixels that agree.
+    min_box_iou: float | None = None
+    max_score_diff: float | None = None
+    min_pixel_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,9 @@ def preset_output_shape(preset: dict[str, Any]) -> tuple[int, ...] | None:
     if preset.get("name") == "rgb":
         side = kwargs.get("crop", 128)
         return (3, side, side)
+    if preset.get("name") == "letterbox":
+        side = kwargs.get("size", 160)
+        return (3, side, side)
     return None
 
 
@@ -131,6 +139,9 @@ class ModelSpec:
     dataset: str | None = None  # "module:function" returning a models.data.Split
     samples: str | None = None  # "module:function(count)" -> [(bytes, label, filename)] real request payloads
     train: TrainSpec | None = None
+    # "module:function(spec, out, *, epochs, recipe_name) -> metrics" that trains the checkpoint; the metrics name
+    # the figure min_accuracy bounds as `gate` (default: test_accuracy).
+    trainer: str = "models.train:train"
     # A short recipe `make test` trains when no checkpoint exists yet (None: the full recipe is short enough).
     train_quick: TrainSpec | None = None
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -160,6 +171,9 @@ class ModelSpec:
     example_inputs: str | None = None
     # Export checks on other shapes: [batch, length] pairs fed to example_inputs (trace check_inputs).
     check_shapes: tuple[tuple[int, int], ...] = ()
+    # Image models whose preset takes any size (letterbox): verification also feeds held-out images resized to each
+    # (width, height) here, through the preset, to every export.
+    verify_image_sizes: tuple[tuple[int, int], ...] = ()
     # "module:function(spec, batch_sizes)" -> verification cases [{"batch", "inputs", "expected"}] whose
     # expected outputs come from the model's own reference library, instead of the eager checkpoint.
     reference: str | None = None
@@ -263,6 +277,7 @@ class ModelSpec:
         data["tolerance"] = Tolerance(**data["tolerance"])
         data["format_tolerance"] = {k: Tolerance(**v) for k, v in data.get("format_tolerance", {}).items()}
         data["check_shapes"] = tuple(tuple(s) for s in data.get("check_shapes", ()))
+        data["verify_image_sizes"] = tuple(tuple(s) for s in data.get("verify_image_sizes", ()))
         for key in ("train", "train_quick"):
             if data.get(key):
                 data[key] = TrainSpec(**{**data[key], "epoch_sizes": tuple(data[key]["epoch_sizes"])})
@@ -420,7 +435,83 @@ PAIR = ModelSpec(
     example=ExampleRequest(content_type="application/json", file="docs/examples/pair/infer.json"),
 )
 
-REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES, MINILM, CANCER, PAIR)}
+# The scene models (models/scenes.py: several shapes per image, each with its box and pixels). Class 0 is the
+# background, then models.shapes.CLASSES (a unit test checks they agree): the detector's labels and the segmenter's
+# mask values count alike.
+SCENE_LABELS = ("background", *SHAPES.labels)
+SCENE_INPUT = TensorSpec(name="image", dtype="float32", example_shape=(2, 3, 160, 160))
+# The handler letterboxes every image into the 160 px square, so the exported graphs take that size (batch dynamic):
+# requests of any size share one forward pass. Verification feeds held-out scenes scaled to these sizes through it.
+SCENE_IMAGE_SIZES = ((96, 96), (320, 200), (120, 400))
+SCENE_PRESET = {"name": "letterbox", "size": 160, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+SCENE_FORMATS = ("trace", "script", "onnx", "program")
+SCENE_NOT_APPLICABLE = {"aoti": "not built for the scene models: AOTInductor takes a minute or more per model to "
+                                "compile here and no backend serves it for them yet; the program export it compiles "
+                                "from is verified"}
+
+SHAPES_DETECTOR = ModelSpec(
+    name="shapes-detector",
+    kind="object-detector",
+    builder="models.detector:CenterNet",  # CenterNet ("Objects as Points"), decoding inside the graph
+    builder_kwargs={"num_classes": 9, "max_detections": 32},
+    trainer="models.scene_train:train",
+    preset=SCENE_PRESET,
+    inputs=(SCENE_INPUT,),
+    outputs=("boxes", "scores", "labels"),
+    labels=SCENE_LABELS,
+    tolerance=Tolerance(atol=None, min_box_iou=0.99, max_score_diff=1e-3),
+    dataset="models.data:load_scenes_split",
+    samples="models.samples:sample_scenes",
+    # 3,000 scenes: 60 epochs of 96 px crops, 4 of the whole 160 px scene: 17.1 minutes on a 2-core host with AMX
+    # (bf16), mAP@0.5 0.915; about twice that without AMX, in fp32 (docs/models.md).
+    train=TrainSpec(epochs=64, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.9,
+                    epoch_sizes=(96,) * 60 + (160,) * 4, dataset_kwargs={"train": 3000, "test": 300}),
+    # `make test`: 600 scenes, 6 epochs; a working detector, not a good one.
+    train_quick=TrainSpec(epochs=6, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.05,
+                          epoch_sizes=(96,) * 5 + (160,), dataset_kwargs={"train": 600, "test": 100}),
+    formats=SCENE_FORMATS,
+    not_applicable=SCENE_NOT_APPLICABLE,
+    verify_batch_sizes=(1, 2, 7, 16),
+    verify_image_sizes=SCENE_IMAGE_SIZES,
+    serve_backend="onnx",
+    peer_artifact="trace",
+    bench_p99_ms=1000.0,
+    serve_by_default=False,
+    example=ExampleRequest(content_type="image/jpeg", file="docs/examples/scenes/scene.jpg"),
+)
+
+SHAPES_SEGMENTER = ModelSpec(
+    name="shapes-segmenter",
+    kind="image-segmenter",
+    builder="models.segmenter:Segmenter",  # torchvision's LR-ASPP head; the argmax inside the graph
+    builder_kwargs={"num_classes": 9, "backbone": "resnet18"},
+    trainer="models.scene_train:train",
+    preset=SCENE_PRESET,
+    inputs=(SCENE_INPUT,),
+    outputs=("mask",),
+    labels=SCENE_LABELS,
+    tolerance=Tolerance(atol=None, min_pixel_agreement=0.999),
+    dataset="models.data:load_scenes_split",
+    samples="models.samples:sample_scenes",
+    # 6,000 scenes: 29 epochs of 96 px crops, 3 of the whole scene; 19.8 minutes on a host with AMX (bf16), mIoU
+    # 0.832 there: the 0.85 the issue asks is not reached yet (docs/models.md).
+    train=TrainSpec(epochs=32, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.8,
+                    epoch_sizes=(96,) * 29 + (160,) * 3, dataset_kwargs={"train": 6000, "test": 300}),
+    train_quick=TrainSpec(epochs=6, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.2,
+                          epoch_sizes=(96,) * 5 + (160,), dataset_kwargs={"train": 600, "test": 100}),
+    formats=SCENE_FORMATS,
+    not_applicable=SCENE_NOT_APPLICABLE,
+    verify_batch_sizes=(1, 2, 7, 16),
+    verify_image_sizes=SCENE_IMAGE_SIZES,
+    serve_backend="onnx",
+    peer_artifact="trace",
+    bench_p99_ms=1000.0,
+    serve_by_default=False,
+    example=ExampleRequest(content_type="image/jpeg", file="docs/examples/scenes/scene.jpg"),
+)
+
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES, MINILM, CANCER, PAIR, SHAPES_DETECTOR,
+                                                               SHAPES_SEGMENTER)}
 
 
 def get(name: str) -> ModelSpec:
@@ -441,7 +532,8 @@ def checkpoint_sources(spec: ModelSpec) -> list[str]:
     if spec.train is None and spec.pretrained is None:
         return []
 
-    modules = ["models.train", *(path.partition(":")[0] for path in (spec.builder, spec.dataset, spec.pretrained) if path)]
+    modules = ["models.train", *(path.partition(":")[0] for path in (spec.trainer, spec.builder, spec.dataset,
+                                                                     spec.pretrained) if path)]
     return relative(closure(modules, exclude=["models.registry"]))
 
 
@@ -479,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_list = sub.add_parser("list", help="print model names, one per line")
     p_list.add_argument("--default", action="store_true", help="only the models `make serve` serves")
+    p_list.add_argument("--tested", action="store_true",
+                        help="the models `make test` builds: those served by default and those trained here")
     p_get = sub.add_parser("get", help="print one field of a model's entry")
     p_get.add_argument("model")
     p_get.add_argument("field")
@@ -490,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     p_stamp.add_argument("file")
     args = parser.parse_args(argv)
     if args.cmd == "list":
-        print("\n".join(n for n, s in REGISTRY.items() if s.serve_by_default or not args.default))
+        print("\n".join(n for n, s in REGISTRY.items()
+                        if (s.serve_by_default or not (args.default or args.tested)) or (args.tested and s.train)))
         return 0
     try:
         spec = get(args.model)

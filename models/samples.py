@@ -144,6 +144,24 @@ def sample_shapes(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
     return out
 
 
+def sample_scenes(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
+    """`count` (bytes, label, filename) triples for the scene models: generated scenes (models/scenes.py, their
+    `samples` split) at the sizes, formats and modes of SHAPE_VARIANTS, with scikit-learn's photos as every 8th;
+    label -1 (a scene holds several objects)."""
+    from models.scenes import generate
+
+    scenes, photos = generate("samples", count, seed=seed), sklearn_photos()
+    out = []
+    for n, scene in enumerate(scenes):
+        if n % 8 == 7:
+            out.append(photos[(n // 8) % len(photos)])
+            continue
+        width, height, fmt, mode = SHAPE_VARIANTS[n % len(SHAPE_VARIANTS)]
+        name = f"{n:03d}-scene-{width}x{height}-{mode}.{fmt.lower().replace('jpeg', 'jpg')}"
+        out.append((_encode_variant(scene.image, width, height, fmt, mode), -1, name))
+    return out
+
+
 def sample_texts(count: int, *, seed: int = 0) -> list[tuple[bytes, int, str]]:
     """`count` (bytes, label, filename) triples of real text in the length mix of models.text.mixed_texts:
     three in four as text/plain (.txt), one in four as JSON {"text": ...} (.json); label -1 (no class)."""

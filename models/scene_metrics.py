@@ -42,3 +42,17 @@ def segmentation(masks: Iterable[np.ndarray], scenes: Sequence[Scene], num_class
         mean.update(*pair)
         per_class.update(*pair)
     return {"miou": round(float(mean.compute()), 6), "per_class": [round(float(v), 6) for v in per_class.compute()]}
+
+
+# The figure each scene kind is judged by (its recipe's min_accuracy bounds it).
+HEADLINE = {"object-detector": "map_50", "image-segmenter": "miou"}
+
+
+def score(kind: str, predictions: Sequence, scenes: Sequence[Scene], num_classes: int) -> dict:
+    """The held-out figures of a scene model of `kind` (its predictions per scene, as detection() or segmentation()
+    take them)."""
+    if kind == "object-detector":
+        return detection(predictions, scenes)
+    if kind == "image-segmenter":
+        return segmentation(predictions, scenes, num_classes)
+    raise ValueError(f"no scene metric for kind {kind!r}; kinds: {sorted(HEADLINE)}")

@@ -2,7 +2,7 @@
 architecture bringing its own loss (`loss(model, images, boxes, labels, masks)`) and scored by
 models/scene_metrics.py.
 
-    python -m models.scene_train --model detector --recipe quick --out build/scene-checkpoints/detector
+    make train MODEL=shapes-detector        # models.train hands a scene model's entry to `train` here
 
 Each step takes a batch of train scenes, each cut to a random square crop of the epoch's side (TrainSpec
 epoch_sizes: a crop keeps every object at its own scale and costs a fraction of the whole scene), flipped and
@@ -12,12 +12,10 @@ the CPU. Scored on the held-out scenes at their full size.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +24,10 @@ import torch
 from models import scenes
 from models.registry import TrainSpec
 
-MEAN, STD = 0.5, 0.25  # per channel, on pixels scaled to [0, 1]
 # Forward passes in bfloat16 (autocast; weights, gradients and the optimiser stay fp32) where the CPU multiplies
 # bfloat16 matrices in hardware (AMX): twice the images a second for ResNet convolutions on this host, nothing for
 # MobileNet's depthwise ones (docs/models.md). Elsewhere bfloat16 would be emulated and slower, so fp32.
 BF16 = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> the float input the scene models take."""
-    return (images.float() / 255 - MEAN) / STD
 
 
 def transform(image: torch.Tensor, mask: torch.Tensor, boxes: torch.Tensor, *, top: int, left: int, side: int,
@@ -70,7 +62,7 @@ class Data:
                    [torch.from_numpy(s.boxes) for s in split], [torch.from_numpy(s.labels) for s in split])
 
 
-def batch(data: Data, index: list[int], side: int, generator: torch.Generator):
+def batch(data: Data, index: list[int], side: int, generator: torch.Generator, preset):
     """The scenes at `index`, each through its own random transform."""
     full = data.images.shape[-1]
     images, masks, boxes, labels = [], [], [], []
@@ -80,14 +72,15 @@ def batch(data: Data, index: list[int], side: int, generator: torch.Generator):
         image, mask, b, keep = transform(data.images[i], data.masks[i], data.boxes[i], top=top, left=left, side=side,
                                          flip=flip, turns=turns)
         images.append(image), masks.append(mask), boxes.append(b[keep]), labels.append(data.labels[i][keep])
-    x = normalise(torch.stack(images)).contiguous(memory_format=torch.channels_last)
+    x = preset.normalise(torch.stack(images)).contiguous(memory_format=torch.channels_last)
     return x, boxes, labels, torch.stack(masks)
 
 
-def fit(model: torch.nn.Module, loss: Callable, recipe: TrainSpec, *, log: Callable[[str], None] = print,
-        evaluate: Callable[[torch.nn.Module], dict] | None = None) -> dict:
-    """Train `model` in place with `recipe` on `recipe.dataset_kwargs["train"]` scenes (seed recipe.seed); AdamW
-    with a one-cycle schedule. Returns {"train_scenes", "steps", "train_seconds"}."""
+def fit(model: torch.nn.Module, loss: Callable, recipe: TrainSpec, preset, *, log: Callable[[str], None] = print,
+        evaluate: Callable[[torch.nn.Module], float] | None = None) -> dict:
+    """Train `model` in place with `recipe` on `recipe.dataset_kwargs["train"]` scenes (seed recipe.seed), normalised
+    by the served preset (models.preprocessing.LetterboxPreset); AdamW with a one-cycle schedule. Returns
+    {"train_scenes", "steps", "bf16_autocast", "train_seconds"}."""
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     started = time.monotonic()
@@ -106,7 +99,7 @@ def fit(model: torch.nn.Module, loss: Callable, recipe: TrainSpec, *, log: Calla
         total = 0.0
         for step in range(steps_per_epoch):
             x, boxes, labels, masks = batch(data, order[step * recipe.batch_size:(step + 1) * recipe.batch_size].tolist(),
-                                            side, generator)
+                                            side, generator, preset)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
                 value = loss(model, x, boxes, labels, masks)
             optimizer.zero_grad(set_to_none=True)
@@ -116,7 +109,7 @@ def fit(model: torch.nn.Module, loss: Callable, recipe: TrainSpec, *, log: Calla
             total += value.item()
         progress = f"epoch {epoch}/{recipe.epochs} at {side} px  loss {total / steps_per_epoch:.4f}  {time.monotonic() - started:6.1f}s"
         if evaluate is not None and epoch % 8 == 0 and epoch < recipe.epochs:
-            progress += f"  {evaluate(model)}"
+            progress += f"  held-out (100 scenes) {evaluate(model):.4f}"
             model.train()
         log(progress)
     model.eval()
@@ -124,14 +117,14 @@ def fit(model: torch.nn.Module, loss: Callable, recipe: TrainSpec, *, log: Calla
             "train_seconds": round(time.monotonic() - started, 1)}
 
 
-def predict(model: torch.nn.Module, split: list[scenes.Scene], *, chunk: int = 50) -> list:
+def predict(model: torch.nn.Module, split: list[scenes.Scene], preset, *, chunk: int = 50) -> list:
     """The eval-mode model's outputs per scene (numpy), in order: (boxes, scores, labels) or a mask."""
     model.eval()
     images = Data.of(split).images
     out = []
     with torch.inference_mode():
         for start in range(0, len(split), chunk):
-            result = model(normalise(images[start:start + chunk]).contiguous(memory_format=torch.channels_last))
+            result = model(preset.normalise(images[start:start + chunk]).contiguous(memory_format=torch.channels_last))
             if isinstance(result, tuple):
                 out.extend(zip(*(r.numpy() for r in result)))
             else:
@@ -139,80 +132,35 @@ def predict(model: torch.nn.Module, split: list[scenes.Scene], *, chunk: int = 5
     return out
 
 
-# Which loss and score each scene model has; the architectures live in models/detector.py and models/segmenter.py.
-@dataclass(frozen=True)
-class SceneModel:
-    builder: str
-    builder_kwargs: dict
-    loss: str
-    metric: str  # "detection" or "segmentation" (models/scene_metrics.py)
-    gate: str  # the metric's figure the recipe's min_accuracy bounds
-    recipes: dict
-
-
-MODELS = {
-    "detector": SceneModel(
-        "models.detector:CenterNet", {"num_classes": 8, "max_detections": 32}, "models.detector:loss", "detection",
-        "map_50",
-        {"full": TrainSpec(epochs=64, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.9,
-                           epoch_sizes=(96,) * 60 + (160,) * 4, dataset_kwargs={"train": 3000, "test": 300}),
-         "quick": TrainSpec(epochs=3, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.0,
-                            epoch_sizes=(96, 96, 160), dataset_kwargs={"train": 600, "test": 100})}),
-    "segmenter": SceneModel(
-        "models.segmenter:Segmenter", {"num_classes": 9, "backbone": "resnet18"}, "models.segmenter:loss",
-        "segmentation", "miou",
-        {"full": TrainSpec(epochs=32, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.85,
-                           epoch_sizes=(96,) * 29 + (160,) * 3, dataset_kwargs={"train": 6000, "test": 300}),
-         "quick": TrainSpec(epochs=3, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.0,
-                            epoch_sizes=(96, 96, 160), dataset_kwargs={"train": 600, "test": 100})}),
-}
-
-
-def score(name: str, model: torch.nn.Module, split: list[scenes.Scene]) -> dict:
-    """`model`'s held-out figures on `split` (models/scene_metrics.py)."""
+def score(spec, model: torch.nn.Module, split: list[scenes.Scene], preset) -> dict:
+    """`model`'s held-out figures on `split` (models/scene_metrics.py), by its kind."""
     from models import scene_metrics
 
-    entry = MODELS[name]
-    if entry.metric == "detection":
-        return scene_metrics.detection(predict(model, split), split)
-    return scene_metrics.segmentation(predict(model, split), split, entry.builder_kwargs["num_classes"])
+    return scene_metrics.score(spec.kind, predict(model, split, preset), split, len(spec.labels))
 
 
-def train(name: str, out: Path, recipe_name: str = "full") -> dict:
-    """Train scene model `name` with its recipe; write model.pt and metrics.json to `out`; return the metrics."""
-    from models import registry
+def train(spec, out: Path, *, epochs: int | None = None, recipe_name: str = "full") -> dict:
+    """Train scene model `spec` (a registry entry whose builder's module also defines its `loss`) with its recipe;
+    write its checkpoint to `out` and return the metrics, `gate` naming the figure min_accuracy bounds
+    (models.train's interface). `epochs` cuts the recipe short (test runs)."""
+    from models import checkpoint, registry, scene_metrics
+    from models.preprocessing import build_preset
 
-    entry = MODELS[name]
-    recipe = entry.recipes[recipe_name]
-    model = registry.resolve(entry.builder)(**entry.builder_kwargs)
+    recipe = spec.recipe(recipe_name)
+    recipe_name = recipe_name if recipe is not spec.train else "full"
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs, epoch_sizes=recipe.epoch_sizes[-epochs:])
+    preset = build_preset(spec.preset)
+    model = checkpoint.build_model(spec.builder, spec.builder_kwargs)
+    loss = registry.resolve(spec.builder.partition(":")[0] + ":loss")
     test = scenes.cached("test", recipe.dataset_kwargs["test"], seed=recipe.dataset_kwargs.get("seed", 0))
-    log = lambda line: print(f"{name} ({recipe_name}): {line}", flush=True)  # noqa: E731
-    metrics = fit(model, registry.resolve(entry.loss), recipe, log=log, evaluate=lambda m: score(name, m, test[:100]))
+    log = lambda line: print(f"{spec.name} ({recipe_name} recipe): {line}", flush=True)  # noqa: E731
+    metrics = fit(model, loss, recipe, preset, log=log,
+                  evaluate=lambda m: score(spec, m, test[:100], preset)[scene_metrics.HEADLINE[spec.kind]])
     started = time.monotonic()
-    metrics.update(score(name, model, test), test_scenes=len(test), recipe=recipe_name,
-                   eval_seconds=round(time.monotonic() - started, 1), recipe_spec=asdict(recipe))
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    log(json.dumps({k: v for k, v in metrics.items() if k != "recipe_spec"}))
+    gate = scene_metrics.HEADLINE[spec.kind]
+    metrics.update(score(spec, model, test, preset), test_scenes=len(test), epochs=recipe.epochs, recipe=recipe_name,
+                   eval_seconds=round(time.monotonic() - started, 1), gate=gate, min_accuracy=recipe.min_accuracy)
+    checkpoint.save(model, spec, out, metrics=metrics)
+    log(json.dumps(metrics))
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=sorted(MODELS))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--recipe", choices=("full", "quick"), default="full")
-    args = parser.parse_args(argv)
-    metrics = train(args.model, args.out, args.recipe)
-    entry = MODELS[args.model]
-    bar = entry.recipes[args.recipe].min_accuracy
-    if metrics[entry.gate] < bar:
-        print(f"AccuracyError: {args.model} {entry.gate} {metrics[entry.gate]:.4f} < required {bar} "
-              f"({args.recipe} recipe)", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,6 +19,12 @@ the kind's bench workload (loadtest.bench.compute), `tolerance` how verification
     image-classifier  images in, top-k labels out            (handlers/kinds/image.py)
     text-embedding    texts in, one vector per text out      (handlers/kinds/text.py)
     tensor            named tensors in, named tensors out    (handlers/kinds/tensor.py)
+    object-detector   images in, boxes, labels, scores out   (handlers/kinds/detect.py)
+    image-segmenter   images in, a class per pixel out       (handlers/kinds/segment.py)
+
+A kind may also define `compare(expected, got) -> figures`: how export verification compares an export's outputs
+with eager's when elementwise differences say nothing useful (detections that may change order, class masks); the
+registry entry's Tolerance bounds the figures.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "max |diff| and cosine similarity per row against the reference library"),
     Kind("tensor", "handlers.kinds.tensor", "loadtest.bench.compute:TensorWorkload",
          "max |diff| per output (and top-1 agreement where the entry has a held-out split)"),
+    Kind("object-detector", "handlers.kinds.detect", "loadtest.bench.compute:ImageWorkload",
+         "detections matched one to one: same label, box IoU and score difference, over held-out scenes"),
+    Kind("image-segmenter", "handlers.kinds.segment", "loadtest.bench.compute:ImageWorkload",
+         "pixel agreement of the class masks over held-out scenes"),
 )}
 
 

@@ -1,8 +1,12 @@
-"""The image-classifier kind: pure request and batch functions. Nothing here knows about TorchServe.
+"""The image-classifier kind, and what every image kind shares: pure request and batch functions. Nothing here
+knows about TorchServe.
 
-One request in, one answer out: `ImageClassifier.process` takes a batch of requests and returns, per
-request, either a JSON string of predictions or a `RequestError` that carries its own HTTP status
-and JSON body. A bad request never fails its neighbours.
+One request in, one answer out: `ImagePipeline.process` takes a batch of requests and returns, per request,
+either a JSON string or a `RequestError` that carries its own HTTP status and JSON body. A bad request never fails
+its neighbours. `ImagePipeline` reads and decodes the requests and runs the batch; each image kind says what its
+rows' outputs mean (`answers`), how one row is answered natively (`native`) and how rows are answered over OIP
+(`infer_outputs`): the classifier here, the detector in handlers/kinds/detect.py, the segmenter in
+handlers/kinds/segment.py.
 
 Accepted request forms (per request):
 - the raw image bytes as the body (`curl --data-binary @digit.png`; over gRPC, the one input's bytes);
@@ -12,7 +16,7 @@ Accepted request forms (per request):
 - an Open Inference Protocol infer request (handlers.oip) with one input of several rows: BYTES `[n]`
   (encoded images, base64 in JSON, raw in the binary extension), UINT8 `[n, h, w, c]` pixels (c = 1, 3
   or 4, any size: the preset resizes) or FP32 in the model's own input layout (already preprocessed).
-  Its answer has `label` BYTES, `index` INT64 and `score` FP32 outputs, each `[n, topk]`.
+  A classifier's answer has `label` BYTES, `index` INT64 and `score` FP32 outputs, each `[n, topk]`.
 Every row of every request of a batch goes through the model together, in passes of at most
 `max_rows_per_pass` rows (the largest verified batch).
 """
@@ -34,7 +38,7 @@ from PIL import Image
 from handlers import oip
 from handlers.requests import Pipeline, RequestError, json_value, parse_json_body, per_request, request_body
 from handlers.settings import HandlerSettings
-from models.preprocessing import ImageTooLarge, InvalidImage, decode_for
+from models.preprocessing import ImageTooLarge, InvalidImage, decode_for, shown_size
 
 PREFERRED_PARTS = ("data", "file", "image")
 OUTPUTS = ("label", "index", "score")  # an OIP answer's outputs, in this order
@@ -42,10 +46,9 @@ PIXEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels of a UINT8 [n, h, w, c] 
 
 
 @dataclass(frozen=True)
-class ClassifierConfig(HandlerSettings):
-    """An image classifier's settings (the `handler:` section of its model-config YAML)."""
+class ImageConfig(HandlerSettings):
+    """What every image kind reads from the `handler:` section of its model-config YAML: the limits on images."""
 
-    topk: int = 5
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024
     min_image_side: int = 8  # smaller images carry no usable content (and sklearn's digits are 8x8)
@@ -61,6 +64,13 @@ class ClassifierConfig(HandlerSettings):
     @property
     def rows_per_pass(self) -> int:
         return self.max_rows_per_pass
+
+
+@dataclass(frozen=True)
+class ClassifierConfig(ImageConfig):
+    """An image classifier's settings."""
+
+    topk: int = 5
 
 
 def _from_json(value: Any) -> bytes:
@@ -161,6 +171,9 @@ def no_budget(pixels: int) -> None:
     """The charge of a caller that bounds nothing (tests of one image)."""
 
 
+Size = tuple[int, int]  # (width, height) of an image as shown (EXIF orientation applied)
+
+
 @dataclass
 class Batch:
     """A batch after preprocessing: per request, an error already decided or its rows in `inputs`."""
@@ -168,43 +181,48 @@ class Batch:
     results: list  # per request: RequestError, or None until postprocess fills in the answer
     inputs: torch.Tensor | None  # (rows, ...) of every decoded request in order; None when none decoded
     owners: list[int]  # the request each row belongs to
-    infer: list  # per request: its oip.InferRequest, or None for a native request (one row, a top-k list)
+    sizes: list[Size]  # each row's image as shown, before the preset (what boxes and masks map back to)
+    infer: list  # per request: its oip.InferRequest, or None for a native request (one row)
 
 
-class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
-    """preprocess (decode, collate) -> run (forward passes) -> postprocess (top-k), one answer per request.
+class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
+    """preprocess (decode, collate) -> run (forward passes) -> postprocess (the kind's answers), one answer per
+    request. A kind subclasses it with `OUTPUTS` (its OIP outputs, in order), `answers`, `native` and
+    `infer_outputs`.
 
     `input_shape` (one row, batch axis left out) checks FP32 inputs and sizes the warm-up passes with
     `max_batch`; `served_as` (model name, version) names the model in OIP answers."""
 
+    OUTPUTS: tuple[str, ...] = ()
+
     def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: Callable,
-                 labels: Sequence[str], config: ClassifierConfig, *, input_shape: Sequence[int] = (),
+                 labels: Sequence[str], config: ImageConfig, *, input_shape: Sequence[int] = (),
                  max_batch: int = 1, served_as: tuple[str, str] = ("model", "1")) -> None:
         self.runner, self.preset, self.labels, self.config = runner, preset, list(labels), config
         self.input_shape, self.max_batch, self.served_as = tuple(input_shape), max_batch, served_as
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="decode") \
             if config.preprocess_threads > 1 else None
 
-    def image(self, data: bytes, charge: Callable[[int], None] = no_budget) -> torch.Tensor:
-        """Encoded image bytes -> the model's input row, or RequestError naming what is wrong with them; `charge`
-        is told the pixels before they are decoded (DecodeBudget)."""
+    def image(self, data: bytes, charge: Callable[[int], None] = no_budget) -> tuple[torch.Tensor, Size]:
+        """Encoded image bytes -> the model's input row and the image's size as shown, or RequestError naming what
+        is wrong with them; `charge` is told the pixels before they are decoded (DecodeBudget)."""
         if not data:
             raise RequestError(400, "EmptyRequest", "the image is empty (0 bytes)")
         if len(data) > self.config.max_image_bytes:
             raise RequestError(413, "PayloadTooLarge", f"the image is {len(data)} bytes; this model accepts at most "
                                                        f"{self.config.max_image_bytes}")
         try:
-            return self.preset(decode_for(self.preset, data, max_pixels=self.config.max_image_pixels,
-                                          min_side=self.config.min_image_side,
-                                          max_aspect=self.config.max_aspect_ratio, allow_animated=False,
-                                          charge=charge))
+            image = decode_for(self.preset, data, max_pixels=self.config.max_image_pixels,
+                               min_side=self.config.min_image_side, max_aspect=self.config.max_aspect_ratio,
+                               allow_animated=False, charge=charge)
+            return self.preset(image), shown_size(image)
         except ImageTooLarge as err:
             raise RequestError(413, "ImageTooLarge", str(err)) from None
         except InvalidImage as err:
             raise RequestError(400, "InvalidImage", str(err)) from None
 
-    def pixels(self, array: np.ndarray, charge: Callable[[int], None] = no_budget) -> torch.Tensor:
-        """(h, w, c) uint8 pixels -> the model's input row, under the same size limits as encoded images."""
+    def pixels(self, array: np.ndarray, charge: Callable[[int], None] = no_budget) -> tuple[torch.Tensor, Size]:
+        """(h, w, c) uint8 pixels -> the model's input row and (w, h), under the same size limits as encoded images."""
         height, width, channels = array.shape
         if height * width > self.config.max_image_pixels:
             raise RequestError(413, "ImageTooLarge", f"the image is {width}x{height} = {width * height} pixels; this "
@@ -217,11 +235,13 @@ class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
                                                     f"{self.config.max_aspect_ratio}:1")
         charge(height * width)
         plane = array[:, :, 0] if channels == 1 else array
-        return self.preset(Image.fromarray(np.ascontiguousarray(plane), mode=PIXEL_MODES[channels]))
+        return self.preset(Image.fromarray(np.ascontiguousarray(plane), mode=PIXEL_MODES[channels])), (width, height)
 
-    def infer_rows(self, request: oip.InferRequest, charge: Callable[[int], None] = no_budget) -> torch.Tensor:
-        """An OIP request's rows, (n, *input_shape), from its one input in any of the three accepted forms."""
-        request.check_outputs(OUTPUTS)
+    def infer_rows(self, request: oip.InferRequest, charge: Callable[[int], None] = no_budget
+                   ) -> tuple[torch.Tensor, list[Size]]:
+        """An OIP request's rows, (n, *input_shape), and their sizes as shown, from its one input in any of the three
+        accepted forms (FP32 rows are the model's own input: their size is the input's)."""
+        request.check_outputs(self.OUTPUTS)
         tensor = request.only_input("image")
         shape, rows = tensor.shape, tensor.rows
         accepted = (f"send BYTES [n] (encoded images: base64 strings in JSON, raw bytes in the binary extension), "
@@ -233,39 +253,43 @@ class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
             raise oip.invalid(f"input {tensor.name!r} has {rows} rows; at most {self.config.max_rows_per_request} "
                               "per request", status=413)
         if tensor.datatype == "BYTES" and shape in ((rows,), (rows, 1)):
-            return torch.stack([self._row(i, self.image, _encoded(value, i), charge)
-                                for i, value in enumerate(tensor.data)])
+            return _stack([self._row(i, self.image, _encoded(value, i), charge) for i, value in enumerate(tensor.data)])
         if tensor.datatype == "UINT8" and len(shape) == 4 and shape[3] in PIXEL_MODES:
-            return torch.stack([self._row(i, self.pixels, tensor.data[i], charge) for i in range(rows)])
+            return _stack([self._row(i, self.pixels, tensor.data[i], charge) for i in range(rows)])
         if tensor.datatype == "FP32" and shape[1:] == self.input_shape:
             if not np.isfinite(tensor.data).all():
                 raise oip.invalid(f"input {tensor.name!r} holds NaN or infinite values")
-            return torch.from_numpy(np.ascontiguousarray(tensor.data, dtype=np.float32))
+            size = (self.input_shape[-1], self.input_shape[-2]) if len(self.input_shape) >= 2 else (1, 1)
+            return torch.from_numpy(np.ascontiguousarray(tensor.data, dtype=np.float32)), [size] * rows
         raise oip.invalid(f"input {tensor.name!r} is {tensor.datatype} {list(shape)}; {accepted}")
 
     @staticmethod
-    def _row(index: int, convert: Callable[..., torch.Tensor], value: Any, charge: Callable[[int], None]) -> torch.Tensor:
+    def _row(index: int, convert: Callable[..., tuple[torch.Tensor, Size]], value: Any, charge: Callable[[int], None]
+             ) -> tuple[torch.Tensor, Size]:
         try:
             return convert(value, charge)
         except RequestError as err:
             raise RequestError(err.status, err.kind, f"row {index}: {err.message}") from None
 
     def decode(self, request: Mapping[str, Any], content_type: str = "", header_length: int | None = None,
-               charge: Callable[[int], None] = no_budget) -> tuple[torch.Tensor, oip.InferRequest | None]:
-        """One request -> its rows and, for an OIP request, the parsed request; or RequestError. `charge` is its
-        share of the batch's DecodeBudget."""
+               charge: Callable[[int], None] = no_budget
+               ) -> tuple[torch.Tensor, list[Size], oip.InferRequest | None]:
+        """One request -> its rows, their sizes as shown and, for an OIP request, the parsed request; or
+        RequestError. `charge` is its share of the batch's DecodeBudget."""
         if header_length is not None:  # the binary tensor extension: raw bytes, JSON header first
             body = request_body(request, content_type)
             infer = oip.parse_binary(bytes(body) if isinstance(body, (bytes, bytearray)) else b"", header_length)
-            return self._as_oip(self.infer_rows, infer, charge), infer
+            return *self._as_oip(self.infer_rows, infer, charge), infer
         value = json_value(request, content_type)
         if oip.is_infer_request(value):
             infer = self._as_oip(oip.parse, value)
-            return self._as_oip(self.infer_rows, infer, charge), infer
+            return *self._as_oip(self.infer_rows, infer, charge), infer
         if value is not None and not content_type:  # JSON with no media type: a gRPC call
-            return self.image(_from_json(value), charge)[None], None
-        data = extract_image_bytes(request, content_type, max_bytes=self.config.max_image_bytes)
-        return self.image(data, charge)[None], None
+            row, size = self.image(_from_json(value), charge)
+        else:
+            row, size = self.image(extract_image_bytes(request, content_type, max_bytes=self.config.max_image_bytes),
+                                   charge)
+        return row[None], [size], None
 
     @staticmethod
     def _as_oip(action: Callable[..., Any], *args: Any) -> Any:
@@ -291,45 +315,71 @@ class ImageClassifier(Pipeline[Batch, "torch.Tensor | None"]):
         else:
             decoded = [self._decode_or_error(*job) for job in jobs]
         results: list = [d if isinstance(d, RequestError) else None for d in decoded]
-        infer = [None if isinstance(d, RequestError) else d[1] for d in decoded]
-        good = [(i, d[0]) for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
-        owners = [i for i, rows in good for _ in range(rows.shape[0])]
-        return Batch(results, torch.cat([rows for _, rows in good]) if good else None, owners, infer)
+        infer = [None if isinstance(d, RequestError) else d[2] for d in decoded]
+        good = [(i, d[0], d[1]) for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
+        owners = [i for i, rows, _ in good for _ in range(rows.shape[0])]
+        sizes = [size for _, _, row_sizes in good for size in row_sizes]
+        return Batch(results, torch.cat([rows for _, rows, _ in good]) if good else None, owners, sizes, infer)
 
-    def run(self, batch: Batch) -> torch.Tensor | None:
-        """The batch's forward passes, `max_rows_per_pass` rows at a time: (rows, C, H, W) -> (rows, classes)
-        logits on the CPU (None when no request of the batch decoded)."""
+    def run(self, batch: Batch) -> list[torch.Tensor] | None:
+        """The batch's forward passes, `max_rows_per_pass` rows at a time: (rows, C, H, W) -> each of the model's
+        outputs for every row, on the CPU (None when no request of the batch decoded)."""
         if batch.inputs is None:
             return None
         step = self.config.max_rows_per_pass
-        return torch.cat([self.runner([batch.inputs[i:i + step]])[0] for i in range(0, batch.inputs.shape[0], step)])
+        passes = [self.runner([batch.inputs[i:i + step]]) for i in range(0, batch.inputs.shape[0], step)]
+        return [torch.cat(parts) for parts in zip(*passes, strict=True)]
 
     def warm_up(self) -> None:
         """The smallest and the largest batch, once each."""
         for size in sorted({1, self.max_batch}):
             self.runner([torch.zeros((size, *self.input_shape))])
 
-    def postprocess(self, batch: Batch, logits: torch.Tensor | None) -> list[str | RequestError]:
-        """Fill in each decoded request's JSON answer (a top-k list, or an OIP response); errors stay as they are."""
+    def postprocess(self, batch: Batch, outputs: list[torch.Tensor] | None) -> list[str | RequestError]:
+        """Fill in each decoded request's JSON answer (native, or an OIP response); errors stay as they are."""
         results = list(batch.results)
-        if logits is None:
+        if outputs is None:
             return results
-        predictions = topk_predictions(torch.softmax(logits.float(), dim=1), self.labels, self.config.topk)
-        rows_of: dict[int, list[list[dict[str, Any]]]] = {}
-        for owner, prediction in zip(batch.owners, predictions, strict=True):
-            rows_of.setdefault(owner, []).append(prediction)
+        rows_of: dict[int, list[Any]] = {}
+        for owner, answer in zip(batch.owners, self.answers(outputs, batch.sizes), strict=True):
+            rows_of.setdefault(owner, []).append(answer)
         for idx, rows in rows_of.items():
             request = batch.infer[idx]
-            results[idx] = json.dumps(rows[0]) if request is None else self._infer_response(request, rows)
+            results[idx] = self.native(rows[0]) if request is None else \
+                oip.response(*self.served_as, request, self.infer_outputs(rows))
         return results
 
-    def _infer_response(self, request: oip.InferRequest, rows: list[list[dict[str, Any]]]) -> str:
+    def answers(self, outputs: list[torch.Tensor], sizes: list[Size]) -> list[Any]:
+        """The model's outputs for every row of a batch -> each row's answer (the kind's own structure)."""
+        raise NotImplementedError
+
+    def native(self, answer: Any) -> str:
+        """A native request's answer (its one row), as the JSON the route returns."""
+        return json.dumps(answer)
+
+    def infer_outputs(self, rows: list[Any]) -> list[oip.Tensor]:
+        """An OIP request's rows' answers -> its output tensors, in `OUTPUTS` order."""
+        raise NotImplementedError
+
+
+class ImageClassifier(ImagePipeline):
+    """Top-k labels per image."""
+
+    OUTPUTS = OUTPUTS
+
+    def answers(self, outputs: list[torch.Tensor], sizes: list[Size]) -> list[list[dict[str, Any]]]:
+        return topk_predictions(torch.softmax(outputs[0].float(), dim=1), self.labels, self.config.topk)
+
+    def infer_outputs(self, rows: list[list[dict[str, Any]]]) -> list[oip.Tensor]:
         shape = (len(rows), len(rows[0]))
         flat = [p for row in rows for p in row]
-        outputs = [oip.Tensor("label", "BYTES", shape, [p["label"] for p in flat]),
-                   oip.Tensor("index", "INT64", shape, [p["index"] for p in flat]),
-                   oip.Tensor("score", "FP32", shape, [p["score"] for p in flat])]
-        return oip.response(*self.served_as, request, outputs)
+        return [oip.Tensor("label", "BYTES", shape, [p["label"] for p in flat]),
+                oip.Tensor("index", "INT64", shape, [p["index"] for p in flat]),
+                oip.Tensor("score", "FP32", shape, [p["score"] for p in flat])]
+
+
+def _stack(rows: list[tuple[torch.Tensor, Size]]) -> tuple[torch.Tensor, list[Size]]:
+    return torch.stack([row for row, _ in rows]), [size for _, size in rows]
 
 
 def _encoded(value: str | bytes, index: int) -> bytes:
@@ -345,22 +395,27 @@ def _encoded(value: str | bytes, index: int) -> bytes:
 Settings = ClassifierConfig
 
 
+def input_signature(export_manifest: dict) -> list[dict]:
+    """Every image kind's one input as OIP model metadata lists it. The input also takes UINT8 [n, h, w, c] pixels
+    or FP32 in the model's layout (docs/protocols.md); metadata names one datatype per input, the encoded image."""
+    return [{"name": export_manifest["inputs"][0]["name"], "datatype": "BYTES", "shape": [-1]}]
+
+
 def signature(export_manifest: dict, settings: ClassifierConfig) -> dict:
-    """What an infer request takes and its answer gives, as OIP model metadata lists them (-1: any size). The
-    input also takes UINT8 [n, h, w, c] pixels or FP32 in the model's layout (docs/protocols.md); metadata
-    names one datatype per input, the encoded image."""
+    """What an infer request takes and its answer gives, as OIP model metadata lists them (-1: any size)."""
     k = min(settings.topk, len(export_manifest["labels"]))
-    return {"inputs": [{"name": export_manifest["inputs"][0]["name"], "datatype": "BYTES", "shape": [-1]}],
+    return {"inputs": input_signature(export_manifest),
             "outputs": [{"name": name, "datatype": datatype, "shape": [-1, k]}
                         for name, datatype in zip(OUTPUTS, ("BYTES", "INT64", "FP32"), strict=True)]}
 
 
 def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
-          settings: ClassifierConfig, *, served_as: tuple[str, str], max_batch: int) -> ImageClassifier:
-    """The kind's pipeline for an exported model: its preprocessing preset, labels and input shape come from
-    the export manifest."""
+          settings: ImageConfig, *, served_as: tuple[str, str], max_batch: int,
+          pipeline: type[ImagePipeline] = ImageClassifier) -> ImagePipeline:
+    """The kind's pipeline for an exported model (an image kind passes its own `pipeline` class): its preprocessing
+    preset, labels and input shape come from the export manifest."""
     from models.preprocessing import build_preset
 
-    return ImageClassifier(runner, build_preset(export_manifest["preset"]), export_manifest["labels"], settings,
-                           input_shape=export_manifest["inputs"][0]["example_shape"][1:], max_batch=max_batch,
-                           served_as=served_as)
+    return pipeline(runner, build_preset(export_manifest["preset"]), export_manifest["labels"], settings,
+                    input_shape=export_manifest["inputs"][0]["example_shape"][1:], max_batch=max_batch,
+                    served_as=served_as)

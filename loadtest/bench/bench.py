@@ -30,13 +30,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from export import archive
 from loadtest.bench import report
 from models import registry
 from models import paths
-from models.paths import FULL, ROOT, TREE_VARIABLE, Layout
+from models.paths import FULL, Layout, ROOT, TREE_VARIABLE, model_config, model_config_values
 from serve_config import control as ts
 
 WARMUP = "server-warmup"
@@ -62,7 +61,7 @@ QUICK = Mode(levels=(4, 32), warmup_s=0.5, seconds=2.0, server_warmup_s=2.0, com
 
 def serve_settings(spec: registry.ModelSpec) -> dict:
     """The model's checked-in TorchServe model config (serve_config/<model>.yaml)."""
-    return yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
+    return model_config_values(spec.name)
 
 
 def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL) -> tuple[Path, list[dict]]:
@@ -75,7 +74,7 @@ def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL) -> tu
         raise SystemExit(f"{mar} is missing: run `make archive MODEL={spec.name}`")
     for path in (mar, mar.with_name(mar.name + ".sha256")):  # the server checks each archive against its sha256
         shutil.copy2(path, store / path.name)
-    artifacts, config = tree.artifacts(spec.name), ROOT / "serve_config" / f"{spec.name}.yaml"
+    artifacts, config = tree.artifacts(spec.name), model_config(spec.name)
     workers = serve_settings(spec).get("minWorkers", 1)
     endpoints = [{"target": "served", "endpoint": spec.name, "workers": workers},
                  {"target": "ceiling", "endpoint": f"{spec.name}-ceiling", "workers": workers}]

@@ -259,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     spec = registry.get(args.model)
-    import yaml
-
-    handler_config = (yaml.safe_load((paths.ROOT / "serve_config" / f"{spec.name}.yaml").read_text()) or {}).get("handler")
+    handler_config = paths.model_config_values(spec.name).get("handler")
     tree = paths.current()
     result = measure(spec, tree.checkpoint(spec.name), tree.artifacts(spec.name), threads=args.threads,
                      batch_sizes=args.batch_sizes, seconds=args.seconds, gpu_id=args.gpu_id,

@@ -14,19 +14,18 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-import yaml
 
 from loadtest.grpc_client import Client
 from loadtest.payloads import payloads
 from loadtest.run import Run, by_name
-from models.paths import ROOT
+from models.paths import model_config_values
 from serve_config import fleet as fleets
 from serve_config.rollout import Rollout, rolling_update
 from tests.ops.servers import frontend_pid, store_with
 
 pytestmark = [pytest.mark.fleet, pytest.mark.integration, pytest.mark.slow]
 MODEL = "digits"
-RESPONSE_TIMEOUT_S = yaml.safe_load((ROOT / "serve_config" / f"{MODEL}.yaml").read_text())["responseTimeout"]
+RESPONSE_TIMEOUT_S = model_config_values(MODEL)["responseTimeout"]
 # Generous bounds on waits, not targets (the figures are printed): the balancer checks every second and acts on
 # two results (serve_config/fleet/haproxy.cfg), so a change of state shows in about 2 s; a loaded host is allowed
 # many times that. A restarted replica is UP two passed checks after READY, and leastconn sends to it at once.

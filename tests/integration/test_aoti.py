@@ -14,8 +14,9 @@ import requests
 from export.archive import archive
 from loadtest.payloads import payloads
 from models import registry
+from models.paths import model_config
 from models.runtime import HostMismatch, aoti_build_host
-from tests.conftest import ROOT, TREE, ClassifierReference, built, post_together
+from tests.conftest import TREE, ClassifierReference, built, post_together
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ def aoti_store(tmp_path_factory):
     artifacts = built(TREE.artifacts(spec.name))
     recorded = json.loads((artifacts / "manifest.json").read_text())["artifacts"]["aoti"]["built_for"]
     assert recorded == aoti_build_host(torch.device("cpu"))
-    archive(spec, artifacts, work / "store", config=ROOT / "serve_config" / "digits.yaml", name=NAME, artifact="aoti",
+    archive(spec, artifacts, work / "store", config=model_config("digits"), name=NAME, artifact="aoti",
             staging=work / "staging")
     return work / "store"
 

@@ -18,6 +18,7 @@ import requests
 from handlers.batch_metrics import BATCHES, REQUESTS
 from loadtest.bench.prometheus import scrape
 from loadtest.payloads import payloads
+from models.paths import model_config_values
 from tests.conftest import CLASSIFIERS, SERVED, worker_pids
 from tests.kinds import checks
 
@@ -162,12 +163,8 @@ def test_requested_outputs_alone_are_answered_in_order(server, spec):
 def test_a_request_of_more_rows_than_a_forward_pass_holds_is_split(server):
     """max_rows_per_pass bounds a forward pass (verified batch sizes); a request of more rows is still answered,
     every row."""
-    import yaml
-
-    from tests.conftest import ROOT
-
     spec = CLASSIFIERS[0]
-    handler = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())["handler"]
+    handler = model_config_values(spec.name)["handler"]
     count = handler["max_rows_per_pass"] + 3
     assert count <= handler["max_rows_per_request"], "the config leaves no room for a request larger than a pass"
     sample = payloads(spec.name, 1)[0]

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import requests
-import yaml
 
 from handlers.batch_metrics import BATCHES, REQUESTS
-from loadtest.payloads import payloads
 from loadtest.bench.prometheus import scrape
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, SERVED, TENSORS, ClassifierReference, post_together, worker_pids
+from loadtest.payloads import payloads
+from models.paths import model_config_values
+from tests.conftest import CLASSIFIERS, EMBEDDERS, SERVED, TENSORS, ClassifierReference, post_together, worker_pids
 from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ BAD = [
 
 def bad_requests(spec) -> list[tuple[bytes, dict, int, str]]:
     """BAD, plus a body one byte over this model's own max_image_bytes (serve_config/<model>.yaml)."""
-    config = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
+    config = model_config_values(spec.name)
     limit = config["handler"]["max_image_bytes"]
     return BAD + [(b"x" * (limit + 1), {"Content-Type": "image/png"}, 413, "PayloadTooLarge")]
 

@@ -5,11 +5,11 @@ request is answered 200; the worker processes are the same before and after."""
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from loadtest.payloads import payloads
+from models.paths import model_config_values
 from serve_config import control as ts
-from tests.conftest import ROOT, SERVED, post_together, worker_pids
+from tests.conftest import SERVED, post_together, worker_pids
 from tests.kinds import checks
 
 pytestmark = [pytest.mark.ops, pytest.mark.integration]
@@ -20,7 +20,7 @@ def server_limit(key: str) -> int:
 
 
 def handler_settings(spec) -> dict:
-    return yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())["handler"]
+    return model_config_values(spec.name)["handler"]
 
 
 def matrix(spec) -> list[tuple[str, bytes, dict, int, str | None]]:

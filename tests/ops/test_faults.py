@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from export import archive
 from loadtest.payloads import payloads
 from models import registry
+from models.paths import model_config, model_config_values
 from serve_config import control as ts
 from serve_config.rollout import Rollout, versioned_copy
 from tests.conftest import CLASSIFIERS, ROOT, TREE, built, worker_pids
@@ -37,7 +37,7 @@ def test_worker_killed_under_load_fails_fast_and_recovers(private_server, tmp_pa
     TorchServe starts a replacement, and requests succeed again. The clients run until the recovery is seen
     (stopped then, not timed beforehand); the recovery time is printed and bounded only generously."""
     server = private_server(["digits"], model_store=store_with(tmp_path, "digits"))
-    timeout = yaml.safe_load((ROOT / "serve_config" / "digits.yaml").read_text())["responseTimeout"]
+    timeout = model_config_values("digits")["responseTimeout"]
     body = payloads("digits", 1)[0]
     url, headers = f"{server.inference_url}/predictions/digits", {**server.headers(), "Content-Type": body.content_type}
     results: list[tuple[float, float, int]] = []
@@ -113,7 +113,7 @@ def broken_archive(store: Path, tmp_path: Path) -> None:
     staging = archive.stage(artifacts, tmp_path / "broken-extra", entry_points)
     (staging / "manifest.json").unlink()
     archive.pack("broken", artifacts / "model.onnx", entry_points[0], staging,
-                 ROOT / "serve_config" / "digits.yaml", store)
+                 model_config("digits"), store)
 
 
 def test_a_model_that_cannot_load_leaves_the_others_serving(private_server, tmp_path):
@@ -197,7 +197,7 @@ def test_overload_past_the_job_queue_is_rejected_fast_then_recovers(private_serv
     assert rejected and served, statuses
     assert all('"code": 503' in a[2] for a in rejected)
     # shed, not queued to a timeout: every rejection is answered well inside the model's response timeout
-    timeout = yaml.safe_load((ROOT / "serve_config" / "shapes.yaml").read_text())["responseTimeout"]
+    timeout = model_config_values("shapes")["responseTimeout"]
     assert max(a[1] for a in rejected) < timeout, max(a[1] for a in rejected)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     print(f"\noverload: {len(rejected)} rejected (503, median {median([a[1] for a in rejected]):.3f}s), "
@@ -213,7 +213,7 @@ def test_a_slow_request_does_not_block_another_model(private_server, tmp_path):
     timeout; the big one is answered within its response timeout. The latencies are printed, not compared."""
     server = private_server(["shapes", "digits"], model_store=store_with(tmp_path, "shapes", "digits"))
     big = png(4900, 4900, color=(40, 160, 90))
-    timeout = yaml.safe_load((ROOT / "serve_config" / "shapes.yaml").read_text())["responseTimeout"]
+    timeout = model_config_values("shapes")["responseTimeout"]
     digit = payloads("digits", 1)[0]
     auth = server.headers()
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -231,7 +231,7 @@ def test_a_slow_request_does_not_block_another_model(private_server, tmp_path):
         big_seconds = time.monotonic() - start
     assert big_answer.status_code == 200 and big_seconds < timeout, (big_answer.status_code, big_seconds)
     assert len(quick) >= 3 and all(status == 200 for status, _ in quick), quick[:5]
-    digits_timeout = yaml.safe_load((ROOT / "serve_config" / "digits.yaml").read_text())["responseTimeout"]
+    digits_timeout = model_config_values("digits")["responseTimeout"]
     assert max(seconds for _, seconds in quick) < digits_timeout
     print(f"\nslow request: shapes' 24 MP PNG answered in {big_seconds:.2f}s; meanwhile digits answered "
           f"{len(quick)} requests, slowest {max(seconds for _, seconds in quick):.3f}s")

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from handlers import kinds
 from models import registry
+from models.paths import model_config_values
 from serve_config.control import read_properties
 from tests.conftest import ROOT, SERVED
 
@@ -27,7 +27,7 @@ def test_entry_round_trips_and_resolves(spec):
 
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
 def test_model_config_yaml_matches_the_registry(spec):
-    config = yaml.safe_load((ROOT / "serve_config" / f"{spec.name}.yaml").read_text())
+    config = model_config_values(spec.name)
     assert 1 <= config["minWorkers"] <= config["maxWorkers"]
     assert 1 <= config["batchSize"] <= max(spec.verify_batch_sizes), "serve only batch sizes that were verified"
     assert 0 <= config["maxBatchDelay"] <= 100 and config["responseTimeout"] >= 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models import detector, scene_metrics, scenes
+from models.preprocessing import LetterboxPreset
 from models.scene_train import transform
 
 
@@ -43,7 +44,7 @@ def test_a_box_cut_off_by_the_crop_is_clipped_or_dropped():
 def test_centernet_targets_decode_back_to_their_boxes():
     boxes = [torch.tensor([[8.0, 12.0, 40.0, 30.0], [50.0, 44.0, 61.0, 63.0]]), torch.tensor([[0.0, 0.0, 64.0, 64.0]])]
     labels = [torch.tensor([2, 7]), torch.tensor([5])]
-    heat, size, offset, _ = detector.targets(boxes, labels, 64, num_classes=8)
+    heat, size, offset, _ = detector.targets(boxes, labels, 64, heatmaps=8)
     logits = torch.logit(heat.clamp(1e-6, 1 - 1e-6))  # the heads a perfect model would give
     got_boxes, scores, got_labels = detector.decode(logits, size, offset, k=4)
     for i, (want, want_labels) in enumerate(zip(boxes, labels, strict=True)):
@@ -55,7 +56,7 @@ def test_centernet_targets_decode_back_to_their_boxes():
 
 
 def test_centernet_outputs_have_fixed_shapes_for_any_multiple_of_16():
-    model = detector.CenterNet(num_classes=8, max_detections=5).eval()
+    model = detector.CenterNet(num_classes=9, max_detections=5).eval()
     with torch.inference_mode():
         for side in (32, 48):
             boxes, scores, labels = model(torch.zeros(2, 3, side, side))
@@ -98,9 +99,9 @@ def test_scene_training_is_deterministic_for_a_seed(tmp_path):
     weights = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = detector.CenterNet(num_classes=8, max_detections=4)
+        model = detector.CenterNet(num_classes=9, max_detections=4)
         initial = flat(model)
-        metrics = fit(model, detector.loss, recipe, log=lambda line: None)
+        metrics = fit(model, detector.loss, recipe, LetterboxPreset(size=160), log=lambda line: None)
         weights.append(flat(model))
         assert not torch.equal(weights[-1], initial)  # it trained
     assert metrics["steps"] == 4

@@ -1,0 +1,134 @@
+"""The object-detector kind: images in, boxes with labels and scores out. Pure functions; nothing here knows about
+TorchServe.
+
+The model's exported graph does the whole detection, decoding and suppression included (models/detector.py):
+for an (N, 3, S, S) batch it gives `boxes` (N, k, 4) [x0, y0, x1, y1] in input pixels, `scores` (N, k) best first
+and `labels` (N, k) class indices (0 is the background). Requests are read and decoded as every image kind's are
+(handlers/kinds/image.py: the three native forms and OIP, the same limits and errors); the preset letterboxes each
+image into the model's square (models.preprocessing.LetterboxPreset), so images of any size share one forward pass.
+Here each row keeps its detections at or over `score_threshold`, at most `max_detections`, and its boxes go back to
+its own image's pixels (divided by the letterbox's scale, clipped to the image).
+
+Native answer: `[{"label", "index", "score", "box": [x0, y0, x1, y1]}]`, best first.
+OIP answer, for n rows: `boxes` FP32 [n, k, 4], `scores` FP32 [n, k], `labels` BYTES [n, k], `count` INT32 [n],
+where k is the most detections any row of the request has (at least 1) and each row's entries past its `count` are
+padding: zero boxes and scores, empty labels. The model metadata says so (each output's `parameters`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from handlers import oip
+from handlers.kinds import image
+from handlers.kinds.image import ImageConfig, ImagePipeline, Size
+
+OUTPUTS = ("boxes", "scores", "labels", "count")
+PADDING = "rows hold `count` detections, best first; the rest up to k (the most in any row of the answer) are padding"
+
+
+@dataclass(frozen=True)
+class DetectorConfig(ImageConfig):
+    """A detector's settings: the least score a detection needs, and the most an image gets."""
+
+    score_threshold: float = 0.3
+    max_detections: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.score_threshold, bool) or not isinstance(self.score_threshold, (int, float)) \
+                or not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"handler.score_threshold must be a number in [0, 1], got {self.score_threshold!r}")
+
+
+def detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, names: Sequence[str], *,
+               scale: float, size: Size, threshold: float, limit: int) -> list[dict[str, Any]]:
+    """One row's detections (k, 4) / (k,) / (k,) in the model's input pixels -> those at or over `threshold`, at most
+    `limit`, best first, with boxes divided by `scale` and clipped to the image of `size` (width, height)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    keep = order[scores[order] >= threshold][:limit]
+    width, height = size
+    found = []
+    for box, score, label in zip((boxes[keep].double() / scale).tolist(), scores[keep].tolist(),
+                                 labels[keep].tolist(), strict=True):
+        x0, y0, x1, y1 = (min(max(v, 0.0), bound) for v, bound in zip(box, (width, height, width, height)))
+        found.append({"label": names[label], "index": int(label), "score": round(score, 6),
+                      "box": [round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)]})
+    return found
+
+
+class Detector(ImagePipeline):
+    OUTPUTS = OUTPUTS
+
+    def answers(self, outputs: list[torch.Tensor], sizes: list[Size]) -> list[list[dict[str, Any]]]:
+        boxes, scores, labels = outputs
+        return [detections(boxes[i].float(), scores[i].float(), labels[i], self.labels,
+                           scale=self.preset.scale(*size), size=size, threshold=self.config.score_threshold,
+                           limit=self.config.max_detections)
+                for i, size in enumerate(sizes)]
+
+    def infer_outputs(self, rows: list[list[dict[str, Any]]]) -> list[oip.Tensor]:
+        k = max(1, *(len(row) for row in rows))
+        pad = [[row[j] if j < len(row) else None for j in range(k)] for row in rows]
+        n = len(rows)
+        return [oip.Tensor("boxes", "FP32", (n, k, 4), [v for row in pad for d in row for v in (d["box"] if d else [0.0] * 4)]),
+                oip.Tensor("scores", "FP32", (n, k), [d["score"] if d else 0.0 for row in pad for d in row]),
+                oip.Tensor("labels", "BYTES", (n, k), [d["label"] if d else "" for row in pad for d in row]),
+                oip.Tensor("count", "INT32", (n,), [len(row) for row in rows])]
+
+
+Settings = DetectorConfig
+
+
+def signature(export_manifest: dict, settings: DetectorConfig) -> dict:
+    """OIP model metadata: one encoded image per row in; k (-1) varies per answer, as `parameters` says."""
+    note = {"padding": PADDING, "max_detections": settings.max_detections, "score_threshold": settings.score_threshold}
+    return {"inputs": image.input_signature(export_manifest),
+            "outputs": [{"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4], "parameters": note},
+                        {"name": "scores", "datatype": "FP32", "shape": [-1, -1], "parameters": note},
+                        {"name": "labels", "datatype": "BYTES", "shape": [-1, -1], "parameters": note},
+                        {"name": "count", "datatype": "INT32", "shape": [-1]}]}
+
+
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+          settings: DetectorConfig, *, served_as: tuple[str, str], max_batch: int) -> Detector:
+    return image.build(model_dir, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch,
+                       pipeline=Detector)
+
+
+# Export verification (export/verify.py): an export's detections against eager's, matched one to one.
+VERIFY_FLOOR = 0.05  # detections scoring under this in both are noise whose order ties may change
+
+
+def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor: float = VERIFY_FLOOR) -> dict:
+    """(boxes, scores, labels) of a batch from eager (`expected`) and from an export (`got`). Per image, each expected
+    detection scoring at least `floor`, best first, takes the unmatched detection of `got` with the same label and
+    the greatest box IoU (torchvision.ops.box_iou). Figures: detections checked, `unmatched` (no same-label partner),
+    `extra` (detections of `got` scoring over `floor` + 1e-3 that no expected one took), the least IoU and the
+    largest score difference of the matched pairs."""
+    from torchvision.ops import box_iou
+
+    checked = unmatched = extra = 0
+    min_iou, max_score_diff = 1.0, 0.0
+    for e_boxes, e_scores, e_labels, g_boxes, g_scores, g_labels in zip(*expected, *got, strict=True):
+        e_scores, g_scores = e_scores.float(), g_scores.float()
+        iou = box_iou(e_boxes.float(), g_boxes.float())
+        taken = torch.zeros(len(g_scores), dtype=torch.bool)
+        for i in torch.argsort(e_scores, descending=True, stable=True).tolist():
+            if e_scores[i] < floor:
+                break
+            checked += 1
+            candidates = (g_labels == e_labels[i]) & ~taken
+            if not candidates.any():
+                unmatched += 1
+                continue
+            j = int(torch.where(candidates, iou[i], torch.tensor(-1.0)).argmax())
+            taken[j] = True
+            min_iou = min(min_iou, float(iou[i, j]))
+            max_score_diff = max(max_score_diff, abs(float(e_scores[i] - g_scores[j])))
+        extra += int(((g_scores > floor + 1e-3) & ~taken).sum())
+    return {"detections": checked, "unmatched": unmatched, "extra": extra, "min_box_iou": round(min_iou, 6),
+            "max_score_diff": max_score_diff}

@@ -1,0 +1,137 @@
+"""A scene model scored through the running server (`make evaluate MODEL=shapes-detector`), beside the same score
+offline: the two must agree within a tolerance (0.005).
+
+Each held-out scene (models/scenes.py, the split the model's training scored) goes to the server as a PNG, over
+HTTP, at the native route; the answers (detections, or the PNG class mask) are scored by models/scene_metrics.py
+(pycocotools' mAP through torchmetrics, or torchmetrics' mean IoU). Offline, the eager checkpoint answers the same
+scenes and the kind's own post-processing applies the served settings (the score threshold and the most
+detections per image from serve_config/<model>.yaml), so the two figures measure the same thing, and differ only
+by what serving changes: the exported backend, batching, decoding and the way back to the image's pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import requests
+from PIL import Image
+
+from models import registry, scene_metrics
+from models.paths import current, model_config_values
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def from_answer(kind: str, answer: Any):
+    """A native answer -> what scene_metrics scores: (boxes, scores, labels) or a class mask."""
+    if kind == "object-detector":
+        return (np.asarray([d["box"] for d in answer], dtype=np.float32).reshape(-1, 4),
+                np.asarray([d["score"] for d in answer], dtype=np.float32),
+                np.asarray([d["index"] for d in answer], dtype=np.int64))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+
+
+def served(url: str, model: str, headers: dict[str, str], scenes: Sequence, *, threads: int = 4) -> list:
+    """Each scene's answer from the server, in order (a few requests in flight, so the server batches them)."""
+    session = requests.Session()
+
+    def ask(scene):
+        response = session.post(f"{url}/predictions/{model}", data=png(scene.image), timeout=120,
+                                headers={**headers, "Content-Type": "image/png"})
+        if response.status_code != 200:
+            raise RuntimeError(f"{model}: HTTP {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(ask, scenes))
+
+
+def offline(spec: registry.ModelSpec, checkpoint_dir: Path, scenes: Sequence, handler: dict) -> list:
+    """The eager checkpoint's predictions for the same scenes, through the served preset and the kind's own
+    post-processing (handlers/kinds), as scene_metrics scores them."""
+    import torch
+
+    from handlers import kinds
+    from models import checkpoint
+    from models.preprocessing import build_preset
+
+    model, _ = checkpoint.load(checkpoint_dir, spec)
+    kind = kinds.load(spec.kind)
+    pipeline = {"object-detector": "Detector", "image-segmenter": "Segmenter"}[spec.kind]
+    answering = getattr(kind, pipeline)(None, build_preset(spec.preset), spec.labels, kind.Settings.from_mapping(handler))
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(scenes), 50):
+            chunk = scenes[start:start + 50]
+            outputs = model(torch.stack([answering.preset.from_array(s.image) for s in chunk]))
+            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            answers = answering.answers(outputs, [(s.image.shape[1], s.image.shape[0]) for s in chunk])
+            out.extend(from_answer(spec.kind, a) if spec.kind == "object-detector" else a.mask for a in answers)
+    return out
+
+
+def evaluate(spec: registry.ModelSpec, url: str, headers: dict[str, str], *, checkpoint_dir: Path,
+             count: int | None = None) -> dict:
+    """Both figures on `count` held-out scenes (default: the full recipe's test split)."""
+    from models.scenes import cached
+
+    recipe = spec.recipe("full")
+    scenes = cached("test", count or recipe.dataset_kwargs["test"], seed=recipe.dataset_kwargs.get("seed", 0))
+    handler = model_config_values(spec.name).get("handler") or {}
+    classes = len(spec.labels)
+    served_answers = served(url, spec.name, headers, scenes)
+    offline_answers = offline(spec, checkpoint_dir, scenes, handler)
+    figures = {"served": scene_metrics.score(spec.kind, [from_answer(spec.kind, a) for a in served_answers], scenes,
+                                             classes),
+               "offline": scene_metrics.score(spec.kind, offline_answers, scenes, classes)}
+    headline = scene_metrics.HEADLINE[spec.kind]
+    return {"model": spec.name, "scenes": len(scenes), "headline": headline, **figures,
+            "difference": abs(figures["served"][headline] - figures["offline"][headline])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loadtest.predict import inference_key
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--run-dir", type=Path, default=Path("run"))
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--count", type=int, help="held-out scenes (default: the full recipe's test split)")
+    parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    spec = registry.get(args.model)
+    if spec.kind not in scene_metrics.HEADLINE:
+        print(f"error: {spec.name} is a {spec.kind}; make evaluate scores the scene kinds "
+              f"{sorted(scene_metrics.HEADLINE)}", file=sys.stderr)
+        return 2
+    token = inference_key(args.run_dir)
+    if token is None:
+        return 1
+    result = evaluate(spec, args.url, {"Authorization": f"Bearer {token}"},
+                      checkpoint_dir=current().checkpoint(spec.name), count=args.count)
+    headline = result["headline"]
+    print(json.dumps(result, indent=1))
+    print(f"{spec.name}: {headline} through the server {result['served'][headline]:.4f}, offline "
+          f"{result['offline'][headline]:.4f}, difference {result['difference']:.4f} (at most {args.tolerance}) "
+          f"over {result['scenes']} held-out scenes")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if result["difference"] <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The scene kinds (handlers/kinds/detect.py, handlers/kinds/segment.py) served by a real TorchServe, over HTTP:
+the native forms and OIP, answers in each image's own pixels, batches of images of different sizes, the image
+kinds' bad-request matrix, and the held-out split scored through the server against the same score offline
+(loadtest/evaluate.py, what `make evaluate` runs). The models are the build tree's (`make test`: quick recipes)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from handlers.kinds.segment import PAD
+from loadtest.payloads import payloads
+from models import registry, scene_metrics
+from models.paths import model_config_values
+from models.scenes import generate
+from tests.conftest import TREE, built, post_together, worker_pids
+from tests.ops import bad_inputs
+
+pytestmark = pytest.mark.integration
+
+SCENE_MODELS = [spec for spec in registry.REGISTRY.values() if spec.kind in scene_metrics.HEADLINE]
+DETECTOR, SEGMENTER = (next(s for s in SCENE_MODELS if s.kind == k) for k in ("object-detector", "image-segmenter"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One TorchServe serving the scene models, on free loopback ports; stopped by its PID."""
+    from serve_config.control import Ports, start, stop
+
+    for spec in SCENE_MODELS:
+        built(TREE.archive(spec.name))
+    run_dir = tmp_path_factory.mktemp("scenes")
+    try:
+        yield start(run_dir, [s.name for s in SCENE_MODELS], ports=Ports.free(), model_store=TREE.model_store)
+    finally:
+        stop(run_dir)
+
+
+def encode(image: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def post(server, model: str, body: bytes, content_type: str = "image/png", route: str = "predictions"):
+    url = f"{server.inference_url}/{route}/{model}" if route == "predictions" else \
+        f"{server.inference_url}/v2/models/{model}/infer"
+    return requests.post(url, data=body, headers={**server.headers(), "Content-Type": content_type}, timeout=120)
+
+
+def mask_of(answer: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+
+
+def scenes_with_objects(count: int = 6):
+    return [s for s in generate("samples", 40, seed=3) if len(s.labels) >= 2][:count]
+
+
+def test_a_detection_answer_is_in_the_image_s_own_pixels(server):
+    """The same scene at its own 160 px and scaled 2x (and to 240x160): each box comes back scaled with it."""
+    settings = model_config_values(DETECTOR.name)["handler"]
+    for scene in scenes_with_objects(4):
+        small = post(server, DETECTOR.name, encode(scene.image))
+        big = post(server, DETECTOR.name, encode(Image.fromarray(scene.image).resize((320, 320), Image.Resampling.BICUBIC)))
+        assert small.status_code == big.status_code == 200, (small.text, big.text)
+        small, big = small.json(), big.json()
+        assert len(small) <= settings["max_detections"]
+        for answer in (small, big):
+            assert [d["score"] for d in answer] == sorted((d["score"] for d in answer), reverse=True)
+            assert all(d["score"] >= settings["score_threshold"] and d["label"] == DETECTOR.labels[d["index"]]
+                       and set(d) == {"label", "index", "score", "box"} for d in answer)
+        assert all(0 <= d["box"][0] <= d["box"][2] <= 320 and 0 <= d["box"][1] <= d["box"][3] <= 320 for d in big)
+        # the strongest detections of the small image have a partner of the same label at twice the coordinates
+        for d in small[:2]:
+            if d["score"] < 0.5:
+                continue
+            twice = np.asarray(d["box"]) * 2
+            near = [b for b in big if b["label"] == d["label"] and np.abs(np.asarray(b["box"]) - twice).max() <= 8]
+            assert near, (d, big)
+
+
+def test_a_mask_answer_is_at_the_image_s_own_size_and_its_fractions_add_up(server):
+    for scene in scenes_with_objects(3):
+        wide = Image.fromarray(scene.image).resize((480, 240), Image.Resampling.BICUBIC)
+        own, scaled = post(server, SEGMENTER.name, encode(scene.image)), post(server, SEGMENTER.name, encode(wide, "JPEG"),
+                                                                              "image/jpeg")
+        assert own.status_code == scaled.status_code == 200, (own.text, scaled.text)
+        own, scaled = own.json(), scaled.json()
+        assert (own["width"], own["height"]) == (160, 160) and (scaled["width"], scaled["height"]) == (480, 240)
+        mask = mask_of(scaled)
+        assert mask.shape == (240, 480) and mask.dtype == np.uint8 and mask.max() < len(SEGMENTER.labels)
+        fractions = np.bincount(mask.ravel(), minlength=len(SEGMENTER.labels)) / mask.size
+        assert sum(scaled["classes"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert {label: pytest.approx(fractions[SEGMENTER.labels.index(label)], abs=1e-5)
+                for label in scaled["classes"]} == scaled["classes"]
+        # the 160 px scene's mask, stretched to 480x240 as the image was, agrees with the mask of the stretched image
+        stretched = np.asarray(Image.fromarray(mask_of(own)).resize((480, 240), Image.Resampling.NEAREST))
+        assert (stretched == mask).mean() >= 0.8
+
+
+@pytest.mark.parametrize("spec", SCENE_MODELS, ids=lambda s: s.name)
+def test_the_three_native_forms_give_one_answer_and_a_batch_of_sizes_answers_each_alone(server, spec):
+    """Raw bytes, a multipart upload and JSON base64 answer alike; requests of different sizes sent at once (one
+    batch) answer as each does alone."""
+    sample = payloads(spec.name, 1)[0]
+    raw = post(server, spec.name, sample.body, sample.content_type)
+    multipart = requests.post(f"{server.inference_url}/predictions/{spec.name}", files={"data": sample.body},
+                              headers=server.headers(), timeout=120)
+    as_json = post(server, spec.name, json.dumps({"image": base64.b64encode(sample.body).decode()}).encode(),
+                   "application/json")
+    assert raw.status_code == multipart.status_code == as_json.status_code == 200, raw.text
+    assert raw.json() == multipart.json() == as_json.json()
+    sent = payloads(spec.name, 8)
+    alone = [post(server, spec.name, p.body, p.content_type).json() for p in sent]
+    together = post_together(server, [(spec.name, p.body, {"Content-Type": p.content_type}) for p in sent])
+    assert [a.status_code for a in together] == [200] * len(sent)
+    for one, batched, payload in zip(alone, (a.json() for a in together), sent, strict=True):
+        if spec.kind == "object-detector":
+            assert [d["label"] for d in one] == [d["label"] for d in batched], payload.name
+            assert np.allclose([d["box"] for d in one], [d["box"] for d in batched], atol=0.05), payload.name
+        else:
+            assert (mask_of(one) != mask_of(batched)).mean() <= 1e-3, payload.name
+
+
+def test_oip_detections_are_padded_per_answer_and_say_their_count(server):
+    rows = [encode(s.image) for s in scenes_with_objects(3)]
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": [base64.b64encode(r).decode() for r in rows]}]}
+    answer = post(server, DETECTOR.name, json.dumps(body).encode(), "application/json", route="infer")
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    assert [o["name"] for o in answer.json()["outputs"]] == ["boxes", "scores", "labels", "count"]
+    count = outputs["count"]["data"]
+    k = max(1, *count)
+    assert outputs["count"]["datatype"] == "INT32" and outputs["count"]["shape"] == [3]
+    assert outputs["boxes"]["shape"] == [3, k, 4] and outputs["boxes"]["datatype"] == "FP32"
+    assert outputs["scores"]["shape"] == outputs["labels"]["shape"] == [3, k] and outputs["labels"]["datatype"] == "BYTES"
+    boxes = np.asarray(outputs["boxes"]["data"]).reshape(3, k, 4)
+    for i, row in enumerate(rows):
+        native = post(server, DETECTOR.name, row).json()
+        assert count[i] == len(native)
+        assert outputs["labels"]["data"][i * k:(i + 1) * k] == [d["label"] for d in native] + [""] * (k - count[i])
+        assert np.allclose(boxes[i, :count[i]], [d["box"] for d in native] or np.zeros((0, 4)), atol=1e-4)
+        assert not boxes[i, count[i]:].any()
+
+
+def test_oip_masks_are_padded_with_255_and_carry_each_size(server):
+    scene = scenes_with_objects(1)[0]
+    pixels = [np.asarray(Image.fromarray(scene.image).resize(size)) for size in ((160, 160), (200, 100))]
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                        "data": [base64.b64encode(encode(p)).decode() for p in pixels]}]}
+    answer = post(server, SEGMENTER.name, json.dumps(body).encode(), "application/json", route="infer")
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    assert outputs["mask"]["datatype"] == "UINT8" and outputs["mask"]["shape"] == [2, 160, 200]
+    assert outputs["size"]["data"] == [160, 160, 100, 200]
+    masks = np.asarray(outputs["mask"]["data"], dtype=np.uint8).reshape(2, 160, 200)
+    assert (masks[0, :, 160:] == PAD).all() and (masks[1, 100:, :] == PAD).all()
+    assert (masks[0, :, :160] < PAD).all() and (masks[1, :100, :] < PAD).all()
+    fractions = np.asarray(outputs["fraction"]["data"]).reshape(2, len(SEGMENTER.labels))
+    assert fractions.sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
+    native = post(server, SEGMENTER.name, encode(pixels[1])).json()
+    assert (mask_of(native) == masks[1, :100, :]).all()
+
+
+@pytest.mark.parametrize("spec", SCENE_MODELS, ids=lambda s: s.name)
+def test_metadata_names_the_outputs_and_their_padding(server, spec):
+    metadata = requests.get(f"{server.inference_url}/v2/models/{spec.name}", headers=server.headers(), timeout=30)
+    assert metadata.status_code == 200, metadata.text
+    body = metadata.json()
+    assert body["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    first = body["outputs"][0]
+    assert first["name"] in ("boxes", "mask") and "padding" in first["parameters"]
+
+
+@pytest.mark.parametrize("spec", SCENE_MODELS, ids=lambda s: s.name)
+def test_each_bad_image_gets_its_own_4xx_among_good_requests(server, spec):
+    """The image kinds' bad-request matrix (tests/ops/bad_inputs.py), all at once among good requests."""
+    from serve_config import control as ts
+
+    handler = model_config_values(spec.name)["handler"]
+    bad = bad_inputs.image_matrix(handler["max_image_bytes"], int(ts.read_properties(ts.TEMPLATE)["max_request_size"]))
+    good = [("good", p.body, {"Content-Type": p.content_type}, 200, None) for p in payloads(spec.name, 6)]
+    jobs = good + bad
+    pids = worker_pids(server, spec.name)
+    answers = post_together(server, [(spec.name, body, headers) for _, body, headers, _, _ in jobs])
+    wrong = [f"{name}: HTTP {a.status_code}, expected {status}: {a.text[:120]}"
+             for (name, _, _, status, _), a in zip(jobs, answers) if a.status_code != status]
+    wrong += [f"{name}: type {a.json().get('type')!r}, expected {kind!r}" for (name, _, _, status, kind), a
+              in zip(jobs, answers) if kind and a.status_code == status and a.headers.get("content-type", "").startswith(
+                  "application/json") and a.json().get("type") != kind]
+    assert not wrong, "\n".join(wrong)
+    assert worker_pids(server, spec.name) == pids, "a bad request restarted a worker"
+
+
+@pytest.mark.parametrize("spec", SCENE_MODELS, ids=lambda s: s.name)
+def test_the_held_out_score_through_the_server_equals_the_offline_one(server, spec):
+    """What `make evaluate` runs, on 100 held-out scenes: the figure from the server's answers within 0.005 of the
+    eager checkpoint's with the same post-processing."""
+    from loadtest.evaluate import evaluate
+
+    result = evaluate(spec, server.inference_url, server.headers(), checkpoint_dir=TREE.checkpoint(spec.name), count=100)
+    headline = result["headline"]
+    print(f"\n{spec.name}: {headline} served {result['served'][headline]:.4f}, offline {result['offline'][headline]:.4f}")
+    assert result["difference"] <= 0.005, result
+    assert result["offline"][headline] > 0.0, "the quick model learned nothing: the comparison would mean nothing"
