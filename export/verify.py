@@ -219,6 +219,10 @@ def judge(spec: registry.ModelSpec, fmt: str, report: dict[str, Any]) -> list[st
         if tol.min_cosine is not None and not (c["min_cosine"] is not None and c["min_cosine"] >= tol.min_cosine):
             failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} cosine similarity {c['min_cosine']} < "
                             f"{tol.min_cosine} {where}")
+    checked = [c["figures"].get("detections") for c in report["checks"] if c.get("figures")]
+    if tol.min_box_iou is not None and checked and not sum(v or 0 for v in checked):
+        failures.append(f"{report['artifact']} ({fmt}) no detection clearly scored over the verification floor and the "
+                        "ties at the k-th place: nothing could be compared (a model this untrained cannot be verified)")
     if tol.min_mean_cosine is not None:
         mean = mean_cosine(report["checks"])
         if not (mean is not None and mean >= tol.min_mean_cosine):

@@ -83,13 +83,14 @@ def offline(spec: registry.ModelSpec, checkpoint_dir: Path, scenes: Sequence, ha
 
 
 def evaluate(spec: registry.ModelSpec, url: str, headers: dict[str, str], *, checkpoint_dir: Path,
-             count: int | None = None) -> dict:
-    """Both figures on `count` held-out scenes (default: the full recipe's test split)."""
+             count: int | None = None, handler: dict | None = None) -> dict:
+    """Both figures on `count` held-out scenes (default: the full recipe's test split). `handler`: the settings the
+    server's archive was packed with (default: serve_config/<model>.yaml's)."""
     from models.scenes import cached
 
     recipe = spec.recipe("full")
     scenes = cached("test", count or recipe.dataset_kwargs["test"], seed=recipe.dataset_kwargs.get("seed", 0))
-    handler = model_config_values(spec.name).get("handler") or {}
+    handler = model_config_values(spec.name).get("handler") or {} if handler is None else handler
     classes = len(spec.labels)
     served_answers = served(url, spec.name, headers, scenes)
     offline_answers = offline(spec, checkpoint_dir, scenes, handler)

@@ -466,9 +466,10 @@ SHAPES_DETECTOR = ModelSpec(
     # (bf16), mAP@0.5 0.915; about twice that without AMX, in fp32 (docs/models.md).
     train=TrainSpec(epochs=64, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.9,
                     epoch_sizes=(96,) * 60 + (160,) * 4, dataset_kwargs={"train": 3000, "test": 300}),
-    # `make test`: 600 scenes, 6 epochs; a working detector, not a good one.
-    train_quick=TrainSpec(epochs=6, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.05,
-                          epoch_sizes=(96,) * 5 + (160,), dataset_kwargs={"train": 600, "test": 100}),
+    # `make test`: 800 scenes, 550 steps of 16 (10 epochs of 64 px crops, 1 of 96), about 2.5 minutes here: scores
+    # that rank peaks apart (mAP@0.5 about 0.05), enough to export, verify and serve, not to detect well.
+    train_quick=TrainSpec(epochs=11, batch_size=16, lr=6e-3, weight_decay=1e-4, seed=0, min_accuracy=0.01,
+                          epoch_sizes=(64,) * 10 + (96,), dataset_kwargs={"train": 800, "test": 100}),
     formats=SCENE_FORMATS,
     not_applicable=SCENE_NOT_APPLICABLE,
     verify_batch_sizes=(1, 2, 7, 16),
@@ -497,8 +498,9 @@ SHAPES_SEGMENTER = ModelSpec(
     # 0.832 there: the 0.85 the issue asks is not reached yet (docs/models.md).
     train=TrainSpec(epochs=32, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.8,
                     epoch_sizes=(96,) * 29 + (160,) * 3, dataset_kwargs={"train": 6000, "test": 300}),
-    train_quick=TrainSpec(epochs=6, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.2,
-                          epoch_sizes=(96,) * 5 + (160,), dataset_kwargs={"train": 600, "test": 100}),
+    # `make test`: 800 scenes, 9 epochs of 64 px crops and 1 of 96, about 1.5 minutes here (mIoU about 0.1).
+    train_quick=TrainSpec(epochs=10, batch_size=32, lr=4e-3, weight_decay=1e-4, seed=0, min_accuracy=0.05,
+                          epoch_sizes=(64,) * 9 + (96,), dataset_kwargs={"train": 800, "test": 100}),
     formats=SCENE_FORMATS,
     not_applicable=SCENE_NOT_APPLICABLE,
     verify_batch_sizes=(1, 2, 7, 16),
@@ -520,6 +522,11 @@ def get(name: str) -> ModelSpec:
         return REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}") from None
+
+
+def tested(spec: ModelSpec) -> bool:
+    """Whether `make test` builds `spec`: it is served by default, or trained here (it has a recipe)."""
+    return spec.serve_by_default or spec.train is not None
 
 
 def checkpoint_sources(spec: ModelSpec) -> list[str]:
@@ -584,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     p_stamp.add_argument("file")
     args = parser.parse_args(argv)
     if args.cmd == "list":
-        print("\n".join(n for n, s in REGISTRY.items()
-                        if (s.serve_by_default or not (args.default or args.tested)) or (args.tested and s.train)))
+        chosen = tested if args.tested else (lambda s: s.serve_by_default) if args.default else (lambda s: True)
+        print("\n".join(n for n, s in REGISTRY.items() if chosen(s)))
         return 0
     try:
         spec = get(args.model)

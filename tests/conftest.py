@@ -20,6 +20,7 @@ from models.paths import ROOT
 TREE = paths.current()
 SERVED = [spec for spec in registry.REGISTRY.values() if spec.serve_by_default]
 TRAINED = [spec for spec in registry.REGISTRY.values() if spec.train is not None]
+BUILT = [spec for spec in registry.REGISTRY.values() if registry.tested(spec)]  # what `make test` builds
 # The served models of each kind, for the tests of what one kind does (tiers over every model use tests/kinds).
 CLASSIFIERS = [spec for spec in SERVED if spec.kind == "image-classifier"]
 EMBEDDERS = [spec for spec in SERVED if spec.kind == "text-embedding"]

@@ -100,15 +100,20 @@ def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Ten
 
 
 # Export verification (export/verify.py): an export's detections against eager's, matched one to one.
-VERIFY_FLOOR = 0.05  # detections scoring under this in both are noise whose order ties may change
+VERIFY_FLOOR = 0.05  # detections scoring under this are noise, not checked
+VERIFY_MARGIN = 1e-3  # scores this close are a tie an export may break either way (the tolerance on scores)
 
 
-def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor: float = VERIFY_FLOOR) -> dict:
-    """(boxes, scores, labels) of a batch from eager (`expected`) and from an export (`got`). Per image, each expected
-    detection scoring at least `floor`, best first, takes the unmatched detection of `got` with the same label and
-    the greatest box IoU (torchvision.ops.box_iou). Figures: detections checked, `unmatched` (no same-label partner),
-    `extra` (detections of `got` scoring over `floor` + 1e-3 that no expected one took), the least IoU and the
-    largest score difference of the matched pairs."""
+def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor: float = VERIFY_FLOOR,
+            margin: float = VERIFY_MARGIN) -> dict:
+    """(boxes, scores, labels) of a batch from eager (`expected`) and from an export (`got`), k detections an image.
+
+    Per image, each expected detection that scores at least `floor` and clearly makes the k (over the k-th score by
+    more than `margin`: one that ties for the last places may rightly be another peak in an export), best first,
+    takes the unmatched detection of `got` with the same label and the greatest box IoU (torchvision.ops.box_iou).
+    Figures: detections checked, `unmatched` (no same-label partner), `extra` (detections of `got` that clearly
+    make its k, over `floor` + `margin`, that no expected one took), the least IoU and the largest score difference
+    of the matched pairs."""
     from torchvision.ops import box_iou
 
     checked = unmatched = extra = 0
@@ -117,8 +122,9 @@ def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor
         e_scores, g_scores = e_scores.float(), g_scores.float()
         iou = box_iou(e_boxes.float(), g_boxes.float())
         taken = torch.zeros(len(g_scores), dtype=torch.bool)
+        e_bar, g_bar = max(floor, float(e_scores.min()) + margin), max(floor + margin, float(g_scores.min()) + margin)
         for i in torch.argsort(e_scores, descending=True, stable=True).tolist():
-            if e_scores[i] < floor:
+            if e_scores[i] < e_bar:
                 break
             checked += 1
             candidates = (g_labels == e_labels[i]) & ~taken
@@ -129,6 +135,6 @@ def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor
             taken[j] = True
             min_iou = min(min_iou, float(iou[i, j]))
             max_score_diff = max(max_score_diff, abs(float(e_scores[i] - g_scores[j])))
-        extra += int(((g_scores > floor + 1e-3) & ~taken).sum())
+        extra += int(((g_scores > g_bar) & ~taken).sum())
     return {"detections": checked, "unmatched": unmatched, "extra": extra, "min_box_iou": round(min_iou, 6),
             "max_score_diff": max_score_diff}

@@ -12,8 +12,10 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from loadtest.payloads import payloads
+from models import registry
 from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, ClassifierReference, built
-from tests.kinds import checks
+from tests.kinds import checks, scene
+from tests.kinds.scene import SCENE_KINDS
 
 
 def load_handler(spec, tmp_path):
@@ -152,3 +154,42 @@ def test_tensor_batch_of_infer_requests_and_bad_ones_each_get_their_own_answer(s
             assert status == 200, answer
             good.append(json.loads(answer))
     checks(spec).assert_native(samples, good)
+
+
+SCENES = [spec for spec in registry.REGISTRY.values() if spec.kind in SCENE_KINDS]
+
+
+@pytest.mark.parametrize("spec", SCENES, ids=lambda s: s.name)
+def test_scene_batch_of_many_sizes_and_bad_requests_each_get_their_own_answer(spec, tmp_path):
+    """One batch of samples of many sizes (one forward pass, letterboxed) with bad requests among them: each bad one
+    its own 4xx, each good one what the kind's pipeline on the eager checkpoint answers, in its own image's pixels.
+    The archive's config is given the test tiers' handler settings (tests/kinds/scene.py) before it loads."""
+    model_dir = tmp_path / spec.name
+    with zipfile.ZipFile(built(TREE.archive(spec.name))) as mar:
+        mar.extractall(model_dir)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config_file = model_dir / manifest["model"]["configFile"]
+    config = yaml.safe_load(config_file.read_text())
+    config_file.write_text(yaml.safe_dump({**config, "handler": scene.handler_settings(spec)}))
+    handler, context = initialize(spec.name, model_dir)
+    samples = payloads(spec.name, 8)
+    bad = [({"body": b"not an image"}, {"body": {"content-type": "image/png"}}, 400, "InvalidImage"),
+           ({"body": b""}, {"body": {"content-type": "image/png"}}, 400, "EmptyRequest"),
+           ({"body": {"img": "x"}}, {"body": {"content-type": "application/json"}}, 400, "InvalidJSON")]
+    requests = [{"body": s.body} for s in samples]
+    headers = [{"body": {"content-type": s.content_type}} for s in samples]
+    for position, (req, hdr, _, _) in zip((0, 4, 9), bad):
+        requests.insert(position, req)
+        headers.insert(position, hdr)
+    answers = call(handler, context, requests, headers)
+    assert len(answers) == len(requests)
+    reference = scene.Reference(spec)
+    errors = {position: (status, kind) for position, (_, _, status, kind) in zip((0, 4, 9), bad)}
+    good = iter(samples)
+    for position, answer in enumerate(answers):
+        if position in errors:
+            assert json.loads(answer)["type"] == errors[position][1]
+            assert context.get_response_status(position)[0] == errors[position][0]
+            continue
+        sample = next(good)
+        scene.same(spec, json.loads(answer), reference.answer(sample.body, sample.content_type))

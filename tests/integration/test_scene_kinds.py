@@ -16,30 +16,37 @@ from PIL import Image
 
 from handlers.kinds.segment import PAD
 from loadtest.payloads import payloads
-from models import registry, scene_metrics
+from models import registry
 from models.paths import model_config_values
 from models.scenes import generate
 from tests.conftest import TREE, built, post_together, worker_pids
+from tests.kinds.scene import (SCENE_KINDS, Reference, handler_settings, mask_of, same, same_detections, same_masks,
+                               shown_size)
 from tests.ops import bad_inputs
 
 pytestmark = pytest.mark.integration
 
-SCENE_MODELS = [spec for spec in registry.REGISTRY.values() if spec.kind in scene_metrics.HEADLINE]
+SCENE_MODELS = [spec for spec in registry.REGISTRY.values() if spec.kind in SCENE_KINDS]
 DETECTOR, SEGMENTER = (next(s for s in SCENE_MODELS if s.kind == k) for k in ("object-detector", "image-segmenter"))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One TorchServe serving the scene models, on free loopback ports; stopped by its PID."""
+    """One TorchServe serving the scene models (the build tree's exports, packed with the test tiers' handler
+    settings: tests/kinds/scene.py), on free loopback ports; stopped by its PID."""
+    import yaml
+
+    from export.archive import archive
     from serve_config.control import Ports, start, stop
 
+    work = tmp_path_factory.mktemp("scenes")
     for spec in SCENE_MODELS:
         built(TREE.archive(spec.name))
-    run_dir = tmp_path_factory.mktemp("scenes")
+        config = work / f"{spec.name}.yaml"
+        config.write_text(yaml.safe_dump({**model_config_values(spec.name), "handler": handler_settings(spec)}))
+        archive(spec, TREE.artifacts(spec.name), work / "store", config=config, staging=work / f"{spec.name}-staging")
     try:
-        yield start(run_dir, [s.name for s in SCENE_MODELS], ports=Ports.free(), model_store=TREE.model_store)
+        yield start(work / "run", [s.name for s in SCENE_MODELS], ports=Ports.free(), model_store=work / "store")
     finally:
-        stop(run_dir)
+        stop(work / "run")
 
 
 def encode(image: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
@@ -54,54 +61,46 @@ def post(server, model: str, body: bytes, content_type: str = "image/png", route
     return requests.post(url, data=body, headers={**server.headers(), "Content-Type": content_type}, timeout=120)
 
 
-def mask_of(answer: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
-
-
 def scenes_with_objects(count: int = 6):
     return [s for s in generate("samples", 40, seed=3) if len(s.labels) >= 2][:count]
 
 
-def test_a_detection_answer_is_in_the_image_s_own_pixels(server):
-    """The same scene at its own 160 px and scaled 2x (and to 240x160): each box comes back scaled with it."""
-    settings = model_config_values(DETECTOR.name)["handler"]
-    for scene in scenes_with_objects(4):
-        small = post(server, DETECTOR.name, encode(scene.image))
-        big = post(server, DETECTOR.name, encode(Image.fromarray(scene.image).resize((320, 320), Image.Resampling.BICUBIC)))
-        assert small.status_code == big.status_code == 200, (small.text, big.text)
-        small, big = small.json(), big.json()
-        assert len(small) <= settings["max_detections"]
-        for answer in (small, big):
-            assert [d["score"] for d in answer] == sorted((d["score"] for d in answer), reverse=True)
-            assert all(d["score"] >= settings["score_threshold"] and d["label"] == DETECTOR.labels[d["index"]]
-                       and set(d) == {"label", "index", "score", "box"} for d in answer)
-        assert all(0 <= d["box"][0] <= d["box"][2] <= 320 and 0 <= d["box"][1] <= d["box"][3] <= 320 for d in big)
-        # the strongest detections of the small image have a partner of the same label at twice the coordinates
-        for d in small[:2]:
-            if d["score"] < 0.5:
-                continue
-            twice = np.asarray(d["box"]) * 2
-            near = [b for b in big if b["label"] == d["label"] and np.abs(np.asarray(b["box"]) - twice).max() <= 8]
-            assert near, (d, big)
+def test_detections_equal_eager_s_in_each_image_s_own_pixels(server):
+    """Samples of many sizes, formats and modes (and photos): the server's detections are eager's, through the same
+    letterbox and the way back, inside the image, best first, over the threshold, at most max_detections each."""
+    settings, reference = handler_settings(DETECTOR), Reference(DETECTOR)
+    counts = []
+    for payload in payloads(DETECTOR.name, 12):
+        answer = post(server, DETECTOR.name, payload.body, payload.content_type)
+        assert answer.status_code == 200, (payload.name, answer.text)
+        served = answer.json()
+        width, height = shown_size(payload.body)
+        assert len(served) <= settings["max_detections"]
+        assert [d["score"] for d in served] == sorted((d["score"] for d in served), reverse=True)
+        assert all(d["score"] >= settings["score_threshold"] and d["label"] == DETECTOR.labels[d["index"]]
+                   and set(d) == {"label", "index", "score", "box"} for d in served)
+        assert all(0 <= d["box"][0] <= d["box"][2] <= width and 0 <= d["box"][1] <= d["box"][3] <= height
+                   for d in served), (payload.name, width, height)
+        same_detections(served, reference.answer(payload.body, payload.content_type), settings["score_threshold"])
+        counts.append(len(served))
+    assert sum(counts) > 0, "no sample got a detection: nothing was compared"
 
 
-def test_a_mask_answer_is_at_the_image_s_own_size_and_its_fractions_add_up(server):
-    for scene in scenes_with_objects(3):
-        wide = Image.fromarray(scene.image).resize((480, 240), Image.Resampling.BICUBIC)
-        own, scaled = post(server, SEGMENTER.name, encode(scene.image)), post(server, SEGMENTER.name, encode(wide, "JPEG"),
-                                                                              "image/jpeg")
-        assert own.status_code == scaled.status_code == 200, (own.text, scaled.text)
-        own, scaled = own.json(), scaled.json()
-        assert (own["width"], own["height"]) == (160, 160) and (scaled["width"], scaled["height"]) == (480, 240)
-        mask = mask_of(scaled)
-        assert mask.shape == (240, 480) and mask.dtype == np.uint8 and mask.max() < len(SEGMENTER.labels)
+def test_masks_equal_eager_s_at_each_image_s_own_size_and_fractions_add_up(server):
+    reference = Reference(SEGMENTER)
+    for payload in payloads(SEGMENTER.name, 8):
+        answer = post(server, SEGMENTER.name, payload.body, payload.content_type)
+        assert answer.status_code == 200, (payload.name, answer.text)
+        served = answer.json()
+        width, height = shown_size(payload.body)
+        assert (served["width"], served["height"]) == (width, height), payload.name
+        mask = mask_of(served)
+        assert mask.shape == (height, width) and mask.dtype == np.uint8 and mask.max() < len(SEGMENTER.labels)
         fractions = np.bincount(mask.ravel(), minlength=len(SEGMENTER.labels)) / mask.size
-        assert sum(scaled["classes"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert sum(served["classes"].values()) == pytest.approx(1.0, abs=1e-4)
         assert {label: pytest.approx(fractions[SEGMENTER.labels.index(label)], abs=1e-5)
-                for label in scaled["classes"]} == scaled["classes"]
-        # the 160 px scene's mask, stretched to 480x240 as the image was, agrees with the mask of the stretched image
-        stretched = np.asarray(Image.fromarray(mask_of(own)).resize((480, 240), Image.Resampling.NEAREST))
-        assert (stretched == mask).mean() >= 0.8
+                for label in served["classes"]} == served["classes"]
+        same_masks(served, reference.answer(payload.body, payload.content_type))
 
 
 @pytest.mark.parametrize("spec", SCENE_MODELS, ids=lambda s: s.name)
@@ -120,12 +119,8 @@ def test_the_three_native_forms_give_one_answer_and_a_batch_of_sizes_answers_eac
     alone = [post(server, spec.name, p.body, p.content_type).json() for p in sent]
     together = post_together(server, [(spec.name, p.body, {"Content-Type": p.content_type}) for p in sent])
     assert [a.status_code for a in together] == [200] * len(sent)
-    for one, batched, payload in zip(alone, (a.json() for a in together), sent, strict=True):
-        if spec.kind == "object-detector":
-            assert [d["label"] for d in one] == [d["label"] for d in batched], payload.name
-            assert np.allclose([d["box"] for d in one], [d["box"] for d in batched], atol=0.05), payload.name
-        else:
-            assert (mask_of(one) != mask_of(batched)).mean() <= 1e-3, payload.name
+    for one, batched in zip(alone, (a.json() for a in together), strict=True):
+        same(spec, one, batched)
 
 
 def test_oip_detections_are_padded_per_answer_and_say_their_count(server):
@@ -183,7 +178,7 @@ def test_each_bad_image_gets_its_own_4xx_among_good_requests(server, spec):
     """The image kinds' bad-request matrix (tests/ops/bad_inputs.py), all at once among good requests."""
     from serve_config import control as ts
 
-    handler = model_config_values(spec.name)["handler"]
+    handler = handler_settings(spec)
     bad = bad_inputs.image_matrix(handler["max_image_bytes"], int(ts.read_properties(ts.TEMPLATE)["max_request_size"]))
     good = [("good", p.body, {"Content-Type": p.content_type}, 200, None) for p in payloads(spec.name, 6)]
     jobs = good + bad
@@ -204,7 +199,8 @@ def test_the_held_out_score_through_the_server_equals_the_offline_one(server, sp
     eager checkpoint's with the same post-processing."""
     from loadtest.evaluate import evaluate
 
-    result = evaluate(spec, server.inference_url, server.headers(), checkpoint_dir=TREE.checkpoint(spec.name), count=100)
+    result = evaluate(spec, server.inference_url, server.headers(), checkpoint_dir=TREE.checkpoint(spec.name), count=100,
+                      handler=handler_settings(spec))
     headline = result["headline"]
     print(f"\n{spec.name}: {headline} served {result['served'][headline]:.4f}, offline {result['offline'][headline]:.4f}")
     assert result["difference"] <= 0.005, result

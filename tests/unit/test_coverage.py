@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, SERVED
+from tests.conftest import BUILT, ROOT
 
 TIERS = {"parity": "tests/export/test_parity.py", "handler": "tests/handler", "serving": "tests/integration"}
 
@@ -23,8 +23,8 @@ def collected() -> list[str]:
 
 
 @pytest.mark.parametrize("tier", TIERS)
-@pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
-def test_each_served_model_is_covered_by_each_tier(collected, tier, spec):
+@pytest.mark.parametrize("spec", BUILT, ids=lambda s: s.name)
+def test_each_built_model_is_covered_by_each_tier(collected, tier, spec):
     ids = [line for line in collected if line.startswith(TIERS[tier])]
     assert ids, f"no test collected in {TIERS[tier]}"
     mine = [line for line in ids if f"[{spec.name}]" in line or f"-{spec.name}]" in line or f"[{spec.name}-" in line]

@@ -1,0 +1,90 @@
+"""What the test tiers check of a scene model's answers (the object-detector and image-segmenter kinds,
+handlers/kinds/detect.py and segment.py): the kind's own pipeline run in-process on the eager checkpoint is the
+reference a served answer must equal. The scene models are opt-in (not among the models every generic tier
+serves), so their tiers (tests/integration/test_scene_kinds.py, tests/handler) use these directly."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.paths import current, model_config_values
+
+
+SCENE_KINDS = ("object-detector", "image-segmenter")
+# The quick detector (`make test`) scores its peaks around 0.1 to 0.3, under the shipped threshold (0.3): the test
+# tiers serve it with a lower one, so that every answer carries detections to check.
+TEST_HANDLER = {"object-detector": {"score_threshold": 0.1}}
+
+
+def handler_settings(spec) -> dict:
+    """The handler settings the test tiers serve `spec` with: its model-config YAML's, with TEST_HANDLER's changes."""
+    return {**model_config_values(spec.name)["handler"], **TEST_HANDLER.get(spec.kind, {})}
+
+
+def shown_size(body: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes as shown (EXIF orientation applied)."""
+    from models.preprocessing import shown_size as of_image
+
+    return of_image(Image.open(io.BytesIO(body)))
+
+
+def mask_of(answer: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+
+
+class Reference:
+    """The kind's pipeline (handlers/kinds) in-process with the eager checkpoint of the build tree as its model and
+    the test tiers' handler settings."""
+
+    def __init__(self, spec) -> None:
+        from handlers import kinds
+        from models import checkpoint
+
+        model, _ = checkpoint.load(current().checkpoint(spec.name), spec)
+        kind = kinds.load(spec.kind)
+        manifest = {"preset": spec.preset, "labels": list(spec.labels),
+                    "inputs": [{"example_shape": list(spec.inputs[0].example_shape)}]}
+        settings = kind.Settings.from_mapping(handler_settings(spec))
+
+        def runner(inputs):
+            with torch.inference_mode():
+                out = model(*inputs)
+            return list(out) if isinstance(out, (tuple, list)) else [out]
+
+        self.pipeline = kind.build(None, manifest, runner, settings, served_as=(spec.name, "1"), max_batch=1)
+
+    def answer(self, body: bytes, content_type: str):
+        (result,) = self.pipeline.process([{"body": body}], [content_type])
+        return json.loads(result)
+
+
+def same_detections(a: list[dict], b: list[dict], threshold: float) -> None:
+    """Both lists hold the same detections (label, score within 1e-3, box within half a pixel), but for those that
+    tie with the threshold (within 1e-3), which either side may rightly keep."""
+    for first, second in ((a, b), (b, a)):
+        for d in first:
+            if d["score"] < threshold + 1e-3:
+                continue
+            partners = [e for e in second if e["label"] == d["label"] and abs(e["score"] - d["score"]) <= 1e-3
+                        and np.abs(np.asarray(e["box"]) - d["box"]).max() <= 0.5]
+            assert partners, (d, second)
+
+
+def same_masks(a: dict, b: dict) -> None:
+    """Same size, and at least 99.9 % of the pixels of the same class."""
+    assert (a["width"], a["height"]) == (b["width"], b["height"])
+    assert (mask_of(a) == mask_of(b)).mean() >= 0.999
+
+
+def same(spec, a, b) -> None:
+    """Two answers of `spec`'s kind to one request agree."""
+    if spec.kind == "object-detector":
+        same_detections(a, b, handler_settings(spec)["score_threshold"])
+    else:
+        same_masks(a, b)
