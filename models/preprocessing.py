@@ -203,7 +203,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-class RGBPreset:
+class _ColourPreset:
+    """A preset that makes its tensor from (3, H, W) uint8 RGB (`from_tensor`), whatever image it is given."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image of any mode and size -> the model's input tensor."""
+        rgb = to_rgb(image)
+        return self.from_tensor(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
+
+    def from_array(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 (the generated training data) -> the model's input tensor."""
+        return self.from_tensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1))
+
+    def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RGBPreset(_ColourPreset):
     """Colour image -> (3, crop, crop) tensor, torchvision-reference style (transforms v2):
     resize the shorter side to `resize` (antialiased, on uint8, before any float conversion), centre
     crop `crop`, scale to [0, 1], normalise by `mean` and `std` per channel.
@@ -228,15 +244,6 @@ class RGBPreset:
             v2.Normalize(mean=list(mean), std=list(std)),
         ])
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """A decoded image of any mode and size -> (3, crop, crop) float32."""
-        rgb = to_rgb(image)
-        return self.from_tensor(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
-
-    def from_array(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 (the generated training data) -> (3, crop, crop) float32."""
-        return self.from_tensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1))
-
     def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 -> (3, crop, crop) float32."""
         return self._tensor_steps(chw).contiguous()
@@ -255,7 +262,7 @@ def shown_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-class LetterboxPreset:
+class LetterboxPreset(_ColourPreset):
     """Colour image of any size -> (3, size, size) tensor for the scene models (detector, segmenter): scaled, aspect
     kept, so its long side is `size` (antialiased, on uint8), placed at the top left of the square, the rest padded
     with the mean colour (0 after normalising), then scaled to [0, 1] and normalised by `mean` and `std`.
@@ -288,14 +295,6 @@ class LetterboxPreset:
         """(..., 3, H, W) uint8 -> float32 normalised (the training loop's input, batch at a time)."""
         mean, std = self._mean.to(images.device), self._std.to(images.device)
         return (images.float() / 255 - mean) / std
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        rgb = to_rgb(image)
-        return self.from_tensor(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
-
-    def from_array(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, size, size) float32."""
-        return self.from_tensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1))
 
     def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 -> (3, size, size) float32."""
