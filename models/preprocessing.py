@@ -218,6 +218,12 @@ class _ColourPreset:
     def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def torchvision_transforms(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The same steps as one torchvision Compose over a PIL image, for TorchServe's stock VisionHandler."""
+        from torchvision.transforms import v2
+
+        return v2.Compose([v2.Lambda(to_rgb), v2.PILToTensor(), v2.Lambda(self.from_tensor)])
+
 
 class RGBPreset(_ColourPreset):
     """Colour image -> (3, crop, crop) tensor, torchvision-reference style (transforms v2):
@@ -248,11 +254,6 @@ class RGBPreset(_ColourPreset):
         """(3, H, W) uint8 -> (3, crop, crop) float32."""
         return self._tensor_steps(chw).contiguous()
 
-    def torchvision_transforms(self) -> Callable[[Image.Image], torch.Tensor]:
-        """The same steps as one torchvision Compose over a PIL image, for TorchServe's stock VisionHandler."""
-        from torchvision.transforms import v2
-
-        return v2.Compose([v2.Lambda(to_rgb), v2.PILToTensor(), self._tensor_steps])
 
 
 def shown_size(image: Image.Image) -> tuple[int, int]:

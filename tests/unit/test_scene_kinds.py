@@ -134,3 +134,9 @@ def test_mask_comparison_is_the_share_of_agreeing_pixels():
     b = a.clone()
     b[0, 0, :5] = 3
     assert segment.compare([a], [b])["pixel_agreement"] == pytest.approx(1 - 5 / 200)
+
+
+def test_the_stock_peers_letterbox_transforms_make_the_served_tensor():
+    preset = LetterboxPreset(size=160)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 250, 3), dtype=np.uint8)).convert("P")
+    assert torch.equal(preset.torchvision_transforms()(image), preset(image))
