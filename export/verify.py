@@ -204,8 +204,8 @@ def judge(spec: registry.ModelSpec, fmt: str, report: dict[str, Any]) -> list[st
             failures.append(f"{report['artifact']} ({fmt}) detections differ from eager's {where}: "
                             f"{figures['unmatched']} of {figures['detections']} have no partner of the same label, "
                             f"{figures['extra']} extra")
-        for key, bound in (("min_box_iou", tol.min_box_iou), ("min_pixel_agreement", tol.min_pixel_agreement)):
-            value = figures.get(key.removeprefix("min_")) if key == "min_pixel_agreement" else figures.get(key)
+        for key, bound in (("min_box_iou", tol.min_box_iou), ("pixel_agreement", tol.min_pixel_agreement)):
+            value = figures.get(key)
             if bound is not None and not (value is not None and value >= bound):
                 failures.append(f"{report['artifact']} ({fmt}) {key.removeprefix('min_').replace('_', ' ')} {value} "
                                 f"< {bound} {where}")
