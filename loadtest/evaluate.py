@@ -12,7 +12,6 @@ by what serving changes: the exported backend, batching, decoding and the way ba
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import sys
@@ -35,12 +34,10 @@ def png(image: np.ndarray) -> bytes:
 
 
 def from_answer(kind: str, answer: Any):
-    """A native answer -> what scene_metrics scores: (boxes, scores, labels) or a class mask."""
-    if kind == "object-detector":
-        return (np.asarray([d["box"] for d in answer], dtype=np.float32).reshape(-1, 4),
-                np.asarray([d["score"] for d in answer], dtype=np.float32),
-                np.asarray([d["index"] for d in answer], dtype=np.int64))
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+    """A native answer -> what scene_metrics scores: (boxes, scores, labels) or a class mask (the kind's `parse`)."""
+    from handlers import kinds
+
+    return kinds.load(kind).parse(answer)
 
 
 def served(url: str, model: str, headers: dict[str, str], scenes: Sequence, *, threads: int = 4) -> list:
@@ -58,27 +55,40 @@ def served(url: str, model: str, headers: dict[str, str], scenes: Sequence, *, t
         return list(pool.map(ask, scenes))
 
 
-def offline(spec: registry.ModelSpec, checkpoint_dir: Path, scenes: Sequence, handler: dict) -> list:
-    """The eager checkpoint's predictions for the same scenes, through the served preset and the kind's own
-    post-processing (handlers/kinds), as scene_metrics scores them."""
+def eager_pipeline(spec: registry.ModelSpec, checkpoint_dir: Path, handler: dict, *, max_batch: int = 1):
+    """The kind's serving pipeline (handlers/kinds) in-process, with the eager checkpoint as its model and `handler`
+    as its settings: the reference a served answer is held to."""
     import torch
 
     from handlers import kinds
     from models import checkpoint
-    from models.preprocessing import build_preset
 
     model, _ = checkpoint.load(checkpoint_dir, spec)
     kind = kinds.load(spec.kind)
-    pipeline = {"object-detector": "Detector", "image-segmenter": "Segmenter"}[spec.kind]
-    answering = getattr(kind, pipeline)(None, build_preset(spec.preset), spec.labels, kind.Settings.from_mapping(handler))
+    manifest = {"preset": spec.preset, "labels": list(spec.labels),
+                "inputs": [{"example_shape": list(spec.inputs[0].example_shape)}]}
+
+    def runner(inputs):
+        with torch.inference_mode():
+            out = model(*inputs)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    return kind.build(None, manifest, runner, kind.Settings.from_mapping(handler), served_as=(spec.name, "1"),
+                      max_batch=max_batch)
+
+
+def offline(spec: registry.ModelSpec, checkpoint_dir: Path, scenes: Sequence, handler: dict) -> list:
+    """The eager checkpoint's predictions for the same scenes, through the served preset and the kind's own
+    post-processing (eager_pipeline), as scene_metrics scores them."""
+    import torch
+
+    pipeline = eager_pipeline(spec, checkpoint_dir, handler)
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(scenes), 50):
-            chunk = scenes[start:start + 50]
-            outputs = model(torch.stack([answering.preset.from_array(s.image) for s in chunk]))
-            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-            answers = answering.answers(outputs, [(s.image.shape[1], s.image.shape[0]) for s in chunk])
-            out.extend(from_answer(spec.kind, a) if spec.kind == "object-detector" else a.mask for a in answers)
+    for start in range(0, len(scenes), 50):
+        chunk = scenes[start:start + 50]
+        outputs = pipeline.runner([torch.stack([pipeline.preset.from_array(s.image) for s in chunk])])
+        answers = pipeline.answers(outputs, [(s.image.shape[1], s.image.shape[0]) for s in chunk])
+        out.extend(from_answer(spec.kind, a) if spec.kind == "object-detector" else a.mask for a in answers)
     return out
 
 

@@ -469,10 +469,12 @@ SHAPES_DETECTOR = ModelSpec(
     # (bf16), mAP@0.5 0.915; about twice that without AMX, in fp32 (docs/models.md).
     train=TrainSpec(epochs=64, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.9,
                     epoch_sizes=(96,) * 60 + (160,) * 4, dataset_kwargs={"train": 3000, "test": 300}),
-    # `make test`: 800 scenes, 550 steps of 16 (10 epochs of 64 px crops, 1 of 96), about 2.5 minutes here: scores
-    # that rank peaks apart (mAP@0.5 about 0.05), enough to export, verify and serve, not to detect well.
-    train_quick=TrainSpec(epochs=11, batch_size=16, lr=6e-3, weight_decay=1e-4, seed=0, min_accuracy=0.01,
-                          epoch_sizes=(64,) * 10 + (96,), dataset_kwargs={"train": 800, "test": 100}),
+    # `make test`: 800 whole scenes, 400 steps of 4, about 2 minutes here. Whole scenes, not crops: a model trained on
+    # 64 px crops alone scores about 0 on the 160 px held-out scenes (it never sees a large object whole). It finds
+    # objects but hardly tells their classes apart: mAP@0.5 0.020 for the seed here, 0.010 to 0.046 over six starts
+    # (an untrained model: 0.0002). Enough to export, verify and serve, not to detect well (docs/models.md).
+    train_quick=TrainSpec(epochs=2, batch_size=4, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.005,
+                          epoch_sizes=(160, 160), dataset_kwargs={"train": 800, "test": 100}),
     **SCENE_COMMON,
 )
 

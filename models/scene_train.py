@@ -139,6 +139,15 @@ def score(spec, model: torch.nn.Module, split: list[scenes.Scene], preset) -> di
     return scene_metrics.score(spec.kind, predict(model, split, preset), split, len(spec.labels))
 
 
+def initial_model(spec, seed: int) -> torch.nn.Module:
+    """`spec`'s untrained model, its initial weights drawn from `seed`: with the recipe's own seeding in `fit`, a
+    recipe trains the same model every time on a host."""
+    from models import checkpoint
+
+    torch.manual_seed(seed)
+    return checkpoint.build_model(spec.builder, spec.builder_kwargs)
+
+
 def train(spec, out: Path, *, epochs: int | None = None, recipe_name: str = "full") -> dict:
     """Train scene model `spec` (a registry entry whose builder's module also defines its `loss`) with its recipe;
     write its checkpoint to `out` and return the metrics, `gate` naming the figure min_accuracy bounds
@@ -151,7 +160,7 @@ def train(spec, out: Path, *, epochs: int | None = None, recipe_name: str = "ful
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs, epoch_sizes=recipe.epoch_sizes[-epochs:])
     preset = build_preset(spec.preset)
-    model = checkpoint.build_model(spec.builder, spec.builder_kwargs)
+    model = initial_model(spec, recipe.seed)
     loss = registry.resolve(spec.builder.partition(":")[0] + ":loss")
     test = scenes.cached("test", recipe.dataset_kwargs["test"], seed=recipe.dataset_kwargs.get("seed", 0))
     log = lambda line: print(f"{spec.name} ({recipe_name} recipe): {line}", flush=True)  # noqa: E731

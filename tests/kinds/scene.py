@@ -5,14 +5,13 @@ serves), so their tiers (tests/integration/test_scene_kinds.py, tests/handler) u
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 
 import numpy as np
-import torch
 from PIL import Image
 
+from handlers.kinds.segment import parse as mask_of  # a native mask answer read back
 from models.paths import current, model_config_values
 
 
@@ -34,30 +33,14 @@ def shown_size(body: bytes) -> tuple[int, int]:
     return of_image(Image.open(io.BytesIO(body)))
 
 
-def mask_of(answer: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
-
-
 class Reference:
-    """The kind's pipeline (handlers/kinds) in-process with the eager checkpoint of the build tree as its model and
-    the test tiers' handler settings."""
+    """The kind's pipeline in-process with the eager checkpoint of the build tree as its model and the test tiers'
+    handler settings (loadtest.evaluate.eager_pipeline)."""
 
     def __init__(self, spec) -> None:
-        from handlers import kinds
-        from models import checkpoint
+        from loadtest.evaluate import eager_pipeline
 
-        model, _ = checkpoint.load(current().checkpoint(spec.name), spec)
-        kind = kinds.load(spec.kind)
-        manifest = {"preset": spec.preset, "labels": list(spec.labels),
-                    "inputs": [{"example_shape": list(spec.inputs[0].example_shape)}]}
-        settings = kind.Settings.from_mapping(handler_settings(spec))
-
-        def runner(inputs):
-            with torch.inference_mode():
-                out = model(*inputs)
-            return list(out) if isinstance(out, (tuple, list)) else [out]
-
-        self.pipeline = kind.build(None, manifest, runner, settings, served_as=(spec.name, "1"), max_batch=1)
+        self.pipeline = eager_pipeline(spec, current().checkpoint(spec.name), handler_settings(spec))
 
     def answer(self, body: bytes, content_type: str):
         (result,) = self.pipeline.process([{"body": body}], [content_type])

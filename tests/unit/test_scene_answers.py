@@ -4,6 +4,7 @@ padding, and the comparisons export verification judges by."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -76,9 +77,17 @@ def detector(config=None) -> detect.Detector:
 def test_a_detector_answers_each_request_in_its_own_image_pixels():
     pipeline = detector()
     answers = pipeline.process([{"body": png(320, 320)}, {"body": png(80, 40)}], ["image/png", "image/png"])
-    big, small = (__import__("json").loads(a) for a in answers)
+    big, small = (json.loads(a) for a in answers)
     assert big == [{"label": "triangle", "index": 3, "score": 0.9, "box": [80.0, 80.0, 240.0, 240.0]}]
     assert small[0]["box"] == [20.0, 20.0, 60.0, 40.0]  # scale 2, clipped to the 80x40 image
+
+
+def test_a_native_detection_answer_reads_back_as_arrays():
+    (answer,) = detector().process([{"body": png(320, 320)}], ["image/png"])
+    boxes, scores, labels = detect.parse(json.loads(answer))
+    assert boxes.tolist() == [[80.0, 80.0, 240.0, 240.0]] and scores.tolist() == [pytest.approx(0.9)]
+    assert labels.tolist() == [3] and labels.dtype == np.int64
+    assert detect.parse([])[0].shape == (0, 4)
 
 
 def test_oip_detections_pad_to_the_most_in_any_row():
@@ -105,6 +114,14 @@ def test_a_mask_is_cut_to_the_image_and_scaled_to_its_size():
     assert restored.mask.shape == (160, 320)
     assert (restored.mask[:80, :160] == 2).all() and (restored.mask[80:] == 0).all()
     assert restored.fractions[2] == pytest.approx(0.25) and restored.fractions[7] == 0
+
+
+def test_a_native_mask_answer_reads_back_as_the_class_mask():
+    pipeline = segment.Segmenter(lambda inputs: [], LetterboxPreset(size=160), LABELS, segment.SegmenterConfig())
+    mask = np.arange(12, dtype=np.uint8).reshape(3, 4) % len(LABELS)
+    answer = json.loads(pipeline.native(segment.Segmentation(mask, np.eye(len(LABELS))[0])))
+    read = segment.parse(answer)
+    assert read.dtype == np.uint8 and (read == mask).all() and (answer["width"], answer["height"]) == (4, 3)
 
 
 def test_oip_masks_pad_with_255_and_say_each_size():

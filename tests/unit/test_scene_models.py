@@ -87,6 +87,17 @@ def test_the_segmenter_answers_a_class_per_pixel_at_any_size(backbone):
             assert model.logits(torch.zeros(shape)).shape == (shape[0], 9, *shape[2:])
 
 
+@pytest.mark.parametrize("name", ["shapes-detector", "shapes-segmenter"])
+def test_a_scene_model_starts_from_the_same_weights_for_a_seed(name):
+    from models import registry
+    from models.scene_train import initial_model
+
+    spec = registry.get(name)
+    first, again, other = (initial_model(spec, seed).state_dict() for seed in (0, 0, 1))
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
 def test_scene_training_is_deterministic_for_a_seed(tmp_path):
     from models.registry import TrainSpec
     from models.scene_train import fit
