@@ -60,13 +60,14 @@ def eager_pipeline(spec: registry.ModelSpec, checkpoint_dir: Path, handler: dict
     as its settings: the reference a served answer is held to."""
     import torch
 
+    from export.export import input_records
     from handlers import kinds
     from models import checkpoint
 
-    model, _ = checkpoint.load(checkpoint_dir, spec)
+    model, meta = checkpoint.load(checkpoint_dir, spec)
     kind = kinds.load(spec.kind)
-    manifest = {"preset": spec.preset, "labels": list(spec.labels),
-                "inputs": [{"example_shape": list(spec.inputs[0].example_shape)}]}
+    # what an export's manifest tells the handler of the model (export.export writes the same three fields)
+    manifest = {"preset": meta["preset"], "labels": meta["labels"], "inputs": input_records(spec)}
 
     def runner(inputs):
         with torch.inference_mode():

@@ -11,6 +11,7 @@ import json
 import numpy as np
 from PIL import Image
 
+from handlers.kinds.detect import VERIFY_MARGIN as TIE  # scores this close tie; also the tolerance on scores
 from handlers.kinds.segment import parse as mask_of  # a native mask answer read back
 from models.paths import current, model_config_values
 
@@ -49,18 +50,18 @@ class Reference:
 
 
 def same_detections(a: list[dict], b: list[dict], threshold: float, limit: int) -> None:
-    """Both lists hold the same detections (label, score within 1e-3, box within half a pixel), but for those that
-    tie, within 1e-3, with the threshold or (in a list cut at `limit`) with its last place: either side may rightly
+    """Both lists hold the same detections (label, score within TIE, box within half a pixel), but for those that
+    tie, within TIE, with the threshold or (in a list cut at `limit`) with its last place: either side may rightly
     keep another of the tied peaks there."""
-    floor = threshold + 1e-3
+    floor = threshold + TIE
     for answer in (a, b):
         if len(answer) >= limit:
-            floor = max(floor, min(d["score"] for d in answer) + 1e-3)
+            floor = max(floor, min(d["score"] for d in answer) + TIE)
     for first, second in ((a, b), (b, a)):
         for d in first:
             if d["score"] < floor:
                 continue
-            partners = [e for e in second if e["label"] == d["label"] and abs(e["score"] - d["score"]) <= 1e-3
+            partners = [e for e in second if e["label"] == d["label"] and abs(e["score"] - d["score"]) <= TIE
                         and np.abs(np.asarray(e["box"]) - d["box"]).max() <= 0.5]
             assert partners, (d, second)
 
