@@ -102,6 +102,9 @@ prereqs-image:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v debootstrap >/dev/null || podman image exists $(BASE_IMAGE) || { echo "error: debootstrap not found and no base image $(BASE_IMAGE): apt-get install debootstrap, or pass BASE_IMAGE= to pull debian:bookworm-slim" >&2; exit 1; }
 
 # pip bootstraps uv (requirements/uv.txt); uv installs the lock, about 6 times faster here (docs/development.md).
+# --compile-bytecode writes every module's .pyc at install: this environment sets PYTHONDONTWRITEBYTECODE, so without
+# them each new interpreter (a verification worker, a TorchServe worker, a test's subprocess) compiles torch again:
+# `import torch` took 6.3 s here without them and 3.1 s with them.
 # uv reads no pip.conf, so the package indexes this machine's pip is configured with are handed to it (none
 # elsewhere: PyPI alone). Every file is pinned by its sha256, so which index serves it changes nothing.
 UV := $(VENV)/bin/uv
@@ -113,14 +116,14 @@ UV_COMPILE = $(UV) pip compile --quiet $(UV_INDEXES) --generate-hashes --python-
 $(VENV_STAMP): $(LOCK) requirements/uv.txt | prereqs-core
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
-	$(UV) pip install --quiet $(UV_INDEXES) --require-hashes --no-deps --python $(PY) -r $(LOCK)
+	$(UV) pip install --quiet --compile-bytecode $(UV_INDEXES) --require-hashes --no-deps --python $(PY) -r $(LOCK)
 	$(PY) -m pip check
 	touch $@
 
 # ExecuTorch, for `make mobile` alone, from its own lock (resolved against dev.txt, so nothing already installed moves).
 MOBILE_STAMP := $(VENV)/.mobile-installed
 $(MOBILE_STAMP): requirements/mobile.txt | $(VENV_STAMP)
-	$(UV) pip install --quiet $(UV_INDEXES) --require-hashes --no-deps --python $(PY) -r requirements/mobile.txt
+	$(UV) pip install --quiet --compile-bytecode $(UV_INDEXES) --require-hashes --no-deps --python $(PY) -r requirements/mobile.txt
 	$(PY) -m pip check
 	touch $@
 
@@ -298,7 +301,7 @@ proofs: | $(VENV_STAMP) prereqs-fleet prereqs-wrk ## the slow proofs (a frontend
 # The proofs (marker `proof`) have their own target, `make proofs`.
 PYTEST_MARK = not proof
 pytest: $(PLUGIN_JAR) $(CPP_RUNNER) | $(VENV_STAMP)
-	$(PY) -m pytest tests --ignore=tests/container -m "$(PYTEST_MARK)" $(PYTEST_ARGS) --durations=15
+	$(PY) -m pytest tests --ignore=tests/container -m "$(PYTEST_MARK)" $(PYTEST_ARGS) --durations=30
 
 unit: | $(VENV_STAMP) ## the unit tier without its slow tests: needs no built model, starts no server (seconds)
 	$(PY) -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)

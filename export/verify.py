@@ -4,13 +4,15 @@
 
 Each artifact is loaded in a fresh Python process (so nothing cached by the export or by another
 artifact can hide a problem) with the backend that serves it: ONNX Runtime for .onnx, torch.jit.load
-for TorchScript. Each is compared with the eager model from the checkpoint on every batch size in the
-registry, with real held-out images and with random inputs: max |diff| per output against the
-registry's tolerance. Top-1 agreement is measured over the whole held-out split. A kind whose outputs are not
-compared element by element (handlers.kinds: `compare`; detections, class masks) is checked on held-out images
-only, at every verified batch size and, through the preset, at each of the registry's `verify_image_sizes`; its
-figures (matched detections, pixel agreement) are judged against the tolerance. All failures are collected and
-reported together; on success a stamp (verified.json) records the figures.
+for TorchScript. What it must give is computed once, in this process, before any artifact runs: the eager
+model's outputs (or the model's reference library's), saved to a scratch file every worker reads. Each artifact
+is compared with them on every batch size in the registry, with real held-out images and with random inputs:
+max |diff| per output against the registry's tolerance. Top-1 agreement is measured over the whole held-out
+split. A kind whose outputs are not compared element by element (handlers.kinds: `compare`; detections, class
+masks) is checked on held-out images only, at every verified batch size and, through the preset, at each of the
+registry's `verify_image_sizes`; its figures (matched detections, pixel agreement) are judged against the
+tolerance. All failures are collected and reported together; on success a stamp (verified.json) records the
+figures.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ class ToleranceError(RuntimeError):
 
 
 STAMP = "verified.json"
+HELD_OUT_CHUNK = 64  # held-out images per forward pass
 
 
 def reference_inputs(spec: registry.ModelSpec, batch: int, source: str, real: torch.Tensor | None,
@@ -89,22 +93,6 @@ def image_cases(spec: registry.ModelSpec) -> list[tuple[dict[str, Any], torch.Te
     return cases
 
 
-def check_by_kind(spec: registry.ModelSpec, model: torch.nn.Module, runner, compare_outputs) -> list[dict[str, Any]]:
-    """The kind's own comparison (its `compare`) of the artifact's outputs with eager's, case by case."""
-    checks = []
-    for where, inputs in image_cases(spec):
-        with torch.inference_mode():
-            expected = model(inputs)
-        expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
-        got = runner([inputs])
-        shapes_ok = [tuple(e.shape) for e in expected] == [tuple(g.shape) for g in got]
-        checks.append({**where, "output": ",".join(spec.outputs), "max_abs_diff": None, "min_cosine": None,
-                       "cosines": None, "shape": [list(g.shape) for g in got],
-                       "expected_shape": [list(e.shape) for e in expected],
-                       "figures": compare_outputs(expected, got) if shapes_ok else None})
-    return checks
-
-
 def combined_figures(checks: list[dict[str, Any]]) -> dict[str, float] | None:
     """The kind's figures over every case: the least of a `min_` figure or an agreement, the most of a `max_`
     figure, the sum of a count."""
@@ -131,57 +119,74 @@ def compare(name: str, expected: torch.Tensor, got: torch.Tensor, **where: Any) 
             "shape": list(got.shape), "expected_shape": list(expected.shape)}
 
 
-def check_against_reference(spec: registry.ModelSpec, runner) -> dict[str, Any]:
-    """The artifact against the model's own reference library (registry `reference`), case by case."""
+def eager_reference(spec: registry.ModelSpec, checkpoint_dir: Path | None) -> dict[str, Any]:
+    """What every artifact is compared with, computed once in the parent process: each case's inputs with the
+    outputs they must give (the model's reference library's when the registry names one, else the eager
+    checkpoint's), whether the kind compares them its own way, and eager's top-1 over the held-out split."""
+    if spec.reference is not None:
+        cases = [{"where": {"inputs": "reference", "batch": case["batch"],
+                            "max_tokens": max(case.get("tokens") or [0])},
+                  "inputs": case["inputs"], "expected": list(case["expected"])}
+                 for case in registry.resolve(spec.reference)(spec, spec.verify_batch_sizes)]
+        return {"cases": cases, "by_kind": False, "held_out": None}
+    torch.manual_seed(0)
+    model, _ = checkpoint.load(checkpoint_dir, spec)
+    by_kind = getattr(kinds.load(spec.kind), "compare", None) is not None
+    held_out = None if by_kind else held_out_inputs(spec)
+    if by_kind:
+        pairs = [(where, [inputs]) for where, inputs in image_cases(spec)]
+    else:
+        pairs = [({"inputs": source, "batch": batch, **({"length": length} if length is not None else {})},
+                  reference_inputs(spec, batch, source, held_out[0] if held_out else None, length))
+                 for source in (("real", "random") if held_out is not None else ("random",))
+                 for batch, length in shape_grid(spec, source)]
+    cases = []
+    with torch.inference_mode():
+        for where, inputs in pairs:
+            expected = model(*inputs)
+            cases.append({"where": where, "inputs": inputs,
+                          "expected": list(expected) if isinstance(expected, (tuple, list)) else [expected]})
+        top1 = None
+        if held_out is not None:
+            images, labels = held_out
+            top1 = {"labels": labels, "eager": torch.cat([model(images[start : start + HELD_OUT_CHUNK]).argmax(dim=1)
+                                                          for start in range(0, len(images), HELD_OUT_CHUNK)])}
+    return {"cases": cases, "by_kind": by_kind, "held_out": top1}
+
+
+def check_cases(spec: registry.ModelSpec, reference: dict[str, Any], runner) -> dict[str, Any]:
+    """Run every case of `reference` (eager_reference) through `runner` and return the figures (no judgement)."""
+    compare_outputs = kinds.load(spec.kind).compare if reference["by_kind"] else None
     checks = []
-    for case in registry.resolve(spec.reference)(spec, spec.verify_batch_sizes):
-        got = runner(case["inputs"])
-        for name, e, g in zip(spec.outputs, case["expected"], got):
-            checks.append(compare(name, e, g, inputs="reference", batch=case["batch"],
-                                  max_tokens=max(case.get("tokens") or [0])))
-    return {"checks": checks, "top1_agreement": None}
+    for case in reference["cases"]:
+        got, expected = runner(case["inputs"]), case["expected"]
+        if compare_outputs is None:
+            checks += [compare(name, e, g, **case["where"]) for name, e, g in zip(spec.outputs, expected, got)]
+            continue
+        shapes_ok = [tuple(e.shape) for e in expected] == [tuple(g.shape) for g in got]
+        checks.append({**case["where"], "output": ",".join(spec.outputs), "max_abs_diff": None, "min_cosine": None,
+                       "cosines": None, "shape": [list(g.shape) for g in got],
+                       "expected_shape": [list(e.shape) for e in expected],
+                       "figures": compare_outputs(expected, got) if shapes_ok else None})
+    agreement = accuracy = None
+    if reference["held_out"] is not None:
+        images, _ = held_out_inputs(spec)
+        labels, eager_top1 = reference["held_out"]["labels"], reference["held_out"]["eager"]
+        top1 = torch.cat([runner([images[start : start + HELD_OUT_CHUNK]])[0].argmax(dim=1)
+                          for start in range(0, len(images), HELD_OUT_CHUNK)])
+        agreement = (top1 == eager_top1).sum().item() / len(labels)
+        accuracy = {"eager": (eager_top1 == labels).sum().item() / len(labels),
+                    "artifact": (top1 == labels).sum().item() / len(labels)}
+    return {"checks": checks, "top1_agreement": agreement, "accuracy": accuracy}
 
 
-def check_artifact(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) -> dict[str, Any]:
-    """Run in the fresh process: compare one artifact with its reference; return the figures (no judgement)."""
+def check_artifact(spec: registry.ModelSpec, artifact: Path, reference: dict[str, Any]) -> dict[str, Any]:
+    """Run in the fresh process: load one artifact with its serving backend and check it on every case."""
     from models.runtime import ThreadBudget, load_runner
 
     torch.manual_seed(0)
     runner = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
-    if spec.reference is not None:
-        return {"artifact": artifact.name, **check_against_reference(spec, runner)}
-    model, _ = checkpoint.load(checkpoint_dir, spec)
-    compare_outputs = getattr(kinds.load(spec.kind), "compare", None)
-    if compare_outputs is not None:
-        return {"artifact": artifact.name, "checks": check_by_kind(spec, model, runner, compare_outputs),
-                "top1_agreement": None, "accuracy": None}
-    held_out = held_out_inputs(spec)
-    checks = []
-    for source in (("real", "random") if held_out is not None else ("random",)):
-        for batch, length in shape_grid(spec, source):
-            inputs = reference_inputs(spec, batch, source, held_out[0] if held_out else None, length)
-            with torch.inference_mode():
-                expected = model(*inputs)
-            expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
-            got = runner(inputs)
-            where = {"inputs": source, "batch": batch, **({"length": length} if length is not None else {})}
-            for name, e, g in zip(spec.outputs, expected, got):
-                checks.append(compare(name, e, g, **where))
-    agreement = accuracy = None
-    if held_out is not None:
-        images, labels = held_out
-        agree = eager_right = artifact_right = 0
-        for start in range(0, len(images), 64):
-            chunk, truth = images[start : start + 64], labels[start : start + 64]
-            with torch.inference_mode():
-                eager_top1 = model(chunk).argmax(dim=1)
-            top1 = runner([chunk])[0].argmax(dim=1)
-            agree += (top1 == eager_top1).sum().item()
-            eager_right += (eager_top1 == truth).sum().item()
-            artifact_right += (top1 == truth).sum().item()
-        agreement = agree / len(images)
-        accuracy = {"eager": eager_right / len(images), "artifact": artifact_right / len(images)}
-    return {"artifact": artifact.name, "checks": checks, "top1_agreement": agreement, "accuracy": accuracy}
+    return {"artifact": artifact.name, **check_cases(spec, reference, runner)}
 
 
 def mean_cosine(checks: list[dict[str, Any]]) -> float | None:
@@ -261,11 +266,12 @@ def summary(spec: registry.ModelSpec, fmt: str, result: dict[str, Any]) -> str:
     return "  ".join(parts) + f"  [{result['checks']} checks, batches {list(spec.verify_batch_sizes)}]"
 
 
-def run_fresh(spec: registry.ModelSpec, checkpoint_dir: Path, artifact: Path) -> dict[str, Any]:
-    """check_artifact() in a new interpreter; its JSON report is the last line of its stdout."""
+def run_fresh(spec: registry.ModelSpec, artifact: Path, reference_file: Path) -> dict[str, Any]:
+    """check_artifact() in a new interpreter, on the cases saved in `reference_file`; its JSON report is the last
+    line of its stdout."""
     proc = subprocess.run(
-        [sys.executable, "-m", "export.verify", "--model", spec.name, "--checkpoint", str(checkpoint_dir),
-         "--artifacts", str(artifact.parent), "--worker", artifact.name, "--spec-json", json.dumps(spec.to_json())],
+        [sys.executable, "-m", "export.verify", "--model", spec.name, "--artifacts", str(artifact.parent),
+         "--worker", artifact.name, "--reference", str(reference_file), "--spec-json", json.dumps(spec.to_json())],
         capture_output=True, text=True, cwd=ROOT,
     )
     if proc.returncode != 0:
@@ -278,21 +284,25 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) 
     manifest = mf.read(artifacts_dir)
     mf.check_folder(artifacts_dir, manifest)
     results, failures = {}, []
-    for fmt, entry in manifest["artifacts"].items():
-        try:
-            report = run_fresh(spec, checkpoint_dir, artifacts_dir / entry["file"])
-        except ToleranceError as err:
-            failures.append(str(err))
-            continue
-        failures += judge(spec, fmt, report)
-        worst = max(report["checks"], key=lambda c: c["max_abs_diff"] or 0.0)
-        cosines = [c["min_cosine"] for c in report["checks"] if c["min_cosine"] is not None]
-        results[fmt] = {"file": entry["file"], "sha256": entry["sha256"], "max_abs_diff": worst["max_abs_diff"],
-                        "worst_at": {k: worst[k] for k in ("batch", "inputs", "output")},
-                        "min_cosine": min(cosines) if cosines else None, "mean_cosine": mean_cosine(report["checks"]),
-                        "top1_agreement": report["top1_agreement"], "accuracy": report.get("accuracy"),
-                        "figures": combined_figures(report["checks"]), "checks": len(report["checks"])}
-        print(f"{spec.name}: {summary(spec, fmt, results[fmt])}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+        reference_file = Path(scratch) / "reference.pt"
+        torch.save(eager_reference(spec, checkpoint_dir), reference_file)
+        for fmt, entry in manifest["artifacts"].items():
+            try:
+                report = run_fresh(spec, artifacts_dir / entry["file"], reference_file)
+            except ToleranceError as err:
+                failures.append(str(err))
+                continue
+            failures += judge(spec, fmt, report)
+            worst = max(report["checks"], key=lambda c: c["max_abs_diff"] or 0.0)
+            cosines = [c["min_cosine"] for c in report["checks"] if c["min_cosine"] is not None]
+            results[fmt] = {"file": entry["file"], "sha256": entry["sha256"], "max_abs_diff": worst["max_abs_diff"],
+                            "worst_at": {k: worst[k] for k in ("batch", "inputs", "output")},
+                            "min_cosine": min(cosines) if cosines else None,
+                            "mean_cosine": mean_cosine(report["checks"]),
+                            "top1_agreement": report["top1_agreement"], "accuracy": report.get("accuracy"),
+                            "figures": combined_figures(report["checks"]), "checks": len(report["checks"])}
+            print(f"{spec.name}: {summary(spec, fmt, results[fmt])}", flush=True)
     for fmt, reason in manifest.get("not_applicable", {}).items():
         results[fmt] = {"not_applicable": reason}
         print(f"{spec.name}: {fmt:9s} not applicable (not verified): {reason}", flush=True)
@@ -313,15 +323,19 @@ def verify(spec: registry.ModelSpec, checkpoint_dir: Path, artifacts_dir: Path) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)  # internal: the fresh-process side
+    parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)  # internal: the parent's eager_reference
     parser.add_argument("--spec-json", help=argparse.SUPPRESS)  # internal: the parent's spec, registered or not
     args = parser.parse_args(argv)
     spec = registry.ModelSpec.from_json(json.loads(args.spec_json)) if args.spec_json else registry.get(args.model)
     if args.worker:
-        print(json.dumps(check_artifact(spec, args.checkpoint, args.artifacts / args.worker)))
+        reference = torch.load(args.reference, weights_only=True)
+        print(json.dumps(check_artifact(spec, args.artifacts / args.worker, reference)))
         return 0
+    if args.checkpoint is None:
+        parser.error("--checkpoint is required")
     stamp_path = args.artifacts / STAMP
     stamp_path.unlink(missing_ok=True)
     try:

@@ -11,7 +11,7 @@ import torch
 from export.verify import held_out_inputs
 from models.runtime import OrtRunner, ThreadBudget, TorchScriptRunner, configure_cuda_math, select_device
 from models import checkpoint
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TREE, SERVED, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, TREE, SERVED, built
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")]
 ARTIFACTS = ["model.trace.pt", "model.script.pt", "model.onnx"]
@@ -73,11 +73,11 @@ def test_fp16_on_gpu_is_within_fp16_tolerance(spec, artifact):
 @pytest.mark.parametrize("spec", EMBEDDERS, ids=lambda s: s.name)
 @pytest.mark.parametrize("artifact", ["model.trace.pt", "model.onnx"])
 def test_embedder_on_gpu_matches_sentence_transformers(spec, artifact):
-    from export.verify import check_against_reference, judge
+    from export.verify import check_cases, eager_reference, judge
 
     configure_cuda_math(torch.device("cuda", 0), allow_tf32=False)
     runner = runner_for(built(TREE.artifacts(spec.name) / artifact), select_device(0))
-    checks = check_against_reference(spec, runner)["checks"]
+    checks = check_cases(spec, eager_reference(spec, None), runner)["checks"]
     assert judge(spec, "onnx" if artifact.endswith(".onnx") else "trace", {"artifact": artifact, "checks": checks,
                                                                            "top1_agreement": None}) == []
 
