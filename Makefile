@@ -102,11 +102,11 @@ prereqs-image:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v debootstrap >/dev/null || podman image exists $(BASE_IMAGE) || { echo "error: debootstrap not found and no base image $(BASE_IMAGE): apt-get install debootstrap, or pass BASE_IMAGE= to pull debian:bookworm-slim" >&2; exit 1; }
 
 # pip bootstraps uv (requirements/uv.txt); uv installs the lock, about 6 times faster here (docs/development.md).
+# uv reads no pip.conf, so the package indexes this machine's pip is configured with are handed to it (none
+# elsewhere: PyPI alone). Every file is pinned by its sha256, so which index serves it changes nothing.
 # --compile-bytecode writes every module's .pyc at install: this environment sets PYTHONDONTWRITEBYTECODE, so without
 # them each new interpreter (a verification worker, a TorchServe worker, a test's subprocess) compiles torch again:
 # `import torch` took 6.3 s here without them and 3.1 s with them.
-# uv reads no pip.conf, so the package indexes this machine's pip is configured with are handed to it (none
-# elsewhere: PyPI alone). Every file is pinned by its sha256, so which index serves it changes nothing.
 UV := $(VENV)/bin/uv
 UV_INDEXES = $(foreach i,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(i)) \
 	$(foreach f,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),--find-links $(f)) \

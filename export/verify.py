@@ -119,6 +119,12 @@ def compare(name: str, expected: torch.Tensor, got: torch.Tensor, **where: Any) 
             "shape": list(got.shape), "expected_shape": list(expected.shape)}
 
 
+def held_out_top1(forward, images: torch.Tensor) -> torch.Tensor:
+    """The top-1 class `forward` gives each held-out image, HELD_OUT_CHUNK images per pass."""
+    return torch.cat([forward(images[start : start + HELD_OUT_CHUNK]).argmax(dim=1)
+                      for start in range(0, len(images), HELD_OUT_CHUNK)])
+
+
 def eager_reference(spec: registry.ModelSpec, checkpoint_dir: Path | None) -> dict[str, Any]:
     """What every artifact is compared with, computed once in the parent process: each case's inputs with the
     outputs they must give (the model's reference library's when the registry names one, else the eager
@@ -149,8 +155,7 @@ def eager_reference(spec: registry.ModelSpec, checkpoint_dir: Path | None) -> di
         top1 = None
         if held_out is not None:
             images, labels = held_out
-            top1 = {"labels": labels, "eager": torch.cat([model(images[start : start + HELD_OUT_CHUNK]).argmax(dim=1)
-                                                          for start in range(0, len(images), HELD_OUT_CHUNK)])}
+            top1 = {"labels": labels, "eager": held_out_top1(model, images)}
     return {"cases": cases, "by_kind": by_kind, "held_out": top1}
 
 
@@ -172,8 +177,7 @@ def check_cases(spec: registry.ModelSpec, reference: dict[str, Any], runner) -> 
     if reference["held_out"] is not None:
         images, _ = held_out_inputs(spec)
         labels, eager_top1 = reference["held_out"]["labels"], reference["held_out"]["eager"]
-        top1 = torch.cat([runner([images[start : start + HELD_OUT_CHUNK]])[0].argmax(dim=1)
-                          for start in range(0, len(images), HELD_OUT_CHUNK)])
+        top1 = held_out_top1(lambda chunk: runner([chunk])[0], images)
         agreement = (top1 == eager_top1).sum().item() / len(labels)
         accuracy = {"eager": (eager_top1 == labels).sum().item() / len(labels),
                     "artifact": (top1 == labels).sum().item() / len(labels)}
