@@ -21,7 +21,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers import kinds, oip
 from handlers.batch_metrics import StageClock, publish
 from handlers.requests import Pipeline, RequestError, content_type_of
-from models.runtime import Runner, ThreadBudget, configure_cuda_math, load_runner, select_device
+from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,15 @@ def header_lengths(context, count: int) -> list[int | None]:
 VERSION_HEADER = "X-Model-Version"
 
 
-def answer_all(context, results: Sequence[str | RequestError], version: str | None = None) -> list[str]:
-    """Set each request's status, JSON content type and (given `version`) the X-Model-Version header that
-    says which version of the model answered it, on a TorchServe context; return the bodies."""
-    answers = []
+def answer_all(context, results: Sequence[str | oip.BinaryAnswer | RequestError], version: str | None = None
+               ) -> list[str | bytes]:
+    """Set each request's status, content type (JSON; raw bytes with Inference-Header-Content-Length for an OIP
+    answer in the binary extension) and (given `version`) the X-Model-Version header that says which version of
+    the model answered it, on a TorchServe context; return the bodies."""
+    answers: list[str | bytes] = []
     for idx, result in enumerate(results):
-        context.set_response_content_type(idx, "application/json")
+        binary = isinstance(result, oip.BinaryAnswer)
+        context.set_response_content_type(idx, "application/octet-stream" if binary else "application/json")
         if version is not None:
             context.set_response_header(idx, VERSION_HEADER, version)
         if isinstance(result, RequestError):
@@ -65,7 +68,9 @@ def answer_all(context, results: Sequence[str | RequestError], version: str | No
             answers.append(result.body())
         else:
             context.set_response_status(200, "OK", idx)
-            answers.append(result)
+            if binary:
+                context.set_response_header(idx, oip.RESPONSE_HEADER_LENGTH, str(result.header_length))
+            answers.append(result.body if binary else result)
     return answers
 
 

@@ -4,8 +4,10 @@ TorchServe 0.12 routes `POST /v2/models/<model>/infer` to the model's handler li
 infer request reaches the pipeline beside native ones, in the same batch; it is told apart by its body, a
 JSON object with `inputs`. This module turns such a body into named tensors (`parse`), with the binary
 tensor extension (a JSON header of `Inference-Header-Content-Length` bytes, then each binary input's raw
-bytes), and writes the infer response (`response`). Problems are RequestErrors whose body is
-`{"error": "..."}`, the protocol's error form, with a 4xx status.
+bytes), and writes the infer response (`response`): JSON tensors, or, for the outputs a request asks so of (an
+output's `binary_data`, or the request's `binary_data_output`, as Triton's clients send them), the same extension
+the other way (`BinaryAnswer`). Problems are RequestErrors whose body is `{"error": "..."}`, the protocol's error
+form, with a 4xx status.
 
 Tensor data arrives flattened in row-major order (nested lists are accepted too); BYTES elements are JSON
 strings, or raw bytes in the binary extension (each a 4-byte little-endian length, then the bytes).
@@ -24,6 +26,7 @@ import numpy as np
 from handlers.requests import RequestError, parse_json_body
 
 HEADER_LENGTH = "inference-header-content-length"  # the binary tensor extension's header, lower case
+RESPONSE_HEADER_LENGTH = "Inference-Header-Content-Length"  # the same header, as an answer spells it
 NUMERIC = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
            "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
            "FP32": np.float32, "FP64": np.float64}
@@ -37,7 +40,7 @@ def invalid(message: str, status: int = 400) -> RequestError:
 @dataclass(frozen=True)
 class Tensor:
     """One named tensor. Parsed from a request: numeric data as a NumPy array of `shape`, BYTES as a flat list of
-    str (JSON) or bytes. For a response: flat row-major data as a list."""
+    str (JSON) or bytes. For a response: row-major data as a flat list or a NumPy array of any layout."""
 
     name: str
     datatype: str
@@ -51,11 +54,17 @@ class Tensor:
 
 @dataclass(frozen=True)
 class InferRequest:
-    """A parsed infer request: its id (echoed), its input tensors, and the outputs asked for (None: all)."""
+    """A parsed infer request: its id (echoed), its input tensors, the outputs asked for (None: all), and which of
+    them to answer as raw bytes: the request's `binary_data_output` for all, an output's own `binary_data` first."""
 
     id: str | None
     inputs: tuple[Tensor, ...]
     outputs: tuple[str, ...] | None
+    binary_default: bool = False
+    binary: tuple[tuple[str, bool], ...] = ()  # (output name, binary_data) where an output says so itself
+
+    def wants_binary(self, output: str) -> bool:
+        return dict(self.binary).get(output, self.binary_default)
 
     def only_input(self, model_input: str) -> Tensor:
         """The one input a single-input model takes (its name is not checked: clients name it freely)."""
@@ -175,10 +184,15 @@ def parse(body: Any, binary: bytes = b"") -> InferRequest:
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise invalid(f"'id' must be a string, got {type(request_id).__name__}")
-    outputs = body.get("outputs")
+    binary_default = _flag(body.get("parameters"), "binary_data_output", "the request's parameters")
+    outputs, flags = body.get("outputs"), []
     if outputs is not None:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
             raise invalid("'outputs' must be a list of objects with a 'name'")
+        for o in outputs:
+            flag = _flag(o.get("parameters"), "binary_data", f"output {o['name']!r}'s parameters")
+            if flag is not None:
+                flags.append((o["name"], flag))
         outputs = tuple(o["name"] for o in outputs)
     tensors, offset, view = [], 0, memoryview(binary)
     for index, item in enumerate(inputs):
@@ -189,7 +203,19 @@ def parse(body: Any, binary: bytes = b"") -> InferRequest:
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise invalid(f"input names repeat: {names}")
-    return InferRequest(request_id, tuple(tensors), outputs)
+    return InferRequest(request_id, tuple(tensors), outputs, bool(binary_default), tuple(flags))
+
+
+def _flag(parameters: Any, key: str, where: str) -> bool | None:
+    """A boolean parameter (None when absent) from a `parameters` object; other parameters are left alone."""
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise invalid(f"{where} must be an object")
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def parse_binary(raw: bytes, header_length: int) -> InferRequest:
@@ -218,13 +244,45 @@ def header_length(headers: Mapping[str, Any] | None) -> int | None:
     return None
 
 
-def response(model_name: str, model_version: str, request: InferRequest, outputs: Sequence[Tensor]) -> str:
-    """The infer response JSON: the model, the request's id echoed, and the outputs asked for, in order."""
+@dataclass(frozen=True)
+class BinaryAnswer:
+    """An infer response in the binary tensor extension: `header_length` bytes of JSON, then each binary output's
+    raw bytes in the order the header lists them. It goes out as application/octet-stream with the
+    Inference-Header-Content-Length header (RESPONSE_HEADER_LENGTH) set to `header_length`."""
+
+    body: bytes
+    header_length: int
+
+
+def raw_bytes(tensor: Tensor) -> bytes:
+    """A tensor's data as the binary extension carries it: numeric values little-endian in row-major order;
+    BYTES elements each as a 4-byte little-endian length, then the bytes (text as UTF-8)."""
+    if tensor.datatype == "BYTES":
+        values = tensor.data.ravel().tolist() if isinstance(tensor.data, np.ndarray) else _flatten(tensor.data)
+        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+        return b"".join(struct.pack("<I", len(v)) + v for v in items)
+    return np.ascontiguousarray(tensor.data, dtype=np.dtype(NUMERIC[tensor.datatype]).newbyteorder("<")).tobytes()
+
+
+def response(model_name: str, model_version: str, request: InferRequest, outputs: Sequence[Tensor]) -> str | BinaryAnswer:
+    """The infer response: the model, the request's id echoed, and the outputs asked for, in order; JSON, or a
+    BinaryAnswer when the request asked for any output in binary."""
     chosen = {o.name: o for o in outputs}
     names = request.outputs if request.outputs is not None else [o.name for o in outputs]
     body: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         body["id"] = request.id
-    body["outputs"] = [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape), "data": o.data}
-                       for o in (chosen[n] for n in names)]
-    return json.dumps(body)
+    entries, blobs = [], []
+    for tensor in (chosen[n] for n in names):
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if request.wants_binary(tensor.name):
+            blobs.append(raw_bytes(tensor))
+            entry["parameters"] = {"binary_data_size": len(blobs[-1])}
+        else:
+            entry["data"] = tensor.data.ravel().tolist() if isinstance(tensor.data, np.ndarray) else tensor.data
+        entries.append(entry)
+    body["outputs"] = entries
+    if not blobs:
+        return json.dumps(body)
+    header = json.dumps(body).encode("utf-8")
+    return BinaryAnswer(header + b"".join(blobs), len(header))

@@ -11,7 +11,10 @@ from __future__ import annotations
 import http
 import json
 import logging
-from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    from handlers.oip import BinaryAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +129,9 @@ OutputT = TypeVar("OutputT")
 
 
 class Pipeline(Generic[BatchT, OutputT]):
-    """A batch of requests in, one answer per request out (a JSON string or a RequestError), in three stages
-    the adapter times separately: `preprocess` (parse and decode; bad requests are answered here), `run` (the
-    forward passes) and `postprocess` (one answer per request)."""
+    """A batch of requests in, one answer per request out (a JSON string, an oip.BinaryAnswer or a RequestError), in
+    three stages the adapter times separately: `preprocess` (parse and decode; bad requests are answered here), `run`
+    (the forward passes) and `postprocess` (one answer per request)."""
 
     def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str],
                    header_lengths: Sequence[int | None] | None = None) -> BatchT:
@@ -138,13 +141,14 @@ class Pipeline(Generic[BatchT, OutputT]):
     def run(self, batch: BatchT) -> OutputT:
         raise NotImplementedError
 
-    def postprocess(self, batch: BatchT, outputs: OutputT) -> list[str | RequestError]:
+    def postprocess(self, batch: BatchT, outputs: OutputT) -> list[str | BinaryAnswer | RequestError]:
         raise NotImplementedError
 
     def warm_up(self) -> None:
         """Run once on stand-in input, so the first real requests pay no one-off costs."""
 
-    def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]) -> list[str | RequestError]:
+    def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]
+                ) -> list[str | BinaryAnswer | RequestError]:
         """All three stages in order."""
         batch = self.preprocess(requests, content_types)
         return self.postprocess(batch, self.run(batch))

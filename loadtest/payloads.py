@@ -3,7 +3,8 @@
 A payload is sent in one of several forms (`FORMS`): the native one (`POST /predictions/<model>` with the
 file's bytes and media type), or an Open Inference Protocol infer request (`POST /v2/models/<model>/infer`)
 carrying the same input as one BYTES row (`oip-bytes`: the encoded image in base64, or the text), or, for an
-image, its decoded pixels as a UINT8 `[1, h, w, 3]` tensor in the binary tensor extension (`oip-pixels`), or, for
+image, its decoded pixels as a UINT8 `[1, h, w, 3]` tensor in the binary tensor extension, every output asked for
+in that extension too, as Triton's client asks (`oip-pixels`), or, for
 a payload that already is an infer request (a tensor-kind model's), the same body at the infer route (`oip-json`).
 """
 
@@ -55,7 +56,8 @@ def as_form(payload: Payload, form: str) -> Payload:
 
         pixels = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(payload.body))).convert("RGB"), dtype=np.uint8)
         header = json.dumps({"inputs": [{"name": "image", "shape": [1, *pixels.shape], "datatype": "UINT8",
-                                         "parameters": {"binary_data_size": pixels.nbytes}}]}).encode()
+                                         "parameters": {"binary_data_size": pixels.nbytes}}],
+                             "parameters": {"binary_data_output": True}}).encode()
         return Payload(header + pixels.tobytes(), "application/octet-stream", payload.label, payload.name, INFER,
                        {"Inference-Header-Content-Length": str(len(header))})
     raise ValueError(f"{payload.name} ({payload.content_type}) cannot be sent as {form}; forms: {FORMS}")

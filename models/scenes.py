@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from models.digest import sha256
+from models.durable import replacing
 from models.paths import ROOT
 from models.shapes import _SS, CLASSES, _background, _clutter, _color, _draw_shape
 
@@ -126,12 +127,10 @@ def cached(split: str, count: int, *, seed: int = 0, size: int = SIZE, cache: Pa
     if not path.exists():
         scenes = generate(split, count, seed=seed, size=size)
         offsets = np.cumsum([0] + [len(s.labels) for s in scenes])
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp.npz")
-        np.savez_compressed(partial, images=np.stack([s.image for s in scenes]), masks=np.stack([s.mask for s in scenes]),
-                            boxes=np.concatenate([s.boxes for s in scenes]), labels=np.concatenate([s.labels for s in scenes]),
-                            offsets=offsets)
-        partial.replace(path)
+        with replacing(path) as partial, open(partial, "wb") as out:  # builds run in parallel: each its own temp
+            np.savez_compressed(out, images=np.stack([s.image for s in scenes]), masks=np.stack([s.mask for s in scenes]),
+                                boxes=np.concatenate([s.boxes for s in scenes]),
+                                labels=np.concatenate([s.labels for s in scenes]), offsets=offsets)
     with np.load(path) as data:  # each key read once: an NpzFile decompresses the whole array at every access
         images, masks, boxes, labels, o = (data[k] for k in ("images", "masks", "boxes", "labels", "offsets"))
     return [Scene(images[i], boxes[o[i]:o[i + 1]], labels[o[i]:o[i + 1]], masks[i]) for i in range(len(o) - 1)]

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from models.digest import sha256
+from models.durable import replacing
 from models.paths import ROOT
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
@@ -158,8 +159,6 @@ def cached(split: str, count: int, *, seed: int = 0, cache: Path = CACHE) -> tup
         with np.load(path) as data:
             return data["images"], data["labels"]
     images, labels = generate(split, count, seed=seed)
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp.npz")
-    np.savez(partial, images=images, labels=labels)
-    partial.replace(path)
+    with replacing(path) as partial, open(partial, "wb") as out:  # builds run in parallel: each its own temp
+        np.savez(out, images=images, labels=labels)
     return images, labels

@@ -335,7 +335,8 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         for size in sorted({1, self.max_batch}):
             self.runner([torch.zeros((size, *self.input_shape))])
 
-    def postprocess(self, batch: Batch, outputs: list[torch.Tensor] | None) -> list[str | RequestError]:
+    def postprocess(self, batch: Batch, outputs: list[torch.Tensor] | None
+                    ) -> list[str | oip.BinaryAnswer | RequestError]:
         """Fill in each decoded request's JSON answer (native, or an OIP response); errors stay as they are."""
         results = list(batch.results)
         if outputs is None:

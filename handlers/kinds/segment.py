@@ -88,7 +88,7 @@ class Segmenter(ImagePipeline):
         masks = np.full((len(rows), height, width), PAD, dtype=np.uint8)
         for i, row in enumerate(rows):
             masks[i, :row.mask.shape[0], :row.mask.shape[1]] = row.mask
-        return [oip.Tensor("mask", "UINT8", masks.shape, masks.ravel().tolist()),
+        return [oip.Tensor("mask", "UINT8", masks.shape, masks),
                 oip.Tensor("size", "INT32", (len(rows), 2), [v for r in rows for v in r.mask.shape]),
                 oip.Tensor("fraction", "FP32", (len(rows), len(self.labels)),
                            [round(float(v), 6) for r in rows for v in r.fractions])]

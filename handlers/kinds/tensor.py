@@ -201,7 +201,7 @@ class TensorModel(Pipeline[TensorBatch, dict]):
                 start += rows
         return answers
 
-    def postprocess(self, batch: TensorBatch, outputs: dict) -> list[str | RequestError]:
+    def postprocess(self, batch: TensorBatch, outputs: dict) -> list[str | oip.BinaryAnswer | RequestError]:
         results = list(batch.results)
         for idx, parsed in batch.parsed.items():
             results[idx] = per_request(idx, "answering", self.answer, parsed.request, outputs[idx])
@@ -209,8 +209,8 @@ class TensorModel(Pipeline[TensorBatch, dict]):
                 results[idx] = results[idx].as_oip()
         return results
 
-    def answer(self, request: oip.InferRequest, tensors: Sequence[torch.Tensor]) -> str:
-        named = [oip.Tensor(name, OF_TORCH[t.dtype], tuple(t.shape), t.reshape(-1).tolist())
+    def answer(self, request: oip.InferRequest, tensors: Sequence[torch.Tensor]) -> str | oip.BinaryAnswer:
+        named = [oip.Tensor(name, OF_TORCH[t.dtype], tuple(t.shape), t.detach().cpu().numpy())
                  for name, t in zip(self.outputs, tensors, strict=True)]
         return oip.response(*self.served_as, request, named)
 

@@ -207,7 +207,7 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
         """One short and one full-length pass."""
         self.embed(self.preset.encode(["warm up", "warm " * 300]))
 
-    def postprocess(self, batch: TextBatch, embeddings: torch.Tensor) -> list[str | RequestError]:
+    def postprocess(self, batch: TextBatch, embeddings: torch.Tensor) -> list[str | oip.BinaryAnswer | RequestError]:
         results = list(batch.results)
         rows = np.round(embeddings.numpy().astype(np.float64), self.config.decimals).tolist() if len(batch.encoded) else []
         items_of: dict[int, list[dict[str, Any]]] = {}
@@ -222,7 +222,7 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
                 results[idx] = json.dumps({"embeddings": items} if form == "listed" else items[0])
         return results
 
-    def _infer_response(self, request: oip.InferRequest, items: list[dict[str, Any]]) -> str:
+    def _infer_response(self, request: oip.InferRequest, items: list[dict[str, Any]]) -> str | oip.BinaryAnswer:
         rows, width = len(items), len(items[0]["embedding"])
         outputs = [oip.Tensor("embedding", "FP32", (rows, width), [v for i in items for v in i["embedding"]]),
                    oip.Tensor("tokens", "INT32", (rows,), [i["tokens"] for i in items]),

@@ -35,7 +35,7 @@ from export import archive
 from loadtest.bench import report
 from models import registry
 from models import paths
-from models.paths import FULL, Layout, ROOT, TREE_VARIABLE, model_config, model_config_values
+from models.paths import FULL as FULL_TREE, Layout, ROOT, TREE_VARIABLE, model_config, model_config_values
 from serve_config import control as ts
 
 WARMUP = "server-warmup"
@@ -64,7 +64,7 @@ def serve_settings(spec: registry.ModelSpec) -> dict:
     return model_config_values(spec.name)
 
 
-def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL) -> tuple[Path, list[dict]]:
+def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL_TREE) -> tuple[Path, list[dict]]:
     """A model store holding the targets; returns it and the endpoints to drive: [{target, endpoint, workers}]."""
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
@@ -99,7 +99,7 @@ def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL) -> tu
     return store, endpoints
 
 
-def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path, tree: Layout = FULL) -> dict:
+def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path, tree: Layout = FULL_TREE) -> dict:
     print(f"[1/3] compute limit: in-process, {threads} intra-op thread(s) per worker", flush=True)
     subprocess.run([sys.executable, "-m", "loadtest.bench.compute", "--model", spec.name, "--threads", str(threads),
                     "--seconds", str(mode.compute_seconds), "--out", str(out),
@@ -155,7 +155,7 @@ def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode:
                            server_warmup_s=mode.server_warmup_s)
 
 
-def bench(model: str, *, quick: bool, out_root: Path, tree: Layout = FULL) -> Path:
+def bench(model: str, *, quick: bool, out_root: Path, tree: Layout = FULL_TREE) -> Path:
     spec = registry.get(model)
     mode = QUICK if quick else FULL
     settings = serve_settings(spec)

@@ -294,7 +294,8 @@ def markdown(data: dict[str, Any]) -> str:
                            f"{_f(s['breakdown']['mean_batch_size'])} | {_f(s['breakdown']['inference_ms_per_batch'], 2)} |")
     out += ["", "## Request forms (the served model, same concurrency levels)", "",
             "Native: `/predictions/<model>` with the file's bytes. oip-bytes: `/v2/models/<model>/infer`, one BYTES row "
-            "(base64 image, or the text). oip-pixels: the decoded image as a UINT8 tensor in the binary extension. "
+            "(base64 image, or the text). oip-pixels: the decoded image as a UINT8 tensor in the binary extension, "
+            "outputs asked for in it too. "
             "oip-json: a tensor-kind model's infer request (also its native body) at the infer route.", "",
             "| form | users | req/s | over native | p99 ms | failures |", "|---|---:|---:|---:|---:|---:|"]
     for form, f in data.get("forms", {}).items():

@@ -13,7 +13,7 @@ from ts.context import Context, RequestProcessor
 
 from loadtest.payloads import payloads
 from models import registry
-from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, ClassifierReference, built
+from tests.conftest import CLASSIFIERS, EMBEDDERS, TENSORS, TREE, ClassifierReference, built
 from tests.kinds import checks, scene
 from tests.kinds.scene import SCENE_KINDS
 

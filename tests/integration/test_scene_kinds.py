@@ -169,6 +169,37 @@ def test_oip_masks_are_padded_with_255_and_carry_each_size(server):
 
 
 @pytest.mark.parametrize("spec", SCENE_MODELS, ids=lambda s: s.name)
+def test_tritonclient_reads_the_binary_answer_as_the_json_one(server, spec):
+    """The outputs in the binary tensor extension (what Triton's client asks for unless told otherwise): the same
+    tensors as JSON ones, read by the client, for images of two sizes in one request."""
+    import tritonclient.http as httpclient
+
+    scene = scenes_with_objects(1)[0]
+    rows = np.array([encode(np.asarray(Image.fromarray(scene.image).resize(size))) for size in ((160, 160), (240, 90))],
+                    dtype=object)
+    client = httpclient.InferenceServerClient(server.inference_url.removeprefix("http://"), network_timeout=120)
+    headers = dict(server.headers())
+    names = [o["name"] for o in client.get_model_metadata(spec.name, headers=headers)["outputs"]]
+    answers = {}
+    for binary in (True, False):
+        image = httpclient.InferInput("image", [2], "BYTES")
+        image.set_data_from_numpy(rows, binary_data=True)
+        asked = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in names]
+        result = client.infer(spec.name, [image], outputs=asked, headers=headers)
+        outputs = result.get_response()["outputs"]
+        assert [o["name"] for o in outputs] == names
+        assert all(("binary_data_size" in o.get("parameters", {})) == binary for o in outputs)
+        answers[binary] = {name: result.as_numpy(name) for name in names}
+    for name in names:
+        got, expected = answers[True][name], answers[False][name]
+        if got.dtype == object:
+            got = np.vectorize(bytes.decode, otypes=[object])(got)
+        assert got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(got, expected), name
+    if spec.kind == "image-segmenter":
+        assert answers[True]["mask"].shape == (2, 160, 240) and (answers[True]["mask"][1, 90:] == PAD).all()
+
+
+@pytest.mark.parametrize("spec", SCENE_MODELS, ids=lambda s: s.name)
 def test_metadata_names_the_outputs_and_their_padding(server, spec):
     metadata = requests.get(f"{server.inference_url}/v2/models/{spec.name}", headers=server.headers(), timeout=30)
     assert metadata.status_code == 200, metadata.text

@@ -170,7 +170,7 @@ def test_no_management_call_loads_a_model_from_outside_the_store(private_server,
     # the same folder in the server's working directory, named as if it were in the store
     shutil.copytree(planted, server.run_dir / "planted")
     management = server.headers("management")
-    for url in (str(planted), str(planted.parent), f"{planted}/", "planted", f"./planted", str(tmp_path / "store"),
+    for url in (str(planted), str(planted.parent), f"{planted}/", "planted", "./planted", str(tmp_path / "store"),
                 str(server.run_dir / "planted")):
         answer = requests.post(f"{server.management_url}/models", timeout=60, headers=management,
                                params={"url": url, "model_name": "planted", "initial_workers": 1, "synchronous": "true"})

@@ -151,3 +151,70 @@ def test_with_no_media_type_json_bytes_are_read_as_json(classifier):
     oip_answer, native_answer, raw = classifier.process([{"data": body}, {"data": native}, {"data": PNG}], ["", "", ""])
     assert json.loads(oip_answer)["outputs"][0]["data"] == [p["label"] for p in json.loads(raw)]
     assert json.loads(native_answer) == json.loads(raw)
+
+
+def _read_by_triton(answer):
+    """An answer read back by tritonclient's own parser (a client we did not write), binary or JSON."""
+    from tritonclient.http import InferResult
+
+    if isinstance(answer, oip.BinaryAnswer):
+        return InferResult.from_response_body(answer.body, header_length=answer.header_length)
+    return InferResult.from_response_body(answer.encode())
+
+
+def _output(result, name: str) -> np.ndarray:
+    """An output as NumPy; BYTES elements as text (tritonclient gives bytes from binary data, str from JSON)."""
+    array = result.as_numpy(name)
+    if array.dtype == object:
+        array = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(array)
+    return array
+
+
+def test_outputs_asked_in_binary_come_back_raw_and_read_as_the_json_ones():
+    tensors = [oip.Tensor("mask", "UINT8", (2, 2, 3), np.arange(12, dtype=np.uint8).reshape(2, 2, 3)),
+               oip.Tensor("score", "FP32", (2, 2), [0.25, -1.5, 3.0, 1e-7]),
+               oip.Tensor("index", "INT64", (2,), [7, -(2 ** 40)]),
+               oip.Tensor("truncated", "BOOL", (2,), [True, False]),
+               oip.Tensor("label", "BYTES", (2, 2), ["star", "", "ring", "crème"])]
+    names = [{"name": t.name} for t in tensors]
+    as_json = oip.response("m", "1", oip.parse(infer([{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                                                      outputs=names)), tensors)
+    assert isinstance(as_json, str) and "parameters" not in as_json
+    every = oip.parse(infer([{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                            parameters={"binary_data_output": True}))
+    some = oip.parse(infer([{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                           parameters={"binary_data_output": True},
+                           outputs=[{"name": "label", "parameters": {"binary_data": False}}, {"name": "mask"}]))
+    expected = _read_by_triton(as_json)
+    for request, binary_names in ((every, {t.name for t in tensors}), (some, {"mask"})):
+        answer = oip.response("m", "1", request, tensors)
+        assert isinstance(answer, oip.BinaryAnswer)
+        header = json.loads(answer.body[:answer.header_length])
+        assert {o["name"] for o in header["outputs"] if "parameters" in o} == binary_names
+        assert all("data" not in o for o in header["outputs"] if o["name"] in binary_names)
+        got = _read_by_triton(answer)
+        for o in header["outputs"]:
+            assert _output(got, o["name"]).dtype == _output(expected, o["name"]).dtype
+            assert np.array_equal(_output(got, o["name"]), _output(expected, o["name"])), o["name"]
+        assert [o["name"] for o in header["outputs"]] == ([t.name for t in tensors] if request is every else ["label", "mask"])
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"parameters": {"binary_data_output": "yes"}}, "binary_data_output must be true or false"),
+    ({"parameters": []}, "parameters must be an object"),
+    ({"outputs": [{"name": "index", "parameters": {"binary_data": 1}}]}, "binary_data must be true or false"),
+])
+def test_a_binary_flag_that_is_not_a_boolean_is_a_400(extra, match):
+    with pytest.raises(RequestError, match=match) as info:
+        oip.parse(infer([{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}], **extra))
+    assert info.value.status == 400
+
+
+def test_a_pipeline_answers_binary_outputs_beside_json_ones_in_one_batch(classifier):
+    row = [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [B64, B64]}]
+    binary, plain = classifier.process([{"body": infer(row, parameters={"binary_data_output": True})},
+                                        {"body": infer(row)}], ["application/json", "application/json"])
+    assert isinstance(binary, oip.BinaryAnswer) and isinstance(plain, str)
+    got, expected = _read_by_triton(binary), _read_by_triton(plain)
+    for name in ("label", "index", "score"):
+        assert np.array_equal(_output(got, name), _output(expected, name)), name
