@@ -254,12 +254,16 @@ class BinaryAnswer:
     header_length: int
 
 
+def _flat_values(tensor: Tensor) -> list:
+    """A response tensor's data as a flat row-major list (it is one already, or a NumPy array)."""
+    return tensor.data.ravel().tolist() if isinstance(tensor.data, np.ndarray) else tensor.data
+
+
 def raw_bytes(tensor: Tensor) -> bytes:
     """A tensor's data as the binary extension carries it: numeric values little-endian in row-major order;
     BYTES elements each as a 4-byte little-endian length, then the bytes (text as UTF-8)."""
     if tensor.datatype == "BYTES":
-        values = tensor.data.ravel().tolist() if isinstance(tensor.data, np.ndarray) else _flatten(tensor.data)
-        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in _flat_values(tensor)]
         return b"".join(struct.pack("<I", len(v)) + v for v in items)
     return np.ascontiguousarray(tensor.data, dtype=np.dtype(NUMERIC[tensor.datatype]).newbyteorder("<")).tobytes()
 
@@ -279,7 +283,7 @@ def response(model_name: str, model_version: str, request: InferRequest, outputs
             blobs.append(raw_bytes(tensor))
             entry["parameters"] = {"binary_data_size": len(blobs[-1])}
         else:
-            entry["data"] = tensor.data.ravel().tolist() if isinstance(tensor.data, np.ndarray) else tensor.data
+            entry["data"] = _flat_values(tensor)
         entries.append(entry)
     body["outputs"] = entries
     if not blobs:
