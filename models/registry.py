@@ -466,7 +466,7 @@ SHAPES_DETECTOR = ModelSpec(
     peer_handler="loadtest/bench/stock_detector_handler.py",  # TorchServe's ObjectDetector on the same weights
     tolerance=Tolerance(atol=None, min_box_iou=0.99, max_score_diff=1e-3),
     # 3,000 scenes: 60 epochs of 96 px crops, 4 of the whole 160 px scene: 17.1 minutes on a 2-core host with AMX
-    # (bf16), mAP@0.5 0.915; about 83 minutes on a 2-core host without AMX, in fp32 (docs/models.md).
+    # (bf16), mAP@0.5 0.915; 27.3 minutes on a 2-core AMD EPYC host without AMX, in fp32, mAP@0.5 0.910 (docs/models.md).
     train=TrainSpec(epochs=64, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0, min_accuracy=0.9,
                     epoch_sizes=(96,) * 60 + (160,) * 4, dataset_kwargs={"train": 3000, "test": 300}),
     # `make test`: 800 whole scenes, 400 steps of 4, about 2 minutes here. Whole scenes, not crops: a model trained on
