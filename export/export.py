@@ -55,9 +55,11 @@ def example_inputs(spec: registry.ModelSpec, *, seed: int = 0, shape: tuple[int,
 
 
 def input_records(spec: registry.ModelSpec) -> list[dict[str, Any]]:
-    """The manifest's record of each input (name, dtype, example shape, dynamic axes), which the handlers read."""
+    """The manifest's record of each input (name, dtype, example shape, dynamic axes and, where the entry declares
+    one, the range of its values), which the handlers read."""
     return [{"name": t.name, "dtype": t.dtype, "example_shape": list(t.example_shape),
-             "dynamic_axes": {str(k): v for k, v in t.dynamic_axes.items()}} for t in spec.inputs]
+             "dynamic_axes": {str(k): v for k, v in t.dynamic_axes.items()},
+             **({"value_range": list(t.value_range)} if t.value_range is not None else {})} for t in spec.inputs]
 
 
 def describe_outputs(model: nn.Module, spec: registry.ModelSpec) -> list[dict[str, Any]]:

@@ -104,11 +104,20 @@ class PipelineHandler(BaseHandler):
 
     def handle(self, data, context):
         clock = StageClock()
+        types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
         with clock.stage("preprocess"):
-            batch = self.pipeline.preprocess(data, content_types(context, len(data)), header_lengths(context, len(data)))
+            batch = self.pipeline.preprocess(data, types, lengths)
         with clock.stage("inference"):
-            outputs = self.pipeline.run(batch)
+            try:
+                outputs = self.pipeline.run(batch)
+            except Exception:  # noqa: BLE001 - one bad input must not cost its neighbours their answers
+                logger.exception("a batch of %d failed in the model; answering its requests one by one", len(data))
+                results = self.pipeline.isolate(data, types, lengths)
+            else:
+                results = None
         with clock.stage("postprocess"):
-            answers = answer_all(context, self.pipeline.postprocess(batch, outputs), self.served_as(context)[1])
+            if results is None:
+                results = self.pipeline.postprocess(batch, outputs)
+            answers = answer_all(context, results, self.served_as(context)[1])
         publish(context.metrics, len(data), clock)
         return answers

@@ -3,7 +3,8 @@
 - `RequestError`: one request's problem, with its HTTP status and JSON body;
 - `per_request`: runs one request's step so that a bug costs that request a 500, never its batch;
 - parsing helpers: a header mapping's media type, a JSON body, UTF-8 bytes;
-- `Pipeline`: the three stages every pipeline has (preprocess, run, postprocess), and `process` for all three.
+- `Pipeline`: the three stages every pipeline has (preprocess, run, postprocess), `process` for all three, and
+  `isolate`, which answers a batch whose forward pass failed one request at a time.
 """
 
 from __future__ import annotations
@@ -147,8 +148,52 @@ class Pipeline(Generic[BatchT, OutputT]):
     def warm_up(self) -> None:
         """Run once on stand-in input, so the first real requests pay no one-off costs."""
 
-    def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str]
-                ) -> list[str | BinaryAnswer | RequestError]:
+    def refusal(self, batch: BatchT, error: RequestError) -> RequestError:
+        """`error` in the form the one request of `batch` is answered in (a kind whose answers are all in the Open
+        Inference Protocol's form says so here)."""
+        return error
+
+    def process(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str],
+                header_lengths: Sequence[int | None] | None = None) -> list[str | BinaryAnswer | RequestError]:
         """All three stages in order."""
-        batch = self.preprocess(requests, content_types)
+        batch = self.preprocess(requests, content_types, header_lengths)
         return self.postprocess(batch, self.run(batch))
+
+    def isolate(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str],
+                header_lengths: Sequence[int | None] | None = None) -> list[str | BinaryAnswer | RequestError]:
+        """The answers of a batch whose forward pass raised: each request through all three stages alone, so only
+        the ones that fail get an error. A request that fails alone gets 422 with the model's message, while the
+        model still runs its stand-in input (warm_up); when that fails too the model is broken, not the request,
+        and every failed request gets 500."""
+        lengths = list(header_lengths) if header_lengths is not None else [None] * len(requests)
+        answers: list[str | BinaryAnswer | RequestError] = []
+        failed: list[tuple[int, Any, Exception]] = []
+        for idx, (request, content_type, length) in enumerate(zip(requests, content_types, lengths, strict=True)):
+            batch = self.preprocess([request], [content_type], [length])
+            try:
+                answers += self.postprocess(batch, self.run(batch))
+            except Exception as err:  # noqa: BLE001 - judged below, once the model is known to work or not
+                failed.append((idx, batch, err))
+                answers.append(RequestError(500, "InternalError", "the request could not be processed"))
+        if not failed:
+            return answers
+        try:
+            self.warm_up()
+            model_works = True
+        except Exception:  # noqa: BLE001
+            logger.exception("the model fails on its stand-in input too: it is broken, not the requests")
+            model_works = False
+        for idx, batch, err in failed:
+            logger.warning("request %d of the batch fails alone: %s", idx, _first_line(err))
+            if model_works:
+                answers[idx] = self.refusal(batch, RequestError(
+                    422, "ModelRejectedInput", f"the model cannot run this input: {_first_line(err)}"))
+            else:
+                answers[idx] = self.refusal(batch, answers[idx])
+        return answers
+
+
+def _first_line(err: Exception, limit: int = 300) -> str:
+    """An exception's first line, bounded: what a client may read of a model's error."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:limit]

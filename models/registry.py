@@ -41,12 +41,24 @@ BENCH_RATIOS = ("served_over_compute_limit", "served_over_ceiling", "ours_over_p
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input: name, dtype (a torch dtype's name: float32, float16, int64, int32, bool, uint8...),
-    example shape (batch first) and which axes are dynamic (axis -> label; a dynamic axis takes any size)."""
+    example shape (batch first), which axes are dynamic (axis -> label; a dynamic axis takes any size) and, for an
+    integer input, the values the model can take, [low, high) (token ids index an embedding of `high` rows): the
+    tensor kind refuses others up front with a 400 naming the input, before they can fail a batch."""
 
     name: str
     dtype: str
     example_shape: tuple[int, ...]
     dynamic_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
+    value_range: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.value_range is not None:
+            if not self.dtype.startswith(("int", "uint")):
+                raise ValueError(f"input {self.name!r}: value_range is for integer inputs, not {self.dtype}")
+            low, high = self.value_range
+            if not low < high:
+                raise ValueError(f"input {self.name!r}: value_range {self.value_range} must be [low, high) with "
+                                 "low < high, like (0, vocab)")
 
 
 @dataclass(frozen=True)
@@ -271,7 +283,8 @@ class ModelSpec:
         """Inverse of to_json (used to hand a spec to a fresh verification process)."""
         data = dict(data)
         data["inputs"] = tuple(
-            TensorSpec(t["name"], t["dtype"], tuple(t["example_shape"]), {int(k): v for k, v in t["dynamic_axes"].items()})
+            TensorSpec(t["name"], t["dtype"], tuple(t["example_shape"]), {int(k): v for k, v in t["dynamic_axes"].items()},
+                       tuple(t["value_range"]) if t.get("value_range") is not None else None)
             for t in data["inputs"]
         )
         data["tolerance"] = Tolerance(**data["tolerance"])
@@ -423,7 +436,8 @@ PAIR = ModelSpec(
     builder_kwargs={"features": 8, "vocab": 100, "width": 16, "classes": 3},
     preset={"name": "tensor"},
     inputs=(TensorSpec(name="features", dtype="float32", example_shape=(2, 8)),
-            TensorSpec(name="tokens", dtype="int64", example_shape=(2, 6), dynamic_axes={0: "batch", 1: "length"})),
+            TensorSpec(name="tokens", dtype="int64", example_shape=(2, 6), dynamic_axes={0: "batch", 1: "length"},
+                       value_range=(0, 100))),  # ids of its 100-row embedding (builder_kwargs vocab)
     outputs=("scores", "strongest"),
     labels=(),
     tolerance=Tolerance(atol=1e-4),

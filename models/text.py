@@ -2,7 +2,9 @@
 
 `TextPreset` wraps the model's fast tokenizer (tokenizer.json, loaded by the `tokenizers` library, no
 transformers needed in the worker). It tokenizes a whole batch of texts in one call, truncated to the
-model's maximum length but not padded; `length_groups` orders the texts by token count and cuts them
+model's maximum length but not padded, and only the head of each text that can reach that length (`head`): the
+tokenizer reads a text to its end before it truncates, and its WordPiece step costs about the square of each
+word's length (`work`); `length_groups` orders the texts by token count and cuts them
 into groups under a token budget; `collate` pads one group to its own longest text (never to the
 maximum length) and builds the attention mask.
 
@@ -33,6 +35,20 @@ class Encoded:
         return len(self.ids)
 
 
+# What a BERT-style tokenizer splits words at: its whitespace (space, tab, newline, carriage return, Unicode Zs)
+# separates runs; within a run, ASCII punctuation and CJK characters stand alone. A run holding a word character
+# (Python's \w: letters, digits, underscore, CJK) gives at least one token; control characters give none.
+_RUN = re.compile(r"[^ \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+_WORD = re.compile(r"[^\s!-/:-@\[-`{-~\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+WORDPIECE_MAX_CHARS = 100  # WordPiece gives a longer word one [UNK] without searching its pieces
+
+
+def word_work(length: int) -> int:
+    """What tokenizing one word of `length` characters costs, in character comparisons: WordPiece tries each
+    prefix of what is left, longest first (a square), up to its limit; a longer word is one [UNK] (linear)."""
+    return length * length if length <= WORDPIECE_MAX_CHARS else length
+
+
 class TextPreset:
     """Tokenizer settings from the registry's preset: {"name": "text", "max_length": 256, "tokenizer": file}."""
 
@@ -53,9 +69,30 @@ class TextPreset:
             raise ValueError(f"not a text preset: {description!r}")
         return cls(Path(directory) / description["tokenizer"], max_length=int(description["max_length"]))
 
+    def head(self, text: str) -> str:
+        """The part of `text` that tokenizing reads: up to the end of its `max_length`-th run of non-blanks that
+        holds a word character. Each such run gives at least one token, so a longer text overflows `max_length`
+        from its head alone, and its ids and `truncated` come out exactly as from the whole text (the cut falls on
+        whitespace, where the tokenizer splits anyway)."""
+        counted = 0
+        for run in _RUN.finditer(text):
+            if re.search(r"\w", run.group()):
+                counted += 1
+                if counted == self.max_length:
+                    return text[:run.end()]
+        return text
+
+    @staticmethod
+    def work(text: str) -> tuple[int, int]:
+        """(work, longest word): what tokenizing `text` costs (word_work summed over its words) and its longest
+        word in characters, for bounding a request before it is tokenized."""
+        lengths = [len(word) for word in _WORD.findall(text)]
+        return sum(word_work(n) for n in lengths), max(lengths, default=0)
+
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        """Tokenize every text in one call (the fast tokenizer parallelises a batch internally)."""
-        return [Encoded(e.ids, bool(e.overflowing)) for e in self.tokenizer.encode_batch(list(texts))]
+        """Tokenize the head of every text in one call (the fast tokenizer parallelises a batch internally)."""
+        heads = [self.head(t) for t in texts]
+        return [Encoded(e.ids, bool(e.overflowing)) for e in self.tokenizer.encode_batch(heads)]
 
     def collate(self, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), int64, padded to the longest text in `encoded`."""

@@ -16,8 +16,10 @@ into passes changes no answer.
 
 Every problem is that request's own 4xx, in the protocol's `{"error": ...}` form: an unknown, missing or
 repeated input, a datatype other than the model's, a shape that does not fit (wrong rank, a fixed axis of
-another size, rows that differ between inputs), values that are NaN or infinite (`require_finite`), more rows
-or values than the settings allow (413). Neighbours in the batch are served as if it had come alone.
+another size, rows that differ between inputs), values that are NaN or infinite (`require_finite`), integers
+outside the range the registry entry declares for that input (token ids past the vocabulary), more rows or values
+than the settings allow (413). Neighbours in the batch are served as if it had come alone; and where the model
+itself fails on a batch, the adapter runs its requests again one by one (handlers.requests.Pipeline.isolate).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Port:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    value_range: tuple[int, int] | None = None  # [low, high) of an integer input, where the entry declares it
 
 
 def model_inputs(export_manifest: Mapping[str, Any]) -> list[Port]:
@@ -70,7 +73,8 @@ def model_inputs(export_manifest: Mapping[str, Any]) -> list[Port]:
     for item in export_manifest["inputs"]:
         dynamic = {int(axis) for axis in item.get("dynamic_axes", {"0": "batch"})}
         shape = tuple(-1 if axis in dynamic else size for axis, size in enumerate(item["example_shape"]))
-        ports.append(Port(item["name"], DATATYPES[item["dtype"]], shape))
+        value_range = tuple(item["value_range"]) if item.get("value_range") is not None else None
+        ports.append(Port(item["name"], DATATYPES[item["dtype"]], shape, value_range))
     return ports
 
 
@@ -154,6 +158,12 @@ class TensorModel(Pipeline[TensorBatch, dict]):
             values += math.prod(shape)
             if port.datatype in FLOATING and self.config.require_finite and not np.isfinite(tensor.data).all():
                 raise oip.invalid(f"input {port.name!r} holds NaN or infinite values; this model takes finite values")
+            if port.value_range is not None and tensor.data.size:
+                low, high = port.value_range
+                least, most = int(tensor.data.min()), int(tensor.data.max())
+                if least < low or most >= high:
+                    raise oip.invalid(f"input {port.name!r} holds {least if least < low else most}; this model takes "
+                                      f"values from {low} to {high - 1}")
             arrays.append(tensor.data)
         if not rows:
             raise oip.invalid("the request has no rows")
@@ -208,6 +218,10 @@ class TensorModel(Pipeline[TensorBatch, dict]):
             if isinstance(results[idx], RequestError):
                 results[idx] = results[idx].as_oip()
         return results
+
+    def refusal(self, batch: TensorBatch, error: RequestError) -> RequestError:
+        """Every answer of this kind is in the protocol's form."""
+        return error.as_oip()
 
     def answer(self, request: oip.InferRequest, tensors: Sequence[torch.Tensor]) -> str | oip.BinaryAnswer:
         named = [oip.Tensor(name, OF_TORCH[t.dtype], tuple(t.shape), t.detach().cpu().numpy())

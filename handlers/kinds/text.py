@@ -13,6 +13,12 @@ an OIP request, the outputs `embedding` FP32 `[n, hidden]`, `tokens` INT32 `[n]`
 A batch's texts (from all its good requests) are tokenized in one call, ordered by token count and cut
 into groups under a token budget, each padded to its own longest text; every group is one forward pass.
 A bad request gets its own RequestError and never touches its neighbours.
+
+What tokenizing costs is bounded before it starts, by what it really costs rather than by characters alone:
+only the head of a text that can fill the model's tokens is read (models.text.TextPreset.head), a word of more
+than `max_word_chars` is refused (413 WordTooLong: WordPiece's search grows with the square of a word's length),
+and a batch's tokenizer work (TextPreset.work) is at most `max_batch_work`: a request whose texts alone cost more
+gets 413 TextTooCostly, one that does not fit beside its batch's earlier requests 503 ServerBusy.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class EmbeddingConfig(HandlerSettings):
     max_batch_tokens: int = 8192  # padded tokens (texts x longest) per forward pass
     max_group_texts: int = 64
     decimals: int = 7  # embedding values are rounded to this many decimals in the JSON answer
+    max_word_chars: int = 64  # longer words are refused (a sha256 in hex is 64)
+    max_batch_work: int = 8_000_000  # tokenizer work per batch (models.text.TextPreset.work): about 0.2 s here
 
     @property
     def rows_per_pass(self) -> int:
@@ -175,15 +183,40 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
         texts: list[str] = []
         owners: list[int] = []
         lengths = list(header_lengths) if header_lengths is not None else [None] * len(requests)
+        work_left = self.config.max_batch_work
         for idx, (request, content_type, length) in enumerate(zip(requests, content_types, lengths, strict=True)):
             parsed = per_request(idx, "parsing", parse_request, request, content_type, length, self.config)
             if isinstance(parsed, RequestError):
                 results[idx] = parsed
                 continue
             request_texts, forms[idx] = parsed
+            work = per_request(idx, "costing", self.work, request_texts, work_left)
+            if isinstance(work, RequestError):
+                results[idx] = work.as_oip() if isinstance(forms[idx], oip.InferRequest) else work
+                continue
+            work_left -= work
             texts += request_texts
             owners += [idx] * len(request_texts)
         return TextBatch(results, self.preset.encode(texts) if texts else [], owners, forms)
+
+    def work(self, texts: Sequence[str], work_left: int) -> int:
+        """What tokenizing `texts` costs; RequestError when a word is too long or the cost does not fit in what
+        is left of the batch's budget (413 when it would not fit in an empty batch either, else 503)."""
+        total = 0
+        for i, text in enumerate(texts):
+            cost, longest = self.preset.work(self.preset.head(text))
+            if longest > self.config.max_word_chars:
+                raise RequestError(413, "WordTooLong", f"text {i} has a word of {longest} characters; at most "
+                                                       f"{self.config.max_word_chars} (max_word_chars)")
+            total += cost
+            if total > self.config.max_batch_work:
+                raise RequestError(413, "TextTooCostly", f"tokenizing these texts costs more than one batch may "
+                                   f"(max_batch_work {self.config.max_batch_work}, passed at text {i}): send fewer "
+                                   "texts per request, or texts with shorter words")
+        if total > work_left:
+            raise RequestError(503, "ServerBusy", "this batch's tokenizer budget is spent by the requests ahead of "
+                                                  "this one; retry")
+        return total
 
     def embed(self, encoded: Sequence[Encoded]) -> torch.Tensor:
         """(N, hidden) embeddings in the order of `encoded`, one forward pass per length group."""

@@ -7,6 +7,12 @@ run directory serves (serve_config.control.deploys), and waits. When TorchServe 
 SIGKILL, an out-of-memory exit of the JVM, a crash), it ends what is left of it in the group (orphaned workers),
 says so on its output (`<run dir>/torchserve.out`) and starts it again after a backoff: 1 s, doubling to 30 s at
 most, back to 1 s once a run has lasted a minute. SIGTERM (make stop) ends TorchServe and the supervisor.
+
+A frontend that hangs without exiting (stopped, deadlocked, in a GC spiral) is noticed too: once its liveness route
+has answered, the supervisor asks it (`/ping`, with the instance's key) every LIVENESS_PERIOD_S seconds, and after
+LIVENESS_FAILURES checks in a row with no HTTP answer within LIVENESS_TIMEOUT_S it kills the whole group at once
+(SIGKILL: a stopped JVM ignores SIGTERM) and starts TorchServe again like after an exit, within about 40 s of the
+hang.
 """
 
 from __future__ import annotations
@@ -17,14 +23,19 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
+from serve_config.control import probe
 from serve_config.control.deploys import startup_archive
+from serve_config.control.instance import Server, ServerError
 
 SPEC_FILE = "supervisor.json"
 EXITED = "supervisor: TorchServe exited"  # how its output says TorchServe died (lifecycle.wait_ready reads it)
+HUNG = "supervisor: TorchServe stopped answering"  # how its output says it killed a hung frontend
 BACKOFF_S, MAX_BACKOFF_S, STEADY_S = 1.0, 30.0, 60.0
+LIVENESS_PERIOD_S, LIVENESS_TIMEOUT_S, LIVENESS_FAILURES = 5.0, 5.0, 3
 
 
 def say(message: str) -> None:
@@ -37,13 +48,14 @@ def command(run_dir: Path, spec: dict) -> list[str]:
 
 
 def end_leftovers(grace: float = 10.0) -> None:
-    """Stop every other process of this process group (what a killed TorchServe left: its workers)."""
+    """Stop every other process of this process group (what a killed TorchServe left: its workers); with no
+    `grace`, kill them at once."""
     me, group = os.getpid(), os.getpgid(0)
     left = []
     for process in psutil.process_iter(["pid"]):
         try:
             if process.pid != me and os.getpgid(process.pid) == group:
-                process.terminate()
+                process.terminate() if grace > 0 else process.kill()
                 left.append(process)
         except (ProcessLookupError, psutil.Error):
             continue
@@ -53,6 +65,41 @@ def end_leftovers(grace: float = 10.0) -> None:
             process.kill()
         except psutil.Error:
             pass
+
+
+def answers(run_dir: Path) -> bool:
+    """Whether the instance's frontend answers its liveness route with any HTTP status within the timeout."""
+    try:
+        server = Server.from_run_dir(run_dir)
+        headers = server.headers() if server.token_auth() else {}
+        with server.network():
+            probe.get(f"{server.inference_url}/ping", headers.get("Authorization", "")[len("Bearer "):] or None,
+                      LIVENESS_TIMEOUT_S)
+        return True
+    except (probe.ProbeError, ServerError, OSError, KeyError, ValueError):
+        return False
+
+
+def watch(child: subprocess.Popen, run_dir: Path, stopping: Callable[[], bool]) -> int | None:
+    """Wait for `child` to exit (its code), checking its frontend's liveness meanwhile: None when it hung and
+    was killed with its whole group."""
+    seen_alive, failures, next_check = False, 0, time.monotonic() + LIVENESS_PERIOD_S
+    while (code := child.poll()) is None:
+        if stopping() or time.monotonic() < next_check:
+            time.sleep(0.2)
+            continue
+        if answers(run_dir):
+            seen_alive, failures = True, 0
+        elif seen_alive:  # before its first answer it is still starting
+            failures += 1
+            if failures >= LIVENESS_FAILURES and child.poll() is None and not stopping():
+                say(f"TorchServe stopped answering (PID {child.pid}): {failures} liveness checks in a row without "
+                    f"an answer within {LIVENESS_TIMEOUT_S:.0f} s; killing it")
+                end_leftovers(grace=0)
+                child.wait()
+                return None
+        next_check = time.monotonic() + LIVENESS_PERIOD_S
+    return code
 
 
 def run(run_dir: Path) -> int:
@@ -81,10 +128,12 @@ def run(run_dir: Path) -> int:
             if restarts:
                 say(f"TorchServe started again (PID {child.pid}, restart {restarts}), serving "
                     f"{', '.join(argv[argv.index('--models') + 1:])}")
-            code = child.wait()
+            code = watch(child, run_dir, lambda: stopping)
             if stopping:
+                child.wait()
                 break
-            say(f"TorchServe exited (PID {child.pid}, code {code}) while serving; restarting in {backoff:.0f} s")
+            if code is not None:
+                say(f"TorchServe exited (PID {child.pid}, code {code}) while serving; restarting in {backoff:.0f} s")
         end_leftovers()
         if time.monotonic() - started >= STEADY_S:
             backoff = BACKOFF_S

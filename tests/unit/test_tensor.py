@@ -173,3 +173,67 @@ def test_binary_requests_with_a_short_blob_are_refused():
     raw, header = binary(GOOD)
     batch = pipe.preprocess([{"body": raw[:-3]}], ["application/octet-stream"], [header])
     assert batch.results[0].status == 400 and "binary_data_size" in batch.results[0].message
+
+
+@pytest.mark.parametrize("bad", [100, 1000, -1, -1000])
+def test_token_ids_outside_the_declared_range_are_refused_up_front(model, bad):
+    """`pair` declares its token ids as [0, 100) (the rows of its embedding): an id outside is that request's 400,
+    naming the input, before it reaches the model; its neighbours are answered."""
+    pipe, runner = pipeline(model)
+    body = request(2, 4, seed=3)
+    body["inputs"][1]["data"][5] = bad
+    good = request(1, 4, seed=4)
+    answers = pipe.process([{"body": good}, {"body": body}, {"body": good}], ["application/json"] * 3)
+    refused = answers[1]
+    assert isinstance(refused, RequestError) and refused.status == 400 and refused.oip
+    assert "'tokens'" in refused.message and str(bad) in refused.message and "0 to 99" in refused.message
+    for answer in (answers[0], answers[2]):
+        assert not isinstance(answer, RequestError)
+    assert sum(shape[0][0] for shape in runner.passes) == 2  # the good rows only
+
+
+class FailsOn:
+    """A runner that raises, as a model does on input it cannot run, whenever a pass holds a marked row."""
+
+    def __init__(self, model, marker: float) -> None:
+        self.inner, self.marker, self.calls = Counting(model), marker, 0
+
+    def __call__(self, inputs):
+        self.calls += 1
+        if (inputs[0] == self.marker).any():
+            raise RuntimeError("index out of range in self\nstack trace the client never sees")
+        return self.inner(inputs)
+
+
+def test_a_failing_pass_costs_only_the_requests_that_fail_alone(model):
+    """When the model raises on a batch, its requests are run again one by one (Pipeline.isolate): the one that
+    fails alone gets 422 with the model's first line, in the protocol's form; its neighbours get the answers they
+    get alone."""
+    from handlers.requests import Pipeline
+
+    marker = 12345.0
+    runner = FailsOn(model, marker)
+    pipe = tensor.build(None, manifest_of(SPEC), runner, tensor.Settings(), served_as=("pair", "2.0"), max_batch=16)
+    bad = request(1, 4, seed=5)
+    bad["inputs"][0]["data"][0] = marker
+    goods = [request(1, 4, seed=s) for s in (6, 7)]
+    requests = [{"body": goods[0]}, {"body": bad}, {"body": goods[1]}]
+    with pytest.raises(RuntimeError):
+        pipe.process(requests, ["application/json"] * 3)
+    answers = Pipeline.isolate(pipe, requests, ["application/json"] * 3)
+    assert isinstance(answers[1], RequestError) and answers[1].status == 422 and answers[1].oip
+    assert "index out of range in self" in answers[1].message and "stack trace" not in answers[1].message
+    for good, answer in zip(goods, (answers[0], answers[2])):
+        assert json.loads(answer) == json.loads(pipeline(model)[0].process([{"body": good}], ["application/json"])[0])
+
+
+def test_a_broken_model_is_a_500_not_the_clients_fault(model):
+    """A model that fails on its own stand-in input too is broken: the requests get 500, not a 4xx."""
+
+    class Broken:
+        def __call__(self, inputs):
+            raise RuntimeError("the runtime lost its device")
+
+    pipe = tensor.build(None, manifest_of(SPEC), Broken(), tensor.Settings(), served_as=("pair", "2.0"), max_batch=16)
+    answers = pipe.isolate([{"body": request(1, 3, seed=8)}], ["application/json"])
+    assert isinstance(answers[0], RequestError) and answers[0].status == 500 and answers[0].oip

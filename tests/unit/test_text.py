@@ -142,3 +142,58 @@ def test_script_is_really_not_applicable_to_the_embedder():
     model = minilm.SentenceEmbedder(minilm.bert_config(minilm.source_dir()))
     with pytest.raises((OSError, RuntimeError, torch.jit.frontend.NotSupportedError)):
         torch.jit.script(model)
+
+
+def _words(length: int, count: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length)) for _ in range(count))
+
+
+def test_the_head_of_a_text_tokenizes_exactly_as_the_whole_text(preset):
+    """Only the head that can fill max_length is tokenized; ids and `truncated` equal the whole text's, for real
+    prose and for texts built to fool a cut (blanks and control characters, marks, CJK, symbols, underscores)."""
+    texts = mixed_texts(200, seed=3) + ["\x01 " * 400 + "hello world " * 300, "\u00e9" * 50 + " x" * 300,
+                                        "a_b " * 300, "\u4e2d\u6587\u5b57 " * 300, "\u00a9\u00a9 " * 300 + " end",
+                                        "\u200b " * 600 + "last words", "\t\n".join(["word"] * 400)]
+    whole = [(e.ids, bool(e.overflowing)) for e in preset.tokenizer.encode_batch(texts)]
+    assert [(e.ids, e.truncated) for e in preset.encode(texts)] == whole
+    assert sum(len(preset.head(t)) < len(t) for t in texts) >= 20  # the cut really happens
+
+
+def _encoder(preset, **settings):
+    from handlers.kinds.text import SentenceEncoder
+
+    def runner(inputs):
+        ids, _ = inputs
+        return [torch.zeros((ids.shape[0], 4))]
+
+    return SentenceEncoder(runner, preset, EmbeddingConfig(**settings))
+
+
+def test_costly_texts_get_a_fast_413_and_their_neighbours_are_answered(preset):
+    """The hardening probe's texts (64 texts of 100,000 characters in words of 99 letters, 17 s alone in the
+    tokenizer) are refused before tokenizing, as are words past max_word_chars and texts of words under it whose
+    tokenizer work passes the batch's budget; a good request in the same batch is answered."""
+    import time
+
+    encoder = _encoder(preset)
+    attack = json.dumps({"texts": [_words(99, 1000, seed=i)[:100_000] for i in range(64)]})
+    under_the_word_limit = json.dumps({"texts": [_words(60, 1600, seed=i)[:100_000] for i in range(64)]})
+    good = json.dumps({"text": "A sentence to embed."})
+    started = time.perf_counter()
+    answers = encoder.process([{"body": attack}, {"body": under_the_word_limit}, {"body": good}],
+                              ["application/json"] * 3)
+    elapsed = time.perf_counter() - started
+    assert isinstance(answers[0], RequestError) and (answers[0].status, answers[0].kind) == (413, "WordTooLong")
+    assert isinstance(answers[1], RequestError) and (answers[1].status, answers[1].kind) == (413, "TextTooCostly")
+    assert json.loads(answers[2])["tokens"] == len(preset.encode(["A sentence to embed."])[0].ids)
+    print(f"three requests, two refused, in {elapsed:.2f} s")
+
+
+def test_a_batch_past_its_tokenizer_budget_sheds_the_late_request(preset):
+    """Requests that each fit alone but not together: the one past the batch's budget gets 503 to retry."""
+    text = json.dumps({"texts": [_words(40, 256, seed=i) for i in range(4)]})  # 4 x 256 x 1600 = 1.6M
+    encoder = _encoder(preset, max_batch_work=2_000_000)
+    first, second = encoder.process([{"body": text}, {"body": text}], ["application/json"] * 2)
+    assert not isinstance(first, RequestError)
+    assert isinstance(second, RequestError) and (second.status, second.kind) == (503, "ServerBusy")

@@ -2,6 +2,7 @@ package org.servemodels.oip;
 
 import io.netty.buffer.Unpooled;
 import io.netty.channel.ChannelDuplexHandler;
+import io.netty.channel.ChannelFuture;
 import io.netty.channel.ChannelFutureListener;
 import io.netty.channel.ChannelHandlerContext;
 import io.netty.channel.ChannelPromise;
@@ -17,12 +18,20 @@ import io.netty.handler.codec.http.HttpUtil;
 import io.netty.handler.codec.http.HttpVersion;
 import io.netty.handler.codec.http.LastHttpContent;
 import io.netty.handler.codec.http.QueryStringDecoder;
+import io.netty.handler.timeout.IdleStateEvent;
 import io.netty.util.ReferenceCountUtil;
+import java.net.InetAddress;
+import java.net.InetSocketAddress;
+import java.net.SocketAddress;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayDeque;
 import java.util.Iterator;
+import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.ConcurrentLinkedQueue;
 import java.util.concurrent.atomic.AtomicLong;
+import org.pytorch.serve.util.ConnectorType;
+import org.pytorch.serve.util.TokenAuthorization;
+import org.pytorch.serve.util.TokenAuthorization.TokenType;
 import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.ModelManager;
 
@@ -43,15 +52,44 @@ import org.pytorch.serve.wlm.ModelManager;
  * whose client went away before its answer keeps its reservation until its model's job queue has been empty once
  * (TorchServe still runs such a job, holding its body), so clients that disconnect cannot queue bodies past the
  * budget either. Small bodies pass uncounted: what they hold is bounded by the job queues (docs/operations.md).
+ *
+ * <p>Four more guards, all decided before a body is held (docs/operations.md, "Who may hold what"):
+ *
+ * <ul>
+ *   <li>The key is checked when a request's headers arrive, on the inference and management ports alike (the
+ *       API description and OPTIONS too, which TorchServe answers before its own check): a request without the
+ *       port's key is answered 401 and holds no byte of its body, which is read and dropped; its connection then
+ *       closes.
+ *   <li>A body that stops arriving for request_read_timeout_s seconds (10 unless set) is dropped with a 408 and
+ *       its bytes are given back; so is a refused body whose rest never comes.
+ *   <li>One client address holds at most max_held_request_bytes_per_client (a quarter of the budget unless set).
+ *   <li>The budget fits the heap: what TorchServe does with a held body costs about HEAP_COPIES times its bytes of
+ *       heap (the job's copy, the plugin's read, the batch sent to the worker, the answer), so the budget in force
+ *       is at most (max heap - HEAP_RESERVE) / HEAP_COPIES, whatever max_held_request_bytes says.
+ * </ul>
+ *
+ * <p>Writes push back: a connection whose answers are not being read (its outbound buffer past the channel's high
+ * water mark, set in our ServerInitializer) is not read from until it drains, and the requests already decoded
+ * from it wait here; a client that pipelines requests and never reads the answers holds one buffer, not the heap.
  */
 public final class BodyAdmission extends ChannelDuplexHandler {
     static final long DEFAULT_BUDGET = 256L << 20;
     static final long SMALL_BODY = 64L << 10;
+    // Heap a held body costs, in copies of its bytes, and the heap the frontend needs besides (measured: 27 queued
+    // 8 MiB binary OIP bodies, 216 MiB, ran -Xmx1g out in 6 tries of 7; 16, 128 MiB, never did).
+    static final long HEAP_COPIES = 6;
+    static final long HEAP_RESERVE = 256L << 20;
+    static final long DEFAULT_READ_TIMEOUT_S = 10;
     static final AtomicLong held = new AtomicLong();
+    static final ConcurrentHashMap<InetAddress, AtomicLong> heldBy = new ConcurrentHashMap<>();
     static final ConcurrentLinkedQueue<Orphan> orphans = new ConcurrentLinkedQueue<>();
     private static volatile long budget = -1;
+    private static volatile long clientBudget = -1;
 
+    private final ConnectorType connector;
     private final ArrayDeque<Reservation> outstanding = new ArrayDeque<>();
+    private final ArrayDeque<Object> waiting = new ArrayDeque<>(); // decoded while the answers were not read
+    private InetAddress client;
     private Reservation current; // the request whose body is arriving
     private boolean discarding;
 
@@ -59,17 +97,22 @@ public final class BodyAdmission extends ChannelDuplexHandler {
     static final class Reservation {
         final String model;
         final boolean counted;
+        final AtomicLong share; // what its client holds, null for none
         long bytes;
 
-        Reservation(String model, boolean counted) {
+        Reservation(String model, boolean counted, AtomicLong share) {
             this.model = model;
             this.counted = counted;
+            this.share = share;
         }
     }
 
-    record Orphan(long bytes, String model) {}
+    record Orphan(long bytes, String model, AtomicLong share) {}
 
-    public BodyAdmission() {}
+    /** The guard of one channel of `connector` (which key its requests need). */
+    public BodyAdmission(ConnectorType connector) {
+        this.connector = connector;
+    }
 
     /**
      * Reserves a body held outside this handler (a gRPC message: GrpcAdmission): the bytes reserved (0 for a small
@@ -79,21 +122,40 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         if (bytes <= SMALL_BODY) {
             return 0;
         }
-        return reserve(bytes) ? bytes : -1;
+        return reserve(bytes, null) ? bytes : -1;
     }
 
     /** Gives back what admit reserved. */
     public static void release(long bytes) {
-        if (bytes > 0) {
-            held.addAndGet(-bytes);
-        }
+        give(bytes, null);
     }
 
+    /** The budget in force: max_held_request_bytes, at most what the heap holds (heapFit). */
     public static long budget() {
         if (budget < 0) {
-            budget = Settings.number("max_held_request_bytes", DEFAULT_BUDGET);
+            long configured = Settings.number("max_held_request_bytes", DEFAULT_BUDGET);
+            long fit = heapFit(Runtime.getRuntime().maxMemory());
+            if (fit < configured) {
+                System.err.println("max_held_request_bytes=" + configured + " is more than a heap of "
+                        + (Runtime.getRuntime().maxMemory() >> 20) + " MiB holds; using " + fit
+                        + " (raise -Xmx in vmargs to hold more)");
+            }
+            budget = Math.min(configured, fit);
         }
         return budget;
+    }
+
+    /** The most bytes of bodies a heap of `maxHeap` bytes holds with the frontend's own needs beside them. */
+    static long heapFit(long maxHeap) {
+        return Math.max(SMALL_BODY, (maxHeap - HEAP_RESERVE) / HEAP_COPIES);
+    }
+
+    /** The most one client address may hold: max_held_request_bytes_per_client, at most the budget. */
+    static long clientBudget() {
+        if (clientBudget < 0) {
+            clientBudget = Math.min(budget(), Settings.number("max_held_request_bytes_per_client", budget() / 4));
+        }
+        return clientBudget;
     }
 
     /** Bytes held for request bodies now (reservations, orphans included). */
@@ -102,7 +164,56 @@ public final class BodyAdmission extends ChannelDuplexHandler {
     }
 
     @Override
+    public void channelActive(ChannelHandlerContext ctx) throws Exception {
+        client = address(ctx.channel().remoteAddress());
+        ctx.fireChannelActive();
+    }
+
+    @Override
     public void channelRead(ChannelHandlerContext ctx, Object msg) throws Exception {
+        if (!waiting.isEmpty() || !ctx.channel().isWritable()) { // answers unread: hold what was decoded, read no more
+            waiting.add(msg);
+            ctx.channel().config().setAutoRead(false);
+            return;
+        }
+        admitted(ctx, msg);
+    }
+
+    @Override
+    public void channelWritabilityChanged(ChannelHandlerContext ctx) throws Exception {
+        while (ctx.channel().isWritable() && !waiting.isEmpty()) {
+            admitted(ctx, waiting.poll());
+        }
+        if (ctx.channel().isWritable() && waiting.isEmpty()) {
+            ctx.channel().config().setAutoRead(true);
+        }
+        ctx.fireChannelWritabilityChanged();
+    }
+
+    @Override
+    public void userEventTriggered(ChannelHandlerContext ctx, Object event) throws Exception {
+        // a body (or the rest of a refused one) that stopped arriving; not a connection we stopped reading from
+        if (event instanceof IdleStateEvent && (current != null || discarding) && ctx.channel().config().isAutoRead()) {
+            if (current != null) {
+                outstanding.remove(current);
+                give(current.bytes, current.share);
+                current = null;
+                answer(ctx, HttpResponseStatus.REQUEST_TIMEOUT, "RequestTimeout", "no byte of the body arrived for "
+                        + readTimeoutSeconds() + " s (request_read_timeout_s); send the whole body without pausing");
+            }
+            discarding = false;
+            ctx.close();
+            return;
+        }
+        ctx.fireUserEventTriggered(event);
+    }
+
+    /** Seconds a body may pause before it is dropped: request_read_timeout_s. */
+    public static long readTimeoutSeconds() {
+        return Settings.number("request_read_timeout_s", DEFAULT_READ_TIMEOUT_S);
+    }
+
+    private void admitted(ChannelHandlerContext ctx, Object msg) {
         if (discarding) { // the rest of a refused body: read and dropped, so the client reads our answer
             ReferenceCountUtil.release(msg);
             if (msg instanceof LastHttpContent) {
@@ -113,9 +224,19 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         }
         if (msg instanceof HttpRequest) {
             HttpRequest request = (HttpRequest) msg;
+            if (!authorized(request)) {
+                discarding = !(msg instanceof LastHttpContent);
+                ReferenceCountUtil.release(msg);
+                answer(ctx, HttpResponseStatus.UNAUTHORIZED, "Unauthorized", "send this port's key: Authorization: "
+                        + "Bearer <key> (key_file.json of the server's working directory)");
+                if (!discarding) {
+                    ctx.close();
+                }
+                return;
+            }
             long declared = HttpUtil.getContentLength(request, -1L);
             boolean counted = declared < 0 ? HttpUtil.isTransferEncodingChunked(request) : declared > SMALL_BODY;
-            current = new Reservation(model(request.uri()), counted);
+            current = new Reservation(model(request.uri()), counted, counted ? share(client) : null);
             outstanding.add(current);
         }
         if (msg instanceof HttpContent && current != null) {
@@ -125,14 +246,14 @@ public final class BodyAdmission extends ChannelDuplexHandler {
             }
             long bytes = ((HttpContent) msg).content().readableBytes();
             if (arriving.counted && bytes > 0) {
-                if (!reserve(bytes)) {
+                if (!reserve(bytes, arriving.share)) {
                     outstanding.remove(arriving);
-                    held.addAndGet(-arriving.bytes);
+                    give(arriving.bytes, arriving.share);
                     current = null;
                     boolean whole = msg instanceof LastHttpContent;
                     discarding = !whole;
                     ReferenceCountUtil.release(msg);
-                    refuse(ctx, arriving.bytes + bytes, whole);
+                    refuse(ctx, arriving.bytes + bytes, arriving.share, whole);
                     return;
                 }
                 arriving.bytes += bytes;
@@ -141,12 +262,36 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         ctx.fireChannelRead(msg);
     }
 
+    /**
+     * Whether the request carries the key its port takes (TorchServe's own rule: the inference key on the inference
+     * port; the management key on the management port, the API key for its /token routes). The metrics port takes
+     * none, as in TorchServe; with token authorization off every request passes.
+     */
+    private boolean authorized(HttpRequest request) {
+        if (Boolean.FALSE.equals(TokenAuthorization.isEnabled()) || ConnectorType.METRICS_CONNECTOR.equals(connector)) {
+            return true;
+        }
+        String header = request.headers().get(HttpHeaderNames.AUTHORIZATION);
+        String token = header == null ? null : TokenAuthorization.parseTokenFromBearerTokenHeader(header);
+        boolean tokenApi = new QueryStringDecoder(request.uri()).path().startsWith("/token");
+        boolean inference = ConnectorType.INFERENCE_CONNECTOR.equals(connector);
+        boolean management = ConnectorType.MANAGEMENT_CONNECTOR.equals(connector);
+        boolean all = !inference && !management; // one port for both: either key
+        return ((inference || all) && TokenAuthorization.checkTokenAuthorization(token, TokenType.INFERENCE))
+                || ((management || all) && TokenAuthorization.checkTokenAuthorization(token,
+                        tokenApi ? TokenType.TOKEN_API : TokenType.MANAGEMENT));
+    }
+
+    static InetAddress address(SocketAddress remote) {
+        return remote instanceof InetSocketAddress ? ((InetSocketAddress) remote).getAddress() : null;
+    }
+
     @Override
     public void write(ChannelHandlerContext ctx, Object msg, ChannelPromise promise) throws Exception {
         if (msg instanceof HttpResponse && ((HttpResponse) msg).status().code() >= 200) {
             Reservation done = outstanding.poll();
             if (done != null) {
-                held.addAndGet(-done.bytes);
+                give(done.bytes, done.share);
                 if (done == current) {
                     current = null; // answered before its body ended (413 from the aggregator)
                 }
@@ -168,29 +313,64 @@ public final class BodyAdmission extends ChannelDuplexHandler {
 
     private void orphan() {
         current = null;
+        for (Object left = waiting.poll(); left != null; left = waiting.poll()) {
+            ReferenceCountUtil.release(left);
+        }
         for (Reservation left = outstanding.poll(); left != null; left = outstanding.poll()) {
             if (left.model == null || left.bytes == 0) {
-                held.addAndGet(-left.bytes);
+                give(left.bytes, left.share);
             } else {
-                orphans.add(new Orphan(left.bytes, left.model));
+                orphans.add(new Orphan(left.bytes, left.model, left.share));
             }
         }
     }
 
-    static boolean reserve(long bytes) {
+    /** The counter of what `client` holds (null: an address we cannot tell, held against the budget alone). */
+    static AtomicLong share(InetAddress client) {
+        return client == null ? null : heldBy.computeIfAbsent(client, c -> new AtomicLong());
+    }
+
+    /** Reserves `bytes` from the budget and from a client's share of it (`share` null: the budget alone). */
+    static boolean reserve(long bytes, AtomicLong share) {
         for (int attempt = 0; attempt < 2; attempt++) {
-            long now = held.get();
-            while (now + bytes <= budget()) {
-                if (held.compareAndSet(now, now + bytes)) {
+            if (take(share, bytes, clientBudget())) {
+                if (take(held, bytes, budget())) {
                     return true;
                 }
-                now = held.get();
+                if (share != null) {
+                    share.addAndGet(-bytes); // the client's share had room, the budget had none
+                }
             }
             if (attempt == 0 && !releaseOrphans()) {
                 return false;
             }
         }
         return false;
+    }
+
+    private static boolean take(AtomicLong counter, long bytes, long limit) {
+        if (counter == null) {
+            return true;
+        }
+        long now = counter.get();
+        while (now + bytes <= limit) {
+            if (counter.compareAndSet(now, now + bytes)) {
+                return true;
+            }
+            now = counter.get();
+        }
+        return false;
+    }
+
+    /** Gives `bytes` back to the budget and to the client's `share` (null: the budget alone). */
+    static void give(long bytes, AtomicLong share) {
+        if (bytes <= 0) {
+            return;
+        }
+        held.addAndGet(-bytes);
+        if (share != null && share.addAndGet(-bytes) <= 0) {
+            heldBy.values().remove(share); // an address that holds nothing keeps no entry
+        }
     }
 
     /** Gives back the reservations of answered-to-nobody requests whose model has no queued job left. */
@@ -200,7 +380,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
             Orphan orphan = it.next();
             if (queueEmpty(orphan.model())) {
                 it.remove();
-                held.addAndGet(-orphan.bytes());
+                give(orphan.bytes(), orphan.share());
                 released = true;
             }
         }
@@ -233,21 +413,38 @@ public final class BodyAdmission extends ChannelDuplexHandler {
      * Answers 503 and closes the connection: at once when the whole body has arrived, else once the rest of it has
      * been read and dropped (closing on unread bytes would reset the connection before the client reads this).
      */
-    private static void refuse(ChannelHandlerContext ctx, long bytes, boolean whole) {
-        String body = "{\n  \"code\": 503,\n  \"type\": \"ServerBusy\",\n  \"message\": \"the server holds "
-                + (held.get() >> 20) + " MiB of request bodies (max_held_request_bytes: " + (budget() >> 20)
-                + " MiB), no room for a body of " + bytes + " bytes and more; retry with backoff\"\n}\n";
-        FullHttpResponse response = new DefaultFullHttpResponse(HttpVersion.HTTP_1_1,
-                HttpResponseStatus.SERVICE_UNAVAILABLE, Unpooled.copiedBuffer(body, StandardCharsets.UTF_8));
+    private static void refuse(ChannelHandlerContext ctx, long bytes, AtomicLong share, boolean whole) {
+        long theirs = share == null ? 0 : share.get();
+        String why = theirs + bytes > clientBudget()
+                ? "this client holds " + (theirs >> 20) + " MiB of request bodies (max_held_request_bytes_per_client: "
+                        + (clientBudget() >> 20) + " MiB)"
+                : "the server holds " + (held.get() >> 20) + " MiB of request bodies (max_held_request_bytes: "
+                        + (budget() >> 20) + " MiB)";
+        ChannelFuture written = answer(ctx, HttpResponseStatus.SERVICE_UNAVAILABLE, "ServerBusy",
+                why + ", no room for a body of " + bytes + " bytes and more; retry with backoff");
+        if (whole) {
+            written.addListener(ChannelFutureListener.CLOSE);
+        }
+    }
+
+    /**
+     * Writes our JSON error and says the connection closes (written past this handler: a refused request holds no
+     * reservation to give back).
+     */
+    private static ChannelFuture answer(ChannelHandlerContext ctx, HttpResponseStatus status, String type,
+            String message) {
+        String body = "{\n  \"code\": " + status.code() + ",\n  \"type\": \"" + type + "\",\n  \"message\": \""
+                + message.replace("\"", "'") + "\"\n}\n";
+        FullHttpResponse response = new DefaultFullHttpResponse(HttpVersion.HTTP_1_1, status,
+                Unpooled.copiedBuffer(body, StandardCharsets.UTF_8));
         response.headers().set(HttpHeaderNames.CONTENT_TYPE, HttpHeaderValues.APPLICATION_JSON);
         response.headers().set(HttpHeaderNames.CONTENT_LENGTH, response.content().readableBytes());
         response.headers().set(HttpHeaderNames.CONNECTION, HttpHeaderValues.CLOSE);
-        response.headers().set(HttpHeaderNames.RETRY_AFTER, "1");
-        // written past this handler: a refused request holds no reservation to give back
-        if (whole) {
-            ctx.writeAndFlush(response).addListener(ChannelFutureListener.CLOSE);
-        } else {
-            ctx.writeAndFlush(response);
+        if (status.code() == 503) {
+            response.headers().set(HttpHeaderNames.RETRY_AFTER, "1");
+        } else if (status.code() == 401) {
+            response.headers().set(HttpHeaderNames.WWW_AUTHENTICATE, "Bearer");
         }
+        return ctx.writeAndFlush(response);
     }
 }

@@ -3,9 +3,12 @@ package org.pytorch.serve;
 import io.netty.channel.Channel;
 import io.netty.channel.ChannelInitializer;
 import io.netty.channel.ChannelPipeline;
+import io.netty.channel.WriteBufferWaterMark;
 import io.netty.handler.codec.http.HttpObjectAggregator;
 import io.netty.handler.codec.http.HttpServerCodec;
 import io.netty.handler.ssl.SslContext;
+import io.netty.handler.timeout.IdleStateHandler;
+import java.util.concurrent.TimeUnit;
 import org.pytorch.serve.http.ExtendedSSLHandler;
 import org.pytorch.serve.http.HttpRequestHandler;
 import org.pytorch.serve.http.HttpRequestHandlerChain;
@@ -28,13 +31,18 @@ import org.slf4j.LoggerFactory;
 
 /**
  * TorchServe 0.12's channel set-up, with one handler more: org.servemodels.oip.BodyAdmission sits between the
- * HTTP codec and the aggregator, so a request whose body would take the bytes that the server holds for request
- * bodies past their budget is refused from its headers, before its body is read into memory. The handler chain
+ * HTTP codec and the aggregator, so a request without its port's key, or whose body would take the bytes that the
+ * server holds for request bodies past their budget, is refused from its headers, before its body is read into
+ * memory. An idle-read timer in front of the codec lets it drop a body that stops arriving, and each channel's
+ * outbound buffer has a high water mark past which it stops being read (WRITE_HIGH). The handler chain
  * behind it is TorchServe's, built in the same order. Substituted for TorchServe's class at start-up by
  * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
  */
 public class ServerInitializer extends ChannelInitializer<Channel> {
     private static final Logger logger = LoggerFactory.getLogger(ServerInitializer.class);
+    // bytes of answers queued on one connection past which it is not read until they drain (and back below LOW)
+    static final int WRITE_LOW = 256 << 10;
+    static final int WRITE_HIGH = 1 << 20;
     private ConnectorType connectorType;
     private SslContext sslCtx;
 
@@ -50,8 +58,10 @@ public class ServerInitializer extends ChannelInitializer<Channel> {
         if (sslCtx != null) {
             pipeline.addLast("ssl", new ExtendedSSLHandler(sslCtx, connectorType));
         }
+        ch.config().setWriteBufferWaterMark(new WriteBufferWaterMark(WRITE_LOW, WRITE_HIGH));
+        pipeline.addLast("idle", new IdleStateHandler(BodyAdmission.readTimeoutSeconds(), 0, 0, TimeUnit.SECONDS));
         pipeline.addLast("http", new HttpServerCodec());
-        pipeline.addLast("admission", new BodyAdmission());
+        pipeline.addLast("admission", new BodyAdmission(connectorType));
         pipeline.addLast("aggregator", new HttpObjectAggregator(config.getMaxRequestSize()));
 
         HttpRequestHandlerChain head = new ApiDescriptionRequestHandler(connectorType);
