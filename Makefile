@@ -68,7 +68,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
-	sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check FORCE
+	sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -136,8 +136,12 @@ lock: | $(VENV_STAMP) ## re-resolve requirements/*.in into the hashed locks (nee
 	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/runtime.txt requirements/runtime.in
 	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/mobile.txt requirements/mobile.in
 
-# A registry entry as JSON, rewritten only when the entry changes: what depends on the entry depends on this.
-build/registry/%.json: FORCE
+# A registry entry as JSON, rewritten only when the entry changes: what depends on the entry depends on this. Every
+# entry's stamp is brought up to date when make reads this file (a $(shell) runs under `make -n` too), so no stamp
+# is a forced target and a dry run lists only what a real run would do. The rule makes a stamp that is still missing
+# (an entry the registry does not have: it says so).
+REGISTRY_STAMPS := $(shell $(PYTHON) -m models.registry stamps build/registry)
+build/registry/%.json:
 	@$(PYTHON) -m models.registry stamp $* $@
 
 $(TREE)checkpoints/%/model.pt: $$(call checkpoint_deps,$$*) | $(VENV_STAMP)
@@ -154,15 +158,16 @@ $(TREE)model_store/%.mar: $(TREE)artifacts/%/verified.json serve_config/%.yaml e
 		$$(call sources,$$*,archive)
 	$(PY) -m export.archive --model $* --artifacts $(TREE)artifacts/$* --out $(TREE)model_store
 
+# Every class of the patch folder is packed as the agent's resource (FrontendPatches.REPLACES lists them; a test checks
+# that the two agree).
 $(PLUGIN_JAR): $(shell find handlers/frontend -type f) | $(VENV_STAMP) prereqs-core
 	rm -rf build/plugin-classes build/plugin-patch && mkdir -p build/plugin-classes build/plugin-patch $(@D)
 	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR) -d build/plugin-classes \
 		$(shell find handlers/frontend/org -name '*.java')
 	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR):build/plugin-classes -d build/plugin-patch \
 		$(shell find handlers/frontend/patch -name '*.java')
-	for class in http/HttpRequestHandlerChain archive/utils/ArchiveUtils ServerInitializer util/TokenAuthorization \
-		grpcimpl/GRPCInterceptor; do \
-		cp build/plugin-patch/org/pytorch/serve/$$class.class build/plugin-classes/org/servemodels/oip/$${class##*/}.class.bin; done
+	for source in $(shell find handlers/frontend/patch -name '*.java'); do class=$${source#handlers/frontend/patch/}; \
+		cp build/plugin-patch/$${class%.java}.class build/plugin-classes/org/servemodels/oip/$$(basename $${class%.java}).class.bin; done
 	cp -r handlers/frontend/META-INF build/plugin-classes/
 	jar --create --file $@.tmp --manifest handlers/frontend/agent.mf -C build/plugin-classes . && mv $@.tmp $@
 

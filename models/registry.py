@@ -10,6 +10,7 @@ This module imports nothing heavy (no torch), so the Makefile can query it with 
     python -m models.registry get digits serve_backend
     python -m models.registry sources digits checkpoint    # the files its checkpoint is built from
     python -m models.registry stamp digits build/registry/digits.json   # rewritten only when the entry changes
+    python -m models.registry stamps build/registry                     # every entry's, the same way
 """
 
 from __future__ import annotations
@@ -276,7 +277,11 @@ class ModelSpec:
         return BACKEND_ARTIFACT[self.serve_backend]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for item in data["inputs"]:  # an input without a declared range reads as before ranges existed
+            if item["value_range"] is None:
+                del item["value_range"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
@@ -587,7 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     p_stamp = sub.add_parser("stamp", help="write the entry as JSON to FILE when it changed (a make prerequisite)")
     p_stamp.add_argument("model")
     p_stamp.add_argument("file")
+    p_stamps = sub.add_parser("stamps", help="write every entry's stamp, DIR/<model>.json, where it changed (the "
+                                             "Makefile does this when it reads itself, so `make -n` tells the truth)")
+    p_stamps.add_argument("dir")
     args = parser.parse_args(argv)
+    if args.cmd == "stamps":
+        for name, spec in REGISTRY.items():
+            write_stamp(spec, f"{args.dir}/{name}.json")
+        return 0
     if args.cmd == "list":
         chosen = tested if args.tested else (lambda s: s.serve_by_default) if args.default else (lambda s: True)
         print("\n".join(n for n, s in REGISTRY.items() if chosen(s)))

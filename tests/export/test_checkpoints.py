@@ -22,3 +22,23 @@ def test_built_checkpoint_meets_the_accuracy_bar_of_its_recipe(spec):
         assert metrics["train_scenes"] == recipe.dataset_kwargs["train"]
     else:
         assert metrics["train_images"] == len(registry.resolve(spec.dataset)(**recipe.dataset_kwargs).train_labels)
+
+
+def test_a_dry_run_lists_no_work_on_a_built_tree():
+    """`make -n` tells the truth: with every tested model built (as `make test` has done before this tier), a dry
+    run of the same build lists no training, export, verification or archiving. Registry stamps are brought up to
+    date when make reads the Makefile, not by forced targets, which made every dry run list the whole chain."""
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    recipe = "quick" if TREE.root.resolve() == (ROOT / "build" / "quick").resolve() else "full"
+    models = " ".join(name for name, spec in registry.REGISTRY.items() if registry.tested(spec))
+    for model in models.split():
+        built(TREE.archive(model))
+    proc = subprocess.run(["make", "-n", f"RECIPE={recipe}", "models", f"SERVE_MODELS={models}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    work = [line for line in proc.stdout.splitlines()
+            if any(step in line for step in ("models.train", "export.export", "export.verify", "export.archive"))]
+    assert work == [], "\n".join(work)

@@ -5,6 +5,7 @@ equals the eager model on the same tensors. The server is stopped by `make stop`
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import numpy as np
@@ -52,6 +53,7 @@ def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tr
         result = client.infer("pair", inputs, outputs=[httpclient.InferRequestedOutput("strongest"),
                                                        httpclient.InferRequestedOutput("scores")],
                               headers={"Authorization": f"Bearer {token}"})
+        mixed = _out_of_range_beside_good(ports.inference, token)
     finally:
         make("stop", f"RUN_DIR={run_dir}")
     assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 8]},
@@ -64,3 +66,32 @@ def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tr
     assert result.as_numpy("strongest").dtype == np.int64 and result.as_numpy("strongest").tolist() == strongest.tolist()
     assert result.as_numpy("scores").shape == (3, 3)
     assert np.abs(result.as_numpy("scores") - scores.numpy()).max() <= 1e-4
+    for status, answer in mixed[:4]:  # each out-of-range request fails alone, with the input named
+        assert status == 400 and "'tokens'" in answer["error"] and "0 to 99" in answer["error"], answer
+    assert [status for status, _ in mixed[4:]] == [200] * 12, mixed[4:]
+
+
+def _out_of_range_beside_good(port: int, token: str) -> list:
+    """4 requests whose token ids lie outside pair's vocabulary (1000, -1000: they passed every check of the tensor
+    kind and failed the whole batch before `value_range`) sent at once with 12 good ones: (status, body) each."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    def body(bad: int | None) -> str:
+        tokens = [3, 1, 4, 1, 5, 9] if bad is None else [3, 1, bad, 1, 5, 9]
+        return json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 8], "data": [0.5] * 8},
+                                      {"name": "tokens", "datatype": "INT64", "shape": [1, 6], "data": tokens}]})
+
+    bodies = [body(bad) for bad in (1000, -1000, 100, -1)] + [body(None)] * 12
+    barrier = threading.Barrier(len(bodies))
+
+    def send(text: str):
+        barrier.wait(timeout=60)
+        answer = requests.post(f"http://127.0.0.1:{port}/v2/models/pair/infer", data=text, timeout=60,
+                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        return answer.status_code, answer.json()
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))

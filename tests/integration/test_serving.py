@@ -183,7 +183,7 @@ def test_registration_needs_the_management_key_and_takes_the_local_store_only(se
     outside the model store is refused with the management key too; nothing new is registered."""
     models = f"{server.management_url}/models"
     answer = requests.post(models, params={"url": "digits.mar"}, headers=server.headers("inference"), timeout=10)
-    assert answer.status_code == 400 and "token" in answer.text.lower(), answer.text
+    assert answer.status_code == 401 and "token" in answer.text.lower(), answer.text
     for url in ("https://example.com/evil.mar", "file:///etc/passwd"):
         answer = requests.post(models, params={"url": url}, headers=server.headers("management"), timeout=30)
         assert 400 <= answer.status_code < 500, (url, answer.status_code, answer.text)

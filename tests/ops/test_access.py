@@ -25,21 +25,29 @@ pytestmark = [pytest.mark.ops, pytest.mark.integration]
 
 
 def test_every_api_refuses_a_missing_or_wrong_token(server):
+    """Every route of the inference and management ports, the API description and OPTIONS included (TorchServe
+    answers those before its own key check), is refused with 401 when its headers arrive, with the other port's
+    key too (the frontend agent's BodyAdmission)."""
     model = SERVED[0].name
     calls = {
         "inference": ("POST", f"{server.inference_url}/predictions/{model}"),
         "ping": ("GET", f"{server.inference_url}/ping"),
+        "api description": ("OPTIONS", f"{server.inference_url}/"),
+        "api description (GET)": ("GET", f"{server.inference_url}/api-description"),
+        "oip infer": ("POST", f"{server.inference_url}/v2/models/{model}/infer"),
         "management list": ("GET", f"{server.management_url}/models"),
         "management describe": ("GET", f"{server.management_url}/models/{model}"),
         "management scale": ("PUT", f"{server.management_url}/models/{model}?min_worker=1"),
+        "management api description": ("OPTIONS", f"{server.management_url}/"),
     }
     for name, (method, url) in calls.items():
-        for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+        other = server.headers("management" if url.startswith(server.inference_url) else "inference")
+        for headers in ({}, {"Authorization": "Bearer wrong-key"}, other):
             answer = requests.request(method, url, headers=headers, data=b"x", timeout=10)
-            assert answer.status_code == 400 and "Token Authorization failed" in answer.text, (name, headers, answer.text)
-    # each key opens only its own API
-    assert requests.get(f"{server.management_url}/models", headers=server.headers("inference"), timeout=10).status_code == 400
-    assert requests.get(f"{server.inference_url}/ping", headers=server.headers("management"), timeout=10).status_code == 400
+            assert answer.status_code == 401 and "Token Authorization failed" in answer.text, (name, headers, answer.text)
+            assert answer.headers.get("WWW-Authenticate") == "Bearer" and answer.json()["type"] == "Unauthorized"
+    described = requests.options(f"{server.inference_url}/", headers=server.headers(), timeout=10)
+    assert described.status_code == 200 and "openapi" in described.text
 
 
 def test_metrics_endpoint_is_loopback_only_as_configured(server):
@@ -104,7 +112,7 @@ def test_rotate_token_replaces_the_key_and_the_old_one_stops_working(private_ser
     new = server.keys()["inference"]
     assert new != old
     ping = lambda key: requests.get(f"{server.inference_url}/ping", headers={"Authorization": f"Bearer {key}"}, timeout=10)  # noqa: E731
-    assert ping(old).status_code == 400 and ping(new).status_code == 200
+    assert ping(old).status_code == 401 and ping(new).status_code == 200
     management = server.keys()["management"]
     ts.rotate_token(server, "management")
     assert requests.get(f"{server.management_url}/models", timeout=10,

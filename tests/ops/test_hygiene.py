@@ -86,7 +86,7 @@ def test_the_callers_ts_variables_change_nothing_and_logs_stay_bounded(private_s
     sample = payloads("digits", 1)[0]
     url = f"{server.inference_url}/predictions/digits"
     refused = requests.post(url, data=sample.body, headers={"Content-Type": sample.content_type}, timeout=30)
-    assert refused.status_code == 400 and "Token Authorization failed" in refused.text, refused.text
+    assert refused.status_code == 401 and "Token Authorization failed" in refused.text, refused.text
     for _ in range(150):  # about 150 access-log lines and more in the others: several times the 4 KB limit
         answer = requests.post(url, data=sample.body, timeout=30,
                                headers={**server.headers(), "Content-Type": sample.content_type})

@@ -62,7 +62,7 @@ import org.pytorch.serve.wlm.ModelManager;
  *       closes.
  *   <li>A body that stops arriving for request_read_timeout_s seconds (10 unless set) is dropped with a 408 and
  *       its bytes are given back; so is a refused body whose rest never comes.
- *   <li>One client address holds at most max_held_request_bytes_per_client (a quarter of the budget unless set).
+ *   <li>One client address holds at most max_held_request_bytes_per_client (half the budget unless set).
  *   <li>The budget fits the heap: what TorchServe does with a held body costs about HEAP_COPIES times its bytes of
  *       heap (the job's copy, the plugin's read, the batch sent to the worker, the answer), so the budget in force
  *       is at most (max heap - HEAP_RESERVE) / HEAP_COPIES, whatever max_held_request_bytes says.
@@ -81,7 +81,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
     static final long HEAP_RESERVE = 256L << 20;
     static final long DEFAULT_READ_TIMEOUT_S = 10;
     static final AtomicLong held = new AtomicLong();
-    static final ConcurrentHashMap<InetAddress, AtomicLong> heldBy = new ConcurrentHashMap<>();
+    static final ConcurrentHashMap<InetAddress, Long> heldBy = new ConcurrentHashMap<>(); // no entry: holds nothing
     static final ConcurrentLinkedQueue<Orphan> orphans = new ConcurrentLinkedQueue<>();
     private static volatile long budget = -1;
     private static volatile long clientBudget = -1;
@@ -97,17 +97,17 @@ public final class BodyAdmission extends ChannelDuplexHandler {
     static final class Reservation {
         final String model;
         final boolean counted;
-        final AtomicLong share; // what its client holds, null for none
+        final InetAddress client; // whose share it is charged to, null for the budget alone
         long bytes;
 
-        Reservation(String model, boolean counted, AtomicLong share) {
+        Reservation(String model, boolean counted, InetAddress client) {
             this.model = model;
             this.counted = counted;
-            this.share = share;
+            this.client = client;
         }
     }
 
-    record Orphan(long bytes, String model, AtomicLong share) {}
+    record Orphan(long bytes, String model, InetAddress client) {}
 
     /** The guard of one channel of `connector` (which key its requests need). */
     public BodyAdmission(ConnectorType connector) {
@@ -153,7 +153,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
     /** The most one client address may hold: max_held_request_bytes_per_client, at most the budget. */
     static long clientBudget() {
         if (clientBudget < 0) {
-            clientBudget = Math.min(budget(), Settings.number("max_held_request_bytes_per_client", budget() / 4));
+            clientBudget = Math.min(budget(), Settings.number("max_held_request_bytes_per_client", budget() / 2));
         }
         return clientBudget;
     }
@@ -192,11 +192,12 @@ public final class BodyAdmission extends ChannelDuplexHandler {
 
     @Override
     public void userEventTriggered(ChannelHandlerContext ctx, Object event) throws Exception {
-        // a body (or the rest of a refused one) that stopped arriving; not a connection we stopped reading from
-        if (event instanceof IdleStateEvent && (current != null || discarding) && ctx.channel().config().isAutoRead()) {
+        // a body (or the rest of a refused one) that stopped arriving, or whose client stopped reading our answers
+        // (we read no more of it then): either way its bytes are not held longer
+        if (event instanceof IdleStateEvent && (current != null || discarding)) {
             if (current != null) {
                 outstanding.remove(current);
-                give(current.bytes, current.share);
+                give(current.bytes, current.client);
                 current = null;
                 answer(ctx, HttpResponseStatus.REQUEST_TIMEOUT, "RequestTimeout", "no byte of the body arrived for "
                         + readTimeoutSeconds() + " s (request_read_timeout_s); send the whole body without pausing");
@@ -227,7 +228,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
             if (!authorized(request)) {
                 discarding = !(msg instanceof LastHttpContent);
                 ReferenceCountUtil.release(msg);
-                answer(ctx, HttpResponseStatus.UNAUTHORIZED, "Unauthorized", "send this port's key: Authorization: "
+                answer(ctx, HttpResponseStatus.UNAUTHORIZED, "Unauthorized", "Token Authorization failed: send this port's key as Authorization: "
                         + "Bearer <key> (key_file.json of the server's working directory)");
                 if (!discarding) {
                     ctx.close();
@@ -236,7 +237,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
             }
             long declared = HttpUtil.getContentLength(request, -1L);
             boolean counted = declared < 0 ? HttpUtil.isTransferEncodingChunked(request) : declared > SMALL_BODY;
-            current = new Reservation(model(request.uri()), counted, counted ? share(client) : null);
+            current = new Reservation(model(request.uri()), counted, client);
             outstanding.add(current);
         }
         if (msg instanceof HttpContent && current != null) {
@@ -246,14 +247,14 @@ public final class BodyAdmission extends ChannelDuplexHandler {
             }
             long bytes = ((HttpContent) msg).content().readableBytes();
             if (arriving.counted && bytes > 0) {
-                if (!reserve(bytes, arriving.share)) {
+                if (!reserve(bytes, arriving.client)) {
                     outstanding.remove(arriving);
-                    give(arriving.bytes, arriving.share);
+                    give(arriving.bytes, arriving.client);
                     current = null;
                     boolean whole = msg instanceof LastHttpContent;
                     discarding = !whole;
                     ReferenceCountUtil.release(msg);
-                    refuse(ctx, arriving.bytes + bytes, arriving.share, whole);
+                    refuse(ctx, arriving.bytes + bytes, arriving.client, whole);
                     return;
                 }
                 arriving.bytes += bytes;
@@ -291,7 +292,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         if (msg instanceof HttpResponse && ((HttpResponse) msg).status().code() >= 200) {
             Reservation done = outstanding.poll();
             if (done != null) {
-                give(done.bytes, done.share);
+                give(done.bytes, done.client);
                 if (done == current) {
                     current = null; // answered before its body ended (413 from the aggregator)
                 }
@@ -318,28 +319,21 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         }
         for (Reservation left = outstanding.poll(); left != null; left = outstanding.poll()) {
             if (left.model == null || left.bytes == 0) {
-                give(left.bytes, left.share);
+                give(left.bytes, left.client);
             } else {
-                orphans.add(new Orphan(left.bytes, left.model, left.share));
+                orphans.add(new Orphan(left.bytes, left.model, left.client));
             }
         }
     }
 
-    /** The counter of what `client` holds (null: an address we cannot tell, held against the budget alone). */
-    static AtomicLong share(InetAddress client) {
-        return client == null ? null : heldBy.computeIfAbsent(client, c -> new AtomicLong());
-    }
-
-    /** Reserves `bytes` from the budget and from a client's share of it (`share` null: the budget alone). */
-    static boolean reserve(long bytes, AtomicLong share) {
+    /** Reserves `bytes` from the budget and from `client`'s share of it (null: the budget alone). */
+    static boolean reserve(long bytes, InetAddress client) {
         for (int attempt = 0; attempt < 2; attempt++) {
-            if (take(share, bytes, clientBudget())) {
+            if (takeShare(client, bytes)) {
                 if (take(held, bytes, budget())) {
                     return true;
                 }
-                if (share != null) {
-                    share.addAndGet(-bytes); // the client's share had room, the budget had none
-                }
+                giveShare(client, bytes); // the client's share had room, the budget had none
             }
             if (attempt == 0 && !releaseOrphans()) {
                 return false;
@@ -348,10 +342,27 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         return false;
     }
 
-    private static boolean take(AtomicLong counter, long bytes, long limit) {
-        if (counter == null) {
+    /** Charges `bytes` to `client`'s share when it has room (one atomic step per address). */
+    private static boolean takeShare(InetAddress client, long bytes) {
+        if (client == null) {
             return true;
         }
+        boolean[] taken = {false};
+        heldBy.compute(client, (address, now) -> {
+            long before = now == null ? 0 : now;
+            taken[0] = before + bytes <= clientBudget();
+            return taken[0] ? Long.valueOf(before + bytes) : now;
+        });
+        return taken[0];
+    }
+
+    private static void giveShare(InetAddress client, long bytes) {
+        if (client != null) {
+            heldBy.computeIfPresent(client, (address, now) -> now - bytes > 0 ? Long.valueOf(now - bytes) : null);
+        }
+    }
+
+    private static boolean take(AtomicLong counter, long bytes, long limit) {
         long now = counter.get();
         while (now + bytes <= limit) {
             if (counter.compareAndSet(now, now + bytes)) {
@@ -362,14 +373,11 @@ public final class BodyAdmission extends ChannelDuplexHandler {
         return false;
     }
 
-    /** Gives `bytes` back to the budget and to the client's `share` (null: the budget alone). */
-    static void give(long bytes, AtomicLong share) {
-        if (bytes <= 0) {
-            return;
-        }
-        held.addAndGet(-bytes);
-        if (share != null && share.addAndGet(-bytes) <= 0) {
-            heldBy.values().remove(share); // an address that holds nothing keeps no entry
+    /** Gives `bytes` back to the budget and to `client`'s share (null: the budget alone). */
+    static void give(long bytes, InetAddress client) {
+        if (bytes > 0) {
+            held.addAndGet(-bytes);
+            giveShare(client, bytes);
         }
     }
 
@@ -380,7 +388,7 @@ public final class BodyAdmission extends ChannelDuplexHandler {
             Orphan orphan = it.next();
             if (queueEmpty(orphan.model())) {
                 it.remove();
-                give(orphan.bytes(), orphan.share());
+                give(orphan.bytes(), orphan.client());
                 released = true;
             }
         }
@@ -413,8 +421,8 @@ public final class BodyAdmission extends ChannelDuplexHandler {
      * Answers 503 and closes the connection: at once when the whole body has arrived, else once the rest of it has
      * been read and dropped (closing on unread bytes would reset the connection before the client reads this).
      */
-    private static void refuse(ChannelHandlerContext ctx, long bytes, AtomicLong share, boolean whole) {
-        long theirs = share == null ? 0 : share.get();
+    private static void refuse(ChannelHandlerContext ctx, long bytes, InetAddress client, boolean whole) {
+        long theirs = client == null ? 0 : heldBy.getOrDefault(client, 0L);
         String why = theirs + bytes > clientBudget()
                 ? "this client holds " + (theirs >> 20) + " MiB of request bodies (max_held_request_bytes_per_client: "
                         + (clientBudget() >> 20) + " MiB)"

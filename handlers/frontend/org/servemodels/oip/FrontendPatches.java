@@ -30,8 +30,12 @@ import java.util.concurrent.ConcurrentHashMap;
  * </ul>
  *
  * A class is substituted only when TorchServe's is byte for byte the one its replacement was written for
- * (TorchServe 0.12.0, whose release is final); otherwise the agent says so on stderr and leaves it alone, and
- * OpenInferenceEndpoint answers infer requests with a 501 when the chain was not substituted.
+ * (TorchServe 0.12.0, whose release is final), and the agent fails closed: when a replacement is missing from the
+ * jar, or TorchServe's class on the class path is not the one pinned here, premain throws, so the JVM does not
+ * start, and stderr says which class and what to do. Each replacement announces itself when its class is
+ * initialized (inForce); the server's readiness route answers 503 until every one has, so a frontend without its
+ * patches never takes traffic (OpenInferenceEndpoint). REPLACES is the one list of the substituted classes: the
+ * Makefile packs whatever handlers/frontend/patch holds, and a unit test checks that the two agree.
  */
 public final class FrontendPatches {
     static final String CHAIN = "org/pytorch/serve/http/HttpRequestHandlerChain";
@@ -47,12 +51,29 @@ public final class FrontendPatches {
             TOKENS, "e6b5b9cedfb53c962d1c1e85b18e4143605860883395927df36565b76da59af8",
             GRPC_CALLS, "43ccf60fdede17fb9194c59ccf2304d47d94a60884a0880a91595e6e33b53292");
     static final Set<String> substituted = ConcurrentHashMap.newKeySet();
+    static final Set<String> announced = ConcurrentHashMap.newKeySet();
 
     private FrontendPatches() {}
 
     /** Whether the chain that lets endpoints read request bodies is in place. */
     public static boolean bodiesRetained() {
-        return substituted.contains(CHAIN);
+        return announced.contains(CHAIN);
+    }
+
+    /** Called from the static initializer of each replacement: its code, not TorchServe's, is the one running. */
+    public static void inForce(String name) {
+        if (!REPLACES.containsKey(name)) {
+            throw new IllegalStateException("frontend agent: " + name + " is not a class this agent substitutes");
+        }
+        announced.add(name);
+        System.err.println("frontend agent: our " + name + " is in force");
+    }
+
+    /** The substituted classes whose replacement has not announced itself (empty: every patch is in force). */
+    public static Set<String> missing() {
+        Set<String> left = new java.util.TreeSet<>(REPLACES.keySet());
+        left.removeAll(announced);
+        return left;
     }
 
     static String resource(String name) {
@@ -64,11 +85,16 @@ public final class FrontendPatches {
         for (String name : REPLACES.keySet()) {
             try (InputStream stream = FrontendPatches.class.getResourceAsStream(resource(name))) {
                 if (stream == null) {
-                    System.err.println("frontend agent: " + resource(name) + " is missing from the jar; " + name
-                            + " left as it is");
-                    continue;
+                    throw refuse(name, resource(name) + " is missing from the agent's jar: rebuild it (make plugin)");
                 }
                 replacements.put(name, stream.readAllBytes());
+            }
+            try (InputStream original = ClassLoader.getSystemResourceAsStream(name + ".class")) {
+                String digest = original == null ? "absent" : sha256(original.readAllBytes());
+                if (!REPLACES.get(name).equals(digest)) {
+                    throw refuse(name, "TorchServe's class has sha256 " + digest + ", not 0.12.0's "
+                            + REPLACES.get(name));
+                }
             }
         }
         instrumentation.addTransformer(new ClassFileTransformer() {
@@ -80,15 +106,22 @@ public final class FrontendPatches {
                     return null;
                 }
                 String digest = sha256(original);
-                if (!REPLACES.get(name).equals(digest)) {
-                    System.err.println("frontend agent: " + name + " has sha256 " + digest + ", not TorchServe "
-                            + "0.12.0's; left as it is");
-                    return null;
+                if (!REPLACES.get(name).equals(digest)) { // a class loaded from elsewhere than the jar checked
+                    System.err.println(refuse(name, "the class loaded has sha256 " + digest).getMessage());
+                    Runtime.getRuntime().halt(78);
                 }
                 substituted.add(name);
                 return replacement;
             }
         });
+    }
+
+    /** Why the frontend does not start, and what to do: the error premain throws. */
+    static IllegalStateException refuse(String name, String why) {
+        return new IllegalStateException("frontend agent: cannot substitute " + name + ": " + why + ". The frontend "
+                + "does not start without its patches (byte budget, key checks, model-store restriction). Serve with "
+                + "TorchServe 0.12.0 as requirements/ pin it, or re-derive the patch for this TorchServe "
+                + "(docs/protocols.md, \"The frontend agent\") and pin its class's new sha256 in FrontendPatches.");
     }
 
     static String sha256(byte[] bytes) {

@@ -83,7 +83,9 @@ public class OpenInferenceEndpoint extends ModelServerEndpoint {
             // The readiness of the whole server, defined here once (serve_config/control/probe.py asks it, and so
             // does the fleet's HAProxy): at least one model, and each default version has a loaded worker.
             // "models" says which, beyond the OIP's "ready".
-            boolean ready = !ModelManager.getInstance().getDefaultModels().isEmpty();
+            // A frontend without every patch of its agent in force never reports ready (FrontendPatches).
+            java.util.Set<String> unpatched = FrontendPatches.missing();
+            boolean ready = !ModelManager.getInstance().getDefaultModels().isEmpty() && unpatched.isEmpty();
             JsonObject models = new JsonObject();
             for (Model model : ModelManager.getInstance().getDefaultModels().values()) {
                 boolean loaded = hasReadyWorker(model);
@@ -93,6 +95,9 @@ public class OpenInferenceEndpoint extends ModelServerEndpoint {
             JsonObject body = new JsonObject();
             body.addProperty("ready", ready);
             body.add("models", models);
+            if (!unpatched.isEmpty()) {
+                body.addProperty("unpatched", String.join(", ", unpatched));
+            }
             json(rsp, ready ? 200 : 503, body);
         } else {
             Target target = Target.parse(path);

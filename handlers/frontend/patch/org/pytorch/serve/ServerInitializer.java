@@ -39,6 +39,10 @@ import org.slf4j.LoggerFactory;
  * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
  */
 public class ServerInitializer extends ChannelInitializer<Channel> {
+    static {
+        org.servemodels.oip.FrontendPatches.inForce("org/pytorch/serve/ServerInitializer");
+    }
+
     private static final Logger logger = LoggerFactory.getLogger(ServerInitializer.class);
     // bytes of answers queued on one connection past which it is not read until they drain (and back below LOW)
     static final int WRITE_LOW = 256 << 10;

@@ -21,6 +21,10 @@ import org.slf4j.LoggerFactory;
  * to a class file of its own, and only this one is substituted.
  */
 public class GRPCInterceptor implements ServerInterceptor {
+    static {
+        org.servemodels.oip.FrontendPatches.inForce("org/pytorch/serve/grpcimpl/GRPCInterceptor");
+    }
+
 
     private TokenType tokenType;
     private static final Metadata.Key<String> tokenAuthHeaderKey =

@@ -46,6 +46,10 @@ import org.slf4j.LoggerFactory;
  * when that class's bytes are the 0.12.0 release's.
  */
 public abstract class HttpRequestHandlerChain {
+    static {
+        org.servemodels.oip.FrontendPatches.inForce("org/pytorch/serve/http/HttpRequestHandlerChain");
+    }
+
     private static final Logger logger = LoggerFactory.getLogger(HttpRequestHandlerChain.class);
     protected Map<String, ModelServerEndpoint> endpointMap;
     protected HttpRequestHandlerChain chain;

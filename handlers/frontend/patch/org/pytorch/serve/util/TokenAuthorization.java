@@ -35,6 +35,10 @@ import org.slf4j.LoggerFactory;
  * not hold.)
  */
 public class TokenAuthorization {
+    static {
+        org.servemodels.oip.FrontendPatches.inForce("org/pytorch/serve/util/TokenAuthorization");
+    }
+
     private static String apiKey;
     private static String managementKey;
     private static String inferenceKey;

@@ -36,6 +36,10 @@ import org.yaml.snakeyaml.error.YAMLException;
  * 0.12.0 release's.
  */
 public final class ArchiveUtils {
+    static {
+        org.servemodels.oip.FrontendPatches.inForce("org/pytorch/serve/archive/utils/ArchiveUtils");
+    }
+
     public static final Gson GSON = new GsonBuilder().setPrettyPrinting().create();
     // TorchServe's own test of "is this a URL" (its "file?" admits fil:// too); allowed_urls applies to these.
     private static final Pattern URL_LIKE = Pattern.compile("file?://.*|http(s)?://.*", Pattern.CASE_INSENSITIVE);

@@ -1,0 +1,93 @@
+"""The frontend agent fails closed (handlers/frontend/org/servemodels/oip/FrontendPatches.java): every class it
+substitutes is in force on a running server, and a frontend that cannot substitute one does not start.
+
+The agent's list of classes (REPLACES) is read from its source, the one list: the Makefile packs whatever the patch
+folder holds, and the first test checks that the two agree."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from serve_config import control as ts
+from tests.conftest import ROOT, built
+from tests.ops.servers import store_with
+
+pytestmark = [pytest.mark.ops, pytest.mark.integration]
+
+AGENT_SOURCE = ROOT / "handlers/frontend/org/servemodels/oip/FrontendPatches.java"
+PATCHES = ROOT / "handlers/frontend/patch"
+
+
+def replaced() -> dict[str, str]:
+    """REPLACES of the agent's source: class (a/b/C) -> the sha256 of TorchServe 0.12.0's bytes of it."""
+    text = AGENT_SOURCE.read_text()
+    names = dict(re.findall(r'static final String (\w+) = "([\w/]+)";', text))
+    pins = re.findall(r"(\w+), \"([0-9a-f]{64})\"", text[text.index("REPLACES = Map.of("):])
+    return {names[constant]: digest for constant, digest in pins}
+
+
+def torchserve_jar() -> Path:
+    import ts as torchserve
+
+    return Path(torchserve.__file__).parent / "frontend" / "model-server.jar"
+
+
+def agent_jar() -> Path:
+    return built(ts.PLUGINS_DIR / ts.PLUGIN_JAR)
+
+
+def test_the_agent_lists_exactly_the_classes_of_the_patch_folder():
+    in_folder = {str(p.relative_to(PATCHES).with_suffix("")) for p in PATCHES.rglob("*.java")}
+    assert set(replaced()) == in_folder and len(in_folder) == 5
+
+
+def test_every_patch_announces_itself_on_a_running_server(private_server, tmp_path):
+    """Each replacement says it is in force when its class initializes, and the server reports ready only once all
+    have (the readiness route would answer 503 naming the rest)."""
+    server = private_server(["digits"], model_store=store_with(tmp_path, "digits"))
+    ready = requests.get(f"{server.inference_url}/v2/health/ready", headers=server.headers(), timeout=10)
+    assert ready.status_code == 200 and "unpatched" not in ready.json(), ready.text
+    said = re.findall(r"frontend agent: our ([\w/]+) is in force", (server.run_dir / ts.OUT_FILE).read_text())
+    assert sorted(said) == sorted(replaced()), said
+
+
+def start_jvm(agent: Path, classpath: list[Path]) -> subprocess.CompletedProcess:
+    """A JVM with `agent` on TorchServe's classes, asked to run a class with no main: the agent's premain runs
+    first, and either stops the JVM or lets it reach the (expected) missing-main error."""
+    return subprocess.run(["java", f"-javaagent:{agent}", "-cp", ":".join(map(str, classpath)),
+                           "org.pytorch.serve.util.ConnectorType"], capture_output=True, text=True, timeout=60)
+
+
+def test_the_agent_lets_a_pinned_torchserve_start():
+    ran = start_jvm(agent_jar(), [torchserve_jar()])
+    assert "cannot substitute" not in ran.stderr and "main method" in ran.stderr.lower(), ran.stderr
+
+
+def test_a_replacement_missing_from_the_agent_stops_the_frontend(tmp_path):
+    tampered = tmp_path / "agent.jar"
+    with zipfile.ZipFile(agent_jar()) as source, zipfile.ZipFile(tampered, "w") as target:
+        for item in source.infolist():
+            if not item.filename.endswith("ServerInitializer.class.bin"):
+                target.writestr(item, source.read(item.filename))
+    ran = start_jvm(tampered, [torchserve_jar()])
+    assert ran.returncode != 0
+    assert "cannot substitute org/pytorch/serve/ServerInitializer" in ran.stderr and "make plugin" in ran.stderr, ran.stderr
+
+
+def test_a_torchserve_class_other_than_the_pinned_one_stops_the_frontend(tmp_path):
+    """Another TorchServe's TokenAuthorization first on the class path (here: some other class's bytes under its
+    name): the agent names the class and its sha256, and the JVM does not start."""
+    other = tmp_path / "other-torchserve.jar"
+    with zipfile.ZipFile(torchserve_jar()) as source, zipfile.ZipFile(other, "w") as target:
+        target.writestr("org/pytorch/serve/util/TokenAuthorization.class",
+                        source.read("org/pytorch/serve/util/ConnectorType.class"))
+    ran = start_jvm(agent_jar(), [other, torchserve_jar()])
+    assert ran.returncode != 0
+    assert "cannot substitute org/pytorch/serve/util/TokenAuthorization" in ran.stderr, ran.stderr
+    assert "not 0.12.0's" in ran.stderr and "docs/protocols.md" in ran.stderr, ran.stderr
