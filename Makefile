@@ -147,11 +147,10 @@ build/registry/%.json:
 $(TREE)checkpoints/%/model.pt: $$(call checkpoint_deps,$$*) | $(VENV_STAMP)
 	$(PY) -m models.train --model $* --out $(TREE)checkpoints/$* --recipe $(RECIPE)
 
-$(TREE)artifacts/%/manifest.json: $(TREE)checkpoints/%/model.pt export/export.py export/manifest.py models/runtime.py \
-		build/registry/%.json
+$(TREE)artifacts/%/manifest.json: $(TREE)checkpoints/%/model.pt $$(call sources,$$*,export) build/registry/%.json
 	$(PY) -m export.export --model $* --checkpoint $(TREE)checkpoints/$* --out $(TREE)artifacts/$*
 
-$(TREE)artifacts/%/verified.json: $(TREE)artifacts/%/manifest.json export/verify.py models/runtime.py
+$(TREE)artifacts/%/verified.json: $(TREE)artifacts/%/manifest.json $$(call sources,$$*,verify)
 	$(PY) -m export.verify --model $* --checkpoint $(TREE)checkpoints/$* --artifacts $(TREE)artifacts/$*
 
 $(TREE)model_store/%.mar: $(TREE)artifacts/%/verified.json serve_config/%.yaml export/archive.py \

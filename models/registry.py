@@ -562,6 +562,32 @@ def archive_sources(spec: ModelSpec) -> list[str]:
     return relative(closure(entry_points(spec)))
 
 
+def _modules(spec: ModelSpec, *fields: str) -> list[str]:
+    """The modules the named "module:function" fields of `spec` point to (resolved at run time, so no import
+    statement leads there)."""
+    return [path.partition(":")[0] for path in (getattr(spec, f) for f in fields) if path]
+
+
+def export_sources(spec: ModelSpec) -> list[str]:
+    """The repository files an export of `spec` is made from: the import closure of the exporter, the model's
+    builder, its example inputs and its dataset (the registry module left out, as for checkpoints)."""
+    from models.sources import closure, relative
+
+    return relative(closure(["export.export", *_modules(spec, "builder", "example_inputs", "dataset")],
+                            exclude=["models.registry"]))
+
+
+def verify_sources(spec: ModelSpec) -> list[str]:
+    """The repository files verification of `spec` reads: the import closure of the verifier, the model's kind
+    (how its outputs are compared), builder, dataset, example inputs and reference. Editing a kind's `compare`
+    re-verifies that kind's models and nothing else."""
+    from models.sources import closure, relative
+
+    return relative(closure(["export.verify", kinds.get(spec.kind).module,
+                             *_modules(spec, "builder", "example_inputs", "dataset", "reference")],
+                            exclude=["models.registry"]))
+
+
 def write_stamp(spec: ModelSpec, path: str) -> bool:
     """Write the entry as JSON to `path` when it differs from what is there (so its mtime moves only when the
     entry changed); True when written."""
@@ -588,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     p_get.add_argument("field")
     p_sources = sub.add_parser("sources", help="print the repository files a build step of the model reads")
     p_sources.add_argument("model")
-    p_sources.add_argument("step", choices=("checkpoint", "archive"))
+    p_sources.add_argument("step", choices=("checkpoint", "export", "verify", "archive"))
     p_stamp = sub.add_parser("stamp", help="write the entry as JSON to FILE when it changed (a make prerequisite)")
     p_stamp.add_argument("model")
     p_stamp.add_argument("file")
@@ -610,7 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         print(err.args[0], file=sys.stderr)
         return 2
     if args.cmd == "sources":
-        print(" ".join(checkpoint_sources(spec) if args.step == "checkpoint" else archive_sources(spec)))
+        step = {"checkpoint": checkpoint_sources, "export": export_sources, "verify": verify_sources,
+                "archive": archive_sources}[args.step]
+        print(" ".join(step(spec)))
         return 0
     if args.cmd == "stamp":
         write_stamp(spec, args.file)

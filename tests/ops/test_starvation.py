@@ -17,6 +17,8 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,8 @@ import requests
 from loadtest.payloads import payloads
 from serve_config import control as ts
 from serve_config.control import supervisor
-from tests.conftest import worker_pids
+from serve_config.control.instance import CONFIG_FILE
+from tests.conftest import ROOT, worker_pids
 from tests.ops.servers import frontend_pid, store_with, template_with
 
 pytestmark = [pytest.mark.ops, pytest.mark.integration]
@@ -196,7 +199,8 @@ def test_texts_that_cost_the_tokenizer_get_a_fast_413_and_no_worker_dies(private
 @pytest.mark.proof
 def test_a_hung_frontend_is_replaced_within_a_minute(private_server, tmp_path):
     """The JVM stopped with SIGSTOP (a deadlock or a GC spiral looks the same from outside): the supervisor's
-    liveness checks go unanswered, it kills the hung JVM and starts a new one, which serves within 60 s."""
+    liveness checks go unanswered, it kills the hung JVM and starts a new one, which serves within 60 s; meanwhile the
+    Kubernetes liveness probe (probe.py live) fails on it as well."""
     server = private_server(["digits"], model_store=store_with(tmp_path, "digits"))
     sample = payloads("digits", 1)[0]
     hung = frontend_pid(server)
@@ -204,6 +208,11 @@ def test_a_hung_frontend_is_replaced_within_a_minute(private_server, tmp_path):
     started = time.monotonic()
     served_at = None
     try:
+        # the container's liveness probe (Kubernetes restarts the pod after three such answers) says so too
+        probe = subprocess.run([sys.executable, "serve_config/control/probe.py", "live", "--timeout", "2",
+                                "--config", str(server.run_dir / CONFIG_FILE)], cwd=ROOT, capture_output=True,
+                               text=True, timeout=30, env={**os.environ, "TS_KEY_FILE": str(server.run_dir / ts.KEY_FILE)})
+        assert probe.returncode == 1 and probe.stdout.startswith("not live"), probe.stdout
         while time.monotonic() - started < 90:
             try:
                 answer = requests.post(f"{server.inference_url}/predictions/digits", data=sample.body, timeout=3,
