@@ -33,6 +33,9 @@ def handler_modules(entry_points: list[Path]) -> list[Path]:
 
 
 SIGNATURE = "signature.json"  # read by the frontend's OIP endpoint (handlers/frontend) for model metadata
+# The registry entry's example request, which the handler sends through its whole pipeline before the worker
+# reports ready (handlers.adapter.warm_up_with_sample): its media type and body.
+SAMPLE, SAMPLE_BODY = "sample.json", "sample.body"
 # The OIP metadata's `platform`, by the served file's type.
 PLATFORMS = {".onnx": "onnxruntime_onnx", ".pt": "pytorch_libtorch", ".pt2": "pytorch_aotinductor"}
 
@@ -55,10 +58,10 @@ def signature(spec: registry.ModelSpec, manifest: dict, config: Path, serialized
 
 
 def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple[Path, ...] = (),
-          described: dict | None = None) -> Path:
+          described: dict | None = None, sample: registry.ExampleRequest | None = None) -> Path:
     """Lay out the files beside the handler: the modules it needs, the export's assets (a tokenizer), the
-    export manifest, the labels, the OIP signature (`described`) and `extra`; torch-model-archiver copies the
-    folder's contents."""
+    export manifest, the labels, the OIP signature (`described`), the example request (`sample`) and `extra`;
+    torch-model-archiver copies the folder's contents."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -73,6 +76,9 @@ def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple
     (staging / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(manifest["labels"])}))
     if described is not None:
         (staging / SIGNATURE).write_text(json.dumps(described, indent=1) + "\n")
+    if sample is not None:
+        (staging / SAMPLE_BODY).write_bytes(sample.body())
+        (staging / SAMPLE).write_text(json.dumps({"content_type": sample.content_type, "body": SAMPLE_BODY}) + "\n")
     return staging
 
 
@@ -126,7 +132,7 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
     serialized = serialized or artifacts / manifest["artifacts"][artifact or spec.serve_artifact]["file"]
     entry_points = registry.entry_points(spec, handler)
     staging = stage(artifacts, staging or ROOT / "build" / spec.name / "mar-extra", entry_points, extra,
-                    signature(spec, manifest, config, serialized))
+                    signature(spec, manifest, config, serialized), spec.example)
     mar = pack(name or spec.name, serialized, entry_points[0], staging, config, out)
     print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e3:.0f} kB, {serialized.name}, handler {handler or spec.handler})")
     return mar

@@ -4,7 +4,8 @@ through the kind's pipeline.
 A pipeline (handlers.kinds.*) is pure (handlers.requests.Pipeline). `PipelineHandler` reads the export
 manifest packed in the archive, which names the model's kind (handlers.kinds), reads the model config's
 `handler:` section into that kind's `Settings`, fixes the worker's threads and device, loads the archive's
-model with the runtime backend, has the kind build its pipeline, warms it up, and per batch reads each
+model with the runtime backend, has the kind build its pipeline, warms it up (stand-in input, then the archive's
+sample request through the whole pipeline), and per batch reads each
 request's media type from TorchServe's context, times the three stages, sets each request's status and
 publishes the stage times as metrics. TorchServe loads it as the archive's handler (handlers/handler.py).
 """
@@ -74,6 +75,22 @@ def answer_all(context, results: Sequence[str | oip.BinaryAnswer | RequestError]
     return answers
 
 
+def warm_up_with_sample(pipeline: Pipeline, model_dir: Path) -> None:
+    """Send the archive's example request (export.archive packs the registry entry's as sample.json and its body)
+    through the whole pipeline, decoding, preset, model and answer, so that whatever a first request would pay
+    once (a lazy import, a decoder's set-up, a first pass at a real size) is paid before the worker reports ready.
+    A sample that fails fails the worker's load: a model that cannot answer its own example is not ready."""
+    described = model_dir / "sample.json"
+    if not described.exists():
+        return
+    sample = json.loads(described.read_text())
+    body = bytearray((model_dir / sample["body"]).read_bytes())
+    for _ in range(2):  # the second pass meets what the first left warm (allocator pools, caches)
+        (answer,) = pipeline.process([{"body": body}], [sample["content_type"]])
+        if isinstance(answer, RequestError):
+            raise RuntimeError(f"the archive's sample request ({sample['content_type']}) was refused: {answer.body()}")
+
+
 class PipelineHandler(BaseHandler):
     """Builds the pipeline of the kind the export manifest names (handlers.kinds)."""
 
@@ -98,6 +115,7 @@ class PipelineHandler(BaseHandler):
                                              served_as=self.served_as(context),
                                              max_batch=int(properties.get("batch_size") or 1))
         self.pipeline.warm_up()
+        warm_up_with_sample(self.pipeline, model_dir)
         logger.info("%s (%s) ready on %s with %s (%d intra-op threads)", context.model_name, export_manifest["kind"],
                     self.device, type(runner).__name__, threads.intra_op)
         self.initialized = True

@@ -120,6 +120,12 @@ class ExampleRequest:
         body = f"@{self.file}" if self.file is not None else "'" + self.text.replace("'", "'\\''") + "'"
         return f'-H "Content-Type: {self.content_type}" --data-binary {body}'
 
+    def body(self) -> bytes:
+        """The request's body as sent: the file's bytes, or the text in UTF-8."""
+        from models.paths import ROOT
+
+        return (ROOT / self.file).read_bytes() if self.file is not None else self.text.encode("utf-8")
+
 
 def preset_output_shape(preset: dict[str, Any]) -> tuple[int, ...] | None:
     """The (C, H, W) tensor an image preset makes (models.preprocessing; a unit test holds the two together),

@@ -89,7 +89,7 @@ def test_make_deploy_needs_the_management_key(served):
     (server.run_dir / ts.KEY_FILE).write_text(json.dumps(keys))
     done = subprocess.run([sys.executable, "-m", "serve_config.rollout", "deploy", "--model", MODEL, "--run-dir",
                            str(server.run_dir), "--model-store", str(store)], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 1 and "400" in done.stderr, done.stderr
+    assert done.returncode == 1 and "401" in done.stderr, done.stderr
     answer = requests.get(f"{server.management_url}/models/{MODEL}/all",
                           headers={"Authorization": f"Bearer {keys['inference']['key']}"}, timeout=10)
-    assert answer.status_code == 400
+    assert answer.status_code == 401

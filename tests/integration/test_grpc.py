@@ -90,7 +90,7 @@ def test_oip_health_over_rest_and_grpc_with_the_key(server):
 
     for path, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready")):
         assert requests.get(f"{server.inference_url}{path}", headers=server.headers(), timeout=10).json()[key] is True
-        assert requests.get(f"{server.inference_url}{path}", timeout=10).status_code == 400
+        assert requests.get(f"{server.inference_url}{path}", timeout=10).status_code == 401
     # readiness names each model's state too (serve_config/control/probe.py reports which one is not ready)
     served = requests.get(f"{server.inference_url}/v2/health/ready", headers=server.headers(), timeout=10).json()
     assert served["models"] == {spec.name: True for spec in SERVED}, served

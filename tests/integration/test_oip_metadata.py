@@ -70,7 +70,7 @@ def test_metadata_and_readiness_need_the_key_and_name_what_is_not_served(server)
 
     name = SERVED[0].name
     for path in (f"/v2/models/{name}", f"/v2/models/{name}/ready", f"/v2/models/{name}/versions/1.0"):
-        assert requests.get(f"{server.inference_url}{path}", timeout=10).status_code == 400  # no key
+        assert requests.get(f"{server.inference_url}{path}", timeout=10).status_code == 401  # no key
     client, headers = triton(server), dict(server.headers())
     with pytest.raises(InferenceServerException, match="not served"):
         client.get_model_metadata("no-such-model", headers=headers)

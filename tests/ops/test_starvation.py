@@ -196,6 +196,32 @@ def test_texts_that_cost_the_tokenizer_get_a_fast_413_and_no_worker_dies(private
           f"{answers[8][1]:.2f} s; workers unchanged")
 
 
+def test_the_endpoint_plugins_threads_are_bounded(private_server, tmp_path):
+    """OIP infer requests hold a thread of TorchServe's unbounded pool while they wait: with max_endpoint_tasks=1,
+    of 6 sent at once some get 503 at once, the rest are answered, and one sent afterwards is answered (the
+    permits come back)."""
+    server = private_server(["minilm"], model_store=store_with(tmp_path, "minilm"),
+                            template=template_with(tmp_path, max_endpoint_tasks=1))
+    text = " ".join(["a sentence that takes the encoder a moment"] * 30)
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [8], "data": [text] * 8}]})
+    barrier = threading.Barrier(6)
+
+    def send(_):
+        barrier.wait(timeout=60)
+        return requests.post(f"{server.inference_url}/v2/models/minilm/infer", data=body, timeout=120,
+                             headers={**server.headers(), "Content-Type": "application/json"})
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(send, range(6)))
+    statuses = sorted(a.status_code for a in answers)
+    assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
+    assert any("max_endpoint_tasks" in a.text for a in answers if a.status_code == 503)
+    after = requests.post(f"{server.inference_url}/v2/models/minilm/infer", data=body, timeout=120,
+                          headers={**server.headers(), "Content-Type": "application/json"})
+    assert after.status_code == 200, after.text
+    print(f"\nmax_endpoint_tasks=1, 6 OIP infers at once: {statuses}")
+
+
 @pytest.mark.proof
 def test_a_hung_frontend_is_replaced_within_a_minute(private_server, tmp_path):
     """The JVM stopped with SIGSTOP (a deadlock or a GC spiral looks the same from outside): the supervisor's

@@ -228,8 +228,8 @@ public final class BodyAdmission extends ChannelDuplexHandler {
             if (!authorized(request)) {
                 discarding = !(msg instanceof LastHttpContent);
                 ReferenceCountUtil.release(msg);
-                answer(ctx, HttpResponseStatus.UNAUTHORIZED, "Unauthorized", "Token Authorization failed: send this port's key as Authorization: "
-                        + "Bearer <key> (key_file.json of the server's working directory)");
+                answer(ctx, HttpResponseStatus.UNAUTHORIZED, "Unauthorized", "Token Authorization failed: send this "
+                        + "port's key as Authorization: Bearer <key> (key_file.json of the server's working directory)");
                 if (!discarding) {
                     ctx.close();
                 }

@@ -9,6 +9,7 @@ import io.netty.handler.codec.http.HttpVersion;
 import io.netty.handler.codec.http.QueryStringDecoder;
 import java.io.IOException;
 import java.util.Map;
+import java.util.concurrent.Semaphore;
 import org.pytorch.serve.archive.DownloadArchiveException;
 import org.pytorch.serve.archive.model.ModelException;
 import org.pytorch.serve.archive.model.ModelNotFoundException;
@@ -18,6 +19,7 @@ import org.pytorch.serve.servingsdk.ModelServerEndpointException;
 import org.pytorch.serve.servingsdk.impl.ModelServerContext;
 import org.pytorch.serve.servingsdk.impl.ModelServerRequest;
 import org.pytorch.serve.servingsdk.impl.ModelServerResponse;
+import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.NettyUtils;
 import org.pytorch.serve.wlm.ModelManager;
 import org.pytorch.serve.wlm.WorkerInitializationException;
@@ -30,7 +32,7 @@ import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
 /**
- * TorchServe 0.12's request handler chain, with two differences:
+ * TorchServe 0.12's request handler chain, with three differences:
  *
  * <ul>
  *   <li>a custom endpoint (a frontend plugin) runs on a task after Netty has released the request, so it could
@@ -40,6 +42,9 @@ import org.slf4j.LoggerFactory;
  *       enable_model_api to workflows as TorchServe does to models, and the inference handlers through
  *       org.servemodels.oip.FormFieldGate, which refuses form bodies of too many fields before they are expanded.
  * </ul>
+ *
+ * And the endpoint tasks, which TorchServe runs on its unbounded thread pool and which hold a thread while an infer
+ * request waits for its answer, are bounded: at most max_endpoint_tasks at once, 503 past that.
  *
  * Everything else keeps TorchServe's members and behaviour, so the classes that extend it load unchanged.
  * Substituted for TorchServe's own class at start-up by org.servemodels.oip.FrontendPatches (a Java agent), only
@@ -51,6 +56,9 @@ public abstract class HttpRequestHandlerChain {
     }
 
     private static final Logger logger = LoggerFactory.getLogger(HttpRequestHandlerChain.class);
+    // Endpoint tasks run on TorchServe's cached (unbounded) thread pool, and an infer request's task waits there for
+    // its answer: at most max_endpoint_tasks of them at once (256 unless set); past that, 503 at once.
+    private static volatile Semaphore endpointTasks;
     protected Map<String, ModelServerEndpoint> endpointMap;
     protected HttpRequestHandlerChain chain;
 
@@ -97,6 +105,12 @@ public abstract class HttpRequestHandlerChain {
     protected void handleCustomEndpoint(
             ChannelHandlerContext ctx, FullHttpRequest req, String[] segments, QueryStringDecoder decoder) {
         ModelServerEndpoint endpoint = endpointMap.get(segments[1]);
+        Semaphore tasks = endpointTasks();
+        if (!tasks.tryAcquire()) {
+            NettyUtils.sendError(ctx, HttpResponseStatus.SERVICE_UNAVAILABLE, new IllegalStateException(
+                    "the server runs max_endpoint_tasks requests of its endpoint plugins already; retry with backoff"));
+            return;
+        }
         FullHttpRequest held = req.retainedDuplicate(); // the body outlives the channel handler's release
         Runnable task = () -> {
             long start = System.currentTimeMillis();
@@ -119,13 +133,28 @@ public abstract class HttpRequestHandlerChain {
                 logger.error("Unknown exception", e);
             } finally {
                 held.release();
+                tasks.release();
             }
         };
         try {
             ModelManager.getInstance().submitTask(task);
         } catch (RuntimeException e) {
             held.release();
+            tasks.release();
             throw e;
         }
+    }
+
+    private static Semaphore endpointTasks() {
+        if (endpointTasks == null) {
+            int permits = 256;
+            try {
+                permits = Integer.parseInt(ConfigManager.getInstance().getProperty("max_endpoint_tasks", "256").trim());
+            } catch (NumberFormatException e) {
+                logger.error("max_endpoint_tasks is not a whole number; using 256");
+            }
+            endpointTasks = new Semaphore(Math.max(1, permits));
+        }
+        return endpointTasks;
     }
 }
