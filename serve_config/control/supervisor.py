@@ -55,7 +55,10 @@ def end_leftovers(grace: float = 10.0) -> None:
     for process in psutil.process_iter(["pid"]):
         try:
             if process.pid != me and os.getpgid(process.pid) == group:
-                process.terminate() if grace > 0 else process.kill()
+                if grace > 0:
+                    process.terminate()
+                else:
+                    process.kill()
                 left.append(process)
         except (ProcessLookupError, psutil.Error):
             continue
@@ -71,10 +74,9 @@ def answers(run_dir: Path) -> bool:
     """Whether the instance's frontend answers its liveness route with any HTTP status within the timeout."""
     try:
         server = Server.from_run_dir(run_dir)
-        headers = server.headers() if server.token_auth() else {}
+        key = server.keys()["inference"] if server.token_auth() else None
         with server.network():
-            probe.get(f"{server.inference_url}/ping", headers.get("Authorization", "")[len("Bearer "):] or None,
-                      LIVENESS_TIMEOUT_S)
+            probe.get(f"{server.inference_url}/ping", key, LIVENESS_TIMEOUT_S)
         return True
     except (probe.ProbeError, ServerError, OSError, KeyError, ValueError):
         return False
