@@ -23,11 +23,12 @@ pytestmark = pytest.mark.integration
 
 TESTED = [name for name, spec in registry.REGISTRY.items() if registry.tested(spec)]
 # A first request also pays for what has nothing to do with the model: the frontend's first inference job of all
-# (its JIT; about 20 ms here, measured as the first model's first request against a second model's) and a worker
-# thread waking. On a model that answers in 10 ms that alone is a ratio of 3, so the bar is 3x the median of the
-# next 20 with this much added. A model left cold pays hundreds of milliseconds to seconds (the scene models'
-# letterbox preset imported torchvision on its first call: 6 to 12 s).
-SLACK_S = 0.025
+# (its JIT: 20 to 50 ms here, on whichever model goes first), a worker thread waking, and a 2-core host's noise (in a
+# CI run the detector's first request took 186 ms against a median of 54 ms, the same run's digits 66 against 11).
+# A model left cold pays far more: 1.6 to 1.8 s here for the scene models (the letterbox preset imported
+# torchvision on its first call), 6 to 12 s on the host the issue measured. So the bar is 3x the median of the next
+# 20 plus this much; the figures are printed either way.
+SLACK_S = 0.25
 
 
 def test_the_first_request_after_ready_is_as_fast_as_the_next_ones(tmp_path):
