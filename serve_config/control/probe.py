@@ -44,7 +44,12 @@ DEFAULTS = {"inference_address": "http://127.0.0.1:8080", "management_address": 
 
 
 class ProbeError(Exception):
-    """Not ready (or not live), with the one line that says why."""
+    """Not ready (or not live), with the one line that says why; `silent` when the server took the connection and
+    gave no answer in time (hung), rather than refusing it (not listening)."""
+
+    def __init__(self, message: str, *, silent: bool = False) -> None:
+        super().__init__(message)
+        self.silent = silent
 
 
 def settings(config: Path | None) -> dict[str, str]:
@@ -83,7 +88,8 @@ def get(url: str, token: str | None, timeout: float) -> tuple[int, bytes]:
     except urllib.error.HTTPError as err:
         return err.code, err.read()
     except (urllib.error.URLError, OSError) as err:
-        raise ProbeError(f"{url}: {getattr(err, 'reason', err)}")
+        reason = getattr(err, "reason", err)
+        raise ProbeError(f"{url}: {reason}", silent=isinstance(reason, TimeoutError))
 
 
 def live(values: dict[str, str], timeout: float) -> str:

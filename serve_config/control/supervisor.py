@@ -8,11 +8,12 @@ SIGKILL, an out-of-memory exit of the JVM, a crash), it ends what is left of it 
 says so on its output (`<run dir>/torchserve.out`) and starts it again after a backoff: 1 s, doubling to 30 s at
 most, back to 1 s once a run has lasted a minute. SIGTERM (make stop) ends TorchServe and the supervisor.
 
-A frontend that hangs without exiting (stopped, deadlocked, in a GC spiral) is noticed too: once its liveness route
-has answered, the supervisor asks it (`/ping`, with the instance's key) every LIVENESS_PERIOD_S seconds, and after
-LIVENESS_FAILURES checks in a row with no HTTP answer within LIVENESS_TIMEOUT_S it kills the whole group at once
-(SIGKILL: a stopped JVM ignores SIGTERM) and starts TorchServe again like after an exit, within about 40 s of the
-hang.
+A frontend that hangs without exiting (stopped, deadlocked, in a GC spiral) is noticed too: the supervisor asks its
+liveness route (`/ping`, with the instance's key) every LIVENESS_PERIOD_S seconds, and after LIVENESS_FAILURES checks
+in a row that failed it kills the whole group at once (SIGKILL: a stopped JVM ignores SIGTERM) and starts TorchServe
+again like after an exit, within about 40 s of the hang. A check fails when the frontend takes the connection and
+gives no answer within LIVENESS_TIMEOUT_S (hung, from its first second on), or, once it has answered, when nothing
+listens any more; a refused connection before its first answer is a frontend still starting.
 """
 
 from __future__ import annotations
@@ -70,16 +71,24 @@ def end_leftovers(grace: float = 10.0) -> None:
             pass
 
 
-def answers(run_dir: Path) -> bool:
-    """Whether the instance's frontend answers its liveness route with any HTTP status within the timeout."""
+ANSWERED, SILENT, ABSENT = "answered", "silent", "absent"
+
+
+def liveness(run_dir: Path) -> str:
+    """How the instance's frontend meets its liveness route: ANSWERED (any HTTP status within the timeout), SILENT
+    (it took the connection and said nothing in time: hung) or ABSENT (not listening, or no key file yet)."""
     try:
         server = Server.from_run_dir(run_dir)
         key = server.keys()["inference"] if server.token_auth() else None
         with server.network():
             probe.get(f"{server.inference_url}/ping", key, LIVENESS_TIMEOUT_S)
-        return True
-    except (probe.ProbeError, ServerError, OSError, KeyError, ValueError):
-        return False
+        return ANSWERED
+    except probe.ProbeError as err:
+        return SILENT if err.silent else ABSENT
+    except TimeoutError:
+        return SILENT
+    except (ServerError, OSError, KeyError, ValueError):
+        return ABSENT
 
 
 def watch(child: subprocess.Popen, run_dir: Path, stopping: Callable[[], bool]) -> int | None:
@@ -90,9 +99,10 @@ def watch(child: subprocess.Popen, run_dir: Path, stopping: Callable[[], bool]) 
         if stopping() or time.monotonic() < next_check:
             time.sleep(0.2)
             continue
-        if answers(run_dir):
+        state = liveness(run_dir)
+        if state == ANSWERED:
             seen_alive, failures = True, 0
-        elif seen_alive:  # before its first answer it is still starting
+        elif state == SILENT or seen_alive:  # refused before its first answer: still starting
             failures += 1
             if failures >= LIVENESS_FAILURES and child.poll() is None and not stopping():
                 say(f"TorchServe stopped answering (PID {child.pid}): {failures} liveness checks in a row without "

@@ -19,7 +19,7 @@ from models import registry
 from serve_config import control as ts
 from tests.ops.servers import store_with
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.proof]  # a server of six models: make proofs
 
 TESTED = [name for name, spec in registry.REGISTRY.items() if registry.tested(spec)]
 # A first request also pays for what has nothing to do with the model: the frontend's first inference job of all

@@ -117,10 +117,10 @@ def test_a_stalled_body_is_dropped_and_one_address_holds_only_its_share(private_
         # the share (sent at once, two connections can both find the share full at the same instant)
         stalled.append(raw_request(server, "/predictions/cancer", declared=len(padded), sent=padded[:4 << 20].encode(),
                                    key=key, source=ATTACKER, content_type="application/json"))
-        time.sleep(1.0)
+        time.sleep(0.5)
     try:
         time.sleep(1.0)  # the 15 MiB share: three stalls (12 MiB) fit, the fourth's 4 MiB does not
-        statuses = [status_of(sock, timeout=1.0)[0] for sock in stalled]  # none is past its 10 s read timeout yet
+        statuses = [status_of(sock, timeout=0.5)[0] for sock in stalled]  # none is past its 10 s read timeout yet
         assert statuses == [None, None, None, 503], statuses
         other = requests.post(f"{server.inference_url}/predictions/cancer", data=padded, timeout=60,
                               headers={**server.headers(), "Content-Type": "application/json"})
@@ -137,7 +137,7 @@ def test_a_stalled_body_is_dropped_and_one_address_holds_only_its_share(private_
 
 
 def test_a_connection_that_never_reads_its_answers_is_not_read_from(private_server, tmp_path):
-    """One keyed connection pipelines OPTIONS / (a 60 KB answer each) for 20 s and reads nothing: the frontend stops
+    """One keyed connection pipelines OPTIONS / (a 60 KB answer each) for 10 s and reads nothing: the frontend stops
     reading it once its answers back up, so its memory moves by less than 100 MB and keyed clients are served."""
     server = private_server(["digits"], model_store=store_with(tmp_path, "digits"))
     sample = payloads("digits", 1)[0]
@@ -148,7 +148,7 @@ def test_a_connection_that_never_reads_its_answers_is_not_read_from(private_serv
                "\r\n").encode()
     sock = socket.create_connection(("127.0.0.1", server.ports.inference), timeout=5)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sent, stop = 0, time.monotonic() + 20
+    sent, stop = 0, time.monotonic() + 10
     sock.setblocking(False)
     try:
         while time.monotonic() < stop:
@@ -161,7 +161,7 @@ def test_a_connection_that_never_reads_its_answers_is_not_read_from(private_serv
     finally:
         sock.close()
     assert grown < 100 << 20, f"the frontend grew by {grown >> 20} MiB"
-    print(f"\npipelined {sent // len(request)} unread OPTIONS requests in 20 s: frontend RSS +{grown >> 20} MiB; keyed "
+    print(f"\npipelined {sent // len(request)} unread OPTIONS requests in 10 s: frontend RSS +{grown >> 20} MiB; keyed "
           f"image median {quiet * 1000:.1f} ms quiet, {statistics.median(during) * 1000:.1f} ms during")
 
 
