@@ -138,13 +138,59 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
     return mar
 
 
+# What a generating model's checkpoint folder holds beside its weights (models.chat): the decoder's config, the
+# tokenizer and the chat template.
+GENERATOR_FILES = ("model.json", "tokenizer.json", "chat.json")
+
+
+def archive_generator(checkpoint: Path, out: Path, *, config: Path, name: str, kind: str = "generate",
+                      handler: str = "handlers/handler.py") -> Path:
+    """Pack a generating model's checkpoint folder (models.chat) as `name`: its weights as the serialized file, its
+    config, tokenizer and chat template beside the handler and the modules it needs, and a manifest naming the
+    kind. The model-config YAML must turn on TorchServe's continuous batching, which the kind's scheduler needs."""
+    import yaml
+
+    from handlers import kinds
+
+    values = yaml.safe_load(config.read_text()) or {}
+    if values.get("continuousBatching") is not True:
+        raise SystemExit(f"{config}: a generating model is served with `continuousBatching: true` (its scheduler "
+                         "takes one decode step per call)")
+    entry_points = [ROOT / handler, ROOT / kinds.module_file(kind)]
+    staging = ROOT / "build" / name / "mar-extra"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for module in handler_modules(entry_points):
+        target = staging / module.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, target)
+    for file in GENERATOR_FILES:
+        shutil.copy2(checkpoint / file, staging / file)
+    mf.write(staging, {"model": name, "kind": kind, "source": json.loads((checkpoint / "model.json").read_text()),
+                       "artifacts": {"checkpoint": {"file": "model.pt", "sha256": mf.sha256(checkpoint / "model.pt")}},
+                       "assets": {file: mf.sha256(checkpoint / file) for file in GENERATOR_FILES}})
+    settings = kinds.load(kind).Settings.from_mapping(values.get("handler"))
+    (staging / SIGNATURE).write_text(json.dumps({"platform": "pytorch", **kinds.load(kind).signature({}, settings)},
+                                                indent=1) + "\n")
+    mar = pack(name, checkpoint / "model.pt", entry_points[0], staging, config, out)
+    print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e6:.0f} MB, {kind}, handler {handler})")
+    return mar
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--artifacts", type=Path, help="a verified export folder")
+    parser.add_argument("--checkpoint", type=Path, help="a generating model's checkpoint folder (models.chat)")
     parser.add_argument("--config", type=Path, help="model-config YAML (default serve_config/<model>.yaml)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.checkpoint is not None:
+        archive_generator(args.checkpoint, args.out, config=args.config or model_config(args.model), name=args.model)
+        return 0
+    if args.artifacts is None:
+        parser.error("--artifacts (an export) or --checkpoint (a generating model) is required")
     spec = registry.get(args.model)
     archive(spec, args.artifacts, args.out, config=args.config or model_config(spec.name))
     return 0

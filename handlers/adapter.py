@@ -12,6 +12,7 @@ publishes the stage times as metrics. TorchServe loads it as the archive's handl
 
 from __future__ import annotations
 
+import http
 import json
 import logging
 from pathlib import Path
@@ -109,6 +110,13 @@ class PipelineHandler(BaseHandler):
         threads.apply_to_torch()
         self.device = select_device(properties.get("gpu_id"))
         configure_cuda_math(self.device, allow_tf32=settings.allow_tf32)
+        if kinds.get(export_manifest["kind"]).generates:
+            self.generation = GenerationSession(kind, model_dir, settings, self.device, context,
+                                                served_as=self.served_as(context))
+            logger.info("%s (%s) ready on %s (%d intra-op threads, %d sequences)", context.model_name,
+                        export_manifest["kind"], self.device, threads.intra_op, self.generation.slots)
+            self.initialized = True
+            return
         runner = load_runner(model_dir / context.manifest["model"]["serializedFile"], self.device, threads,
                              half=settings.precision == "fp16")
         self.pipeline: Pipeline = kind.build(model_dir, export_manifest, runner, settings,
@@ -120,7 +128,11 @@ class PipelineHandler(BaseHandler):
                     self.device, type(runner).__name__, threads.intra_op)
         self.initialized = True
 
+    generation: "GenerationSession | None" = None
+
     def handle(self, data, context):
+        if self.generation is not None:
+            return self.generation.handle(data, context)
         clock = StageClock()
         types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
         with clock.stage("preprocess"):
@@ -139,3 +151,36 @@ class PipelineHandler(BaseHandler):
             answers = answer_all(context, results, self.served_as(context)[1])
         publish(context.metrics, len(data), clock)
         return answers
+
+
+class GenerationSession:
+    """A generating kind's scheduler (handlers.kinds.generate) inside a worker that TorchServe's ContinuousBatching
+    aggregator drives (the model-config YAML says `continuousBatching: true`): each call is one step for every
+    running request. Each request's chunk goes back with its status, media type and TorchServe's `ts_stream_next`
+    (set from `context.stopping_criteria`, which is how its response encoder reads it), and the step's figures go
+    to the metrics."""
+
+    def __init__(self, kind, model_dir: Path, settings, device, context, *, served_as: tuple[str, str]) -> None:
+        from models import chat
+
+        model, _ = chat.load(model_dir, device)
+        self.slots = int(context.system_properties.get("batch_size") or 1)
+        self.scheduler = kind.build(model_dir, model, settings, served_as=served_as, max_batch=self.slots,
+                                    device=device)
+        self.scheduler.warm_up()
+
+    def handle(self, data, context) -> list[bytes]:
+        requests = [(context.get_request_id(idx), data[idx] or {}, context.get_all_request_header(idx) or {})
+                    for idx in range(len(data))]
+        chunks = self.scheduler.serve(requests)
+        for idx, chunk in enumerate(chunks):
+            context.set_response_status(chunk.status, http.HTTPStatus(chunk.status).phrase, idx)
+            context.set_response_content_type(idx, chunk.content_type)
+        # TorchServe's encoder sets ts_stream_next from these: False (more follow), True (the last of several) or
+        # None (no header: a whole answer, which the frontend sends as one response; "false" on a first response
+        # would end a stream whose head was never sent)
+        context.stopping_criteria = [
+            (lambda _answer, stop=None if (chunk.first and not chunk.more) else not chunk.more: stop)
+            for chunk in chunks]
+        self.scheduler.publish(context.metrics)
+        return [chunk.body for chunk in chunks]

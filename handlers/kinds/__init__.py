@@ -21,6 +21,7 @@ the kind's bench workload (loadtest.bench.compute), `tolerance` how verification
     tensor            named tensors in, named tensors out    (handlers/kinds/tensor.py)
     object-detector   images in, boxes, labels, scores out   (handlers/kinds/detect.py)
     image-segmenter   images in, a class per pixel out       (handlers/kinds/segment.py)
+    generate          prompts in, tokens streamed out         (handlers/kinds/generate.py)
 
 A kind may also define `compare(expected, got) -> figures`: how export verification compares an export's outputs
 with eager's when elementwise differences say nothing useful (detections that may change order, class masks); the
@@ -47,6 +48,7 @@ class Kind:
     module: str  # the kind's module: Settings, build and signature
     bench: str  # "module:class" of its compute workload for `make bench`
     comparison: str  # how verification compares outputs, for the docs and reports
+    generates: bool = False  # answers token by token from a scheduler that keeps sequences between calls
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
@@ -60,6 +62,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "detections matched one to one: same label, box IoU and score difference, over held-out scenes"),
     Kind("image-segmenter", "handlers.kinds.segment", "loadtest.bench.compute:ImageWorkload",
          "pixel agreement of the class masks over held-out scenes"),
+    Kind("generate", "handlers.kinds.generate", "loadtest.bench.chat:ChatWorkload",
+         "greedy tokens identical to the reference library's for every prompt", generates=True),
 )}
 
 

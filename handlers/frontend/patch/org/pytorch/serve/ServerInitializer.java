@@ -35,7 +35,8 @@ import org.slf4j.LoggerFactory;
  * server holds for request bodies past their budget, is refused from its headers, before its body is read into
  * memory. An idle-read timer in front of the codec lets it drop a body that stops arriving, and each channel's
  * outbound buffer has a high water mark past which it stops being read (WRITE_HIGH). The handler chain
- * behind it is TorchServe's, built in the same order. Substituted for TorchServe's class at start-up by
+ * behind it is TorchServe's, built in the same order, with the OpenAI API's routes (org.servemodels.oip.OpenAiRoutes) in
+ * front of it on the inference port. Substituted for TorchServe's class at start-up by
  * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
  */
 public class ServerInitializer extends ChannelInitializer<Channel> {
@@ -67,6 +68,9 @@ public class ServerInitializer extends ChannelInitializer<Channel> {
         pipeline.addLast("http", new HttpServerCodec());
         pipeline.addLast("admission", new BodyAdmission(connectorType));
         pipeline.addLast("aggregator", new HttpObjectAggregator(config.getMaxRequestSize()));
+        if (ConnectorType.ALL.equals(connectorType) || ConnectorType.INFERENCE_CONNECTOR.equals(connectorType)) {
+            pipeline.addLast("openai", new org.servemodels.oip.OpenAiRoutes());
+        }
 
         HttpRequestHandlerChain head = new ApiDescriptionRequestHandler(connectorType);
         HttpRequestHandlerChain last = head;

