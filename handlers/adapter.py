@@ -20,7 +20,7 @@ from typing import Sequence
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import kinds, oip
+from handlers import kinds, oip, openai
 from handlers.batch_metrics import StageClock, publish
 from handlers.requests import Pipeline, RequestError, content_type_of
 from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
@@ -135,6 +135,7 @@ class PipelineHandler(BaseHandler):
             return self.generation.handle(data, context)
         clock = StageClock()
         types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
+        data = openai.tag_routes(data, [context.get_all_request_header(idx) for idx in range(len(data))])
         with clock.stage("preprocess"):
             batch = self.pipeline.preprocess(data, types, lengths)
         with clock.stage("inference"):

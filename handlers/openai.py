@@ -39,6 +39,16 @@ def route_of(headers: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+ROUTE_KEY = "openai-route"  # where the adapter puts a request's route beside its body (tag_routes)
+
+
+def tag_routes(requests: list, headers: list) -> list:
+    """The requests, each that came in on an OpenAI route with its route under ROUTE_KEY beside its body (a
+    copy), for a pipeline that reads requests and not headers."""
+    return [dict(request or {}, **{ROUTE_KEY: route}) if (route := route_of(header)) else request
+            for request, header in zip(requests, headers, strict=True)]
+
+
 class OpenAIError(RequestError):
     """A RequestError whose body is OpenAI's error object; `param` names the field at fault."""
 

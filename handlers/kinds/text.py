@@ -31,9 +31,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from handlers import oip
-from handlers.requests import (Pipeline, RequestError, decode_utf8, looks_like_json, parse_json_body, per_request,
-                               request_body)
+from handlers import oip, openai
+from handlers.requests import (Pipeline, RequestError, decode_utf8, json_value, looks_like_json, parse_json_body,
+                               per_request, request_body)
 from handlers.settings import HandlerSettings
 from models.text import Encoded, TextPreset, length_groups
 
@@ -125,7 +125,15 @@ def _as_oip(action: Callable[..., Any], *args: Any) -> Any:
 
 def parse_request(request: Mapping[str, Any], content_type: str, header_length: int | None,
                   config: EmbeddingConfig) -> tuple[list[str], Any]:
-    """One request's texts and its form: "single", "listed" (it asked with "texts") or its oip.InferRequest."""
+    """One request's texts and its form: "single", "listed" (it asked with "texts"), its oip.InferRequest, or, for
+    the OpenAI embeddings route, ("openai", encoding format)."""
+    if request.get(openai.ROUTE_KEY) == openai.EMBEDDINGS:
+        try:
+            texts, fmt = openai.embedding_inputs(json_value(request, content_type or "application/json"),
+                                                 max_inputs=config.max_texts_per_request)
+            return [_check_text(text, f"input {i}", config) for i, text in enumerate(texts)], ("openai", fmt)
+        except RequestError as err:
+            raise openai.OpenAIError.of(err, param="input") from None
     if header_length is not None:  # the OIP binary tensor extension: raw bytes, JSON header first
         body = request_body(request, content_type)
         infer = oip.parse_binary(bytes(body) if isinstance(body, (bytes, bytearray)) else b"", header_length)
@@ -192,7 +200,8 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
             request_texts, forms[idx] = parsed
             work = per_request(idx, "costing", self.work, request_texts, work_left)
             if isinstance(work, RequestError):
-                results[idx] = work.as_oip() if isinstance(forms[idx], oip.InferRequest) else work
+                results[idx] = (work.as_oip() if isinstance(forms[idx], oip.InferRequest) else
+                                openai.OpenAIError.of(work) if isinstance(forms[idx], tuple) else work)
                 continue
             work_left -= work
             texts += request_texts
@@ -251,6 +260,9 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
             form = batch.forms[idx]
             if isinstance(form, oip.InferRequest):
                 results[idx] = self._infer_response(form, items)
+            elif isinstance(form, tuple):  # ("openai", encoding format)
+                results[idx] = openai.embeddings_answer(self.served_as[0], np.array([i["embedding"] for i in items]),
+                                                        [i["tokens"] for i in items], form[1])
             else:
                 results[idx] = json.dumps({"embeddings": items} if form == "listed" else items[0])
         return results
@@ -271,7 +283,8 @@ def signature(export_manifest: dict, settings: EmbeddingConfig) -> dict:
     width = export_manifest["output_specs"][0]["shape"][-1]
     return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": name, "datatype": datatype, "shape": shape} for name, datatype, shape in
-                        zip(OUTPUTS, ("FP32", "INT32", "BOOL"), ([-1, width], [-1], [-1]), strict=True)]}
+                        zip(OUTPUTS, ("FP32", "INT32", "BOOL"), ([-1, width], [-1], [-1]), strict=True)],
+            "openai": [openai.EMBEDDINGS]}
 
 
 def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
