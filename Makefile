@@ -69,7 +69,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
-	sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
+	chat-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -305,6 +305,9 @@ rules-test: | $(VENV_STAMP) prereqs-deploy ## promtool check rules + promtool te
 
 bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
 	$(PY) -m loadtest.bench.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
+
+chat-bench: $(TREE)model_store/chat.mar | $(VENV_STAMP) ## the chat model's time to first token and tokens/s at 1, 4, 8 and 16 streams
+	$(PY) -m loadtest.bench.chat --model chat
 
 sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
 	$(PY) -m loadtest.bench.sweep --model $(MODEL) --out results/sweep

@@ -79,6 +79,12 @@ class Client:
         request = self.pb2.PredictionsRequest(model_name=model, input={key: data})
         return self.stub.Predictions(request, metadata=self.metadata, timeout=timeout).prediction
 
+    def stream(self, model: str, data: bytes, *, key: str = "data", timeout: float = 60.0):
+        """StreamPredictions: each chunk's bytes as the server sends them (a generator's tokens)."""
+        request = self.pb2.PredictionsRequest(model_name=model, input={key: data})
+        for answer in self.stub.StreamPredictions(request, metadata=self.metadata, timeout=timeout):
+            yield answer.prediction
+
     def close(self) -> None:
         self.channel.close()
 

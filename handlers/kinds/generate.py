@@ -9,7 +9,7 @@ Request forms:
 - the OpenAI API (handlers.openai): `/v1/chat/completions` (messages) and `/v1/completions` (prompt), streamed as
   Server-Sent Events when `stream` is true.
 Sampling fields: max_tokens (max_completion_tokens), temperature (0: greedy), top_p, seed, stop (a string or a list),
-n (1 only), stream, stream_options.include_usage.
+n (1 only), stream, stream_options.include_usage, and vLLM's ignore_eos.
 
 How a batch is served (`Scheduler.serve`, one call per decode step): TorchServe's ContinuousBatching aggregator
 hands the worker every running request each call, plus new ones up to the model's batchSize (its sequences per
@@ -84,6 +84,7 @@ class Ask:
     sampling: Sampling
     stream: bool
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benches)
 
 
 class ChatFormat:
@@ -212,7 +213,11 @@ def parse(route: str, body: Any, content_type: str, chat: ChatFormat, settings: 
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise openai.OpenAIError(400, "invalid_value", "`stream` must be true or false, `stream_options` an object",
                                  param="stream")
-    return Ask(route, ids, sampling, stream, include_usage=bool(options.get("include_usage", False)))
+    ignore_eos = value.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise openai.OpenAIError(400, "invalid_value", "`ignore_eos` must be true or false", param="ignore_eos")
+    return Ask(route, ids, sampling, stream, include_usage=bool(options.get("include_usage", False)),
+               ignore_eos=ignore_eos)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -416,7 +421,7 @@ class Scheduler:
         token = sample(logits, seq.ask.sampling, seq.generator)
         seq.generated.append(token)
         self.pending.generated_tokens += 1
-        ended = token in self.chat.stop_token_ids
+        ended = token in self.chat.stop_token_ids and not seq.ask.ignore_eos
         ids = seq.generated[:-1] if ended else seq.generated
         text = self.chat.decode(ids)
         cut = _first_stop(text, seq.ask.sampling.stop)

@@ -173,7 +173,7 @@ def test_prometheus_scrapes_torchserve_and_evaluates_the_hpa_query_and_the_alert
         deadline = time.monotonic() + 60
         while True:
             rules = [r for g in requests.get(f"{api}/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]]
-            evaluated = len(rules) == 4 and all(not r["lastEvaluation"].startswith("0001") for r in rules)
+            evaluated = len(rules) == 5 and all(not r["lastEvaluation"].startswith("0001") for r in rules)
             if evaluated or time.monotonic() > deadline:
                 break
             time.sleep(1)
