@@ -340,10 +340,17 @@ class Scheduler:
             self.evict(rid)  # its client went away: the frontend stopped sending it
         answers: dict[str, Chunk] = {}
         stepping = [rid for rid in present if rid in self.running]
+        admitted: list[tuple[str, Sequence_]] = []
         for rid, params, headers in requests:
             if rid in self.running or rid in answers:
                 continue
-            answers[rid] = self._admit(rid, params, headers)
+            outcome = self._admit(rid, params, headers)
+            if isinstance(outcome, Chunk):
+                answers[rid] = outcome
+            else:
+                admitted.append((rid, outcome))
+        answers.update(self._prefill(admitted))
+        for rid in answers:  # so far, only this call's new requests
             answers[rid].first = True
         if stepping:
             answers.update(self._decode(stepping))
@@ -356,7 +363,8 @@ class Scheduler:
             self.stats["evicted"] += 1
 
     # ---- admission and prefill --------------------------------------------------------------------------------
-    def _admit(self, rid: str, params: Mapping[str, Any], headers: Mapping[str, Any]) -> Chunk:
+    def _admit(self, rid: str, params: Mapping[str, Any], headers: Mapping[str, Any]) -> "Sequence_ | Chunk":
+        """A new request's running sequence in a free slot, or its refusal (a whole answer)."""
         route = openai.route_of(headers) or NATIVE
         content_type = content_type_of(params.get("body") if isinstance(params.get("body"), dict) else headers)
         if not content_type:
@@ -378,21 +386,42 @@ class Scheduler:
         completion = openai.Completion(route, self.model_name) if route != NATIVE else None
         seq = Sequence_(ask, self.free.pop(), completion, generator, time.monotonic() + self.settings.deadline_s)
         self.running[rid] = seq
+        return seq
+
+    def _prefill(self, new: list[tuple[str, "Sequence_"]]) -> dict[str, Chunk]:
+        """The prompts of the sequences admitted in this call, in one forward pass (each row padded on the right to
+        the longest; padded positions write nowhere that is read), and each one's first token."""
+        if not new:
+            return {}
+        longest = max(len(seq.ask.prompt_ids) for _, seq in new)
+        tokens = torch.zeros((len(new), longest), dtype=torch.long)
+        positions = torch.full((len(new), longest), -1, dtype=torch.long)
+        for row, (_, seq) in enumerate(new):
+            count = len(seq.ask.prompt_ids)
+            tokens[row, :count] = torch.tensor(seq.ask.prompt_ids)
+            positions[row, :count] = torch.arange(count)
+        last = torch.tensor([len(seq.ask.prompt_ids) - 1 for _, seq in new], device=self.device)
+        slots = torch.tensor([seq.slot for _, seq in new], device=self.device)
         try:
             with torch.inference_mode():
-                ids = torch.tensor([ask.prompt_ids], device=self.device)
-                positions = torch.arange(len(ask.prompt_ids), device=self.device)[None]
-                logits = self.model(ids, positions, torch.tensor([seq.slot], device=self.device), self.cache)
+                logits = self.model(tokens.to(self.device), positions.to(self.device), slots, self.cache, last)
         except Exception as err:  # noqa: BLE001
-            logger.exception("prefill of request %s failed", rid)
-            self.evict(rid)
-            return self._refuse(route, RequestError(422, "ModelRejectedInput", f"the model cannot run this prompt: "
-                                                    f"{str(err).splitlines()[0][:300] if str(err) else type(err).__name__}"))
-        self.stats["prefill_tokens"] += len(ask.prompt_ids)
-        self.pending.prompt_tokens += len(ask.prompt_ids)
-        self.pending.first_tokens += 1
-        self.pending.first_token_ms += (time.monotonic() - seq.admitted) * 1000.0
-        return self._advance(rid, seq, logits[0])
+            logger.exception("prefill of %d prompts failed", len(new))
+            message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            answers = {}
+            for rid, seq in new:
+                self.evict(rid)
+                answers[rid] = self._refuse(seq.ask.route, RequestError(
+                    422, "ModelRejectedInput", f"the model cannot run this prompt: {message}"))
+            return answers
+        answers = {}
+        for row, (rid, seq) in enumerate(new):
+            self.stats["prefill_tokens"] += len(seq.ask.prompt_ids)
+            self.pending.prompt_tokens += len(seq.ask.prompt_ids)
+            self.pending.first_tokens += 1
+            self.pending.first_token_ms += (time.monotonic() - seq.admitted) * 1000.0
+            answers[rid] = self._advance(rid, seq, logits[row])
+        return answers
 
     def _refuse(self, route: str, err: RequestError) -> Chunk:
         """A whole answer with the error, in the route's form (OpenAI's error object, or this project's)."""
