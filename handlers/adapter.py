@@ -22,7 +22,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import kinds, oip, openai
 from handlers.batch_metrics import StageClock, publish
-from handlers.requests import Pipeline, RequestError, content_type_of
+from handlers.requests import Pipeline, RequestError, content_type_of, with_query
 from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ class PipelineHandler(BaseHandler):
             return self.generation.handle(data, context)
         clock = StageClock()
         types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
-        data = openai.tag_routes(data, [context.get_all_request_header(idx) for idx in range(len(data))])
+        headers = [context.get_all_request_header(idx) for idx in range(len(data))]
+        data = with_query(openai.tag_routes(data, headers), headers)
         with clock.stage("preprocess"):
             batch = self.pipeline.preprocess(data, types, lengths)
         with clock.stage("inference"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -62,6 +62,7 @@ class InferRequest:
     outputs: tuple[str, ...] | None
     binary_default: bool = False
     binary: tuple[tuple[str, bool], ...] = ()  # (output name, binary_data) where an output says so itself
+    parameters: Mapping[str, Any] = field(default_factory=dict)  # the request's own `parameters` (a kind's knobs)
 
     def wants_binary(self, output: str) -> bool:
         return dict(self.binary).get(output, self.binary_default)
@@ -203,7 +204,8 @@ def parse(body: Any, binary: bytes = b"") -> InferRequest:
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise invalid(f"input names repeat: {names}")
-    return InferRequest(request_id, tuple(tensors), outputs, bool(binary_default), tuple(flags))
+    return InferRequest(request_id, tuple(tensors), outputs, bool(binary_default), tuple(flags),
+                        dict(body.get("parameters") or {}))
 
 
 def _flag(parameters: Any, key: str, where: str) -> bool | None:

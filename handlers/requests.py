@@ -2,7 +2,8 @@
 
 - `RequestError`: one request's problem, with its HTTP status and JSON body;
 - `per_request`: runs one request's step so that a bug costs that request a 500, never its batch;
-- parsing helpers: a header mapping's media type, a JSON body, UTF-8 bytes;
+- parsing helpers: a header, a header mapping's media type, a prediction's query fields, a JSON body, UTF-8
+  bytes;
 - `Pipeline`: the three stages every pipeline has (preprocess, run, postprocess), `process` for all three, and
   `isolate`, which answers a batch whose forward pass failed one request at a time.
 """
@@ -55,12 +56,42 @@ def per_request(idx: int, what: str, action: Callable[..., Any], *args: Any) -> 
         return RequestError(500, "InternalError", "the request could not be processed")
 
 
+def header(headers: Mapping[str, Any] | None, name: str) -> str | None:
+    """A header's text from a header mapping, whatever the case of its name (`name` in lower case), or None."""
+    for key, value in (headers or {}).items():
+        if key.lower() == name and isinstance(value, str):
+            return value
+    return None
+
+
 def content_type_of(headers: Mapping[str, Any] | None) -> str:
     """The media type (no parameters, lower case) from a header mapping, or ''."""
-    for key, value in (headers or {}).items():
-        if key.lower() == "content-type" and isinstance(value, str):
-            return value.split(";", 1)[0].strip().lower()
-    return ""
+    value = header(headers, "content-type")
+    return value.split(";", 1)[0].strip().lower() if value is not None else ""
+
+
+QUERY_HEADER = "x-query-parameters"  # a prediction's raw query string (the frontend's PredictionQuery sets it)
+MAX_QUERY_FIELDS = 16
+
+
+def with_query(requests: list, headers: list) -> list:
+    """The requests, each with its query parameters as request fields (text) beside its body, as TorchServe gives
+    them on its legacy routes: the first value of each name, at most MAX_QUERY_FIELDS names; a name the request
+    already has, and `body` and `data`, are left to the body."""
+    from urllib.parse import parse_qsl
+
+    tagged = []
+    for request, request_headers in zip(requests, headers, strict=True):
+        query = header(request_headers, QUERY_HEADER)
+        if not query:
+            tagged.append(request)
+            continue
+        fields: dict[str, str] = {}
+        for name, value in parse_qsl(query, keep_blank_values=True, max_num_fields=None)[:4 * MAX_QUERY_FIELDS]:
+            if len(fields) < MAX_QUERY_FIELDS and name not in fields and name not in ("body", "data"):
+                fields[name] = value
+        tagged.append({**fields, **(request or {})})
+    return tagged
 
 
 def parse_json_body(data: str | bytes | bytearray) -> Any:

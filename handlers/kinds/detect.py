@@ -9,6 +9,11 @@ image into the model's square (models.preprocessing.LetterboxPreset), so images 
 Here each row keeps its detections at or over `score_threshold`, at most `max_detections`, and its boxes go back to
 its own image's pixels (divided by the letterbox's scale, clipped to the image).
 
+Both are also a request's own: OIP `parameters` {"score_threshold": 0.5, "max_detections": 5} (as Triton's and
+KServe's clients send them), or a native request's query parameters (`?score_threshold=0.5&max_detections=5`).
+A request may ask a threshold in [min_score_threshold, 1] and at most the config's max_detections; past those
+bounds, or not a number, it gets a 400 naming the parameter. Unset, the config's values hold.
+
 Native answer: `[{"label", "index", "score", "box": [x0, y0, x1, y1]}]`, best first.
 OIP answer, for n rows: `boxes` FP32 [n, k, 4], `scores` FP32 [n, k], `labels` BYTES [n, k], `count` INT32 [n],
 where k is the most detections any row of the request has (at least 1) and each row's entries past its `count` are
@@ -18,7 +23,8 @@ padding: zero boxes and scores, empty labels. The model metadata says so (each o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +32,7 @@ import torch
 from handlers import oip
 from handlers.kinds import image
 from handlers.kinds.image import ImageConfig, ImagePipeline, Size
+from handlers.requests import RequestError
 
 OUTPUTS = ("boxes", "scores", "labels", "count")
 PADDING = "rows hold `count` detections, best first; the rest up to k (the most in any row of the answer) are padding"
@@ -37,12 +44,55 @@ class DetectorConfig(ImageConfig):
 
     score_threshold: float = 0.3
     max_detections: int = 32
+    min_score_threshold: float = 0.0  # the lowest threshold a request may ask for
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.score_threshold, bool) or not isinstance(self.score_threshold, (int, float)) \
-                or not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"handler.score_threshold must be a number in [0, 1], got {self.score_threshold!r}")
+        for name in ("score_threshold", "min_score_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"handler.{name} must be a number in [0, 1], got {value!r}")
+        if self.min_score_threshold > self.score_threshold:
+            raise ValueError(f"handler.min_score_threshold ({self.min_score_threshold}) is over handler.score_threshold "
+                             f"({self.score_threshold})")
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """One request's detection settings."""
+
+    threshold: float
+    limit: int
+
+
+def knobs(values: Mapping[str, Any], config: DetectorConfig) -> Knobs:
+    """A request's settings from its parameters (numbers, or the text of a query parameter), within `config`'s
+    bounds; RequestError naming the parameter otherwise."""
+
+    def number(name: str) -> float | None:
+        value = values.get(name)
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                value = None
+        elif isinstance(value, bool) or (value is not None and not isinstance(value, (int, float))):
+            value = None
+        if name in values and (value is None or not math.isfinite(value)):
+            raise RequestError(400, "InvalidParameter", f"parameter {name!r} must be a number")
+        return value
+
+    threshold, limit = number("score_threshold"), number("max_detections")
+    if threshold is not None and not config.min_score_threshold <= threshold <= 1.0:
+        raise RequestError(400, "InvalidParameter", f"parameter 'score_threshold' must be in "
+                                                    f"[{config.min_score_threshold}, 1], got {threshold}")
+    if limit is not None and (limit != int(limit) or not 1 <= limit <= config.max_detections):
+        raise RequestError(400, "InvalidParameter", f"parameter 'max_detections' must be an integer in "
+                                                    f"[1, {config.max_detections}], got {limit:g}")
+    return Knobs(config.score_threshold if threshold is None else float(threshold),
+                 config.max_detections if limit is None else int(limit))
 
 
 def detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, names: Sequence[str], *,
@@ -72,12 +122,16 @@ def parse(answer: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndar
 class Detector(ImagePipeline):
     OUTPUTS = OUTPUTS
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size]) -> list[list[dict[str, Any]]]:
+    def options(self, request: Mapping[str, Any], infer: oip.InferRequest | None) -> Knobs:
+        return knobs(infer.parameters if infer is not None else request, self.config)
+
+    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Knobs] = ()
+                ) -> list[list[dict[str, Any]]]:
         boxes, scores, labels = outputs
+        default = Knobs(self.config.score_threshold, self.config.max_detections)
         return [detections(boxes[i].float(), scores[i].float(), labels[i], self.labels,
-                           scale=self.preset.scale(*size), size=size, threshold=self.config.score_threshold,
-                           limit=self.config.max_detections)
-                for i, size in enumerate(sizes)]
+                           scale=self.preset.scale(*size), size=size, threshold=row.threshold, limit=row.limit)
+                for i, (size, row) in enumerate(zip(sizes, options or [default] * len(sizes), strict=True))]
 
     def infer_outputs(self, rows: list[list[dict[str, Any]]]) -> list[oip.Tensor]:
         k = max(1, *(len(row) for row in rows))

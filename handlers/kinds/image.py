@@ -28,7 +28,7 @@ import binascii
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -183,6 +183,7 @@ class Batch:
     owners: list[int]  # the request each row belongs to
     sizes: list[Size]  # each row's image as shown, before the preset (what boxes and masks map back to)
     infer: list  # per request: its oip.InferRequest, or None for a native request (one row)
+    options: list = field(default_factory=list)  # per row: its request's own knobs (the kind's `options`)
 
 
 class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
@@ -271,6 +272,20 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         except RequestError as err:
             raise RequestError(err.status, err.kind, f"row {index}: {err.message}") from None
 
+    def options(self, request: Mapping[str, Any], infer: oip.InferRequest | None) -> Any:
+        """A request's own settings of the kind's knobs, bounded by the model's config (OIP `parameters`, or a
+        native request's query parameters), or RequestError; None for a kind without knobs."""
+        return None
+
+    def _decode_with_options(self, request: Mapping[str, Any], content_type: str, header_length: int | None,
+                             charge: Callable[[int], None]
+                             ) -> tuple[torch.Tensor, list[Size], oip.InferRequest | None, Any]:
+        rows, sizes, infer = self.decode(request, content_type, header_length, charge)
+        try:
+            return rows, sizes, infer, self.options(request, infer)
+        except RequestError as err:
+            raise (err.as_oip() if infer is not None else err) from None
+
     def decode(self, request: Mapping[str, Any], content_type: str = "", header_length: int | None = None,
                charge: Callable[[int], None] = no_budget
                ) -> tuple[torch.Tensor, list[Size], oip.InferRequest | None]:
@@ -301,7 +316,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
     def _decode_or_error(self, idx: int, request: Mapping[str, Any], content_type: str, header_length: int | None,
                          budget: DecodeBudget):
         charge = budget.for_request(self.config.max_pixels_per_request)
-        return per_request(idx, "decoding", self.decode, request, content_type, header_length, charge)
+        return per_request(idx, "decoding", self._decode_with_options, request, content_type, header_length, charge)
 
     def preprocess(self, requests: Sequence[Mapping[str, Any]], content_types: Sequence[str],
                    header_lengths: Sequence[int | None] | None = None) -> Batch:
@@ -319,7 +334,9 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         good = [(i, d[0], d[1]) for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
         owners = [i for i, rows, _ in good for _ in range(rows.shape[0])]
         sizes = [size for _, _, row_sizes in good for size in row_sizes]
-        return Batch(results, torch.cat([rows for _, rows, _ in good]) if good else None, owners, sizes, infer)
+        options = [decoded[i][3] for i in owners]
+        return Batch(results, torch.cat([rows for _, rows, _ in good]) if good else None, owners, sizes, infer,
+                     options)
 
     def run(self, batch: Batch) -> list[torch.Tensor] | None:
         """The batch's forward passes, `max_rows_per_pass` rows at a time: (rows, C, H, W) -> each of the model's
@@ -342,7 +359,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         if outputs is None:
             return results
         rows_of: dict[int, list[Any]] = {}
-        for owner, answer in zip(batch.owners, self.answers(outputs, batch.sizes), strict=True):
+        for owner, answer in zip(batch.owners, self.answers(outputs, batch.sizes, batch.options), strict=True):
             rows_of.setdefault(owner, []).append(answer)
         for idx, rows in rows_of.items():
             request = batch.infer[idx]
@@ -350,8 +367,9 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
                 oip.response(*self.served_as, request, self.infer_outputs(rows))
         return results
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size]) -> list[Any]:
-        """The model's outputs for every row of a batch -> each row's answer (the kind's own structure)."""
+    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Any] = ()) -> list[Any]:
+        """The model's outputs for every row of a batch -> each row's answer (the kind's own structure); `options`:
+        each row's request's knobs (empty: the model's config for every row)."""
         raise NotImplementedError
 
     def native(self, answer: Any) -> str:
@@ -368,7 +386,8 @@ class ImageClassifier(ImagePipeline):
 
     OUTPUTS = OUTPUTS
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size]) -> list[list[dict[str, Any]]]:
+    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Any] = ()
+                ) -> list[list[dict[str, Any]]]:
         return topk_predictions(torch.softmax(outputs[0].float(), dim=1), self.labels, self.config.topk)
 
     def infer_outputs(self, rows: list[list[dict[str, Any]]]) -> list[oip.Tensor]:

@@ -20,7 +20,7 @@ import base64
 import io
 import json
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +72,8 @@ def parse(answer: dict) -> np.ndarray:
 class Segmenter(ImagePipeline):
     OUTPUTS = OUTPUTS
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size]) -> list[Segmentation]:
+    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Any] = ()
+                ) -> list[Segmentation]:
         return [restore(outputs[0][i], self.preset.content(*size), size, len(self.labels))
                 for i, size in enumerate(sizes)]
 

@@ -149,6 +149,45 @@ def test_oip_detections_are_padded_per_answer_and_say_their_count(server):
                         settings["max_detections"])
 
 
+def test_a_request_sets_its_own_threshold_and_limit_within_the_configs_bounds(server):
+    """The detector's knobs per request: native query parameters and OIP `parameters`, each request of one batch
+    with its own; past the config's bounds, or not a number, a 400 for that request alone."""
+    settings = handler_settings(DETECTOR)
+    row = next(r for r in (encode(s.image) for s in scenes_with_objects(6))
+               if len(post(server, DETECTOR.name, r).json()) >= 3)
+    base = post(server, DETECTOR.name, row).json()
+    scores = [d["score"] for d in base]
+    gap = max(range(len(scores) - 1), key=lambda i: scores[i] - scores[i + 1])
+    cut = (scores[gap] + scores[gap + 1]) / 2  # between two scores, far from both
+    header = {"Content-Type": "image/png"}
+    jobs = [(DETECTOR.name, row, header), (f"{DETECTOR.name}?max_detections=1", row, header),
+            (f"{DETECTOR.name}?score_threshold={cut}", row, header),
+            (f"{DETECTOR.name}?score_threshold=0&max_detections={settings['max_detections']}", row, header),
+            (f"{DETECTOR.name}?max_detections={settings['max_detections'] + 1}", row, header),
+            (f"{DETECTOR.name}?score_threshold=high", row, header), (f"{DETECTOR.name}?max_detections=2.5", row, header)]
+    answers = post_together(server, jobs)
+    assert [a.status_code for a in answers] == [200] * 4 + [400] * 3, [a.text for a in answers]
+    assert answers[0].json() == base and answers[1].json() == base[:1]
+    assert answers[2].json() == [d for d in base if d["score"] >= cut] == base[:gap + 1]
+    everything = answers[3].json()
+    assert len(base) <= len(everything) <= settings["max_detections"] and everything[:len(base)] == base
+    assert [a.json()["type"] for a in answers[4:]] == ["InvalidParameter"] * 3
+    assert "max_detections" in answers[4].json()["message"] and "score_threshold" in answers[5].json()["message"]
+
+    def infer(parameters):
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(row).decode()]}],
+                "parameters": parameters}
+        return post(server, DETECTOR.name, json.dumps(body).encode(), "application/json", route="infer")
+
+    answer = infer({"score_threshold": cut, "max_detections": 2})
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+    assert outputs["count"] == [min(2, gap + 1)] and min(outputs["scores"][:outputs["count"][0]]) >= cut
+    for bad in ({"max_detections": 0}, {"score_threshold": 1.5}, {"score_threshold": "x"}, {"max_detections": True}):
+        answer = infer(bad)
+        assert answer.status_code == 400 and "error" in answer.json(), (bad, answer.text)
+
+
 def test_oip_masks_are_padded_with_255_and_carry_each_size(server):
     scene = scenes_with_objects(1)[0]
     pixels = [np.asarray(Image.fromarray(scene.image).resize(size)) for size in ((160, 160), (200, 100))]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from handlers.kinds.image import ClassifierConfig, ImageClassifier, extract_image_bytes, topk_predictions
-from handlers.requests import RequestError, content_type_of
+from handlers.requests import MAX_QUERY_FIELDS, QUERY_HEADER, RequestError, content_type_of, with_query
 from models.preprocessing import DigitsPreset
 from models.samples import encode, render
 from tests.ops.bad_inputs import png
@@ -58,6 +58,19 @@ def test_bad_requests_get_their_own_status(request_, ctype, status, kind):
 def test_content_type_is_read_case_insensitively_without_parameters():
     assert content_type_of({"Content-Type": "Application/JSON; charset=utf-8"}) == "application/json"
     assert content_type_of({}) == "" and content_type_of(None) == ""
+
+
+def test_a_predictions_query_becomes_request_fields_that_never_replace_its_body():
+    plain, multipart = {"body": PNG}, {"data": PNG, "threshold": b"form"}
+    many = "&".join(f"k{i}=v" for i in range(MAX_QUERY_FIELDS + 5))
+    tagged = with_query([plain, multipart, plain, plain, None],
+                        [{"X-Query-Parameters": "score_threshold=0.5&max_detections=3&max_detections=9&body=x"},
+                         {QUERY_HEADER: "threshold=query&data=y&extra=%20z"}, {}, {QUERY_HEADER: many},
+                         {QUERY_HEADER: "a=1"}])
+    assert tagged[0] == {"body": PNG, "score_threshold": "0.5", "max_detections": "3"}
+    assert tagged[1] == {"data": PNG, "threshold": b"form", "extra": " z"}
+    assert tagged[2] is plain and len(tagged[3]) == MAX_QUERY_FIELDS + 1 and tagged[4] == {"a": "1"}
+    assert extract_image_bytes(tagged[0], "image/png", max_bytes=1 << 20) == PNG
 
 
 def test_topk_is_best_first_and_clipped_to_the_class_count():

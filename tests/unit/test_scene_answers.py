@@ -106,6 +106,37 @@ def test_detector_settings_refuse_a_threshold_out_of_range():
         detect.DetectorConfig.from_mapping({"score_threshold": "high"})
 
 
+def test_a_requests_own_threshold_and_limit_stay_within_the_configs_bounds():
+    from handlers.requests import RequestError
+
+    config = detect.DetectorConfig(score_threshold=0.3, max_detections=8, min_score_threshold=0.1)
+    assert detect.knobs({}, config) == detect.Knobs(0.3, 8)
+    assert detect.knobs({"score_threshold": 0.5, "max_detections": 2}, config) == detect.Knobs(0.5, 2)
+    assert detect.knobs({"score_threshold": b"0.25", "max_detections": b"8"}, config) == detect.Knobs(0.25, 8)
+    assert detect.knobs({"max_detections": 3.0, "body": b"\x89PNG"}, config) == detect.Knobs(0.3, 3)
+    for bad in ({"score_threshold": 0.05}, {"score_threshold": 1.01}, {"score_threshold": "nan"},
+                {"score_threshold": b"high"}, {"score_threshold": None}, {"score_threshold": [0.5]},
+                {"max_detections": 9}, {"max_detections": 0}, {"max_detections": 1.5}, {"max_detections": True}):
+        with pytest.raises(RequestError) as caught:
+            detect.knobs(bad, config)
+        assert caught.value.status == 400 and next(iter(bad)) in caught.value.message
+    with pytest.raises(ValueError, match="min_score_threshold"):
+        detect.DetectorConfig(score_threshold=0.2, min_score_threshold=0.5)
+
+
+def test_each_row_of_a_batch_keeps_its_own_knobs():
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [1.0, 1.0, 2.0, 2.0]]]).repeat(2, 1, 1)
+    scores = torch.tensor([[0.9, 0.6, 0.4]]).repeat(2, 1)
+    labels = torch.tensor([[1, 2, 3]]).repeat(2, 1)
+    config = detect.DetectorConfig(score_threshold=0.3, max_detections=3)
+    pipeline = detect.Detector(lambda inputs: [], LetterboxPreset(size=32), LABELS, config)
+    sizes = [(32, 32), (32, 32)]
+    default = pipeline.answers([boxes, scores, labels], sizes)
+    assert [len(row) for row in default] == [3, 3]
+    own = pipeline.answers([boxes, scores, labels], sizes, [detect.Knobs(0.5, 3), detect.Knobs(0.3, 1)])
+    assert [[d["score"] for d in row] for row in own] == [[0.9, 0.6], [0.9]]
+
+
 def test_a_mask_is_cut_to_the_image_and_scaled_to_its_size():
     mask = torch.zeros(160, 160, dtype=torch.uint8)
     mask[:40, :80] = 2  # the left half of the image's part (a 320x160 image fills the top 80 rows)

@@ -36,8 +36,9 @@ import org.slf4j.LoggerFactory;
  * memory. An idle-read timer in front of the codec lets it drop a body that stops arriving, and each channel's
  * outbound buffer has a high water mark past which it stops being read (WRITE_HIGH). The handler chain
  * behind it is TorchServe's, built in the same order, with the OpenAI API's routes (org.servemodels.oip.OpenAiRoutes) in
- * front of it on the inference port, and org.servemodels.oip.StreamEnd, which ends a streamed answer that fails
- * midway with an error chunk in the stream's own form. Substituted for TorchServe's class at start-up by
+ * front of it on the inference port, org.servemodels.oip.StreamEnd, which ends a streamed answer that fails
+ * midway with an error chunk in the stream's own form, and org.servemodels.oip.PredictionQuery, which carries a
+ * prediction's query parameters to its handler (TorchServe drops them on /predictions). Substituted for TorchServe's class at start-up by
  * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
  */
 public class ServerInitializer extends ChannelInitializer<Channel> {
@@ -71,6 +72,7 @@ public class ServerInitializer extends ChannelInitializer<Channel> {
         pipeline.addLast("aggregator", new HttpObjectAggregator(config.getMaxRequestSize()));
         if (ConnectorType.ALL.equals(connectorType) || ConnectorType.INFERENCE_CONNECTOR.equals(connectorType)) {
             pipeline.addLast("stream-end", new org.servemodels.oip.StreamEnd());
+            pipeline.addLast("query", new org.servemodels.oip.PredictionQuery());
             pipeline.addLast("openai", new org.servemodels.oip.OpenAiRoutes());
         }
 
