@@ -15,6 +15,7 @@ from __future__ import annotations
 import http
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import kinds, oip, openai
 from handlers.batch_metrics import StageClock, publish
-from handlers.requests import Pipeline, RequestError, content_type_of, with_query
+from handlers.requests import Pipeline, RequestError, content_type_of, expired, with_query
 from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 
 logger = logging.getLogger(__name__)
@@ -134,14 +135,20 @@ class PipelineHandler(BaseHandler):
         if self.generation is not None:
             return self.generation.handle(data, context)
         clock = StageClock()
-        types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
         headers = [context.get_all_request_header(idx) for idx in range(len(data))]
+        # each request's answer: a request whose deadline passed while it queued gets its 504 now and the batch goes
+        # on without it; the others' are filled in below
+        outcome = [expired(h, time.time() * 1000.0) for h in headers]
+        live = [idx for idx, error in enumerate(outcome) if error is None]
+        late = sum(1 for error in outcome if error is not None and error.status == 504)
+        types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
         data = with_query(openai.tag_routes(data, headers), headers)
+        data, types, lengths = ([values[idx] for idx in live] for values in (data, types, lengths))
         with clock.stage("preprocess"):
-            batch = self.pipeline.preprocess(data, types, lengths)
+            batch = self.pipeline.preprocess(data, types, lengths) if data else None
         with clock.stage("inference"):
             try:
-                outputs = self.pipeline.run(batch)
+                outputs = self.pipeline.run(batch) if data else None
             except Exception:  # noqa: BLE001 - one bad input must not cost its neighbours their answers
                 logger.exception("a batch of %d failed in the model; answering its requests one by one", len(data))
                 results = self.pipeline.isolate(data, types, lengths)
@@ -149,9 +156,11 @@ class PipelineHandler(BaseHandler):
                 results = None
         with clock.stage("postprocess"):
             if results is None:
-                results = self.pipeline.postprocess(batch, outputs)
-            answers = answer_all(context, results, self.served_as(context)[1])
-        publish(context.metrics, len(data), clock)
+                results = self.pipeline.postprocess(batch, outputs) if data else []
+            for idx, result in zip(live, results, strict=True):
+                outcome[idx] = result
+            answers = answer_all(context, outcome, self.served_as(context)[1])
+        publish(context.metrics, len(data), clock, expired=late)
         return answers
 
 

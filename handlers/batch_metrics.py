@@ -15,6 +15,7 @@ from typing import Iterator
 BATCHES = "HandlerBatches"
 REQUESTS = "HandlerBatchedRequests"
 BATCHES_BY_SIZE = "HandlerBatchesBySize"
+EXPIRED = "HandlerRequestsExpired"  # requests answered 504: their deadline passed while they queued (never computed)
 STAGES = ("preprocess", "inference", "postprocess")
 STAGE_MS = {stage: f"Handler{stage.capitalize()}Ms" for stage in STAGES}
 
@@ -34,11 +35,17 @@ class StageClock:
             self.ms[name] += (time.perf_counter() - start) * 1000.0
 
 
-def publish(metrics, batch_size: int, clock: StageClock) -> None:
-    """Add one batch to the counters; `metrics` is TorchServe's context.metrics (None outside a worker)."""
+def publish(metrics, batch_size: int, clock: StageClock, expired: int = 0) -> None:
+    """Add one batch to the counters (`expired`: its requests answered 504 unrun, not counted in its size); `metrics`
+    is TorchServe's context.metrics (None outside a worker)."""
     if metrics is None:
         return
     from ts.metrics.dimension import Dimension
+
+    if expired:
+        metrics.add_counter(EXPIRED, expired)
+    if not batch_size:
+        return
 
     metrics.add_counter(BATCHES, 1)
     metrics.add_counter(REQUESTS, batch_size)

@@ -4,6 +4,7 @@
 - `per_request`: runs one request's step so that a bug costs that request a 500, never its batch;
 - parsing helpers: a header, a header mapping's media type, a prediction's query fields, a JSON body, UTF-8
   bytes;
+- `expired`: a request whose deadline passed while it queued gets its 504 before anything is computed;
 - `Pipeline`: the three stages every pipeline has (preprocess, run, postprocess), `process` for all three, and
   `isolate`, which answers a batch whose forward pass failed one request at a time.
 """
@@ -70,7 +71,10 @@ def content_type_of(headers: Mapping[str, Any] | None) -> str:
     return value.split(";", 1)[0].strip().lower() if value is not None else ""
 
 
-QUERY_HEADER = "x-query-parameters"  # a prediction's raw query string (the frontend's PredictionQuery sets it)
+QUERY_HEADER = "x-query-parameters"  # a prediction's raw query string (the frontend's RequestFacts sets it)
+RECEIVED_HEADER = "x-received-ms"  # when the frontend had the whole request, ms since the epoch (RequestFacts)
+TIMEOUT_HEADER = "x-request-timeout-ms"  # the client's: how long, from its arrival, an answer is worth waiting for
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_QUERY_FIELDS = 16
 
 
@@ -92,6 +96,26 @@ def with_query(requests: list, headers: list) -> list:
                 fields[name] = value
         tagged.append({**fields, **(request or {})})
     return tagged
+
+
+def expired(headers: Mapping[str, Any] | None, now_ms: float) -> RequestError | None:
+    """A request's answer when it carries a deadline (X-Request-Timeout-Ms, counted from its arrival at the
+    frontend) that has passed by `now_ms`: 504, and it is not computed; 400 for a timeout that is not a whole number
+    of milliseconds in [1, a day]; None otherwise (no deadline, or not passed)."""
+    timeout = header(headers, TIMEOUT_HEADER)
+    if timeout is None:
+        return None
+    if not timeout.strip().isdigit() or not 1 <= int(timeout) <= MAX_TIMEOUT_MS:
+        return RequestError(400, "InvalidTimeout", f"X-Request-Timeout-Ms must be a whole number of milliseconds in "
+                                                   f"[1, {MAX_TIMEOUT_MS}], got {timeout[:40]!r}")
+    received = header(headers, RECEIVED_HEADER)
+    if received is None or not received.isdigit():
+        return None  # no arrival time from the frontend: the deadline cannot be judged here
+    waited = now_ms - int(received)
+    if waited <= int(timeout):
+        return None
+    return RequestError(504, "DeadlineExceeded", f"the request waited {waited:.0f} ms, past its deadline of "
+                                                 f"{int(timeout)} ms (X-Request-Timeout-Ms); it was not computed")
 
 
 def parse_json_body(data: str | bytes | bytearray) -> Any:

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from handlers import openai
-from handlers.requests import RequestError, content_type_of, decode_utf8, parse_json_body, request_body
+from handlers.requests import RequestError, content_type_of, decode_utf8, expired, parse_json_body, request_body
 from handlers.settings import HandlerSettings
 from models.llama import KVCache, Llama
 
@@ -366,6 +366,8 @@ class Scheduler:
     def _admit(self, rid: str, params: Mapping[str, Any], headers: Mapping[str, Any]) -> "Sequence_ | Chunk":
         """A new request's running sequence in a free slot, or its refusal (a whole answer)."""
         route = openai.route_of(headers) or NATIVE
+        if (late := expired(headers, time.time() * 1000.0)) is not None:  # its deadline passed in the queue
+            return self._refuse(route, late)
         content_type = content_type_of(params.get("body") if isinstance(params.get("body"), dict) else headers)
         if not content_type:
             content_type = content_type_of(headers)

@@ -197,3 +197,20 @@ def test_the_deadline_ends_a_sequence_with_an_error_event(decoder):
     last = sched.serve([("d", {}, headers)])[0]
     assert first.more and not last.more and b'"code": "DeadlineExceeded"' in last.body
     assert last.body.endswith(openai.DONE) and not sched.running
+
+
+def test_a_request_whose_client_deadline_passed_in_the_queue_is_refused_504_without_a_slot(decoder):
+    import time
+
+    from handlers.requests import RECEIVED_HEADER, TIMEOUT_HEADER
+
+    sched = scheduler(decoder, slots=2)
+    now = int(time.time() * 1000)
+    late = {**JSON, TIMEOUT_HEADER: "50", RECEIVED_HEADER: str(now - 1000)}
+    fresh = {**JSON, TIMEOUT_HEADER: "60000", RECEIVED_HEADER: str(now)}
+    answers = sched.serve([("late", greedy("Hi", 4), late), ("fresh", greedy("Hi", 4), fresh),
+                           ("chat", greedy("Hi", 4), {**late, openai.ROUTE_HEADER: openai.CHAT})])
+    assert [a.status for a in answers] == [504, 200, 504] and not answers[0].more and not answers[2].more
+    assert json.loads(answers[0].body)["type"] == "DeadlineExceeded"
+    assert json.loads(answers[2].body)["error"]["code"] == "DeadlineExceeded"
+    assert list(sched.running) == ["fresh"] and len(sched.free) == 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import pytest
 import requests
 
-from handlers.batch_metrics import BATCHES, REQUESTS
+from handlers.batch_metrics import BATCHES, EXPIRED, REQUESTS
 from loadtest.bench.prometheus import scrape
 from loadtest.payloads import payloads
 from models.paths import model_config_values
@@ -159,6 +160,34 @@ def test_tensor_model_answers_the_same_infer_request_at_both_routes_and_in_binar
                                         "Inference-Header-Content-Length": str(header_length)})
         assert answer.status_code == 200, answer.text
         checks(spec).assert_native([sample], [answer.json()])
+
+
+def test_a_request_whose_deadline_passed_in_the_queue_is_answered_504_uncomputed_beside_its_batch(server):
+    """X-Request-Timeout-Ms counts from the request's arrival at the frontend. 1 ms passes before any worker sees a
+    request (the batch aggregator alone waits maxBatchDelay for company), so that request gets 504 and is not
+    computed, while the neighbours of its batch are answered as alone; a malformed deadline is a 400."""
+    spec = CLASSIFIERS[0]
+    payload = payloads(spec.name, 1)[0]
+    header = {"Content-Type": payload.content_type}
+    alone = requests.post(predict_url(server, spec.name), data=payload.body, timeout=60,
+                          headers={**server.headers(), **header, "X-Request-Timeout-Ms": "60000"})
+    assert alone.status_code == 200, alone.text
+    before = scrape(server.metrics_url, spec.name, server.headers("management"))
+    jobs = [(spec.name, payload.body, {**header, "X-Request-Timeout-Ms": timeout})
+            for timeout in ("1", "60000", None, "1", "soon", "0")]
+    jobs = [(model, body, {k: v for k, v in headers.items() if v is not None}) for model, body, headers in jobs]
+    answers = post_together(server, jobs)
+    assert [a.status_code for a in answers] == [504, 200, 200, 504, 400, 400], [a.text for a in answers]
+    assert answers[0].json()["type"] == "DeadlineExceeded" and answers[4].json()["type"] == "InvalidTimeout"
+    assert answers[1].json() == answers[2].json() == alone.json()
+    for _ in range(50):  # the counters reach /metrics through the worker's metric log lines
+        seen = {k: v - before.get(k, 0.0) for k, v in
+                scrape(server.metrics_url, spec.name, server.headers("management")).items()}
+        if seen.get(EXPIRED, 0.0) >= 2 and seen.get(REQUESTS, 0.0) >= 2:
+            break
+        time.sleep(0.2)
+    # only the two with a live deadline or none were in a batch: the expired two and the malformed two never were
+    assert seen.get(EXPIRED) == 2 and seen.get(REQUESTS) == 2, seen
 
 
 def test_token_is_required(server):

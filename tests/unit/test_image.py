@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from handlers.kinds.image import ClassifierConfig, ImageClassifier, extract_image_bytes, topk_predictions
-from handlers.requests import MAX_QUERY_FIELDS, QUERY_HEADER, RequestError, content_type_of, with_query
+from handlers.requests import (MAX_QUERY_FIELDS, QUERY_HEADER, RequestError, content_type_of, expired,
+                               with_query)
 from models.preprocessing import DigitsPreset
 from models.samples import encode, render
 from tests.ops.bad_inputs import png
@@ -71,6 +72,17 @@ def test_a_predictions_query_becomes_request_fields_that_never_replace_its_body(
     assert tagged[1] == {"data": PNG, "threshold": b"form", "extra": " z"}
     assert tagged[2] is plain and len(tagged[3]) == MAX_QUERY_FIELDS + 1 and tagged[4] == {"a": "1"}
     assert extract_image_bytes(tagged[0], "image/png", max_bytes=1 << 20) == PNG
+
+
+def test_a_deadline_counts_from_the_frontends_arrival_time():
+    assert expired({}, 10_000) is None and expired({"x-received-ms": "1000"}, 10_000) is None  # no deadline
+    assert expired({"X-Request-Timeout-Ms": "500", "x-received-ms": "1000"}, 1_400) is None
+    late = expired({"X-Request-Timeout-Ms": "500", "x-received-ms": "1000"}, 1_600)
+    assert late.status == 504 and late.kind == "DeadlineExceeded" and "600 ms" in late.message
+    assert expired({"X-Request-Timeout-Ms": "500"}, 1e12) is None  # no arrival time: nothing to judge by
+    for bad in ("0", "-5", "1.5", "soon", "", str(24 * 3600 * 1000 + 1)):
+        error = expired({"x-request-timeout-ms": bad, "x-received-ms": "1000"}, 1_000)
+        assert error.status == 400 and error.kind == "InvalidTimeout", bad
 
 
 def test_topk_is_best_first_and_clipped_to_the_class_count():

@@ -37,8 +37,8 @@ import org.slf4j.LoggerFactory;
  * outbound buffer has a high water mark past which it stops being read (WRITE_HIGH). The handler chain
  * behind it is TorchServe's, built in the same order, with the OpenAI API's routes (org.servemodels.oip.OpenAiRoutes) in
  * front of it on the inference port, org.servemodels.oip.StreamEnd, which ends a streamed answer that fails
- * midway with an error chunk in the stream's own form, and org.servemodels.oip.PredictionQuery, which carries a
- * prediction's query parameters to its handler (TorchServe drops them on /predictions). Substituted for TorchServe's class at start-up by
+ * midway with an error chunk in the stream's own form, and org.servemodels.oip.RequestFacts, which tells the handler a
+ * prediction's query parameters (TorchServe drops them on /predictions) and when the request arrived. Substituted for TorchServe's class at start-up by
  * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
  */
 public class ServerInitializer extends ChannelInitializer<Channel> {
@@ -72,7 +72,7 @@ public class ServerInitializer extends ChannelInitializer<Channel> {
         pipeline.addLast("aggregator", new HttpObjectAggregator(config.getMaxRequestSize()));
         if (ConnectorType.ALL.equals(connectorType) || ConnectorType.INFERENCE_CONNECTOR.equals(connectorType)) {
             pipeline.addLast("stream-end", new org.servemodels.oip.StreamEnd());
-            pipeline.addLast("query", new org.servemodels.oip.PredictionQuery());
+            pipeline.addLast("facts", new org.servemodels.oip.RequestFacts());
             pipeline.addLast("openai", new org.servemodels.oip.OpenAiRoutes());
         }
 
