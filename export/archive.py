@@ -57,11 +57,8 @@ def signature(spec: registry.ModelSpec, manifest: dict, config: Path, serialized
     return {"platform": platform(serialized), **kind.signature(manifest, settings)}
 
 
-def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple[Path, ...] = (),
-          described: dict | None = None, sample: registry.ExampleRequest | None = None) -> Path:
-    """Lay out the files beside the handler: the modules it needs, the export's assets (a tokenizer), the
-    export manifest, the labels, the OIP signature (`described`), the example request (`sample`) and `extra`;
-    torch-model-archiver copies the folder's contents."""
+def stage_modules(staging: Path, entry_points: list[Path]) -> None:
+    """A fresh staging folder holding the modules the handler imports, at their paths in this repository."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -69,6 +66,14 @@ def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple
         target = staging / module.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(module, target)
+
+
+def stage(artifacts: Path, staging: Path, entry_points: list[Path], extra: tuple[Path, ...] = (),
+          described: dict | None = None, sample: registry.ExampleRequest | None = None) -> Path:
+    """Lay out the files beside the handler: the modules it needs, the export's assets (a tokenizer), the
+    export manifest, the labels, the OIP signature (`described`), the example request (`sample`) and `extra`;
+    torch-model-archiver copies the folder's contents."""
+    stage_modules(staging, entry_points)
     manifest = mf.read(artifacts)
     shutil.copy2(artifacts / mf.MANIFEST, staging / mf.MANIFEST)
     for path in [*(artifacts / name for name in manifest.get("assets", {})), *extra]:
@@ -159,13 +164,7 @@ def archive_generator(checkpoint: Path, out: Path, *, config: Path, name: str, k
                          "takes one decode step per call)")
     entry_points = [ROOT / handler, ROOT / kinds.module_file(kind)]
     staging = ROOT / "build" / name / "mar-extra"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    for module in handler_modules(entry_points):
-        target = staging / module.relative_to(ROOT)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(module, target)
+    stage_modules(staging, entry_points)
     for file in GENERATOR_FILES:
         shutil.copy2(checkpoint / file, staging / file)
     from models.chat import weights_file
