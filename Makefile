@@ -306,8 +306,8 @@ rules-test: | $(VENV_STAMP) prereqs-deploy ## promtool check rules + promtool te
 bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
 	$(PY) -m loadtest.bench.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
 
-chat-bench: $(TREE)model_store/chat.mar | $(VENV_STAMP) ## the chat model's time to first token and tokens/s at 1, 4, 8 and 16 streams
-	$(PY) -m loadtest.bench.chat --model chat
+chat-bench: $(TREE)model_store/chat.mar | $(VENV_STAMP) ## the chat model's time to first token and tokens/s at 1, 4, 8 and 16 streams (PEER=1: beside transformers serve at 1, 4 and 16)
+	$(PY) -m loadtest.bench.chat --model chat $(if $(PEER),--peer --streams 1 4 16)
 
 sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
 	$(PY) -m loadtest.bench.sweep --model $(MODEL) --out results/sweep

@@ -1,12 +1,20 @@
 """Streams against a served generator: time to first token and output tokens/s at several numbers of concurrent
 streams, measured side by side in one run, and each level's throughput over one stream's.
 
-    python -m loadtest.bench.chat --model chat --streams 1 4 8 16      # `make chat-bench`
+    python -m loadtest.bench.chat --model chat --streams 1 4 8 16              # `make chat-bench`
+    python -m loadtest.bench.chat --model chat --streams 1 4 16 --peer         # `make chat-bench PEER=1`
 
-Each stream asks the native route for `--answer` tokens (ignore_eos, greedy) after a prompt of `--prompt` tokens of
-real text; every level sends `rounds` waves of `streams` requests released together. The server is started here on
-free loopback ports from the build tree's model store and stopped by its PID. Peers (`transformers serve`, LitServe)
-are not driven yet.
+Each stream asks for `--answer` tokens (ignore_eos, greedy) after a prompt of `--prompt` tokens of real text; every
+level sends `rounds` waves of `streams` requests released together. The server is started here on free loopback
+ports from the build tree's model store and stopped by its PID.
+
+With `--peer`, both servers are driven the same way through the OpenAI route, POST /v1/completions with
+`"stream": true` (Server-Sent Events), one after the other in one run: ours, then `transformers serve` with its
+continuous batching on the same weights (the checkpoint's GGUF file, dequantised by transformers and saved as a
+local model folder, since `transformers serve` reads no architecture from a bare GGUF file), started here on a free
+port in a process group of its own and stopped by its PID. `transformers serve` has no ignore_eos: every answer's
+length comes from its usage, and tokens/s counts what each server really produced. LitServe is not in the locks,
+so it is not driven.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import requests
 
@@ -62,6 +72,28 @@ class ChatWorkload:
                 "stream": True}
 
 
+def openai_stream_once(url: str, headers: dict, body: dict) -> Stream:
+    """One streamed /v1/completions answer, read as Server-Sent Events; its length from the usage chunk."""
+    start = time.perf_counter()
+    first, tokens = None, None
+    with requests.post(url, json=body, headers=headers, stream=True, timeout=300) as answer:
+        answer.raise_for_status()
+        for line in answer.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[len(b"data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"{url} answered an error event: {chunk['error']}")
+            if first is None and any(c.get("text") for c in chunk.get("choices") or []):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    elapsed = time.perf_counter() - start
+    if tokens is None:
+        raise RuntimeError(f"{url} sent no usage")
+    return Stream(first if first is not None else elapsed, elapsed, tokens)
+
+
 def stream_once(url: str, headers: dict, body: dict) -> Stream:
     start = time.perf_counter()
     first = None
@@ -78,7 +110,8 @@ def stream_once(url: str, headers: dict, body: dict) -> Stream:
     return Stream(first if first is not None else elapsed, elapsed, last_line["usage"]["completion_tokens"])
 
 
-def drive(url: str, headers: dict, workload: ChatWorkload, streams: int, rounds: int) -> Level:
+def drive(url: str, headers: dict, workload: ChatWorkload, streams: int, rounds: int, *,
+          send: Callable[[str, dict, dict], Stream] = stream_once, body: dict | None = None) -> Level:
     results: list[Stream] = []
     start = time.perf_counter()
     for _ in range(rounds):
@@ -86,11 +119,126 @@ def drive(url: str, headers: dict, workload: ChatWorkload, streams: int, rounds:
 
         def one(_i: int) -> Stream:
             barrier.wait(timeout=60)
-            return stream_once(url, headers, workload.body())
+            return send(url, headers, body if body is not None else workload.body())
 
         with ThreadPoolExecutor(streams) as pool:
             results += list(pool.map(one, range(streams)))
     return Level(streams, tuple(results), time.perf_counter() - start)
+
+
+def hf_folder(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint's GGUF weights as a transformers model folder (fp32 safetensors, the tokenizer and the chat
+    template), made once per GGUF file."""
+    from models.chat import weights_file
+
+    gguf = weights_file(checkpoint)
+    stamp = out / "source.json"
+    source = {"gguf": str(gguf), "size": gguf.stat().st_size, "mtime": gguf.stat().st_mtime}
+    if stamp.exists() and json.loads(stamp.read_text()) == source:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    quantized = AutoModelForCausalLM.from_pretrained(checkpoint, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, gguf_file=gguf.name)
+    tokenizer.chat_template = json.loads((checkpoint / "chat.json").read_text())["template"]
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: saved as plain fp32
+        delattr(config, "quantization_config")
+    config.architectures = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stamp.write_text(json.dumps(source))
+    return out
+
+
+@contextmanager
+def transformers_serve(folder: Path) -> Iterator[str]:
+    """`transformers serve` (continuous batching, CPU) on a free loopback port: its base URL; stopped by its PID."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below
+    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
+               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--format", "quiet"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {proc.returncode}; see {folder / 'serve.log'}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve did not answer /health in 300 s; see {folder / 'serve.log'}")
+            time.sleep(1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def report(title: str, levels: list[Level]) -> None:
+    base = levels[0].tokens_per_s
+    print(title)
+    print(f"{'streams':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tokens/s':>9} {'x one stream':>13} "
+          f"{'tokens/answer':>14}")
+    for level in levels:
+        print(f"{level.streams:>8} {level.first_token_ms(0.5):>12.0f} {level.first_token_ms(0.99):>12.0f} "
+              f"{level.tokens_per_s:>9.1f} {level.tokens_per_s / base:>13.2f} "
+              f"{statistics.mean(r.tokens for r in level.results):>14.1f}")
+
+
+def compare_with_peer(args, workload: ChatWorkload) -> int:
+    """Ours and `transformers serve`, each alone on the host, through /v1/completions with the same bodies."""
+    from models import paths
+    from serve_config.control import Ports, start, stop
+
+    tree = paths.current()
+    body = {"prompt": workload.prompt, "max_tokens": workload.answer_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    run_dir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+    server = start(run_dir, [args.model], ports=Ports.free(), model_store=tree.model_store)
+    try:
+        url = f"{server.inference_url}/v1/completions"
+        ours_body = {**body, "model": args.model}
+        openai_stream_once(url, server.headers(), ours_body)  # warm
+        ours = [drive(url, server.headers(), workload, n, args.rounds, send=openai_stream_once, body=ours_body)
+                for n in args.streams]
+    finally:
+        stop(run_dir)
+    folder = hf_folder(tree.checkpoint(args.model), paths.ROOT / "build" / "peers" / f"{args.model}-hf")
+    with transformers_serve(folder) as base:
+        url, peer_body = f"{base}/v1/completions", {**body, "model": str(folder)}
+        openai_stream_once(url, {}, peer_body)  # loads and warms the model
+        peer = [drive(url, {}, workload, n, args.rounds, send=openai_stream_once, body=peer_body)
+                for n in args.streams]
+    print(f"{args.model}: {args.prompt}-token prompts, at most {args.answer}-token answers (greedy, no ignore_eos), "
+          f"{args.rounds} waves per level, POST /v1/completions streamed")
+    report("ours (TorchServe, the generate kind):", ours)
+    report("transformers serve --continuous-batching (the same weights, fp32):", peer)
+    print(f"{'streams':>8} {'tokens/s ours/peer':>19} {'TTFT p50 peer/ours':>19}")
+    for a, b in zip(ours, peer, strict=True):
+        print(f"{a.streams:>8} {a.tokens_per_s / b.tokens_per_s:>19.2f} {b.first_token_ms(0.5) / a.first_token_ms(0.5):>19.2f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--answer", type=int, default=64)
+    parser.add_argument("--peer", action="store_true", help="also drive `transformers serve` on the same weights")
     args = parser.parse_args(argv)
     workload = ChatWorkload(args.prompt, args.answer)
+    if args.peer:
+        return compare_with_peer(args, workload)
     run_dir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
     server = start(run_dir, [args.model], ports=Ports.free(), model_store=paths.current().model_store)
     try:
@@ -113,12 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         levels = [drive(url, server.headers(), workload, n, args.rounds) for n in args.streams]
     finally:
         stop(run_dir)
-    base = levels[0].tokens_per_s
-    print(f"{args.model}: {args.prompt}-token prompts, {args.answer}-token answers, {args.rounds} waves per level")
-    print(f"{'streams':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tokens/s':>9} {'x one stream':>13}")
-    for level in levels:
-        print(f"{level.streams:>8} {level.first_token_ms(0.5):>12.0f} {level.first_token_ms(0.99):>12.0f} "
-              f"{level.tokens_per_s:>9.1f} {level.tokens_per_s / base:>13.2f}")
+    report(f"{args.model}: {args.prompt}-token prompts, {args.answer}-token answers, {args.rounds} waves per level",
+           levels)
     print(f"mean stream time at {levels[-1].streams}: {statistics.mean(r.seconds for r in levels[-1].results):.2f} s")
     return 0
 
