@@ -98,24 +98,53 @@ def with_query(requests: list, headers: list) -> list:
     return tagged
 
 
-def expired(headers: Mapping[str, Any] | None, now_ms: float) -> RequestError | None:
-    """A request's answer when it carries a deadline (X-Request-Timeout-Ms, counted from its arrival at the
-    frontend) that has passed by `now_ms`: 504, and it is not computed; 400 for a timeout that is not a whole number
-    of milliseconds in [1, a day]; None otherwise (no deadline, or not passed)."""
-    timeout = header(headers, TIMEOUT_HEADER)
-    if timeout is None:
+def _oip_parameters(request: Mapping[str, Any] | None, header_length: int | None) -> Mapping[str, Any] | None:
+    """An OIP infer request's `parameters`, read without decoding its tensors (TorchServe has parsed a JSON body;
+    the binary extension's JSON header is read alone); None for any other request, or one that does not parse
+    (the pipeline answers that)."""
+    body = (request or {}).get("body")
+    if isinstance(body, dict):
+        value = body if "inputs" in body else None
+    elif header_length is not None and 0 < header_length <= 1 << 16 and isinstance(body, (bytes, bytearray)):
+        try:
+            value = json.loads(bytes(body[:header_length]))
+        except (ValueError, RecursionError):
+            return None
+    else:
         return None
-    if not timeout.strip().isdigit() or not 1 <= int(timeout) <= MAX_TIMEOUT_MS:
-        return RequestError(400, "InvalidTimeout", f"X-Request-Timeout-Ms must be a whole number of milliseconds in "
-                                                   f"[1, {MAX_TIMEOUT_MS}], got {timeout[:40]!r}")
+    parameters = value.get("parameters") if isinstance(value, dict) else None
+    return parameters if isinstance(parameters, dict) else {} if isinstance(value, dict) else None
+
+
+def expired(headers: Mapping[str, Any] | None, now_ms: float, request: Mapping[str, Any] | None = None,
+            header_length: int | None = None) -> RequestError | None:
+    """A request's answer when it carries a deadline that has passed by `now_ms`, counted from its arrival at the
+    frontend: 504, and it is not computed. The deadline is X-Request-Timeout-Ms (milliseconds), or else an OIP
+    request's `parameters.timeout` (microseconds, as Triton's clients send it). 400 for a value that is not a
+    whole number in [1 ms, a day]; None otherwise (no deadline, or not passed). An OIP request's errors are in
+    OIP's form."""
+    parameters = _oip_parameters(request, header_length)
+    oip = parameters is not None
+    if (timeout := header(headers, TIMEOUT_HEADER)) is not None:
+        where, scale = "X-Request-Timeout-Ms", 1.0
+        valid = timeout.strip().isdigit() and 1 <= int(timeout) <= MAX_TIMEOUT_MS
+    elif oip and "timeout" in parameters:
+        timeout, where, scale = parameters["timeout"], "parameters.timeout (microseconds)", 1000.0
+        valid = isinstance(timeout, int) and not isinstance(timeout, bool) and 1 <= timeout <= MAX_TIMEOUT_MS * 1000
+    else:
+        return None
+    if not valid:
+        return RequestError(400, "InvalidTimeout", f"{where} must be a whole number in [1 ms, "
+                                                   f"{MAX_TIMEOUT_MS} ms], got {str(timeout)[:40]!r}", oip=oip)
+    deadline_ms = int(timeout) / scale
     received = header(headers, RECEIVED_HEADER)
     if received is None or not received.isdigit():
         return None  # no arrival time from the frontend: the deadline cannot be judged here
     waited = now_ms - int(received)
-    if waited <= int(timeout):
+    if waited <= deadline_ms:
         return None
     return RequestError(504, "DeadlineExceeded", f"the request waited {waited:.0f} ms, past its deadline of "
-                                                 f"{int(timeout)} ms (X-Request-Timeout-Ms); it was not computed")
+                                                 f"{deadline_ms:g} ms ({where}); it was not computed", oip=oip)
 
 
 def parse_json_body(data: str | bytes | bytearray) -> Any:

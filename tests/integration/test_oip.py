@@ -165,6 +165,29 @@ def test_requested_outputs_alone_are_answered_in_order(server, spec):
     assert [o["name"] for o in reply["outputs"]] == wanted
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritons_timeout_parameter_is_a_deadline_the_queue_can_pass(server, binary):
+    """Triton's client sends `timeout` (microseconds) in the request's parameters, JSON or in the binary extension's
+    header: 1 us passes before any worker sees the request (504 in OIP's form, not computed); a minute does not."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    spec = CLASSIFIERS[0]
+    rows = Rows(spec, server)
+    client = httpclient.InferenceServerClient(server.inference_url.removeprefix("http://"), network_timeout=60)
+    tensors = []
+    for name, datatype, array in rows.inputs(binary=binary):
+        tensor = httpclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        tensors.append(tensor)
+    with pytest.raises(InferenceServerException) as late:
+        client.infer(spec.name, tensors, timeout=1, headers=dict(server.headers()))
+    assert late.value.status() == "504" and "past its deadline" in late.value.message(), late.value
+    answer = client.infer(spec.name, tensors, timeout=60_000_000, headers=dict(server.headers()))
+    rows.assert_matches({o["name"]: answer.as_numpy(o["name"]) for o in answer.get_response()["outputs"]},
+                        rows.native())
+
+
 def test_a_request_of_more_rows_than_a_forward_pass_holds_is_split(server):
     """max_rows_per_pass bounds a forward pass (verified batch sizes); a request of more rows is still answered,
     every row."""

@@ -85,6 +85,22 @@ def test_a_deadline_counts_from_the_frontends_arrival_time():
         assert error.status == 400 and error.kind == "InvalidTimeout", bad
 
 
+def test_an_oip_requests_timeout_parameter_is_a_deadline_in_microseconds():
+    arrived = {"x-received-ms": "1000"}
+    infer = {"body": {"inputs": [], "parameters": {"timeout": 500_000}}}  # 500 ms, as Triton's clients send it
+    assert expired(arrived, 1_400, infer) is None
+    late = expired(arrived, 1_600, infer)
+    assert late.status == 504 and late.oip and json.loads(late.body()) == {"error": late.message}
+    assert expired({**arrived, "x-request-timeout-ms": "5000"}, 1_600, infer) is None  # the header comes first
+    assert expired(arrived, 1e12, {"body": {"inputs": []}}) is None and expired(arrived, 1e12, {"body": b"x"}) is None
+    header = json.dumps({"inputs": [], "parameters": {"timeout": 1000}}).encode()
+    binary = {"body": header + b"\0" * 16}
+    assert expired(arrived, 1_002, binary, len(header)).status == 504 and expired(arrived, 1_002, binary) is None
+    for bad in (0, -1, 1.5, "500", True, 24 * 3600 * 10**6 + 1):
+        error = expired(arrived, 1_000, {"body": {"inputs": [], "parameters": {"timeout": bad}}})
+        assert error.status == 400 and error.kind == "InvalidTimeout" and error.oip, bad
+
+
 def test_topk_is_best_first_and_clipped_to_the_class_count():
     probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
     top = topk_predictions(probs, ["a", "b", "c"], k=5)
