@@ -99,17 +99,28 @@ def with_query(requests: list, headers: list) -> list:
 
 
 def _oip_parameters(request: Mapping[str, Any] | None, header_length: int | None) -> Mapping[str, Any] | None:
-    """An OIP infer request's `parameters`, read without decoding its tensors (TorchServe has parsed a JSON body;
-    the binary extension's JSON header is read alone); None for any other request, or one that does not parse
-    (the pipeline answers that)."""
+    """An OIP infer request's `parameters`, read without decoding its tensors: TorchServe has parsed a JSON body
+    sent as application/json; the binary extension's JSON header is read alone; a JSON body sent with no media type
+    (Triton's client sends none) is parsed here only when its bytes name a timeout. None for any other request, or
+    one that does not parse (the pipeline answers that)."""
     body = (request or {}).get("body")
     if isinstance(body, dict):
         value = body if "inputs" in body else None
-    elif header_length is not None and 0 < header_length <= 1 << 16 and isinstance(body, (bytes, bytearray)):
+    elif not isinstance(body, (bytes, bytearray)):
+        return None
+    elif header_length is not None:
+        if not 0 < header_length <= 1 << 16:
+            return None
         try:
             value = json.loads(bytes(body[:header_length]))
         except (ValueError, RecursionError):
             return None
+    elif b'"timeout"' in body and looks_like_json(body):
+        try:
+            value = json.loads(bytes(body))
+        except (ValueError, RecursionError):
+            return None
+        value = value if isinstance(value, dict) and "inputs" in value else None
     else:
         return None
     parameters = value.get("parameters") if isinstance(value, dict) else None

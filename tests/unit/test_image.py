@@ -93,6 +93,9 @@ def test_an_oip_requests_timeout_parameter_is_a_deadline_in_microseconds():
     assert late.status == 504 and late.oip and json.loads(late.body()) == {"error": late.message}
     assert expired({**arrived, "x-request-timeout-ms": "5000"}, 1_600, infer) is None  # the header comes first
     assert expired(arrived, 1e12, {"body": {"inputs": []}}) is None and expired(arrived, 1e12, {"body": b"x"}) is None
+    untyped = {"body": json.dumps({"inputs": [], "parameters": {"timeout": 500_000}}).encode()}  # Triton's client
+    assert expired(arrived, 1_400, untyped) is None and expired(arrived, 1_600, untyped).status == 504
+    assert expired(arrived, 1e12, {"body": b'{"inputs": [], "id": "no deadline"}'}) is None
     header = json.dumps({"inputs": [], "parameters": {"timeout": 1000}}).encode()
     binary = {"body": header + b"\0" * 16}
     assert expired(arrived, 1_002, binary, len(header)).status == 504 and expired(arrived, 1_002, binary) is None
