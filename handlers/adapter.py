@@ -136,10 +136,11 @@ class PipelineHandler(BaseHandler):
             return self.generation.handle(data, context)
         clock = StageClock()
         headers = [context.get_all_request_header(idx) for idx in range(len(data))]
+        types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
         # each request's answer: a request whose deadline passed while it queued gets its 504 now and the batch goes
         # on without it; the others' are filled in below
-        types, lengths = content_types(context, len(data)), header_lengths(context, len(data))
-        outcome = [expired(h, time.time() * 1000.0, request, length)
+        now_ms = time.time() * 1000.0
+        outcome = [expired(h, now_ms, request, length)
                    for h, request, length in zip(headers, data, lengths, strict=True)]
         live = [idx for idx, error in enumerate(outcome) if error is None]
         late = sum(1 for error in outcome if error is not None and error.status == 504)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from handlers.requests import RequestError
+from handlers.requests import RequestError, header
 
 ROUTE_HEADER = "x-openai-route"
 CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
@@ -33,10 +33,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 
 def route_of(headers: Mapping[str, Any] | None) -> str | None:
     """The OpenAI route a request came in on (the frontend's header), or None for any other route."""
-    for key, value in (headers or {}).items():
-        if key.lower() == ROUTE_HEADER and value in ROUTES:
-            return value
-    return None
+    route = header(headers, ROUTE_HEADER)
+    return route if route in ROUTES else None
 
 
 ROUTE_KEY = "openai-route"  # where the adapter puts a request's route beside its body (tag_routes)

@@ -100,9 +100,9 @@ def with_query(requests: list, headers: list) -> list:
 
 def _oip_parameters(request: Mapping[str, Any] | None, header_length: int | None) -> Mapping[str, Any] | None:
     """An OIP infer request's `parameters`, read without decoding its tensors: TorchServe has parsed a JSON body
-    sent as application/json; the binary extension's JSON header is read alone; a JSON body sent with no media type
-    (Triton's client sends none) is parsed here only when its bytes name a timeout. None for any other request, or
-    one that does not parse (the pipeline answers that)."""
+    sent as application/json; the binary extension's JSON header, and a JSON body sent with no media type (Triton's
+    client sends none), are parsed here only when their bytes name a timeout (else the binary request's are {}: only
+    a timeout is read here). None for any other request, or one that does not parse (the pipeline answers that)."""
     body = (request or {}).get("body")
     if isinstance(body, dict):
         value = body if "inputs" in body else None
@@ -111,8 +111,11 @@ def _oip_parameters(request: Mapping[str, Any] | None, header_length: int | None
     elif header_length is not None:
         if not 0 < header_length <= 1 << 16:
             return None
+        head = bytes(body[:header_length])
+        if b'"timeout"' not in head:
+            return {}  # the pipeline parses the header once; here it matters only when it names a timeout
         try:
-            value = json.loads(bytes(body[:header_length]))
+            value = json.loads(head)
         except (ValueError, RecursionError):
             return None
     elif b'"timeout"' in body and looks_like_json(body):

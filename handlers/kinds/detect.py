@@ -22,8 +22,8 @@ padding: zero boxes and scores, empty labels. The model metadata says so (each o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np

@@ -157,14 +157,13 @@ def hf_folder(checkpoint: Path, out: Path) -> Path:
 def transformers_serve(folder: Path) -> Iterator[str]:
     """`transformers serve` (continuous batching, CPU) on a free loopback port: its base URL; stopped by its PID."""
     import os
-    import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from serve_config.control import end_group
+    from serve_config.fleet import free_port
+
+    port = free_port()
     log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below
     command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
                "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--format", "quiet"]
@@ -186,13 +185,8 @@ def transformers_serve(folder: Path) -> Iterator[str]:
             time.sleep(1)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        end_group(proc.pid, timeout=30)  # its own process group, by its PID
+        proc.wait()
         log.close()
 
 
