@@ -21,9 +21,9 @@ from typing import Sequence
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import kinds, oip, openai
+from handlers import cache, kinds, oip, openai
 from handlers.batch_metrics import StageClock, publish
-from handlers.requests import Pipeline, RequestError, content_type_of, expired, with_query
+from handlers.requests import REQUEST_ID_HEADER, Pipeline, RequestError, content_type_of, expired, header, with_query
 from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,20 @@ def header_lengths(context, count: int) -> list[int | None]:
 VERSION_HEADER = "X-Model-Version"
 
 
-def answer_all(context, results: Sequence[str | oip.BinaryAnswer | RequestError], version: str | None = None
-               ) -> list[str | bytes]:
+def answer_all(context, results: Sequence[str | oip.BinaryAnswer | RequestError], version: str | None = None,
+               cached: Sequence[str | None] | None = None) -> list[str | bytes]:
     """Set each request's status, content type (JSON; raw bytes with Inference-Header-Content-Length for an OIP
-    answer in the binary extension) and (given `version`) the X-Model-Version header that says which version of
-    the model answered it, on a TorchServe context; return the bodies."""
+    answer in the binary extension), (given `version`) the X-Model-Version header that says which version of
+    the model answered it and (given `cached`) the X-Cache header that says whether the response cache answered
+    it, on a TorchServe context; return the bodies."""
     answers: list[str | bytes] = []
     for idx, result in enumerate(results):
         binary = isinstance(result, oip.BinaryAnswer)
         context.set_response_content_type(idx, "application/octet-stream" if binary else "application/json")
         if version is not None:
             context.set_response_header(idx, VERSION_HEADER, version)
+        if cached is not None and cached[idx] is not None:
+            context.set_response_header(idx, cache.STATUS_HEADER, cached[idx])
         if isinstance(result, RequestError):
             context.set_response_status(result.status, result.phrase, idx)
             answers.append(result.body())
@@ -75,6 +78,22 @@ def answer_all(context, results: Sequence[str | oip.BinaryAnswer | RequestError]
                 context.set_response_header(idx, oip.RESPONSE_HEADER_LENGTH, str(result.header_length))
             answers.append(result.body if binary else result)
     return answers
+
+
+def request_ids(context, headers: Sequence[dict | None]) -> list[str]:
+    """Each request's ID: its X-Request-ID, which the frontend set on every HTTP request (the client's when valid,
+    org.servemodels.oip.RequestIds), else the ID of TorchServe's job (a gRPC call's)."""
+    return [header(h, REQUEST_ID_HEADER) or context.get_request_id(idx) or "-" for idx, h in enumerate(headers)]
+
+
+def log_batch(model: str, ids: Sequence[str], answers: Sequence, cached: Sequence[str | None],
+              clock: StageClock) -> None:
+    """One worker log line per batch: each request's ID with its status (and X-Cache), so a request found in the
+    access log by its ID is found here too."""
+    each = ", ".join(f"{request_id} {answer.status if isinstance(answer, RequestError) else 200}"
+                     f"{'' if status is None else ' ' + status}"
+                     for request_id, answer, status in zip(ids, answers, cached, strict=True))
+    logger.info("%s: batch of %d in %.1f ms: %s", model, len(ids), sum(clock.ms.values()), each)
 
 
 def warm_up_with_sample(pipeline: Pipeline, model_dir: Path) -> None:
@@ -125,11 +144,13 @@ class PipelineHandler(BaseHandler):
                                              max_batch=int(properties.get("batch_size") or 1))
         self.pipeline.warm_up()
         warm_up_with_sample(self.pipeline, model_dir)
+        self.cache = cache.ResponseCache(settings.response_cache_mb << 20) if settings.response_cache_mb else None
         logger.info("%s (%s) ready on %s with %s (%d intra-op threads)", context.model_name, export_manifest["kind"],
                     self.device, type(runner).__name__, threads.intra_op)
         self.initialized = True
 
     generation: "GenerationSession | None" = None
+    cache: "cache.ResponseCache | None" = None
 
     def handle(self, data, context):
         if self.generation is not None:
@@ -140,11 +161,12 @@ class PipelineHandler(BaseHandler):
         # each request's answer: a request whose deadline passed while it queued gets its 504 now and the batch goes
         # on without it; the others' are filled in below
         now_ms = time.time() * 1000.0
-        outcome = [expired(h, now_ms, request, length)
-                   for h, request, length in zip(headers, data, lengths, strict=True)]
-        live = [idx for idx, error in enumerate(outcome) if error is None]
+        outcome: list = [expired(h, now_ms, request, length)
+                         for h, request, length in zip(headers, data, lengths, strict=True)]
         late = sum(1 for error in outcome if error is not None and error.status == 504)
         data = with_query(openai.tag_routes(data, headers), headers)
+        keys, cached, counts = self.consult_cache(outcome, headers, data, types, lengths, self.served_as(context))
+        live = [idx for idx, answer in enumerate(outcome) if answer is None]
         data, types, lengths = ([values[idx] for idx in live] for values in (data, types, lengths))
         with clock.stage("preprocess"):
             batch = self.pipeline.preprocess(data, types, lengths) if data else None
@@ -161,9 +183,41 @@ class PipelineHandler(BaseHandler):
                 results = self.pipeline.postprocess(batch, outputs) if data else []
             for idx, result in zip(live, results, strict=True):
                 outcome[idx] = result
-            answers = answer_all(context, outcome, self.served_as(context)[1])
-        publish(context.metrics, len(data), clock, expired=late)
+                if keys[idx] is not None and not isinstance(result, RequestError):
+                    counts.evicted += self.cache.put(keys[idx], result)
+            ids = request_ids(context, headers)
+            outcome = [oip.with_id(answer, request_id) for answer, request_id in zip(outcome, ids, strict=True)]
+            answers = answer_all(context, outcome, self.served_as(context)[1], cached)
+        publish(context.metrics, len(data), clock, expired=late, cache=counts)
+        log_batch(context.model_name, ids, outcome, cached, clock)
         return answers
+
+    def consult_cache(self, outcome: list, headers: list, data: list, types: list, lengths: list,
+                      served_as: tuple[str, str]) -> tuple[list, list, "cache.Counts"]:
+        """Answer from the response cache, in `outcome`, each unanswered request it holds (and its Cache-Control
+        allows); return each request's key to keep its computed answer under (None: keep nothing), its X-Cache
+        status, and the counts."""
+        keys: list[bytes | None] = [None] * len(outcome)
+        cached: list[str | None] = [None] * len(outcome)
+        counts = cache.Counts()
+        if self.cache is None:
+            return keys, cached, counts
+        for idx, answer in enumerate(outcome):
+            if answer is not None:
+                continue
+            use = cache.use_of(headers[idx])
+            key = None if use is cache.Use.NONE else cache.key_of(served_as, data[idx], types[idx], lengths[idx])
+            hit = self.cache.get(key) if key is not None and use is cache.Use.READ else None
+            if hit is not None:
+                outcome[idx], cached[idx] = hit, "HIT"
+                counts.hits += 1
+            elif use is cache.Use.READ:
+                keys[idx], cached[idx] = key, "MISS"
+                counts.misses += 1
+            else:
+                keys[idx], cached[idx] = key, "BYPASS"
+                counts.bypassed += 1
+        return keys, cached, counts
 
 
 class GenerationSession:

@@ -16,6 +16,10 @@ BATCHES = "HandlerBatches"
 REQUESTS = "HandlerBatchedRequests"
 BATCHES_BY_SIZE = "HandlerBatchesBySize"
 EXPIRED = "HandlerRequestsExpired"  # requests answered 504: their deadline passed while they queued (never computed)
+# the response cache (handlers.cache): answers given from it, computed and kept, computed at the client's word
+# (Cache-Control), and entries dropped to make room
+CACHE = {"hits": "HandlerCacheHits", "misses": "HandlerCacheMisses", "bypassed": "HandlerCacheBypassed",
+         "evicted": "HandlerCacheEvictions"}
 STAGES = ("preprocess", "inference", "postprocess")
 STAGE_MS = {stage: f"Handler{stage.capitalize()}Ms" for stage in STAGES}
 
@@ -35,15 +39,19 @@ class StageClock:
             self.ms[name] += (time.perf_counter() - start) * 1000.0
 
 
-def publish(metrics, batch_size: int, clock: StageClock, expired: int = 0) -> None:
-    """Add one batch to the counters (`expired`: its requests answered 504 unrun, not counted in its size); `metrics`
-    is TorchServe's context.metrics (None outside a worker)."""
+def publish(metrics, batch_size: int, clock: StageClock, expired: int = 0, cache=None) -> None:
+    """Add one batch to the counters (`expired`: its requests answered 504 unrun, not counted in its size; `cache`:
+    a handlers.cache.Counts, its hits not counted in the size either); `metrics` is TorchServe's context.metrics
+    (None outside a worker)."""
     if metrics is None:
         return
     from ts.metrics.dimension import Dimension
 
     if expired:
         metrics.add_counter(EXPIRED, expired)
+    for field, name in CACHE.items():
+        if cache is not None and (count := getattr(cache, field)):
+            metrics.add_counter(name, count)
     if not batch_size:
         return
 

@@ -270,6 +270,31 @@ def raw_bytes(tensor: Tensor) -> bytes:
     return np.ascontiguousarray(tensor.data, dtype=np.dtype(NUMERIC[tensor.datatype]).newbyteorder("<")).tobytes()
 
 
+ANSWER_HEAD = '{"model_name": '  # how every infer response of response() begins
+OUTPUTS_KEY = ', "outputs": ['
+
+
+def with_id(answer: Any, request_id: str) -> Any:
+    """An infer response (response()'s form) that has no id, given `request_id` as its id, as KServe's servers do
+    when the request names none; any other answer unchanged. Only the answer's JSON head is read: its keys come in
+    response()'s order (model_name, model_version, id, outputs)."""
+    binary = isinstance(answer, BinaryAnswer)
+    text = answer.body[:answer.header_length].decode("utf-8") if binary else answer
+    if not isinstance(text, str) or not text.startswith(ANSWER_HEAD) or (cut := text.find(OUTPUTS_KEY)) < 0:
+        return answer
+    try:
+        head = json.loads(text[:cut] + "}")
+    except ValueError:
+        return answer
+    if "id" in head:
+        return answer
+    text = f"{text[:cut]}, \"id\": {json.dumps(request_id)}{text[cut:]}"
+    if not binary:
+        return text
+    header = text.encode("utf-8")
+    return BinaryAnswer(header + answer.body[answer.header_length:], len(header))
+
+
 def response(model_name: str, model_version: str, request: InferRequest, outputs: Sequence[Tensor]) -> str | BinaryAnswer:
     """The infer response: the model, the request's id echoed, and the outputs asked for, in order; JSON, or a
     BinaryAnswer when the request asked for any output in binary."""

@@ -71,6 +71,7 @@ def content_type_of(headers: Mapping[str, Any] | None) -> str:
     return value.split(";", 1)[0].strip().lower() if value is not None else ""
 
 
+REQUEST_ID_HEADER = "x-request-id"  # the request's ID: the client's when valid, else the frontend's (RequestIds)
 QUERY_HEADER = "x-query-parameters"  # a prediction's raw query string (the frontend's RequestFacts sets it)
 RECEIVED_HEADER = "x-received-ms"  # when the frontend had the whole request, ms since the epoch (RequestFacts)
 TIMEOUT_HEADER = "x-request-timeout-ms"  # the client's: how long, from its arrival, an answer is worth waiting for

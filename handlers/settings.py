@@ -18,17 +18,24 @@ class HandlerSettings:
 
     `intra_op_threads`: the parallelism of one forward pass. `precision: fp16` runs the model in half
     precision on a GPU (ignored on a CPU, where it would be slower); `allow_tf32` lets CUDA matmuls and
-    convolutions use TF32 (off: parity with the verified fp32 export depends on it)."""
+    convolutions use TF32 (off: parity with the verified fp32 export depends on it). `response_cache_mb`: each
+    worker keeps this many MiB of answers to requests it has answered (handlers.cache); 0, the default, keeps none.
+    Setting it says the model's answer is a function of its request alone."""
 
     intra_op_threads: int = 1
     precision: str = "fp32"
     allow_tf32: bool = False
+    response_cache_mb: int = 0
+
+    MAY_BE_ZERO = frozenset({"response_cache_mb"})  # int fields where 0 means off
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"handler.{f.name} must be a positive integer, got {value!r}")
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)
+                                    or value < (0 if f.name in self.MAY_BE_ZERO else 1)):
+                least = "a whole number, 0 or more" if f.name in self.MAY_BE_ZERO else "a positive integer"
+                raise ValueError(f"handler.{f.name} must be {least}, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"handler.{f.name} must be true or false, got {value!r}")
         if self.precision not in PRECISIONS:

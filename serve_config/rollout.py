@@ -35,6 +35,7 @@ import zipfile
 from pathlib import Path
 
 import requests
+import yaml
 
 from export.manifest import MAR_MANIFEST, ArchiveError, archive_model, check_archive, write_archive_digest
 from models import durable
@@ -60,9 +61,14 @@ def archive_version(mar: Path) -> str:
         return str(archive_model(archive)["modelVersion"])
 
 
-def versioned_copy(source: Path, dest: Path, version: str) -> Path:
+def versioned_copy(source: Path, dest: Path, version: str, *, handler: dict | None = None) -> Path:
     """`source`, an archive already checked (check_archive), rewritten to `dest` with `version` in its MANIFEST
-    (every other member unchanged), with its own sha256 record."""
+    and (given `handler`) these settings in its model-config YAML's `handler:` section (every other member
+    unchanged), with its own sha256 record."""
+    with zipfile.ZipFile(source) as src:
+        config_name = archive_model(src).get("configFile")
+    if handler and not config_name:
+        raise ArchiveError(f"{source}: no model-config YAML to change")
     with durable.replacing(dest) as tmp:
         with zipfile.ZipFile(source) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
             for info in src.infolist():
@@ -71,6 +77,10 @@ def versioned_copy(source: Path, dest: Path, version: str) -> Path:
                     manifest = json.loads(data)
                     manifest["model"]["modelVersion"] = version
                     data = json.dumps(manifest, indent=2).encode()
+                elif handler and info.filename == config_name:
+                    config = yaml.safe_load(data) or {}
+                    config["handler"] = {**(config.get("handler") or {}), **handler}
+                    data = yaml.safe_dump(config, sort_keys=False).encode()
                 out.writestr(info, data)
     write_archive_digest(dest)
     return dest

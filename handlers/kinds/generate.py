@@ -57,6 +57,9 @@ class Settings(HandlerSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.response_cache_mb:
+            raise ValueError("handler.response_cache_mb: a generator's answers are sampled, not a function of the "
+                             "request alone; it keeps no response cache (remove the setting)")
         if self.default_max_tokens > self.max_new_tokens:
             raise ValueError(f"handler.default_max_tokens ({self.default_max_tokens}) must be at most "
                              f"handler.max_new_tokens ({self.max_new_tokens})")

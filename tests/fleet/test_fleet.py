@@ -68,6 +68,29 @@ def test_the_balancer_authenticates_and_its_errors_are_json(fleet):
     assert all(r.server.token_auth() for r in fleet.replicas)
 
 
+def test_request_ids_cross_the_balancer_both_ways_and_its_own_answers_carry_them(fleet):
+    """A valid client X-Request-ID goes through to the replica and back; without one (or with an invalid one) the
+    balancer makes one, which the replica keeps, logs and answers with; the balancer's refusals carry the ID too."""
+    body, headers = sample()
+    url = f"{fleet.url}/predictions/{MODEL}"
+    mine = requests.post(url, data=body, headers={**headers, **fleet.headers(), "X-Request-ID": "through-1"},
+                         timeout=30)
+    assert mine.status_code == 200 and mine.headers["X-Request-ID"] == "through-1"
+    made = [requests.post(url, data=body, headers={**headers, **fleet.headers(), **extra}, timeout=30)
+            for extra in ({}, {}, {"X-Request-ID": "x" * 200})]
+    ids = [a.headers["X-Request-ID"] for a in made]
+    assert all(a.status_code == 200 for a in made) and len(set(ids)) == 3 and "x" * 200 not in ids, ids
+    logs = [(r.server.run_dir / "logs" / "access_log.log") for r in fleet.replicas]
+    for _ in range(50):  # the replica's access log names the balancer's ID: it kept it
+        if all(any(f"id={i}" in log.read_text(errors="replace") for log in logs if log.exists()) for i in ids):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the replicas' access logs do not name {ids}")
+    refused = requests.post(url, data=body, headers={**headers, "X-Request-ID": "refused-1"}, timeout=30)
+    assert refused.status_code == 401 and refused.headers["X-Request-ID"] == "refused-1"
+
+
 def test_the_open_inference_protocol_metadata_and_readiness_answer_through_the_balancer(fleet):
     """Every replica runs the frontend plugin: through HAProxy, with the fleet's token, a real client gets the
     model's metadata and readiness as from one server."""

@@ -18,11 +18,18 @@ from tests.kinds import checks, scene
 from tests.kinds.scene import SCENE_KINDS
 
 
-def load_handler(spec, tmp_path):
-    """Unpack the built archive and instantiate its handler as TorchServe's model loader would."""
+def load_handler(spec, tmp_path, **handler_settings):
+    """Unpack the built archive and instantiate its handler as TorchServe's model loader would (with
+    `handler_settings` changed in the archive's model-config YAML)."""
     model_dir = tmp_path / spec.name
     with zipfile.ZipFile(built(TREE.archive(spec.name))) as mar:
         mar.extractall(model_dir)
+    if handler_settings:
+        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        config_file = model_dir / manifest["model"]["configFile"]
+        config = yaml.safe_load(config_file.read_text())
+        config["handler"] = {**config.get("handler", {}), **handler_settings}
+        config_file.write_text(yaml.safe_dump(config))
     return initialize(spec.name, model_dir)
 
 
@@ -193,3 +200,51 @@ def test_scene_batch_of_many_sizes_and_bad_requests_each_get_their_own_answer(sp
             continue
         sample = next(good)
         scene.same(spec, json.loads(answer), reference.answer(sample.body, sample.content_type))
+
+
+@pytest.mark.parametrize("spec", [group[0] for group in (CLASSIFIERS, EMBEDDERS, TENSORS) if group],
+                         ids=lambda s: s.name)
+def test_response_cache_answers_a_repeat_uncomputed_with_the_computed_answer(spec, tmp_path):
+    """With response_cache_mb set, a repeated request is answered from the worker's cache (X-Cache: HIT) with the
+    bytes it was first answered with, and never reaches the model; Cache-Control no-cache computes it again, no-store
+    keeps nothing; a refused request is never kept; another version of the model shares no entry."""
+    handler, context = load_handler(spec, tmp_path, response_cache_mb=1)
+    computed = []
+    run = handler.pipeline.run
+    handler.pipeline.run = lambda batch: computed.append(batch) or run(batch)
+    samples = payloads(spec.name, 3)
+    request = [{"body": s.body} for s in samples]
+    header = [{"body": {"content-type": s.content_type}} for s in samples]
+
+    def status(idx):
+        return context.get_response_status(idx)[0], context.get_response_headers(idx).get("X-Cache")
+
+    first = []
+    for one, its_header in zip(request, header):  # each alone: a batch's padding may move an embedding's last digit
+        first += call(handler, context, [one], [its_header])
+        assert status(0) == (200, "MISS")
+    assert len(computed) == 3
+    again = call(handler, context, request[::-1], header[::-1])
+    assert again == first[::-1] and [status(i) for i in range(3)] == [(200, "HIT")] * 3
+    assert len(computed) == 3, "a cached answer was computed again"
+
+    for directive, label in (("no-cache", "BYPASS"), ("no-store", "BYPASS"), ("max-age=0, No-Cache", "BYPASS")):
+        answer = call(handler, context, request[:1], [{**header[0], "Cache-Control": directive}])
+        assert answer == first[:1] and status(0) == (200, label)
+    assert len(computed) == 6
+    assert call(handler, context, request[:1], header[:1]) == first[:1] and status(0) == (200, "HIT")
+
+    fresh = payloads(spec.name, 4)[3]
+    call(handler, context, [{"body": fresh.body}], [{"body": {"content-type": fresh.content_type}, "Cache-Control": "no-store"}])
+    call(handler, context, [{"body": fresh.body}], [{"body": {"content-type": fresh.content_type}}])
+    assert status(0) == (200, "MISS"), "a no-store answer was kept"
+
+    bad = [{"body": b"\xff not what the model reads"}]
+    bad_header = [{"body": {"content-type": samples[0].content_type}}]
+    for _ in range(2):
+        (refused,) = call(handler, context, bad, bad_header)
+        assert 400 <= context.get_response_status(0)[0] < 500 and status(0)[1] == "MISS", refused
+
+    context.manifest["model"]["modelVersion"] = "2.0"  # what the next version's worker would be served as
+    assert call(handler, context, request[:1], header[:1]) == first[:1] and status(0) == (200, "MISS")
+    assert len(handler.cache) > 0 and handler.cache.bytes <= handler.cache.max_bytes

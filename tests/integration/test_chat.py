@@ -89,6 +89,17 @@ def test_the_openai_client_lists_chats_and_completes_whole_and_streamed(client):
     assert seeded[0] == seeded[1]
 
 
+def test_a_stream_answers_with_the_clients_request_id_on_both_routes(chat_server):
+    """X-Request-ID (org.servemodels.oip.RequestIds) is on the head of a streamed answer, SSE and native alike."""
+    body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    for url, request_id in ((f"{chat_server.inference_url}/v1/chat/completions", "sse-1"),
+                            (f"{chat_server.inference_url}/predictions/{TINY}", "lines-1")):
+        with requests.post(url, json=body, stream=True, timeout=120,
+                           headers={**chat_server.headers(), "X-Request-ID": request_id}) as stream:
+            assert stream.status_code == 200 and stream.headers["X-Request-ID"] == request_id
+            assert len(b"".join(stream.iter_content(None))) > 0
+
+
 def test_errors_come_as_openai_error_objects_with_their_statuses(client, chat_server):
     import openai
 

@@ -218,3 +218,24 @@ def test_a_pipeline_answers_binary_outputs_beside_json_ones_in_one_batch(classif
     got, expected = _read_by_triton(binary), _read_by_triton(plain)
     for name in ("label", "index", "score"):
         assert np.array_equal(_output(got, name), _output(expected, name)), name
+
+
+def test_an_answer_without_an_id_takes_the_request_id_and_one_with_an_id_keeps_it():
+    """KServe's servers answer a request that names no id with one of theirs: here the request's X-Request-ID
+    (handlers.adapter). JSON and binary answers alike; errors and native answers are left alone."""
+    outputs = [oip.Tensor("y", "FP32", (1, 2), np.array([[1.5, -2.0]], dtype=np.float32))]
+    plain = oip.parse(infer([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]))
+    named = oip.parse(infer([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], id="client-1"))
+    answer = oip.with_id(oip.response("m", "1", plain, outputs), "req-7")
+    assert json.loads(answer) == {"model_name": "m", "model_version": "1", "id": "req-7",
+                                  "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [1.5, -2.0]}]}
+    kept = oip.with_id(oip.response("m", "1", named, outputs), "req-7")
+    assert json.loads(kept)["id"] == "client-1"
+    binary = oip.parse(infer([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}],
+                             parameters={"binary_data_output": True}))
+    raw = oip.response("m", "1", binary, outputs)
+    stamped = oip.with_id(raw, 'a"b')
+    head = json.loads(stamped.body[:stamped.header_length])
+    assert head["id"] == 'a"b' and stamped.body[stamped.header_length:] == raw.body[raw.header_length:]
+    for other in ('{"error": "no"}', '[{"label": "7", "score": 0.9}]', RequestError(400, "X", "no")):
+        assert oip.with_id(other, "req-7") is other

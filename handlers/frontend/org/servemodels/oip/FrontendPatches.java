@@ -13,7 +13,7 @@ import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
 
 /**
- * A Java agent (`-javaagent:oip-endpoint.jar` in the frontend's vmargs) that substitutes our versions of five
+ * A Java agent (`-javaagent:oip-endpoint.jar` in the frontend's vmargs) that substitutes our versions of six
  * TorchServe classes (handlers/frontend/patch) for its own when they load:
  *
  * <ul>
@@ -26,7 +26,10 @@ import java.util.concurrent.ConcurrentHashMap;
  *       against one budget of bytes before they are read;
  *   <li>TokenAuthorization: a key file found at start-up is kept (a restarted frontend keeps its clients' keys, a
  *       fleet seeds its replicas' keys), keys are 32 random bytes, compared in constant time;
- *   <li>GRPCInterceptor: gRPC request messages are admitted against the same byte budget (GrpcAdmission).
+ *   <li>GRPCInterceptor: gRPC request messages are admitted against the same byte budget (GrpcAdmission), and each
+ *       call keeps its client's x-request-id and answers with its ID;
+ *   <li>Session: a request's ID is the one RequestIds chose (the client's X-Request-ID when valid), printed in the
+ *       access log, instead of a UUID of its own.
  * </ul>
  *
  * A class is substituted only when TorchServe's is byte for byte the one its replacement was written for
@@ -43,13 +46,15 @@ public final class FrontendPatches {
     static final String CHANNELS = "org/pytorch/serve/ServerInitializer";
     static final String TOKENS = "org/pytorch/serve/util/TokenAuthorization";
     static final String GRPC_CALLS = "org/pytorch/serve/grpcimpl/GRPCInterceptor";
+    static final String SESSIONS = "org/pytorch/serve/http/Session";
     // class -> sha256 of TorchServe 0.12.0's bytes of it
     static final Map<String, String> REPLACES = Map.of(
             CHAIN, "fb9677e4e8354e653d69114cede4a86a99da02dfd7d4f12ec2613523f1625927",
             ARCHIVES, "53a63f5dc14488648c078aa9ac2e3052884c8d9ef8198314d5faf9ede88ec1bd",
             CHANNELS, "096cdc16ec94359c5bafd0fddf4443e3d9a8c7656863d0b57bf1586fd2f8f700",
             TOKENS, "e6b5b9cedfb53c962d1c1e85b18e4143605860883395927df36565b76da59af8",
-            GRPC_CALLS, "43ccf60fdede17fb9194c59ccf2304d47d94a60884a0880a91595e6e33b53292");
+            GRPC_CALLS, "43ccf60fdede17fb9194c59ccf2304d47d94a60884a0880a91595e6e33b53292",
+            SESSIONS, "08cab9ac58d796c7a9553efc84e485efd299a7d75f00860395dbdc2762613181");
     static final Set<String> substituted = ConcurrentHashMap.newKeySet();
     static final Set<String> announced = ConcurrentHashMap.newKeySet();
 

@@ -24,6 +24,9 @@ import org.slf4j.Logger;
  * closes, or when its client cancels it.
  */
 public final class GrpcAdmission {
+    /** The call's request ID (org.servemodels.oip.RequestIds), in its response headers, or trailers. */
+    public static final Metadata.Key<String> ID_KEY = Metadata.Key.of(RequestIds.HEADER, Metadata.ASCII_STRING_MARSHALLER);
+
     private GrpcAdmission() {}
 
     /** Starts `call` (TorchServe's access logging on close kept), with its request messages admitted by bytes. */
@@ -44,6 +47,7 @@ public final class GrpcAdmission {
         private final Logger accessLog;
         private final AtomicLong reserved;
         private boolean closed;
+        private boolean headersSent;
 
         Counted(ServerCall<ReqT, RespT> call, Session session, Logger accessLog, AtomicLong reserved) {
             super(call);
@@ -53,11 +57,21 @@ public final class GrpcAdmission {
         }
 
         @Override
+        public synchronized void sendHeaders(Metadata headers) {
+            headersSent = true;
+            headers.put(ID_KEY, session.getRequestId());
+            super.sendHeaders(headers);
+        }
+
+        @Override
         public synchronized void close(Status status, Metadata trailers) {
             if (closed) {
                 return; // the call was refused already: TorchServe's own close after it changes nothing
             }
             closed = true;
+            if (!headersSent) { // a call answered with trailers alone (an error) carries its ID there
+                trailers.put(ID_KEY, session.getRequestId());
+            }
             session.setCode(status.getCode().value());
             accessLog.info(session.toString());
             BodyAdmission.release(reserved.getAndSet(0));

@@ -38,7 +38,8 @@ import org.slf4j.LoggerFactory;
  * behind it is TorchServe's, built in the same order, with the OpenAI API's routes (org.servemodels.oip.OpenAiRoutes) in
  * front of it on the inference port, org.servemodels.oip.StreamEnd, which ends a streamed answer that fails
  * midway with an error chunk in the stream's own form, and org.servemodels.oip.RequestFacts, which tells the handler a
- * prediction's query parameters (TorchServe drops them on /predictions) and when the request arrived. Substituted for TorchServe's class at start-up by
+ * prediction's query parameters (TorchServe drops them on /predictions) and when the request arrived; right behind the
+ * codec, org.servemodels.oip.RequestIds gives each request of every port its ID and each answer its X-Request-ID. Substituted for TorchServe's class at start-up by
  * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
  */
 public class ServerInitializer extends ChannelInitializer<Channel> {
@@ -68,6 +69,7 @@ public class ServerInitializer extends ChannelInitializer<Channel> {
         ch.config().setWriteBufferWaterMark(new WriteBufferWaterMark(WRITE_LOW, WRITE_HIGH));
         pipeline.addLast("idle", new IdleStateHandler(BodyAdmission.readTimeoutSeconds(), 0, 0, TimeUnit.SECONDS));
         pipeline.addLast("http", new HttpServerCodec());
+        pipeline.addLast("ids", new org.servemodels.oip.RequestIds());
         pipeline.addLast("admission", new BodyAdmission(connectorType));
         pipeline.addLast("aggregator", new HttpObjectAggregator(config.getMaxRequestSize()));
         if (ConnectorType.ALL.equals(connectorType) || ConnectorType.INFERENCE_CONNECTOR.equals(connectorType)) {

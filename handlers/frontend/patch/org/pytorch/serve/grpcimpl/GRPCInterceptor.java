@@ -16,7 +16,8 @@ import org.slf4j.LoggerFactory;
 
 /**
  * TorchServe 0.12.0's GRPCInterceptor (token check and access log of each gRPC call), with every request message
- * admitted against the frontend's byte budget (org.servemodels.oip.GrpcAdmission). Substituted for TorchServe's
+ * admitted against the frontend's byte budget (org.servemodels.oip.GrpcAdmission), and the call's request ID taken
+ * from its x-request-id metadata when valid (org.servemodels.oip.RequestIds), answered in its headers or trailers. Substituted for TorchServe's
  * by the frontend agent (FrontendPatches). No switch on an enum and no anonymous class here: either would compile
  * to a class file of its own, and only this one is substituted.
  */
@@ -40,15 +41,17 @@ public class GRPCInterceptor implements ServerInterceptor {
             ServerCall<ReqT, RespT> call, Metadata headers, ServerCallHandler<ReqT, RespT> next) {
         String inetSocketString = call.getAttributes().get(Grpc.TRANSPORT_ATTR_REMOTE_ADDR).toString();
         String serviceName = call.getMethodDescriptor().getFullMethodName();
-        Session session = new Session(inetSocketString, serviceName);
+        Session session = new Session(inetSocketString, serviceName, headers.get(GrpcAdmission.ID_KEY));
 
         if (TokenAuthorization.isEnabled()) {
             if (!headers.containsKey(tokenAuthHeaderKey)
                     || !checkTokenAuthorization(headers.get(tokenAuthHeaderKey))) {
+                Metadata trailers = new Metadata();
+                trailers.put(GrpcAdmission.ID_KEY, session.getRequestId());
                 call.close(
                         Status.PERMISSION_DENIED.withDescription(
                                 "Token Authorization failed. Token either incorrect, expired, or not provided correctly"),
-                        new Metadata());
+                        trailers);
                 return GrpcAdmission.nothing();
             }
         }
