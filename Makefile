@@ -69,7 +69,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
-	chat-bench cache-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
+	chat-bench cache-bench deadline-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -311,6 +311,9 @@ chat-bench: $(TREE)model_store/chat.mar | $(VENV_STAMP) ## the chat model's time
 
 cache-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## the response cache's hit path beside a computed request for MODEL (its archive with response_cache_mb set)
 	$(PY) -m loadtest.bench.cache --model $(MODEL)
+
+deadline-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## goodput (answers within their deadline) at 3x MODEL's capacity, with and without X-Request-Timeout-Ms
+	$(PY) -m loadtest.bench.deadlines --model $(MODEL)
 
 sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
 	$(PY) -m loadtest.bench.sweep --model $(MODEL) --out results/sweep
