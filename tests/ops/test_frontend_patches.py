@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import requests
 
+from loadtest.payloads import payloads
 from serve_config import control as ts
 from tests.conftest import ROOT, built
 from tests.ops.servers import store_with
@@ -28,7 +30,8 @@ def replaced() -> dict[str, str]:
     """REPLACES of the agent's source: class (a/b/C) -> the sha256 of TorchServe 0.12.0's bytes of it."""
     text = AGENT_SOURCE.read_text()
     names = dict(re.findall(r'static final String (\w+) = "([\w/]+)";', text))
-    pins = re.findall(r"(\w+), \"([0-9a-f]{64})\"", text[text.index("REPLACES = Map.of("):])
+    block = text[text.index("REPLACES = Map.of("):]
+    pins = re.findall(r"(\w+), \"([0-9a-f]{64})\"", block[:block.index(");")])
     return {names[constant]: digest for constant, digest in pins}
 
 
@@ -55,6 +58,21 @@ def test_every_patch_announces_itself_on_a_running_server(private_server, tmp_pa
     assert ready.status_code == 200 and "unpatched" not in ready.json(), ready.text
     said = re.findall(r"frontend agent: our ([\w/]+) is in force", (server.run_dir / ts.OUT_FILE).read_text())
     assert sorted(said) == sorted(replaced()), said
+    # the edited GRPCJob loads with the first gRPC prediction, and says so then
+    from loadtest.grpc_client import Client
+
+    client = Client("127.0.0.1", server.ports.grpc_inference, server.keys()["inference"])
+    try:
+        client.predict("digits", payloads("digits", 1)[0].body)
+    finally:
+        client.close()
+    for _ in range(50):
+        edits = re.findall(r"frontend agent: our edit of ([\w/]+) is in force",
+                           (server.run_dir / ts.OUT_FILE).read_text())
+        if edits:
+            break
+        time.sleep(0.1)
+    assert edits == ["org/pytorch/serve/job/GRPCJob"], edits
 
 
 def start_jvm(agent: Path, classpath: list[Path]) -> subprocess.CompletedProcess:
@@ -78,6 +96,15 @@ def test_a_replacement_missing_from_the_agent_stops_the_frontend(tmp_path):
     ran = start_jvm(tampered, [torchserve_jar()])
     assert ran.returncode != 0
     assert "cannot substitute org/pytorch/serve/ServerInitializer" in ran.stderr and "make plugin" in ran.stderr, ran.stderr
+
+
+def test_a_grpc_job_class_other_than_the_pinned_one_stops_the_frontend(tmp_path):
+    """The edited class is pinned like the substituted ones: another GRPCJob stops the JVM at start-up, named."""
+    other = tmp_path / "other-torchserve.jar"
+    with zipfile.ZipFile(torchserve_jar()) as source, zipfile.ZipFile(other, "w") as target:
+        target.writestr("org/pytorch/serve/job/GRPCJob.class", source.read("org/pytorch/serve/util/ConnectorType.class"))
+    ran = start_jvm(agent_jar(), [other, torchserve_jar()])
+    assert ran.returncode != 0 and "cannot substitute org/pytorch/serve/job/GRPCJob" in ran.stderr, ran.stderr
 
 
 def test_a_torchserve_class_other_than_the_pinned_one_stops_the_frontend(tmp_path):

@@ -32,6 +32,8 @@ import java.util.concurrent.ConcurrentHashMap;
  *       access log, instead of a UUID of its own.
  * </ul>
  *
+ * One more class, GRPCJob, is edited in one method rather than substituted (MethodEdits; EDITS lists it).
+ *
  * A class is substituted only when TorchServe's is byte for byte the one its replacement was written for
  * (TorchServe 0.12.0, whose release is final), and the agent fails closed: when a replacement is missing from the
  * jar, or TorchServe's class on the class path is not the one pinned here, premain throws, so the JVM does not
@@ -55,6 +57,13 @@ public final class FrontendPatches {
             TOKENS, "e6b5b9cedfb53c962d1c1e85b18e4143605860883395927df36565b76da59af8",
             GRPC_CALLS, "43ccf60fdede17fb9194c59ccf2304d47d94a60884a0880a91595e6e33b53292",
             SESSIONS, "08cab9ac58d796c7a9553efc84e485efd299a7d75f00860395dbdc2762613181");
+    // Classes edited in one method (MethodEdits) rather than substituted, -> the sha256 of 0.12.0's bytes of them.
+    // GRPCJob: isOpen() returns !isCancelled(), so ContinuousBatching keeps a gRPC stream while its client is there.
+    static final String GRPC_JOBS = "org/pytorch/serve/job/GRPCJob";
+    static final Map<String, String> EDITS = Map.of(
+            GRPC_JOBS, "37d38e228b6314e854c0ab05d7488eb29ade8239683289b36d027357784058ce");
+    // its isOpen()'s code in 0.12.0: aload_0; getfield #7; checkcast #65; invokevirtual #64 (isCancelled); ireturn
+    static final byte[] GRPC_JOB_IS_OPEN = MethodEdits.hex("2ab40007c00041b60040ac");
     static final Set<String> substituted = ConcurrentHashMap.newKeySet();
     static final Set<String> announced = ConcurrentHashMap.newKeySet();
 
@@ -102,6 +111,20 @@ public final class FrontendPatches {
                 }
             }
         }
+        for (String name : EDITS.keySet()) {
+            try (InputStream original = ClassLoader.getSystemResourceAsStream(name + ".class")) {
+                byte[] bytes = original == null ? new byte[0] : original.readAllBytes();
+                String digest = original == null ? "absent" : sha256(bytes);
+                if (!EDITS.get(name).equals(digest)) {
+                    throw refuse(name, "TorchServe's class has sha256 " + digest + ", not 0.12.0's " + EDITS.get(name));
+                }
+                try {
+                    replacements.put(name, MethodEdits.negateReturn(bytes, "isOpen", GRPC_JOB_IS_OPEN));
+                } catch (RuntimeException e) {
+                    throw refuse(name, "its edit does not apply: " + e.getMessage());
+                }
+            }
+        }
         instrumentation.addTransformer(new ClassFileTransformer() {
             @Override
             public byte[] transform(ClassLoader loader, String name, Class<?> redefined, ProtectionDomain domain,
@@ -111,11 +134,15 @@ public final class FrontendPatches {
                     return null;
                 }
                 String digest = sha256(original);
-                if (!REPLACES.get(name).equals(digest)) { // a class loaded from elsewhere than the jar checked
+                String pinned = REPLACES.containsKey(name) ? REPLACES.get(name) : EDITS.get(name);
+                if (!pinned.equals(digest)) { // a class loaded from elsewhere than the jar checked
                     System.err.println(refuse(name, "the class loaded has sha256 " + digest).getMessage());
                     Runtime.getRuntime().halt(78);
                 }
                 substituted.add(name);
+                if (EDITS.containsKey(name)) { // an edited class has no code of ours to announce itself with
+                    System.err.println("frontend agent: our edit of " + name + " is in force");
+                }
                 return replacement;
             }
         });
