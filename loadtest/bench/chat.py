@@ -8,13 +8,14 @@ Each stream asks for `--answer` tokens (ignore_eos, greedy) after a prompt of `-
 level sends `rounds` waves of `streams` requests released together. The server is started here on free loopback
 ports from the build tree's model store and stopped by its PID.
 
-With `--peer`, both servers are driven the same way through the OpenAI route, POST /v1/completions with
-`"stream": true` (Server-Sent Events), one after the other in one run: ours, then `transformers serve` with its
-continuous batching on the same weights (the checkpoint's GGUF file, dequantised by transformers and saved as a
-local model folder, since `transformers serve` reads no architecture from a bare GGUF file), started here on a free
-port in a process group of its own and stopped by its PID. `transformers serve` has no ignore_eos: every answer's
-length comes from its usage, and tokens/s counts what each server really produced. LitServe is not in the locks,
-so it is not driven.
+With `--peer`, three servers are driven the same way through the one OpenAI route all have, POST
+/v1/chat/completions with `"stream": true` (Server-Sent Events), one after the other in one run, each alone on the
+host: ours; `transformers serve` with its continuous batching; LitServe with its OpenAI spec, generating each request
+with transformers as its documentation shows (loadtest.bench.litserve_peer). Both peers serve the same weights (the
+checkpoint's GGUF file, dequantised by transformers and saved as a local model folder, since `transformers serve`
+reads no architecture from a bare GGUF file), started here on free ports in process groups of their own and stopped
+by their PIDs. The peers have no ignore_eos: every answer's length comes from its usage, and tokens/s counts what
+each server really produced.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def openai_stream_once(url: str, headers: dict, body: dict) -> Stream:
             chunk = json.loads(line[len(b"data: "):])
             if "error" in chunk:
                 raise RuntimeError(f"{url} answered an error event: {chunk['error']}")
-            if first is None and any(c.get("text") for c in chunk.get("choices") or []):
+            if first is None and any(c.get("text") or (c.get("delta") or {}).get("content")
+                                     for c in chunk.get("choices") or []):
                 first = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -154,40 +156,56 @@ def hf_folder(checkpoint: Path, out: Path) -> Path:
 
 
 @contextmanager
-def transformers_serve(folder: Path) -> Iterator[str]:
-    """`transformers serve` (continuous batching, CPU) on a free loopback port: its base URL; stopped by its PID."""
+def peer_process(name: str, command: list[str], folder: Path, health: str) -> Iterator[str]:
+    """A peer server started by `command` on a free loopback port (`{port}` in it), in a process group of its own:
+    its base URL once `health` answers 200; stopped by its PID."""
     import os
     import subprocess
-    import sys
 
     from serve_config.control import end_group
     from serve_config.fleet import free_port
 
     port = free_port()
-    log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below
-    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
-               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--format", "quiet"]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log_path = folder / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([part.replace("{port}", str(port)) for part in command], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {proc.returncode}; see {folder / 'serve.log'}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
             try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{url}{health}", timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not answer /health in 300 s; see {folder / 'serve.log'}")
+                raise RuntimeError(f"{name} did not answer {health} in 300 s; see {log_path}")
             time.sleep(1)
         yield url
     finally:
         end_group(proc.pid, timeout=30)  # its own process group, by its PID
         proc.wait()
         log.close()
+
+
+def transformers_serve(folder: Path):
+    """`transformers serve` with its continuous batching, on the CPU."""
+    import sys
+
+    return peer_process("transformers-serve", [str(Path(sys.executable).with_name("transformers")), "serve",
+                                               str(folder), "--continuous-batching", "--device", "cpu", "--host",
+                                               "127.0.0.1", "--port", "{port}", "--format", "quiet"], folder, "/health")
+
+
+def litserve(folder: Path):
+    """LitServe with its OpenAI spec (loadtest.bench.litserve_peer)."""
+    import sys
+
+    return peer_process("litserve", [sys.executable, "-m", "loadtest.bench.litserve_peer", "--folder", str(folder),
+                                     "--port", "{port}"], folder, "/health")
 
 
 def report(title: str, levels: list[Level]) -> None:
@@ -201,37 +219,42 @@ def report(title: str, levels: list[Level]) -> None:
               f"{statistics.mean(r.tokens for r in level.results):>14.1f}")
 
 
-def compare_with_peer(args, workload: ChatWorkload) -> int:
-    """Ours and `transformers serve`, each alone on the host, through /v1/completions with the same bodies."""
+def compare_with_peers(args, workload: ChatWorkload) -> int:
+    """Ours, `transformers serve` and LitServe, each alone on the host, through POST /v1/chat/completions (the one
+    route all three have) with the same bodies."""
     from models import paths
     from serve_config.control import Ports, start, stop
 
     tree = paths.current()
-    body = {"prompt": workload.prompt, "max_tokens": workload.answer_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"messages": [{"role": "user", "content": workload.prompt}], "max_tokens": workload.answer_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     run_dir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
     server = start(run_dir, [args.model], ports=Ports.free(), model_store=tree.model_store)
     try:
-        url = f"{server.inference_url}/v1/completions"
+        url = f"{server.inference_url}/v1/chat/completions"
         ours_body = {**body, "model": args.model}
         openai_stream_once(url, server.headers(), ours_body)  # warm
-        ours = [drive(url, server.headers(), workload, n, args.rounds, send=openai_stream_once, body=ours_body)
-                for n in args.streams]
+        levels = {"ours": [drive(url, server.headers(), workload, n, args.rounds, send=openai_stream_once,
+                                 body=ours_body) for n in args.streams]}
     finally:
         stop(run_dir)
     folder = hf_folder(tree.checkpoint(args.model), paths.ROOT / "build" / "peers" / f"{args.model}-hf")
-    with transformers_serve(folder) as base:
-        url, peer_body = f"{base}/v1/completions", {**body, "model": str(folder)}
-        openai_stream_once(url, {}, peer_body)  # loads and warms the model
-        peer = [drive(url, {}, workload, n, args.rounds, send=openai_stream_once, body=peer_body)
-                for n in args.streams]
+    for name, peer in (("transformers serve", transformers_serve), ("LitServe", litserve)):
+        with peer(folder) as base:
+            url, peer_body = f"{base}/v1/chat/completions", {**body, "model": str(folder)}
+            openai_stream_once(url, {}, peer_body)  # loads and warms the model
+            levels[name] = [drive(url, {}, workload, n, args.rounds, send=openai_stream_once, body=peer_body)
+                            for n in args.streams]
     print(f"{args.model}: {args.prompt}-token prompts, at most {args.answer}-token answers (greedy, no ignore_eos), "
-          f"{args.rounds} waves per level, POST /v1/completions streamed")
-    report("ours (TorchServe, the generate kind):", ours)
-    report("transformers serve --continuous-batching (the same weights, fp32):", peer)
-    print(f"{'streams':>8} {'tokens/s ours/peer':>19} {'TTFT p50 peer/ours':>19}")
-    for a, b in zip(ours, peer, strict=True):
-        print(f"{a.streams:>8} {a.tokens_per_s / b.tokens_per_s:>19.2f} {b.first_token_ms(0.5) / a.first_token_ms(0.5):>19.2f}")
+          f"{args.rounds} waves per level, POST /v1/chat/completions streamed")
+    report("ours (TorchServe, the generate kind):", levels["ours"])
+    report("transformers serve --continuous-batching (the same weights, fp32):", levels["transformers serve"])
+    report("LitServe, OpenAI spec, transformers generate per request (the same weights, fp32):", levels["LitServe"])
+    print(f"{'streams':>8} {'peer':>19} {'tokens/s ours/peer':>19} {'TTFT p50 peer/ours':>19}")
+    for name in ("transformers serve", "LitServe"):
+        for a, b in zip(levels["ours"], levels[name], strict=True):
+            print(f"{a.streams:>8} {name:>19} {a.tokens_per_s / b.tokens_per_s:>19.2f} "
+                  f"{b.first_token_ms(0.5) / a.first_token_ms(0.5):>19.2f}")
     return 0
 
 
@@ -245,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--answer", type=int, default=64)
-    parser.add_argument("--peer", action="store_true", help="also drive `transformers serve` on the same weights")
+    parser.add_argument("--peer", action="store_true",
+                        help="also drive `transformers serve` and LitServe on the same weights")
     args = parser.parse_args(argv)
     workload = ChatWorkload(args.prompt, args.answer)
     if args.peer:
-        return compare_with_peer(args, workload)
+        return compare_with_peers(args, workload)
     run_dir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
     server = start(run_dir, [args.model], ports=Ports.free(), model_store=paths.current().model_store)
     try:
