@@ -306,7 +306,7 @@ rules-test: | $(VENV_STAMP) prereqs-deploy ## promtool check rules + promtool te
 bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server ceiling, served and stock peer in one run (QUICK=1: <1 min)
 	$(PY) -m loadtest.bench.bench --model $(MODEL) $(if $(QUICK),--quick) --out results/bench
 
-chat-bench: $(TREE)model_store/chat.mar | $(VENV_STAMP) ## the chat model's time to first token and tokens/s at 1, 4, 8 and 16 streams (PEER=1: beside transformers serve at 1, 4 and 16)
+chat-bench: $(TREE)model_store/chat.mar | $(VENV_STAMP) ## the chat model's time to first token and tokens/s at 1, 4, 8 and 16 streams (PEER=1: beside transformers serve and LitServe at 1, 4 and 16)
 	$(PY) -m loadtest.bench.chat --model chat $(if $(PEER),--peer --streams 1 4 16)
 
 cache-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## the response cache's hit path beside a computed request for MODEL (its archive with response_cache_mb set)

@@ -3,7 +3,7 @@
 Counters only, so a reader takes differences between two scrapes: batches, requests, and the
 milliseconds spent in each stage. Mean batch size = requests / batches; mean stage time per batch =
 stage ms / batches. `HandlerBatchesBySize` splits batches by size (dimension BatchSize) to show the
-batch sizes the server really formed. The bench (loadtest/bench.py) reads these names.
+batch sizes the server really formed. The bench (loadtest/bench/drive.py) reads these names.
 """
 
 from __future__ import annotations

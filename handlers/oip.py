@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) inside our pipelines. Nothing here knows about TorchServe.
 
-TorchServe 0.12 routes `POST /v2/models/<model>/infer` to the model's handler like any prediction, so an
-infer request reaches the pipeline beside native ones, in the same batch; it is told apart by its body, a
+Our frontend plugin (handlers/frontend, OpenInferenceEndpoint) queues `POST /v2/models/<model>/infer` as the same
+job TorchServe makes of a prediction, so an infer request reaches the pipeline beside native ones, in the same batch; it is told apart by its body, a
 JSON object with `inputs`. This module turns such a body into named tensors (`parse`), with the binary
 tensor extension (a JSON header of `Inference-Header-Content-Length` bytes, then each binary input's raw
 bytes), and writes the infer response (`response`): JSON tensors, or, for the outputs a request asks so of (an

@@ -111,7 +111,7 @@ def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path, t
 def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps: list[dict], work: Path, *,
                     timeout: float = 180.0, server_warmup_s: float = 10.0) -> list[dict]:
     """Start one TorchServe serving `endpoints` from `store` on free loopback ports, let Locust
-    (loadtest/drive.py) run through `steps` with `payload_model`'s payloads, stop the server by its PID;
+    (loadtest/bench/drive.py) run through `steps` with `payload_model`'s payloads, stop the server by its PID;
     return the step results.
 
     A fresh JVM runs its first seconds of load interpreted, so `server_warmup_s` of load on the first step's

@@ -3,7 +3,7 @@
 One factor at a time around the checked-in config: backend, batchSize, maxBatchDelay, and workers x
 intra-op threads. Every variant is packed as its own archive (<name>-<variant>.mar, the model config
 rewritten) and all are served by one TorchServe, so one start-up serves the whole sweep; idle
-workers cost no CPU. Locust (loadtest/drive.py) then drives each variant at the same concurrency levels.
+workers cost no CPU. Locust (loadtest/bench/drive.py) then drives each variant at the same concurrency levels.
 The result (JSON and a Markdown table, best first) goes to results/sweep/<name>-<timestamp>/; the best
 variant is the most requests/s with no failure and p99 within the registry's bench_p99_ms.
 """

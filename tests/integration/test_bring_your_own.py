@@ -1,11 +1,15 @@
-"""The README's bring-your-own steps for a model of the tensor kind, exactly as written there: the registry entry
-(`pair`: two inputs of different dtypes, one of dynamic length; two outputs), a self-describing checkpoint,
-`make archive MODEL=pair`, `make serve SERVE_MODELS=pair`, and a call with Triton's HTTP client; the answer
-equals the eager model on the same tensors. The server is stopped by `make stop` (its PID)."""
+"""The README's bring-your-own steps for a model of the tensor kind, run from the README's own text: its registry
+entry (`pair`: two inputs of different dtypes, one of dynamic length; two outputs) is the one in
+models/registry.py and in its REGISTRY table; its checkpoint block runs as written (with the test tree as
+BUILD_TREE, as `make RECIPE=quick` sets it); its make lines run as written (RECIPE=quick and free ports added); its
+Triton client block runs as written against that server (its port put in); the answer equals the eager model on
+the same tensors. The server is stopped by `make stop` (its PID)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 
 import numpy as np
@@ -13,10 +17,12 @@ import pytest
 import torch
 
 from models import checkpoint, registry
+from models.paths import TREE_VARIABLE
 from serve_config.control import Ports
 from tests.conftest import ROOT, TREE
 
 pytestmark = pytest.mark.integration
+README_URL = "127.0.0.1:8080"
 
 
 def make(*args: str, timeout: int = 600) -> str:
@@ -26,25 +32,52 @@ def make(*args: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
-def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tritonclient(tmp_path):
-    import tritonclient.http as httpclient
+def readme_steps() -> tuple[list[str], list[str]]:
+    """The README's bring-your-own section: its python blocks and its bash lines, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Bring your own model"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    python = re.findall(r"```python\n(.*?)```", section, re.S)
+    bash = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines() if line]
+    return python, bash
 
+
+def test_the_readmes_registry_entry_is_the_registrys(monkeypatch):
+    (entry, *_), _ = readme_steps()
+    source = (ROOT / "models" / "registry.py").read_text()
+    assert entry.strip() in source, "the README's entry differs from models/registry.py's"
+    table = source[source.index("REGISTRY: dict[str, ModelSpec]"):]
+    assert re.search(r"\bPAIR\b", table[:table.index("}")]), "pair is not in the REGISTRY table"
+    assert registry.get("pair").kind == "tensor"
+
+
+def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tritonclient(tmp_path, monkeypatch):
+    (_, save, client_block), bash = readme_steps()
     spec = registry.get("pair")
     torch.manual_seed(0)
     model = checkpoint.build_model(spec.builder, spec.builder_kwargs).eval()  # "trained elsewhere"
-    checkpoint.save(model, spec, TREE.checkpoint("pair"), metrics={})
-    make("archive", "MODEL=pair")
-    assert TREE.archive("pair").exists()
+    monkeypatch.setenv(TREE_VARIABLE, str(TREE.root))  # what make RECIPE=quick sets for what it runs
+    exec(save, {"my_trained_model": model})  # noqa: S102 - the README's block, as written
+    assert TREE.checkpoint("pair").exists()
 
     ports, run_dir = Ports.free(), tmp_path / "run"
-    make("serve", "SERVE_MODELS=pair", f"RUN_DIR={run_dir}", f"INFERENCE_PORT={ports.inference}",
-         f"MANAGEMENT_PORT={ports.management}", f"METRICS_PORT={ports.metrics}",
-         f"GRPC_PORTS={ports.grpc_inference} {ports.grpc_management}")
+    server = [f"RUN_DIR={run_dir}", f"INFERENCE_PORT={ports.inference}", f"MANAGEMENT_PORT={ports.management}",
+              f"METRICS_PORT={ports.metrics}", f"GRPC_PORTS={ports.grpc_inference} {ports.grpc_management}"]
+    assert [shlex.split(line)[:2] for line in bash] == [["make", "archive"], ["make", "serve"]], bash
     try:
+        for line in bash:
+            words = shlex.split(line)
+            make(*words[1:], *(server if words[1] == "serve" else []))
+            if words[1] == "archive":
+                assert TREE.archive("pair").exists()
         token = make("-s", "token", f"RUN_DIR={run_dir}").strip()
+        assert README_URL in client_block
+        shown: dict = {"token": token}
+        exec(client_block.replace(README_URL, f"127.0.0.1:{ports.inference}"), shown)  # noqa: S102
+        import tritonclient.http as httpclient
+
         client = httpclient.InferenceServerClient(f"127.0.0.1:{ports.inference}", network_timeout=60)
         metadata = client.get_model_metadata("pair", headers={"Authorization": f"Bearer {token}"})
-        print(f"\npair metadata (tritonclient): {metadata}")
         features = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
         tokens = np.random.default_rng(1).integers(0, 100, size=(3, 11)).astype(np.int64)
         inputs = [httpclient.InferInput("features", [3, 8], "FP32"), httpclient.InferInput("tokens", [3, 11], "INT64")]
@@ -56,6 +89,11 @@ def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tr
         mixed = _out_of_range_beside_good(ports.inference, token)
     finally:
         make("stop", f"RUN_DIR={run_dir}")
+    with torch.inference_mode():  # the README's own call: its random tensors, answered as eager answers them
+        shown_scores, shown_strongest = model(torch.from_numpy(sent(shown["features"])),
+                                              torch.from_numpy(sent(shown["tokens"])))
+    assert np.abs(shown["result"].as_numpy("scores") - shown_scores.numpy()).max() <= 1e-4
+    assert shown["result"].as_numpy("strongest").tolist() == shown_strongest.tolist()
     assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 8]},
                                   {"name": "tokens", "datatype": "INT64", "shape": [-1, -1]}]
     assert metadata["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 3]},
@@ -69,6 +107,12 @@ def test_a_tensor_model_brought_from_elsewhere_is_archived_served_and_answers_tr
     for status, answer in mixed[:4]:  # each out-of-range request fails alone, with the input named
         assert status == 400 and "'tokens'" in answer["error"] and "0 to 99" in answer["error"], answer
     assert [status for status, _ in mixed[4:]] == [200] * 12, mixed[4:]
+
+
+def sent(tensor) -> np.ndarray:
+    """What a tritonclient InferInput carries (set in binary, its default), as an array."""
+    dtype = {"FP32": np.float32, "INT64": np.int64}[tensor.datatype()]
+    return np.frombuffer(tensor._get_binary_data(), dtype=dtype).reshape(tensor.shape()).copy()
 
 
 def _out_of_range_beside_good(port: int, token: str) -> list:

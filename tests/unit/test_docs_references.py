@@ -83,3 +83,13 @@ def test_every_make_target_the_docs_name_is_the_makefiles():
                                          ("make it so", None), ("`make -n serve`", "serve")])
 def test_the_target_pattern_reads_commands_not_prose(text, found):
     assert (TARGET.findall(commands(text)) or [None])[0] == found
+
+
+def test_the_readme_stays_short_and_leads_with_the_request_path_and_the_files_to_read_first():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) < 16_000, f"README.md is {len(text.encode())} bytes; move detail to docs/"
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    assert headings[:2] == ["How a request travels", "Read these files first"], headings
+    first = text[text.index("## Read these files first"):]
+    first = first[:first.index("\n## ", 1)]
+    assert len(re.findall(r"^\d+\. `", first, re.M)) >= 5
