@@ -53,6 +53,7 @@ def header_lengths(context, count: int) -> list[int | None]:
 
 
 VERSION_HEADER = "X-Model-Version"
+BATCH_MS_WEIGHT = 0.2  # the newest batch's share of the moving average a deadline is judged with
 
 
 def answer_all(context, results: Sequence[str | oip.BinaryAnswer | RequestError], version: str | None = None,
@@ -151,6 +152,7 @@ class PipelineHandler(BaseHandler):
 
     generation: "GenerationSession | None" = None
     cache: "cache.ResponseCache | None" = None
+    batch_ms = 0.0  # a moving average of a computed batch's milliseconds in this worker (BATCH_MS_WEIGHT per batch)
 
     def handle(self, data, context):
         if self.generation is not None:
@@ -161,7 +163,7 @@ class PipelineHandler(BaseHandler):
         # each request's answer: a request whose deadline passed while it queued gets its 504 now and the batch goes
         # on without it; the others' are filled in below
         now_ms = time.time() * 1000.0
-        outcome: list = [expired(h, now_ms, request, length)
+        outcome: list = [expired(h, now_ms, request, length, self.batch_ms)
                          for h, request, length in zip(headers, data, lengths, strict=True)]
         late = sum(1 for error in outcome if error is not None and error.status == 504)
         data = with_query(openai.tag_routes(data, headers), headers)
@@ -190,6 +192,8 @@ class PipelineHandler(BaseHandler):
             answers = answer_all(context, outcome, self.served_as(context)[1], cached)
         publish(context.metrics, len(data), clock, expired=late, cache=counts)
         log_batch(context.model_name, ids, outcome, cached, clock)
+        if data:  # what a computed batch takes now: a deadline shorter than the wait and this is refused unrun
+            self.batch_ms += BATCH_MS_WEIGHT * (sum(clock.ms.values()) - self.batch_ms)
         return answers
 
     def consult_cache(self, outcome: list, headers: list, data: list, types: list, lengths: list,

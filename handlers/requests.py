@@ -4,7 +4,8 @@
 - `per_request`: runs one request's step so that a bug costs that request a 500, never its batch;
 - parsing helpers: a header, a header mapping's media type, a prediction's query fields, a JSON body, UTF-8
   bytes;
-- `expired`: a request whose deadline passed while it queued gets its 504 before anything is computed;
+- `expired`: a request whose deadline passed while it queued, or will pass before it can be answered, gets its 504
+  before anything is computed;
 - `Pipeline`: the three stages every pipeline has (preprocess, run, postprocess), `process` for all three, and
   `isolate`, which answers a batch whose forward pass failed one request at a time.
 """
@@ -132,12 +133,13 @@ def _oip_parameters(request: Mapping[str, Any] | None, header_length: int | None
 
 
 def expired(headers: Mapping[str, Any] | None, now_ms: float, request: Mapping[str, Any] | None = None,
-            header_length: int | None = None) -> RequestError | None:
+            header_length: int | None = None, service_ms: float = 0.0) -> RequestError | None:
     """A request's answer when it carries a deadline that has passed by `now_ms`, counted from its arrival at the
-    frontend: 504, and it is not computed. The deadline is X-Request-Timeout-Ms (milliseconds), or else an OIP
-    request's `parameters.timeout` (microseconds, as Triton's clients send it). 400 for a value that is not a
-    whole number in [1 ms, a day]; None otherwise (no deadline, or not passed). An OIP request's errors are in
-    OIP's form."""
+    frontend, or that will have passed before it can be answered (`service_ms`: what a batch takes now, the
+    caller's estimate): 504, and it is not computed, since its client would not take its answer. The deadline is
+    X-Request-Timeout-Ms (milliseconds), or else an OIP request's `parameters.timeout` (microseconds, as Triton's
+    clients send it). 400 for a value that is not a whole number in [1 ms, a day]; None otherwise (no deadline, or
+    time enough). An OIP request's errors are in OIP's form."""
     parameters = _oip_parameters(request, header_length)
     oip = parameters is not None
     if (timeout := header(headers, TIMEOUT_HEADER)) is not None:
@@ -156,8 +158,12 @@ def expired(headers: Mapping[str, Any] | None, now_ms: float, request: Mapping[s
     if received is None or not received.isdigit():
         return None  # no arrival time from the frontend: the deadline cannot be judged here
     waited = now_ms - int(received)
-    if waited <= deadline_ms:
+    if waited + service_ms <= deadline_ms:
         return None
+    if waited <= deadline_ms:
+        return RequestError(504, "DeadlineExceeded", f"the request waited {waited:.0f} ms, and answering it takes about "
+                                                     f"{service_ms:.0f} ms more, past its deadline of {deadline_ms:g} ms "
+                                                     f"({where}); it was not computed", oip=oip)
     return RequestError(504, "DeadlineExceeded", f"the request waited {waited:.0f} ms, past its deadline of "
                                                  f"{deadline_ms:g} ms ({where}); it was not computed", oip=oip)
 

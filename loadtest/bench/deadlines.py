@@ -34,28 +34,41 @@ def _session() -> requests.Session:
 
 @dataclass
 class Phase:
-    """What one phase's answers were: (status, seconds) each, and the rate really offered."""
+    """What one phase's answers were: (seconds into the phase it was sent, status, seconds it took) each, and the
+    rate really offered. `settle_s`: the steady state begins this long into the phase (a queue takes a while to
+    fill; before that an overloaded server still answers in time)."""
 
     name: str
     deadline_s: float
+    settle_s: float
     offered_per_s: float = 0.0
     seconds: float = 0.0
-    answers: list[tuple[int, float]] = field(default_factory=list)
+    answers: list[tuple[float, int, float]] = field(default_factory=list)
 
-    def count(self, status: int, *, in_time: bool | None = None) -> int:
-        return sum(1 for s, took in self.answers if s == status
-                   and (in_time is None or (took <= self.deadline_s) == in_time))
+    def count(self, status: int, *, in_time: bool | None = None, steady: bool = False) -> int:
+        return sum(1 for sent, s, took in self.answers if s == status
+                   and (in_time is None or (took <= self.deadline_s) == in_time)
+                   and (not steady or sent >= self.settle_s))
 
     @property
     def goodput(self) -> float:
+        """200s within the deadline per second, over the whole phase."""
         return self.count(200, in_time=True) / self.seconds
 
+    @property
+    def steady_goodput(self) -> float:
+        """The same, of the requests sent once the phase had settled."""
+        return self.count(200, in_time=True, steady=True) / max(self.seconds - self.settle_s, 1e-9)
+
     def line(self) -> str:
-        good = [took * 1000 for s, took in self.answers if s == 200 and took <= self.deadline_s]
+        good = [took * 1000 for _, s, took in self.answers if s == 200 and took <= self.deadline_s]
         p50 = f"{statistics.median(good):.0f}" if good else "-"
         other = len(self.answers) - self.count(200) - self.count(504) - self.count(503)
-        return (f"{self.name:>15} {self.offered_per_s:>8.1f} {self.goodput:>9.1f} {self.count(200, in_time=False):>8} "
-                f"{self.count(504):>6} {self.count(503):>6} {other:>6} {p50:>11}")
+        return (f"{self.name:>16} {self.offered_per_s:>9.1f} {self.goodput:>9.1f} {self.steady_goodput:>10.1f} "
+                f"{self.count(200, in_time=False):>8} {self.count(504):>6} {self.count(503):>6} {other:>6} {p50:>11}")
+
+    HEADER = (f"{'phase':>16} {'offered/s':>9} {'goodput/s':>9} {'steady g/s':>10} {'200 late':>8} {'504':>6} "
+              f"{'503':>6} {'other':>6} {'p50 good ms':>11}")
 
 
 def call(url: str, body: bytes, headers: dict, timeout: float = 120.0) -> tuple[int, float]:
@@ -91,9 +104,10 @@ def offer(phase: Phase, url: str, body: bytes, headers: dict, rate: float, secon
     lock = threading.Lock()
 
     def one() -> None:
+        sent = time.perf_counter() - start
         answer = call(url, body, headers)
         with lock:
-            phase.answers.append(answer)
+            phase.answers.append((sent, *answer))
 
     start = time.perf_counter()
     sent = 0
@@ -116,8 +130,9 @@ def compare(url: str, body: bytes, headers: dict, *, clients: int, seconds: floa
         call(url, body, headers)
     rate, median = capacity(url, body, headers, clients, seconds)
     deadline_s = deadline_ms / 1000
-    phases = [offer(Phase("no deadline", deadline_s), url, body, headers, overload * rate, seconds),
-              offer(Phase(f"deadline {deadline_ms} ms", deadline_s), url, body,
+    settle_s = seconds / 4
+    phases = [offer(Phase("no deadline", deadline_s, settle_s), url, body, headers, overload * rate, seconds),
+              offer(Phase(f"deadline {deadline_ms} ms", deadline_s, settle_s), url, body,
                     {**headers, "X-Request-Timeout-Ms": str(deadline_ms)}, overload * rate, seconds)]
     return rate, median, phases
 
@@ -146,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         stop(run_dir)
     print(f"{args.model}: capacity {rate:.1f} answers/s ({args.clients} closed-loop clients, median "
           f"{median * 1000:.0f} ms); then {args.overload:g}x that offered open-loop for {args.seconds:g} s per phase; "
-          f"goodput: 200 answers within {args.deadline_ms} ms, per second")
-    print(f"{'phase':>15} {'offered/s':>8} {'goodput/s':>9} {'200 late':>8} {'504':>6} {'503':>6} {'other':>6} "
-          f"{'p50 good ms':>11}")
+          f"goodput: 200 answers within {args.deadline_ms} ms, per second (steady: of the requests sent after the "
+          f"first {phases[0].settle_s:g} s)")
+    print(Phase.HEADER)
     for phase in phases:
         print(phase.line())
     without, with_deadline = phases
-    print(f"goodput with deadlines / without: {with_deadline.goodput / max(without.goodput, 1e-9):.2f}x "
-          f"(of capacity: {without.goodput / rate:.2f} without, {with_deadline.goodput / rate:.2f} with)")
+    print(f"goodput with deadlines / without: {with_deadline.goodput / max(without.goodput, 1e-9):.2f}x over the "
+          f"phase, steady {with_deadline.steady_goodput:.1f} against {without.steady_goodput:.1f} answers/s "
+          f"(of capacity: {with_deadline.steady_goodput / rate:.2f} against {without.steady_goodput / rate:.2f})")
     return 0
 
 

@@ -80,6 +80,11 @@ def test_a_deadline_counts_from_the_frontends_arrival_time():
     late = expired({"X-Request-Timeout-Ms": "500", "x-received-ms": "1000"}, 1_600)
     assert late.status == 504 and late.kind == "DeadlineExceeded" and "600 ms" in late.message
     assert expired({"X-Request-Timeout-Ms": "500"}, 1e12) is None  # no arrival time: nothing to judge by
+    # within its deadline, but a batch takes longer than it has left: refused now rather than answered late
+    deadline = {"X-Request-Timeout-Ms": "500", "x-received-ms": "1000"}
+    assert expired(deadline, 1_400, service_ms=50.0) is None
+    doomed = expired(deadline, 1_400, service_ms=150.0)
+    assert doomed.status == 504 and "400 ms" in doomed.message and "150 ms more" in doomed.message
     for bad in ("0", "-5", "1.5", "soon", "", str(24 * 3600 * 1000 + 1)):
         error = expired({"x-request-timeout-ms": bad, "x-received-ms": "1000"}, 1_000)
         assert error.status == 400 and error.kind == "InvalidTimeout", bad
