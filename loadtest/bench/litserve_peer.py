@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    server = ls.LitServer(ChatPeer(args.folder), accelerator="cpu", workers_per_device=1)
+    # a request waits its turn behind the others (one generation at a time): no queue timeout (30 s by default)
+    server = ls.LitServer(ChatPeer(args.folder), accelerator="cpu", workers_per_device=1, timeout=False)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
     return 0
 
