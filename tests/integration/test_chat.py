@@ -180,8 +180,16 @@ def test_a_client_that_goes_away_mid_stream_frees_its_sequence_and_the_others_fi
         answers = [f.result()[0] for f in rest]
         assert [text_of(lines) for lines in answers] == alone
         gone.result()
-    time.sleep(0.5)  # the scheduler evicts the gone one at its next step; the metrics reach /metrics after it
-    seen = delta(scrape(chat_server.metrics_url, TINY), before)
+    # the scheduler evicts the gone one at its next step; the metrics reach /metrics after it, on the frontend's
+    # own time: read them once two scrapes in a row agree and no sequence is active
+    last = None
+    for _ in range(60):
+        now = scrape(chat_server.metrics_url, TINY)
+        if now == last and now.get("GenerationActiveSequences") == 0:
+            break
+        last = now
+        time.sleep(0.25)
+    seen = delta(now, before)
     finished = sum(lines[-1]["usage"]["completion_tokens"] for lines in answers)
     # the one that left made its 3 tokens and at most a few steps more than it read
     assert finished <= seen["GenerationTokens"] < finished + 40, seen
