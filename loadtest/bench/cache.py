@@ -22,12 +22,9 @@ from pathlib import Path
 
 import requests
 
+from loadtest.bench.report import quantile
+
 COMPUTE = {"Cache-Control": "no-store"}
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def send(session: requests.Session, url: str, body: bytes, headers: dict) -> tuple[float, str]:

@@ -34,6 +34,8 @@ from typing import Callable, Iterator
 
 import requests
 
+from loadtest.bench.report import quantile
+
 
 @dataclass(frozen=True)
 class Stream:
@@ -53,8 +55,7 @@ class Level:
         return sum(r.tokens for r in self.results) / self.wall_s
 
     def first_token_ms(self, q: float) -> float:
-        values = sorted(r.first_token_s * 1000 for r in self.results)
-        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+        return quantile([r.first_token_s * 1000 for r in self.results], q)
 
 
 class ChatWorkload:

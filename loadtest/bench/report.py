@@ -18,6 +18,12 @@ RATIO_LABELS = dict(zip(BENCH_RATIOS, ("served / compute limit", "served / serve
                         strict=True))
 
 
+def quantile(values, q: float) -> float:
+    """The `q` quantile of `values` (nearest rank): what the benches print as p50 and p99."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def breakdown(metrics: dict[str, float]) -> dict[str, Any]:
     """Where the time went during one step, from the /metrics deltas: per batch and per request means.
 

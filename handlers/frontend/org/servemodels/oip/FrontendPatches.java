@@ -94,6 +94,18 @@ public final class FrontendPatches {
         return "/org/servemodels/oip/" + name.substring(name.lastIndexOf('/') + 1) + ".class.bin";
     }
 
+    /** The bytes of the class TorchServe would load as `name`; premain throws unless their sha256 is `pinned`. */
+    static byte[] pinnedClass(String name, String pinned) throws IOException {
+        try (InputStream original = ClassLoader.getSystemResourceAsStream(name + ".class")) {
+            byte[] bytes = original == null ? new byte[0] : original.readAllBytes();
+            String digest = original == null ? "absent" : sha256(bytes);
+            if (!pinned.equals(digest)) {
+                throw refuse(name, "TorchServe's class has sha256 " + digest + ", not 0.12.0's " + pinned);
+            }
+            return bytes;
+        }
+    }
+
     public static void premain(String args, Instrumentation instrumentation) throws IOException {
         Map<String, byte[]> replacements = new ConcurrentHashMap<>();
         for (String name : REPLACES.keySet()) {
@@ -103,26 +115,14 @@ public final class FrontendPatches {
                 }
                 replacements.put(name, stream.readAllBytes());
             }
-            try (InputStream original = ClassLoader.getSystemResourceAsStream(name + ".class")) {
-                String digest = original == null ? "absent" : sha256(original.readAllBytes());
-                if (!REPLACES.get(name).equals(digest)) {
-                    throw refuse(name, "TorchServe's class has sha256 " + digest + ", not 0.12.0's "
-                            + REPLACES.get(name));
-                }
-            }
+            pinnedClass(name, REPLACES.get(name));
         }
         for (String name : EDITS.keySet()) {
-            try (InputStream original = ClassLoader.getSystemResourceAsStream(name + ".class")) {
-                byte[] bytes = original == null ? new byte[0] : original.readAllBytes();
-                String digest = original == null ? "absent" : sha256(bytes);
-                if (!EDITS.get(name).equals(digest)) {
-                    throw refuse(name, "TorchServe's class has sha256 " + digest + ", not 0.12.0's " + EDITS.get(name));
-                }
-                try {
-                    replacements.put(name, MethodEdits.negateReturn(bytes, "isOpen", GRPC_JOB_IS_OPEN));
-                } catch (RuntimeException e) {
-                    throw refuse(name, "its edit does not apply: " + e.getMessage());
-                }
+            byte[] bytes = pinnedClass(name, EDITS.get(name));
+            try {
+                replacements.put(name, MethodEdits.negateReturn(bytes, "isOpen", GRPC_JOB_IS_OPEN));
+            } catch (RuntimeException e) {
+                throw refuse(name, "its edit does not apply: " + e.getMessage());
             }
         }
         instrumentation.addTransformer(new ClassFileTransformer() {
