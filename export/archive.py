@@ -143,54 +143,70 @@ def archive(spec: registry.ModelSpec, artifacts: Path, out: Path, *, config: Pat
     return mar
 
 
-# What a generating model's checkpoint folder holds beside its weights (models.chat): the decoder's config, the
-# tokenizer and the chat template.
-GENERATOR_FILES = ("model.json", "tokenizer.json", "chat.json")
-
-
-def archive_generator(checkpoint: Path, out: Path, *, config: Path, name: str, kind: str = "generate",
-                      handler: str = "handlers/handler.py") -> Path:
-    """Pack a generating model's checkpoint folder (models.chat) as `name`: its weights (the GGUF file, or a state
-    dict) as the serialized file, its
-    config, tokenizer and chat template beside the handler and the modules it needs, and a manifest naming the
-    kind. The model-config YAML must turn on TorchServe's continuous batching, which the kind's scheduler needs."""
+def archive_generator(checkpoint: Path, out: Path, *, config: Path, name: str, artifacts: Path | None = None,
+                      kind: str = "generate", handler: str = "handlers/handler.py") -> Path:
+    """Pack a generating model as `name`: the decoder its model-config YAML's `handler.backend` names as the
+    serialized file (eager: the checkpoint's weights, the GGUF file or a state dict; program or aoti: that artifact
+    of the verified decoder export in `artifacts`, export/decoder.py), its config, tokenizer and chat template beside
+    the handler and the modules it needs, and a manifest naming the kind and the file. The YAML must turn on
+    TorchServe's continuous batching, which the kind's scheduler needs."""
     import yaml
 
     from handlers import kinds
+    from models.chat import FOLDER_FILES, weights_file
 
     values = yaml.safe_load(config.read_text()) or {}
     if values.get("continuousBatching") is not True:
         raise SystemExit(f"{config}: a generating model is served with `continuousBatching: true` (its scheduler "
                          "takes one decode step per call)")
+    settings = kinds.load(kind).Settings.from_mapping(values.get("handler"))
+    if settings.backend == "eager":
+        weights = weights_file(checkpoint)
+        served = {"checkpoint": {"file": weights.name, "sha256": mf.sha256(weights)}}
+    else:
+        if artifacts is None:
+            raise SystemExit(f"{config} serves the {settings.backend} decoder: pass --artifacts, its verified export")
+        entry = verified_decoder(artifacts, settings.backend)
+        weights, served = artifacts / entry["file"], {settings.backend: entry}
     entry_points = [ROOT / handler, ROOT / kinds.module_file(kind)]
     staging = ROOT / "build" / name / "mar-extra"
     stage_modules(staging, entry_points)
-    for file in GENERATOR_FILES:
+    for file in FOLDER_FILES:
         shutil.copy2(checkpoint / file, staging / file)
-    from models.chat import weights_file
-
-    weights = weights_file(checkpoint)
     mf.write(staging, {"model": name, "kind": kind, "source": json.loads((checkpoint / "model.json").read_text()),
-                       "artifacts": {"checkpoint": {"file": weights.name, "sha256": mf.sha256(weights)}},
-                       "assets": {file: mf.sha256(checkpoint / file) for file in GENERATOR_FILES}})
-    settings = kinds.load(kind).Settings.from_mapping(values.get("handler"))
+                       "artifacts": served, "assets": {file: mf.sha256(checkpoint / file) for file in FOLDER_FILES}})
     (staging / SIGNATURE).write_text(json.dumps({"platform": "pytorch", **kinds.load(kind).signature({}, settings)},
                                                 indent=1) + "\n")
     mar = pack(name, weights, entry_points[0], staging, config, out)
-    print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e6:.0f} MB, {kind}, handler {handler})")
+    print(f"{mar.stem}: {mar} ({mar.stat().st_size / 1e6:.0f} MB, {kind}, {settings.backend} decoder, "
+          f"handler {handler})")
     return mar
+
+
+def verified_decoder(artifacts: Path, backend: str) -> dict:
+    """The manifest entry of a decoder export's `backend` artifact, once export/decoder.py verified it and its
+    files are still the ones it verified."""
+    stamp_path = artifacts / STAMP
+    if not stamp_path.exists():
+        raise SystemExit(f"{artifacts} was not verified: run `python -m export.decoder` (make does)")
+    manifest, stamp = mf.read(artifacts), json.loads(stamp_path.read_text())
+    if stamp.get("manifest_sha256") != mf.sha256(artifacts / mf.MANIFEST) or backend not in stamp["artifacts"]:
+        raise SystemExit(f"{artifacts}: its {backend} decoder is not the one verified: re-run `python -m export.decoder`")
+    mf.check_folder(artifacts, manifest)
+    return manifest["artifacts"][backend]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--artifacts", type=Path, help="a verified export folder")
+    parser.add_argument("--artifacts", type=Path, help="a verified export folder (of a generator: its decoder's)")
     parser.add_argument("--checkpoint", type=Path, help="a generating model's checkpoint folder (models.chat)")
     parser.add_argument("--config", type=Path, help="model-config YAML (default serve_config/<model>.yaml)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.checkpoint is not None:
-        archive_generator(args.checkpoint, args.out, config=args.config or model_config(args.model), name=args.model)
+        archive_generator(args.checkpoint, args.out, config=args.config or model_config(args.model), name=args.model,
+                          artifacts=args.artifacts)
         return 0
     if args.artifacts is None:
         parser.error("--artifacts (an export) or --checkpoint (a generating model) is required")

@@ -134,8 +134,9 @@ class PipelineHandler(BaseHandler):
         if kinds.get(export_manifest["kind"]).generates:
             self.generation = GenerationSession(kind, model_dir, settings, self.device, context,
                                                 served_as=self.served_as(context))
-            logger.info("%s (%s) ready on %s (%d intra-op threads, %d sequences)", context.model_name,
-                        export_manifest["kind"], self.device, threads.intra_op, self.generation.slots)
+            logger.info("%s (%s, %s decoder) ready on %s (%d intra-op threads, %d sequences)", context.model_name,
+                        export_manifest["kind"], settings.backend, self.generation.scheduler.device,
+                        threads.intra_op, self.generation.slots)
             self.initialized = True
             return
         runner = load_runner(model_dir / context.manifest["model"]["serializedFile"], self.device, threads,
@@ -232,12 +233,8 @@ class GenerationSession:
     to the metrics."""
 
     def __init__(self, kind, model_dir: Path, settings, device, context, *, served_as: tuple[str, str]) -> None:
-        from models import chat
-
-        model, _ = chat.load(model_dir, device)
         self.slots = int(context.system_properties.get("batch_size") or 1)
-        self.scheduler = kind.build(model_dir, model, settings, served_as=served_as, max_batch=self.slots,
-                                    device=device)
+        self.scheduler = kind.build(model_dir, settings, served_as=served_as, max_batch=self.slots, device=device)
         self.scheduler.warm_up()
 
     def handle(self, data, context) -> list[bytes]:

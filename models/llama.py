@@ -4,7 +4,12 @@ serves sequences of different lengths: the prefill of one prompt, or one decode 
 Only modules and the config live here (no I/O): models/chat.py makes a checkpoint from the GGUF weights, and the
 generate kind (handlers/kinds/generate.py) schedules sequences over the slots. The layout follows Hugging Face's
 LlamaForCausalLM (rotate-half rotary embeddings, RMSNorm, SwiGLU, grouped-query attention, tied embeddings), so its
-state dict loads as it is and greedy tokens match it (export/verify's `chat` check).
+state dict loads as it is (models.chat checks it tensor for tensor against transformers' reading).
+
+The forward pass takes tensors only and writes the cache in place: that is what torch.export and AOTInductor
+compile (export/decoder.py), and the eager module, the exported program and the compiled package are called the
+same way, with `step_inputs`. The cache is one tensor per layer: a compiled package then writes each pass's keys
+into it in place (as one (layers, ...) tensor, AOTInductor copied the whole cache on every step).
 """
 
 from __future__ import annotations
@@ -38,15 +43,28 @@ class LlamaConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for `slots` sequences of up to `length` positions:
-    (layers, slots, kv_heads, length, head_dim) each. A sequence owns one slot from its prefill to its end."""
+    """Keys and values of every layer for `slots` sequences of up to `length` positions: per layer, a
+    (slots, kv_heads, length, head_dim) tensor each. A sequence owns one slot from its prefill to its end."""
 
     def __init__(self, config: LlamaConfig, slots: int, length: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
-        shape = (config.num_layers, slots, config.num_kv_heads, length, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (slots, config.num_kv_heads, length, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.slots, self.length = slots, length
+
+
+def step_inputs(tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
+                last: torch.Tensor | None = None) -> tuple:
+    """The arguments of one forward pass, whichever backend runs it: tokens (B, T) at positions (B, T) of the
+    sequences in cache slots (B,); `last` (B,), the index along T of each row's last real token (default T - 1).
+    The keys attended to are positions 0 .. the largest position of the pass (an arange, so that a compiled
+    decoder sees their count as a size, not as a value)."""
+    b, t = tokens.shape
+    if last is None:
+        last = torch.full((b,), t - 1, dtype=torch.long, device=tokens.device)
+    keys = torch.arange(int(positions.max()) + 1, device=tokens.device)
+    return tokens, positions, slots, last, keys, cache.k, cache.v
 
 
 class RMSNorm(nn.Module):
@@ -112,8 +130,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens (B, T) at positions (B, T) of the sequences in cache slots (B,) -> logits of the last position of
-    each row (B, vocab). Rows are padded on the right with position -1 where a pass mixes lengths; a padded
+    """tokens (B, T) at positions (B, T) of the sequences in cache slots (B,) -> logits of each row's last real
+    position (B, vocab). Rows are padded on the right with position -1 where a pass mixes lengths; a padded
     position writes nowhere that is read and is never attended to."""
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -129,25 +147,20 @@ class Llama(nn.Module):
                                                 / config.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
-                last: torch.Tensor | None = None) -> torch.Tensor:
-        """`last` (B,): the index along T of each row's last real token (default: T - 1)."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
+                keys: torch.Tensor, cache_k: list[torch.Tensor], cache_v: list[torch.Tensor]) -> torch.Tensor:
+        """See step_inputs for the arguments; the cache's tensors are written in place."""
         b, t = tokens.shape
-        span = int(positions.max()) + 1
         freqs = positions.clamp(min=0).float()[..., None] * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         x = self.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        key_pos = torch.arange(span, device=tokens.device)
-        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
         mask = mask | (positions[:, None, :, None] < 0)  # padded rows attend anywhere: their output is dropped
         write_pos = positions.clamp(min=0)
         # padded positions must not overwrite real keys: send them to the last cache position, never attended
-        write_pos = torch.where(positions < 0, torch.full_like(write_pos, cache.length - 1), write_pos)
-        for idx, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[idx], cache.v[idx], slots, write_pos, mask)
-        if last is None:
-            x = x[:, -1]
-        else:
-            x = x[torch.arange(b, device=tokens.device), last]
+        write_pos = torch.where(positions < 0, torch.full_like(write_pos, cache_k[0].shape[2] - 1), write_pos)
+        for layer, k, v in zip(self.layers, cache_k, cache_v):
+            x = layer(x, cos, sin, k, v, slots, write_pos, mask)
+        x = x[torch.arange(b, device=tokens.device), last]
         return self.lm_head(self.norm(x))

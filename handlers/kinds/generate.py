@@ -27,18 +27,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from handlers import openai
 from handlers.requests import RequestError, content_type_of, decode_utf8, expired, parse_json_body, request_body
 from handlers.settings import HandlerSettings
-from models.llama import KVCache, Llama
+from models.llama import KVCache, LlamaConfig, step_inputs
 
 logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "developer", "tool")
 NATIVE = "native"
+BACKENDS = ("eager", "program", "aoti")  # models.llama in PyTorch, its torch.export program, its AOTInductor package
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,15 @@ class Settings(HandlerSettings):
     max_stop_chars: int = 64  # per stop string
     max_body_chars: int = 1_000_000
     deadline_s: int = 300  # a sequence running longer ends with an error (OpenAI: a timeout event)
+    backend: str = "eager"  # what runs the decoder: one of BACKENDS (export/decoder.py makes and verifies the others)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.response_cache_mb:
             raise ValueError("handler.response_cache_mb: a generator's answers are sampled, not a function of the "
                              "request alone; it keeps no response cache (remove the setting)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"handler.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.default_max_tokens > self.max_new_tokens:
             raise ValueError(f"handler.default_max_tokens ({self.default_max_tokens}) must be at most "
                              f"handler.max_new_tokens ({self.max_new_tokens})")
@@ -300,12 +304,13 @@ class Chunk:
 class Scheduler:
     """The worker's running sequences over one KV cache of `slots` slots: continuous batching."""
 
-    def __init__(self, model: Llama, chat: ChatFormat, settings: Settings, *, slots: int, model_name: str,
-                 device: torch.device | str = "cpu") -> None:
-        self.model, self.chat, self.settings, self.model_name = model, chat, settings, model_name
+    def __init__(self, decoder: Callable[..., torch.Tensor], config: LlamaConfig, chat: ChatFormat,
+                 settings: Settings, *, slots: int, model_name: str, device: torch.device | str = "cpu") -> None:
+        """`decoder`: models.llama's forward pass, eager, exported or compiled (models.chat.load_decoder)."""
+        self.decoder, self.chat, self.settings, self.model_name = decoder, chat, settings, model_name
         self.device = torch.device(device)
-        length = min(settings.max_prompt_tokens + settings.max_new_tokens, model.config.max_positions) + 1
-        self.cache = KVCache(model.config, slots, length, dtype=next(model.parameters()).dtype, device=self.device)
+        length = min(settings.max_prompt_tokens + settings.max_new_tokens, config.max_positions) + 1
+        self.cache = KVCache(config, slots, length, device=self.device)
         self.free = list(range(slots))
         self.running: dict[str, Sequence_] = {}
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "evicted": 0}
@@ -409,7 +414,8 @@ class Scheduler:
         slots = torch.tensor([seq.slot for _, seq in new], device=self.device)
         try:
             with torch.inference_mode():
-                logits = self.model(tokens.to(self.device), positions.to(self.device), slots, self.cache, last)
+                logits = self.decoder(*step_inputs(tokens.to(self.device), positions.to(self.device), slots,
+                                                   self.cache, last))
         except Exception as err:  # noqa: BLE001
             logger.exception("prefill of %d prompts failed", len(new))
             message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
@@ -441,7 +447,7 @@ class Scheduler:
             tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
             positions = torch.tensor([[s.position - 1] for s in seqs], device=self.device)
             slots = torch.tensor([s.slot for s in seqs], device=self.device)
-            logits = self.model(tokens, positions, slots, self.cache)
+            logits = self.decoder(*step_inputs(tokens, positions, slots, self.cache))
         self.stats["decode_steps"] += 1
         step_ms = (time.monotonic() - start) * 1000.0
         self.pending.steps += 1
@@ -535,8 +541,11 @@ def signature(export_manifest: dict, settings: Settings) -> dict:
             "openai": [openai.CHAT, openai.COMPLETIONS]}
 
 
-def build(model_dir: Path, model: Llama, settings: Settings, *, served_as: tuple[str, str], max_batch: int,
+def build(model_dir: Path, settings: Settings, *, served_as: tuple[str, str], max_batch: int,
           device: torch.device | str = "cpu") -> Scheduler:
-    """The kind's scheduler for a checkpoint folder's decoder: `max_batch` sequences at once."""
-    return Scheduler(model, ChatFormat(Path(model_dir)), settings, slots=max_batch, model_name=served_as[0],
-                     device=device)
+    """The kind's scheduler for a model folder's decoder (its settings' backend): `max_batch` sequences at once."""
+    from models import chat
+
+    decoder, config, runs_on = chat.load_decoder(Path(model_dir), settings.backend, device)
+    return Scheduler(decoder, config, ChatFormat(Path(model_dir)), settings, slots=max_batch,
+                     model_name=served_as[0], device=runs_on)

@@ -30,8 +30,8 @@ def decoder():
 
 def scheduler(decoder, slots: int = 8, **settings) -> generate.Scheduler:
     directory, model = decoder
-    return generate.build(directory, model, generate.Settings(**settings), served_as=("chat-tiny", "1"),
-                          max_batch=slots)
+    return generate.Scheduler(model, model.config, generate.ChatFormat(directory), generate.Settings(**settings),
+                              slots=slots, model_name="chat-tiny")
 
 
 def body(**fields) -> dict:
@@ -85,6 +85,22 @@ def test_greedy_answers_are_the_same_alone_and_in_a_batch_of_8_that_joins_and_le
     tokens = sum(native_text(together[f"r{i}"])["usage"]["completion_tokens"] for i in range(len(PROMPTS)))
     assert sched.stats["decode_steps"] - steps_before < tokens / 3
     assert sorted(sched.free) == list(range(8)) and not sched.running
+
+
+@pytest.mark.parametrize("backend", ["program", "aoti"])
+def test_an_exported_decoder_answers_as_the_eager_one_alone_and_in_a_batch_that_joins_and_leaves(decoder, backend):
+    """The scheduler over the verified export of chat-tiny (what its archive serves): the same greedy answers as
+    the eager decoder's, for prompts arriving at different steps."""
+    artifacts = built(TREE.artifacts("chat-tiny") / "verified.json").parent
+    exported = generate.build(artifacts, generate.Settings(backend=backend), served_as=("chat-tiny", "1"),
+                              max_batch=8)
+    arrivals: dict[int, list] = {}
+    for i, p in enumerate(PROMPTS):
+        arrivals.setdefault(i % 4 * 3, []).append((f"r{i}", greedy(p, 8 + 3 * i), JSON))
+    want, got = drive(scheduler(decoder), arrivals), drive(exported, arrivals)
+    for i, p in enumerate(PROMPTS):
+        assert native_text(got[f"r{i}"]) == native_text(want[f"r{i}"]), p
+    assert sorted(exported.free) == list(range(8)) and not exported.running
 
 
 def test_a_seed_reproduces_a_sampled_answer_temperature_0_is_greedy_and_a_tiny_top_p_keeps_the_top_token(decoder):
