@@ -119,3 +119,26 @@ def test_aoti_compiles_for_the_gpu_and_runs_on_the_workers_device(spec, tmp_path
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, expected, atol=spec.tolerance.atol, rtol=1e-3)
     assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_the_chat_decoder_compiles_for_the_gpu_and_keeps_greedy_parity_there(tmp_path):
+    """export/decoder.py on a GPU host: the program and a CUDA AOTInductor package, each greedy-token-identical to
+    the eager decoder on the same GPU in a fresh process, and the scheduler serving the package on the GPU."""
+    import json
+    import subprocess
+    import sys
+
+    from handlers.kinds import generate
+    from models.paths import ROOT
+
+    checkpoint = built(TREE.checkpoint("chat-tiny") / "model.json").parent
+    out = tmp_path / "chat-tiny"
+    proc = subprocess.run([sys.executable, "-m", "export.decoder", "--checkpoint", str(checkpoint), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "640/640 greedy tokens identical" in proc.stdout
+    assert json.loads((out / "manifest.json").read_text())["artifacts"]["aoti"]["built_for"]["device"] == "cuda"
+    sched = generate.build(out, generate.Settings(backend="aoti"), served_as=("chat-tiny", "1"), max_batch=4,
+                           device=torch.device("cuda", 0))
+    assert sched.device.type == "cuda" and sched.cache.k[0].device.type == "cuda"
+
