@@ -21,6 +21,7 @@ The report (JSON, Markdown, PNG) goes to results/bench/<model>-<timestamp>/; the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -32,7 +33,8 @@ from pathlib import Path
 
 
 from export import archive
-from loadtest.bench import report
+from loadtest.bench import records, report
+from loadtest.bench.records import Plan, Step, StepResult, Target
 from models import registry
 from models import paths
 from models.paths import FULL as FULL_TREE, Layout, ROOT, TREE_VARIABLE, model_config, model_config_values
@@ -64,8 +66,8 @@ def serve_settings(spec: registry.ModelSpec) -> dict:
     return model_config_values(spec.name)
 
 
-def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL_TREE) -> tuple[Path, list[dict]]:
-    """A model store holding the targets; returns it and the endpoints to drive: [{target, endpoint, workers}]."""
+def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL_TREE) -> tuple[Path, list[Target]]:
+    """A model store holding the targets; returns it and the targets to drive."""
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
@@ -76,26 +78,25 @@ def build_store(spec: registry.ModelSpec, work: Path, tree: Layout = FULL_TREE) 
         shutil.copy2(path, store / path.name)
     artifacts, config = tree.artifacts(spec.name), model_config(spec.name)
     workers = serve_settings(spec).get("minWorkers", 1)
-    endpoints = [{"target": "served", "endpoint": spec.name, "workers": workers},
-                 {"target": "ceiling", "endpoint": f"{spec.name}-ceiling", "workers": workers}]
-    for backend in spec.bench_backends:  # the same config and handler on another verified artifact
-        endpoints.append({"target": f"backend {backend}", "endpoint": f"{spec.name}-{backend}", "workers": workers,
-                          "backend": backend})
-        archive.archive(spec, artifacts, store, config=config, name=endpoints[-1]["endpoint"],
+    endpoints = [Target("served", spec.name, workers), Target("ceiling", f"{spec.name}-ceiling", workers)]
+    for backend in spec.bench.backends:  # the same config and handler on another verified artifact
+        endpoints.append(Target(f"backend {backend}", f"{spec.name}-{backend}", workers, backend=backend))
+        archive.archive(spec, artifacts, store, config=config, name=endpoints[-1].endpoint,
                         artifact=registry.BACKEND_ARTIFACT[backend], staging=work / f"extra-{backend}")
-    archive.archive(spec, artifacts, store, config=config, name=endpoints[1]["endpoint"],
+    archive.archive(spec, artifacts, store, config=config, name=endpoints[1].endpoint,
                     handler="loadtest/bench/empty_handler.py", staging=work / "extra-ceiling")
     source = {}
-    if spec.peer_artifact == "pretrained":  # the eager library model, from the checked pretrained files
+    if spec.bench.peer_artifact == "pretrained":  # the eager library model, from the checked pretrained files
         folder = registry.resolve(spec.pretrained_files)()
         source = {"serialized": folder / "model.safetensors",
                   "extra": tuple(p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in (".json", ".txt"))}
     for count in sorted({1, workers}):
         peer_config = work / f"peer-w{count}.yaml"  # as a TorchServe user writes it: workers only, default batching
         peer_config.write_text(f"minWorkers: {count}\nmaxWorkers: {count}\n")
-        endpoints.append({"target": "peer", "endpoint": f"{spec.name}-peer-w{count}", "workers": count})
-        archive.archive(spec, artifacts, store, config=peer_config, name=endpoints[-1]["endpoint"],
-                        artifact=spec.peer_artifact, handler=spec.peer_handler, staging=work / "extra-peer", **source)
+        endpoints.append(Target("peer", f"{spec.name}-peer-w{count}", count))
+        archive.archive(spec, artifacts, store, config=peer_config, name=endpoints[-1].endpoint,
+                        artifact=spec.bench.peer_artifact, handler=spec.bench.peer_handler, staging=work / "extra-peer",
+                        **source)
     return store, endpoints
 
 
@@ -108,50 +109,45 @@ def run_compute(spec: registry.ModelSpec, threads: int, mode: Mode, out: Path, t
     return json.loads(out.read_text())
 
 
-def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps: list[dict], work: Path, *,
-                    timeout: float = 180.0, server_warmup_s: float = 10.0) -> list[dict]:
+def serve_and_drive(payload_model: str, store: Path, endpoints: list[str], steps: list[Step], work: Path, *,
+                    timeout: float = 180.0, server_warmup_s: float = 10.0) -> list[StepResult]:
     """Start one TorchServe serving `endpoints` from `store` on free loopback ports, let Locust
     (loadtest/bench/drive.py) run through `steps` with `payload_model`'s payloads, stop the server by its PID;
     return the step results.
 
     A fresh JVM runs its first seconds of load interpreted, so `server_warmup_s` of load on the first step's
     endpoint at the highest concurrency goes first, unmeasured; otherwise the first step would pay for it."""
-    warm = [{**steps[0], "target": WARMUP, "users": max(s["users"] for s in steps), "warmup": 0.0,
-             "seconds": server_warmup_s}] if server_warmup_s > 0 else []
+    warm = [dataclasses.replace(steps[0], target=dataclasses.replace(steps[0].target, target=WARMUP),
+                                users=max(s.users for s in steps), warmup=0.0, seconds=server_warmup_s)
+            ] if server_warmup_s > 0 else []
     run_dir = work / "run"
     ts.stop(run_dir)  # one an interrupted bench left running, before its PID file goes
     shutil.rmtree(run_dir, ignore_errors=True)
     try:  # start() raises ModelLoadError with the server still up (it serves the models that loaded): stop it too
         server = ts.start(run_dir, endpoints, ports=ts.Ports.free(), model_store=store, timeout=timeout)
-        keys = server.keys()
-        plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
-                "inference_token": keys["inference"], "management_token": keys["management"],
-                "payload_model": payload_model, "steps": [*warm, *steps]}
-        (work / "plan.json").write_text(json.dumps(plan, indent=1))
-        subprocess.run([sys.executable, "-m", "loadtest.bench.drive", "--plan", str(work / "plan.json"),
-                        "--out", str(work / "steps.json")], cwd=ROOT, check=True)
-        return [r for r in json.loads((work / "steps.json").read_text()) if r["target"] != WARMUP]
+        plan = Plan.for_server(server, payload_model).with_steps([*warm, *steps])
+        return [r for r in records.run(plan, work) if r.target.target != WARMUP]
     finally:
         ts.stop(run_dir)
 
 
-def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[dict], mode: Mode, work: Path) -> list[dict]:
+def run_load(spec: registry.ModelSpec, store: Path, endpoints: list[Target], mode: Mode, work: Path) -> list[StepResult]:
     """Every endpoint at every level; then the served model again in each other request form its workload
     names (Open Inference Protocol BYTES rows, pixel tensors), at the same levels."""
-    served = next(e for e in endpoints if e["target"] == "served")
-    forms = [{**served, "target": form, "form": form} for form in registry.resolve(spec.bench_workload).forms]
-    backends = [e for e in endpoints if "backend" in e]
+    served = next(e for e in endpoints if e.target == "served")
+    forms = [dataclasses.replace(served, target=form, form=form) for form in registry.resolve(spec.bench_workload).forms]
+    backends = [e for e in endpoints if e.backend is not None]
     # A step lasts at least three p99 budgets, so that even the slowest target (a stock peer of a heavy model)
     # completes requests in it; QUICK's 2 s would not for a model whose requests take a second.
-    seconds = max(mode.seconds, 3 * spec.bench_p99_ms / 1000)
+    seconds = max(mode.seconds, 3 * spec.bench.p99_ms / 1000)
     # The other backends and forms run right after served and before the peers: a stock peer leaves a queue of
     # requests its workers finish after its step ends, and the next steps would share the CPU with them.
-    order = [endpoints[0], *backends, *forms, *(e for e in endpoints[1:] if "backend" not in e)]
-    steps = [{**e, "users": users, "warmup": mode.warmup_s, "seconds": seconds} for e in order for users in mode.levels]
-    print(f"[2/3] starting TorchServe with {', '.join(e['endpoint'] for e in endpoints)}; then [3/3] Locust: "
+    order = [endpoints[0], *backends, *forms, *(e for e in endpoints[1:] if e.backend is None)]
+    steps = [Step(e, users, mode.warmup_s, seconds) for e in order for users in mode.levels]
+    print(f"[2/3] starting TorchServe with {', '.join(e.endpoint for e in endpoints)}; then [3/3] Locust: "
           f"{mode.server_warmup_s:g}s server warm-up, {len(steps)} steps of {seconds:g}s (+{mode.warmup_s:g}s "
           "warm-up)", flush=True)
-    return serve_and_drive(spec.name, store, [e["endpoint"] for e in endpoints], steps, work,
+    return serve_and_drive(spec.name, store, [e.endpoint for e in endpoints], steps, work,
                            server_warmup_s=mode.server_warmup_s)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from handlers.batch_metrics import BATCHES, BATCHES_BY_SIZE, REQUESTS, STAGE_MS, STAGES
+from loadtest.bench.records import StepResult
 from models.registry import BENCH_RATIOS
 
 TARGETS = ("served", "ceiling", "peer")
@@ -48,16 +49,15 @@ def breakdown(metrics: dict[str, float]) -> dict[str, Any]:
     return out
 
 
-def _workers(step: dict) -> str:
-    n = step.get("workers")
+def _workers(n: int | None) -> str:
     return "workers ?" if n is None else f"{n} worker{'s' if n != 1 else ''}"
 
 
-def series(steps: list[dict]) -> dict[str, list[dict]]:
-    """A target's steps split by worker count (the peer runs with more than one), each in level order."""
+def series(rows: list[dict]) -> dict[str, list[dict]]:
+    """A target's report rows split by worker count (the peer runs with more than one), each in level order."""
     groups: dict[str, list[dict]] = {}
-    for s in steps:
-        groups.setdefault(_workers(s), []).append(s)
+    for row in rows:
+        groups.setdefault(_workers(row.get("workers")), []).append(row)
     return groups
 
 
@@ -66,14 +66,19 @@ def _size(key: str) -> int:
     return int(digits) if digits else 0
 
 
-def best_step(steps: list[dict], p99_budget_ms: float) -> dict:
-    """The step with the most requests/s among those without failures and within the p99 budget;
-    if none meets the budget, the fastest without failures (flagged), else the fastest of all."""
-    clean = [s for s in steps if s["failures"] == 0 and s["requests"] > 0]
-    within = [s for s in clean if s["p99_ms"] <= p99_budget_ms]
-    pool = within or clean or steps
-    best = max(pool, key=lambda s: s["rps"])
-    return {**best, "within_p99_budget": best in within}
+def best_step(results: list[StepResult], p99_budget_ms: float) -> tuple[StepResult, bool]:
+    """The step with the most requests/s among those without failures and within the p99 budget; if none meets
+    the budget, the fastest without failures, else the fastest of all; and whether it is within the budget."""
+    clean = [r for r in results if r.clean]
+    within = [r for r in clean if r.p99_ms <= p99_budget_ms]
+    best = max(within or clean or results, key=lambda r: r.rps)
+    return best, any(r is best for r in within)
+
+
+def row(result: StepResult, **extra: Any) -> dict[str, Any]:
+    """A step's row in the report document: its target's and step's fields, its figures, and where the server's
+    time went (breakdown)."""
+    return {**result.flat(), "breakdown": breakdown(result.server_metrics), **extra}
 
 
 def cpu_per_request(step: dict) -> dict[str, float]:
@@ -113,7 +118,7 @@ def goals(spec, ratios: dict[str, Any], budget: dict[str, Any]) -> list[dict[str
     cost lets served reach, over the same denominator."""
     out = []
     served = budget["served"]
-    for name, goal in spec.bench_goals.items():
+    for name, goal in spec.bench.goals.items():
         r = ratios[name]
         denominator = r["denominator"]
         out.append({"ratio": name, "goal": goal, "value": r["value"], "served_p99_ms": r["served_p99_ms"],
@@ -124,46 +129,54 @@ def goals(spec, ratios: dict[str, Any], budget: dict[str, Any]) -> list[dict[str
     return out
 
 
-def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: bool) -> dict[str, Any]:
+def assemble(spec, settings: dict, compute: dict, steps: list[StepResult], *, quick: bool) -> dict[str, Any]:
+    """The report document (bench.json) of one run: `steps` as loadtest.bench.drive measured them."""
     workers = int(settings.get("minWorkers", 1))
     limit = compute["best"]["samples_per_s"] * workers
-    targets = {}
+    budget_ms = spec.bench.p99_ms
+    targets, best = {}, {}
     for target in TARGETS:
-        rows = [{**s, "breakdown": breakdown(s["server_metrics"])} for s in steps if s["target"] == target]
-        targets[target] = {"steps": rows, "best": best_step(rows, spec.bench_p99_ms)}
-    served, ceiling, peer = (targets[t]["best"] for t in TARGETS)
+        mine = [r for r in steps if r.target.target == target]
+        best[target], within = best_step(mine, budget_ms)
+        targets[target] = {"steps": [row(r) for r in mine], "best": row(best[target], within_p99_budget=within)}
+    served, ceiling, peer = (best[t] for t in TARGETS)
+    served_within = targets["served"]["best"]["within_p99_budget"]
 
-    def ratio(numerator: dict, denominator: float, against: str) -> dict[str, Any]:
-        return {"value": numerator["rps"] / denominator if denominator else math.nan, "against": against,
-                "denominator": denominator,
-                "served_rps": numerator["rps"], "served_users": numerator["users"], "served_p99_ms": numerator["p99_ms"],
-                "within_p99_budget": numerator["within_p99_budget"]}
+    def ratio(denominator: float, against: str) -> dict[str, Any]:
+        return {"value": served.rps / denominator if denominator else math.nan, "against": against,
+                "denominator": denominator, "served_rps": served.rps, "served_users": served.users,
+                "served_p99_ms": served.p99_ms, "within_p99_budget": served_within}
 
     ratios = {
-        "served_over_compute_limit": ratio(served, limit, f"compute limit {limit:.0f}/s"),
-        "served_over_ceiling": {**ratio(served, ceiling["rps"], "ceiling"), "other_users": ceiling["users"],
-                                "other_p99_ms": ceiling["p99_ms"]},
-        "ours_over_peer": {**ratio(served, peer["rps"], f"peer ({_workers(peer)})"), "other_users": peer["users"],
-                           "other_p99_ms": peer["p99_ms"]},
+        "served_over_compute_limit": ratio(limit, f"compute limit {limit:.0f}/s"),
+        "served_over_ceiling": {**ratio(ceiling.rps, "ceiling"), "other_users": ceiling.users,
+                                "other_p99_ms": ceiling.p99_ms},
+        "ours_over_peer": {**ratio(peer.rps, f"peer ({_workers(peer.target.workers)})"), "other_users": peer.users,
+                           "other_p99_ms": peer.p99_ms},
     }
     budget = cpu_budget(os.cpu_count() or 1, targets, compute, workers)
-    native = {s["users"]: s for s in targets["served"]["steps"]}
+    native = {r.users: r for r in steps if r.target.target == "served"}
 
-    def variants(key: str) -> dict[str, Any]:
-        """The served model's other request forms (key "form") or other backends ("backend"), each level's
-        req/s over the served default's in its native form at the same level, and the variant's own best."""
+    def variants(name_of) -> dict[str, Any]:
+        """The served model's other request forms or other backends (`name_of(target)`: the variant's name, None
+        for any other target), each level's req/s over the served default's in its native form at the same
+        level, and the variant's own best."""
         out = {}
-        for name in dict.fromkeys(s[key] for s in steps if s["target"] not in TARGETS and key in s):
-            rows = [{**s, "breakdown": breakdown(s["server_metrics"]), "over_native": s["rps"] / native[s["users"]]["rps"]
-                     if native.get(s["users"], {}).get("rps") else math.nan} for s in steps if s.get(key) == name]
-            best = best_step(rows, spec.bench_p99_ms)
-            out[name] = {"steps": rows, "at_served_best": next((r for r in rows if r["users"] == served["users"]), None),
-                         "best": best, "best_over_served_best": best["rps"] / served["rps"] if served["rps"] else math.nan}
+        for name in dict.fromkeys(name_of(r.target) for r in steps if r.target.target not in TARGETS):
+            if name is None:
+                continue
+            mine = [r for r in steps if r.target.target not in TARGETS and name_of(r.target) == name]
+            rows = [row(r, over_native=r.rps / native[r.users].rps if r.users in native and native[r.users].rps
+                        else math.nan) for r in mine]
+            top, within = best_step(mine, budget_ms)
+            out[name] = {"steps": rows, "at_served_best": next((x for x in rows if x["users"] == served.users), None),
+                         "best": row(top, within_p99_budget=within),
+                         "best_over_served_best": top.rps / served.rps if served.rps else math.nan}
         return out
     return {
         "model": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
-        "serve_config": settings, "p99_budget_ms": spec.bench_p99_ms,
+        "serve_config": settings, "p99_budget_ms": budget_ms,
         "compute": compute,
         "compute_limit": {"samples_per_s": limit, "workers": workers, **{k: compute["best"][k] for k in ("backend", "batch")},
                           "fastest_any": {**compute.get("fastest", compute["best"]),
@@ -172,8 +185,8 @@ def assemble(spec, settings: dict, compute: dict, steps: list[dict], *, quick: b
         "ratios": ratios,
         "cpu_budget": budget,
         "goals": goals(spec, ratios, budget),
-        "forms": variants("form"),
-        "backends": variants("backend"),
+        "forms": variants(lambda target: target.form if target.form != "native" else None),
+        "backends": variants(lambda target: target.backend),
     }
 
 
@@ -208,7 +221,7 @@ def ratios_text(data: dict[str, Any]) -> str:
         lines += [f"request forms of {data['model']} against the native one (req/s at the same concurrency):",
                   *form_lines(data)]
     if data["goals"]:
-        lines += [f"goals for {data['model']} (registry bench_goals):", *goal_lines(data)]
+        lines += [f"goals for {data['model']} (registry bench.goals):", *goal_lines(data)]
     lines.append(f"ratios for {data['model']} (each target at its best concurrency, p99 budget {data['p99_budget_ms']:g} ms):")
     for key, label in RATIO_LABELS.items():
         r = data["ratios"][key]
@@ -274,7 +287,7 @@ def markdown(data: dict[str, Any]) -> str:
     for target, t in data["targets"].items():
         for s in t["steps"]:
             mark = " **best**" if (s["users"], s.get("workers")) == (t["best"]["users"], t["best"].get("workers")) else ""
-            out.append(f"| {target} ({_workers(s)}){mark} | {s['users']} | {s['rps']:.1f} | {_f(s['p50_ms'], 0)} | {_f(s['p95_ms'], 0)} | "
+            out.append(f"| {target} ({_workers(s.get('workers'))}){mark} | {s['users']} | {s['rps']:.1f} | {_f(s['p50_ms'], 0)} | {_f(s['p95_ms'], 0)} | "
                        f"{_f(s['p99_ms'], 0)} | {s['failures']} | {_f(s['breakdown']['mean_batch_size'])} | "
                        f"{s['loadgen_cores']:.2f} | {s['server_cores']:.2f} |")
     out += ["", "Load generator and server CPU are in cores (CPU seconds per second); the host has "
@@ -289,7 +302,7 @@ def markdown(data: dict[str, Any]) -> str:
                    f"{_f(b['inference_ms_per_batch'], 2)} | {_f(b['postprocess_ms_per_batch'], 2)} | "
                    f"{_f(b['queue_ms_per_request'], 2)} | {_f(b['frontend_ms_per_request'], 2)} | {sizes} |")
     if data.get("backends"):
-        out += ["", "## Other serving backends (registry `bench_backends`: own archive, same config and handler)", "",
+        out += ["", "## Other serving backends (registry `bench.backends`: own archive, same config and handler)", "",
                 "| backend | users | req/s | over served | p50 ms | p99 ms | failures | mean batch | inference ms/batch |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for backend, b in data["backends"].items():
@@ -333,7 +346,7 @@ def cpu_markdown(data: dict[str, Any]) -> list[str]:
                     "the CPU cost per request measured for served at its best step (server plus load generator; then "
                     "server alone). A goal above it cannot be met on this host without making each request cheaper."]
     else:
-        out.append("The registry entry sets no `bench_goals`.")
+        out.append("The registry entry sets no `bench.goals`.")
     out += ["", f"## CPU per request (best step of each target; {budget['cpus']} cores)", "",
             "| target | req/s | at users | server CPU ms/request | load generator CPU ms/request | total | "
             "req/s the cost allows | ... with Locust elsewhere |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -383,7 +396,7 @@ def plot(data: dict[str, Any], directory: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for target, t in data["targets"].items():
         color, line = styles[target]
-        steps = series(t["steps"]).get(_workers(t["best"]), t["steps"])  # the peer: its better worker count
+        steps = series(t["steps"]).get(_workers(t["best"].get("workers")), t["steps"])  # the peer: its better worker count
         for q, marker in (("p50", "o"), ("p95", "s"), ("p99", "^")):
             ax.plot([s["users"] for s in steps], [s[f"{q}_ms"] for s in steps], color=color, linestyle=line,
                     marker=marker, label=f"{target} {q}")

@@ -16,7 +16,6 @@ import argparse
 import datetime as dt
 import json
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from loadtest.bench import records
+from loadtest.bench.records import Plan, Step, Target
 from models import paths
 from models.paths import FULL, ROOT
 from serve_config import control as ts
@@ -80,13 +81,6 @@ def growth(samples: list[dict], key: str) -> dict:
             "late_growth_pct": pct(middle, last), "max_mib": max(s[key] for s in usable)}
 
 
-def drive(plan: dict, work: Path, name: str) -> list[dict]:
-    (work / f"{name}-plan.json").write_text(json.dumps(plan, indent=1))
-    subprocess.run([sys.executable, "-m", "loadtest.bench.drive", "--plan", str(work / f"{name}-plan.json"),
-                    "--out", str(work / f"{name}.json")], cwd=ROOT, check=True)
-    return json.loads((work / f"{name}.json").read_text())
-
-
 def plot(samples: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -117,25 +111,22 @@ def soak(model: str, *, seconds: float, fraction: float, users: int, out_root: P
     run_dir = work / "run"
     try:  # start() raises ModelLoadError with the server still up (it serves the models that loaded): stop it too
         server = ts.start(run_dir, [model], ports=ts.Ports.free(), model_store=model_store)
-        keys = server.keys()
-        plan = {"host": server.inference_url, "metrics_url": server.metrics_url, "server_pid": server.pid(),
-                "inference_token": keys["inference"], "management_token": keys["management"], "payload_model": model}
-        capacity_step = {"target": "capacity", "endpoint": model, "users": users, "warmup": 1.0,
-                         "seconds": min(8.0, max(3.0, seconds / 10))}
-        capacity = drive({**plan, "steps": [capacity_step]}, work, "capacity")[0]["rps"]
+        plan = Plan.for_server(server, model)
+        capacity_step = Step(Target("capacity", model), users, warmup=1.0, seconds=min(8.0, max(3.0, seconds / 10)))
+        capacity = records.run(plan.with_steps([capacity_step]), work, "capacity")[0].rps
         rate = fraction * capacity
         print(f"soak {model}: capacity {capacity:.1f} req/s closed-loop at {users} users; holding {rate:.1f} req/s "
               f"({fraction:.0%}) for {seconds:g}s", flush=True)
         sampler = RssSampler(server.pid())
         sampler.start()
-        step = {"target": "soak", "endpoint": model, "users": users, "rate": rate, "warmup": 0.0, "seconds": seconds}
-        result = drive({**plan, "steps": [step]}, work, "soak")[0]
+        step = Step(Target("soak", model), users, warmup=0.0, seconds=seconds, rate=rate)
+        result = records.run(plan.with_steps([step]), work, "soak")[0]
         samples = sampler.stop()
     finally:
         ts.stop(run_dir)
     data = {"model": model, "seconds": seconds, "capacity_rps": capacity, "target_rps": rate, "fraction": fraction,
-            "requests": result["requests"], "failures": result["failures"], "rejected": result.get("rejected", 0),
-            "rps": result["rps"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "errors": result["errors"],
+            "requests": result.requests, "failures": result.failures, "rejected": result.rejected,
+            "rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": list(result.errors),
             "rss": {"frontend": growth(samples, "frontend_mib"), "workers": growth(samples, "workers_mib")},
             "samples": samples}
     (report_dir / "soak.json").write_text(json.dumps(data, indent=1))

@@ -5,7 +5,7 @@ intra-op threads. Every variant is packed as its own archive (<name>-<variant>.m
 rewritten) and all are served by one TorchServe, so one start-up serves the whole sweep; idle
 workers cost no CPU. Locust (loadtest/bench/drive.py) then drives each variant at the same concurrency levels.
 The result (JSON and a Markdown table, best first) goes to results/sweep/<name>-<timestamp>/; the best
-variant is the most requests/s with no failure and p99 within the registry's bench_p99_ms.
+variant is the most requests/s with no failure and p99 within the registry's bench.p99_ms.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 
 from export import archive
 from loadtest.bench.bench import serve_and_drive, serve_settings
+from loadtest.bench.records import Step, Target
 from models import registry
 from models import paths
 from models.paths import ROOT
@@ -90,17 +91,16 @@ def sweep(model: str, out_root: Path, *, seconds: float, warmup: float,
         names[v] = f"{spec.name}-{v.name}"
         archive.archive(spec, paths.current().artifacts(spec.name), store, config=config, name=names[v],
                         artifact=BACKEND_ARTIFACT[v.backend], staging=work / "extra")
-    steps = [{"target": v.name, "endpoint": names[v], "users": u, "warmup": warmup, "seconds": seconds}
-             for v in points for u in LEVELS]
+    steps = [Step(Target(v.name, names[v]), u, warmup, seconds) for v in points for u in LEVELS]
     print(f"starting TorchServe with {len(points)} variants of {spec.name}", flush=True)
     results = serve_and_drive(spec.name, store, list(names.values()), steps, work, timeout=600)
     rows = []
     for v in points:
-        mine = [s for s in results if s["target"] == v.name]
-        ok = [s for s in mine if s["failures"] == 0 and s["p99_ms"] <= spec.bench_p99_ms]
-        best = max(ok or mine, key=lambda s: s["rps"])
-        rows.append({**v.__dict__, "variant": v.name, "rps": best["rps"], "users": best["users"], "p50_ms": best["p50_ms"],
-                     "p99_ms": best["p99_ms"], "within_budget": bool(ok), "levels": {s["users"]: s["rps"] for s in mine}})
+        mine = [r for r in results if r.target.target == v.name]
+        ok = [r for r in mine if r.failures == 0 and r.p99_ms <= spec.bench.p99_ms]
+        best = max(ok or mine, key=lambda r: r.rps)
+        rows.append({**v.__dict__, "variant": v.name, "rps": best.rps, "users": best.users, "p50_ms": best.p50_ms,
+                     "p99_ms": best.p99_ms, "within_budget": bool(ok), "levels": {r.users: r.rps for r in mine}})
     rows.sort(key=lambda r: (r["within_budget"], r["rps"]), reverse=True)
     out = out_root / f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True)
@@ -109,7 +109,7 @@ def sweep(model: str, out_root: Path, *, seconds: float, warmup: float,
     table = ["| backend | batchSize | maxBatchDelay ms | workers x threads | decode threads | best req/s | at users "
              "| p50 ms | p99 ms |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        flag = "" if r["within_budget"] else f" (p99 over {spec.bench_p99_ms:g} ms)"
+        flag = "" if r["within_budget"] else f" (p99 over {spec.bench.p99_ms:g} ms)"
         table.append(f"| {r['backend']} | {r['batch_size']} | {r['delay_ms']} | {r['workers']} x {r['threads']} | {r['decode_threads']} | "
                      f"{r['rps']:.0f}{flag} | {r['users']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
     (out / "sweep.md").write_text("\n".join(table) + "\n")

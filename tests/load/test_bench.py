@@ -58,7 +58,7 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
 
     assert set(data["ratios"]) == {"served_over_compute_limit", "served_over_ceiling", "ours_over_peer"}
     assert all(_finite(r["value"]) and r["value"] > 0 for r in data["ratios"].values())
-    assert [g["ratio"] for g in data["goals"]] == list(spec.bench_goals)
+    assert [g["ratio"] for g in data["goals"]] == list(spec.bench.goals)
     for g in data["goals"]:
         assert all(_finite(g[k]) and g[k] > 0 for k in ("value", "cpu_allows", "cpu_allows_without_loadgen")), g
         assert g["cpu_allows_without_loadgen"] >= g["cpu_allows"]
@@ -75,7 +75,7 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
             assert s["requests"] > 0 and s["failures"] == 0, (form, s["errors"])
             assert _finite(s["over_native"]) and s["over_native"] > 0
     # the registry's other serving backends, each served from its own archive at every level beside served
-    assert list(data["backends"]) == list(spec.bench_backends)
+    assert list(data["backends"]) == list(spec.bench.backends)
     for backend, b in data["backends"].items():
         assert [s["users"] for s in b["steps"]] == list(bench.QUICK.levels)
         for s in b["steps"]:
@@ -83,7 +83,7 @@ def test_quick_bench_writes_a_complete_report(spec, tmp_path, capsys):
             assert _finite(s["over_native"]) and s["over_native"] > 0 and s["breakdown"]["batches"] > 0
         assert _finite(b["best_over_served_best"]) and b["best_over_served_best"] > 0
     report = (report_dir / "report.md").read_text()
-    assert ("## Other serving backends" in report) == bool(spec.bench_backends)
+    assert ("## Other serving backends" in report) == bool(spec.bench.backends)
     for section in ("## Ratios", "## Load, per target", "## Where the time goes", "## Request forms", "## Goals",
                     "## CPU per request", "## Compute limit"):
         assert section in report

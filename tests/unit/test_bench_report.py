@@ -3,6 +3,7 @@ peer's torchvision transforms computing the same tensor as our preset."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from handlers.batch_metrics import BATCHES, REQUESTS, STAGE_MS
 from loadtest.bench import prometheus
+from loadtest.bench.records import Plan, Step, StepResult, Target
 from loadtest.bench.report import assemble, best_step, breakdown, cpu_budget, goals, ratios_text
 from models import registry
 from models.preprocessing import PRESETS, decode_image
@@ -55,18 +57,35 @@ def test_breakdown_turns_counter_deltas_into_means():
     assert set(STAGE_MS.values()) | {BATCHES, REQUESTS} <= set(prometheus.model_counters(TEXT, "digits"))
 
 
-def step(users, rps, p99, failures=0):
-    return {"users": users, "rps": rps, "p99_ms": p99, "failures": failures, "requests": 100}
+def result(target: str, users: int, rps: float, p99: float, *, failures: int = 0, workers: int = 2,
+           backend: str | None = None, form: str = "native") -> StepResult:
+    step = Step(Target(target, f"m-{target}", workers, backend=backend, form=form), users, warmup=0.5, seconds=2.0)
+    return StepResult(step, wall_s=2.0, requests=100, failures=failures, rps=rps, mean_ms=p99 / 2, p50_ms=p99 / 2,
+                      p95_ms=p99, p99_ms=p99, loadgen_cores=0.2, server_cores=1.5)
 
 
 def test_best_step_respects_the_p99_budget_and_failures():
-    steps = [step(1, 100, 5), step(4, 300, 20), step(16, 500, 80), step(64, 900, 30, failures=3)]
-    best = best_step(steps, 50)
-    assert best["users"] == 4 and best["within_p99_budget"]
-    over = best_step(steps, 10)  # nothing but users=1 within 10 ms
-    assert over["users"] == 1
-    none_within = best_step([step(1, 100, 60), step(4, 300, 90)], 50)
-    assert none_within["users"] == 4 and not none_within["within_p99_budget"]
+    steps = [result("served", 1, 100, 5), result("served", 4, 300, 20), result("served", 16, 500, 80),
+             result("served", 64, 900, 30, failures=3)]
+    best, within = best_step(steps, 50)
+    assert best.users == 4 and within
+    over, _ = best_step(steps, 10)  # nothing but users=1 within 10 ms
+    assert over.users == 1
+    none_within, within = best_step([result("served", 1, 100, 60), result("served", 4, 300, 90)], 50)
+    assert none_within.users == 4 and not within
+
+
+def test_a_plan_and_its_results_cross_the_process_boundary_as_the_same_records():
+    plan = Plan("http://127.0.0.1:1", "http://127.0.0.1:2", 42, "i", "m", "digits",
+                steps=(Step(Target("peer", "digits-peer-w2", 2), 16, 1.0, 8.0),
+                       Step(Target("oip", "digits", form="oip"), 4, 0.5, 2.0, rate=30.0, min_requests=10)))
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    measured = result("backend onnx", 4, 120.0, 30.0, backend="onnx")
+    assert StepResult.from_json(json.loads(json.dumps(measured.to_json()))) == measured
+    row = measured.flat()
+    assert (row["target"], row["endpoint"], row["backend"], row["users"], row["rps"]) == \
+        ("backend onnx", "m-backend onnx", "onnx", 4, 120.0)
+    assert plan.steps[1].wanted == 10 and plan.steps[0].wanted == 16
 
 
 @pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if hasattr(p, "torchvision_transforms")))  # image presets
@@ -100,7 +119,7 @@ def test_cpu_budget_turns_cores_into_cost_per_request_and_the_rate_it_allows():
 
 def test_goals_are_met_only_within_the_p99_budget_and_say_what_the_cpu_allows():
     spec = registry.get("digits")
-    assert set(spec.bench_goals) == {"served_over_ceiling", "ours_over_peer"}
+    assert set(spec.bench.goals) == {"served_over_ceiling", "ours_over_peer"}
     ratios = {"served_over_ceiling": {"value": 0.25, "denominator": 4000, "served_rps": 1000, "served_p99_ms": 20,
                                       "within_p99_budget": True},
               "ours_over_peer": {"value": 2.0, "denominator": 500, "served_rps": 1000, "served_p99_ms": 20,
@@ -116,27 +135,25 @@ def test_goals_are_met_only_within_the_p99_budget_and_say_what_the_cpu_allows():
 
 
 def test_bench_goals_must_name_a_reported_ratio():
-    with pytest.raises(ValueError, match="bench_goals"):
-        registry.ModelSpec(**{**registry.get("digits").__dict__, "bench_goals": {"served_over_nothing": 1.0}})
+    with pytest.raises(ValueError, match="bench.goals"):
+        registry.ModelSpec(**{**registry.get("digits").__dict__,
+                              "bench": registry.BenchSpec(goals={"served_over_nothing": 1.0})})
 
 
 def test_bench_backends_must_be_other_verified_serving_backends():
     digits = registry.get("digits").__dict__
-    assert registry.get("shapes").bench_backends == ("onnx",) and registry.get("digits").bench_backends == ("onnx-int8",)
+    assert registry.get("shapes").bench.backends == ("onnx",) and registry.get("digits").bench.backends == ("onnx-int8",)
     for wrong in (("onnx",), ("tensorrt",), ("aoti-cuda",)):
-        with pytest.raises(ValueError, match="bench_backends"):
-            registry.ModelSpec(**{**digits, "bench_backends": wrong})
-    with pytest.raises(ValueError, match="bench_backends"):  # a backend whose format the model does not export
-        registry.ModelSpec(**{**registry.get("cancer").__dict__, "bench_backends": ("onnx-int8",)})
+        with pytest.raises(ValueError, match="bench.backends"):
+            registry.ModelSpec(**{**digits, "bench": registry.BenchSpec(backends=wrong)})
+    with pytest.raises(ValueError, match="bench.backends"):  # a backend whose format the model does not export
+        registry.ModelSpec(**{**registry.get("cancer").__dict__, "bench": registry.BenchSpec(backends=("onnx-int8",))})
 
 
 def test_other_backends_are_compared_with_served_per_level_and_at_each_best():
     spec = registry.get("shapes")  # p99 budget 1000 ms
 
-    def run(target, users, rps, p99, **extra):
-        return {"target": target, "users": users, "rps": rps, "p99_ms": p99, "failures": 0, "requests": 100,
-                "server_cores": 1.5, "loadgen_cores": 0.2, "server_metrics": {}, "workers": 2, **extra}
-
+    run = result
     steps = [run("served", 4, 100.0, 80), run("served", 16, 150.0, 400),
              run("backend onnx-int8", 4, 150.0, 60, backend="onnx-int8"),
              run("backend onnx-int8", 16, 300.0, 1500, backend="onnx-int8"),  # faster, but past the p99 budget

@@ -20,7 +20,7 @@ ALL = list(registry.REGISTRY.values())
 def test_entry_round_trips_and_resolves(spec):
     assert registry.ModelSpec.from_json(spec.to_json()) == spec
     assert callable(registry.resolve(spec.builder))
-    assert (ROOT / spec.handler).exists() and (ROOT / spec.peer_handler).exists()
+    assert (ROOT / spec.handler).exists() and (ROOT / spec.bench.peer_handler).exists()
     assert callable(registry.resolve(spec.bench_workload))
     assert len(spec.labels) == spec.builder_kwargs.get("num_classes", len(spec.labels))
 
