@@ -107,13 +107,16 @@ def combined_figures(checks: list[dict[str, Any]]) -> dict[str, float] | None:
     return out
 
 
-def compare(name: str, expected: torch.Tensor, got: torch.Tensor, **where: Any) -> dict[str, Any]:
-    """One output's figures: max |diff| and, for 2-D outputs, the lowest row-wise cosine similarity."""
+def compare(name: str, expected: torch.Tensor, got: torch.Tensor, *, rtol: float = 0.0, **where: Any) -> dict[str, Any]:
+    """One output's figures: max |diff|; its largest excess over `rtol` x |expected| (what the output's atol must
+    cover: max |diff| itself when rtol is 0); and, for 2-D outputs, the lowest row-wise cosine similarity."""
     shape_ok = tuple(expected.shape) == tuple(got.shape)
-    e, g = expected.float(), got.float()
-    diff = (e - g).abs().max().item() if shape_ok else float("inf")
+    e, g = expected.double(), got.double()
+    gap = (e - g).abs()
+    diff = gap.max().item() if shape_ok and gap.numel() else 0.0 if shape_ok else float("inf")
+    excess = (gap - rtol * e.abs()).max().item() if shape_ok and gap.numel() else diff
     cosines = torch.nn.functional.cosine_similarity(e, g, dim=1) if shape_ok and e.dim() == 2 else None
-    return {**where, "output": name, "max_abs_diff": diff,
+    return {**where, "output": name, "max_abs_diff": diff, "max_excess": excess,
             "min_cosine": None if cosines is None else cosines.min().item(),
             "cosines": None if cosines is None else cosines.tolist(),
             "shape": list(got.shape), "expected_shape": list(expected.shape)}
@@ -159,17 +162,23 @@ def eager_reference(spec: registry.ModelSpec, checkpoint_dir: Path | None) -> di
     return {"cases": cases, "by_kind": by_kind, "held_out": top1}
 
 
-def check_cases(spec: registry.ModelSpec, reference: dict[str, Any], runner) -> dict[str, Any]:
-    """Run every case of `reference` (eager_reference) through `runner` and return the figures (no judgement)."""
+def check_cases(spec: registry.ModelSpec, reference: dict[str, Any], runner,
+                tolerance: registry.Tolerance | None = None) -> dict[str, Any]:
+    """Run every case of `reference` (eager_reference) through `runner` and return the figures (no judgement);
+    `tolerance` gives each output's rtol (its excess over rtol x |reference| is what judge holds to its atol)."""
     compare_outputs = kinds.load(spec.kind).compare if reference["by_kind"] else None
+    rtol = {name: bound.rtol for name in spec.outputs
+            if tolerance is not None and (bound := tolerance.bound(name)) is not None}
     checks = []
     for case in reference["cases"]:
         got, expected = runner(case["inputs"]), case["expected"]
         if compare_outputs is None:
-            checks += [compare(name, e, g, **case["where"]) for name, e, g in zip(spec.outputs, expected, got)]
+            checks += [compare(name, e, g, rtol=rtol.get(name, 0.0), **case["where"])
+                       for name, e, g in zip(spec.outputs, expected, got)]
             continue
         shapes_ok = [tuple(e.shape) for e in expected] == [tuple(g.shape) for g in got]
-        checks.append({**case["where"], "output": ",".join(spec.outputs), "max_abs_diff": None, "min_cosine": None,
+        checks.append({**case["where"], "output": ",".join(spec.outputs), "max_abs_diff": None, "max_excess": None,
+                       "min_cosine": None,
                        "cosines": None, "shape": [list(g.shape) for g in got],
                        "expected_shape": [list(e.shape) for e in expected],
                        "figures": compare_outputs(expected, got) if shapes_ok else None})
@@ -190,7 +199,9 @@ def check_artifact(spec: registry.ModelSpec, artifact: Path, reference: dict[str
 
     torch.manual_seed(0)
     runner = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
-    return {"artifact": artifact.name, **check_cases(spec, reference, runner)}
+    fmt = next((f for f, e in mf.read(artifact.parent)["artifacts"].items() if e["file"] == artifact.name), None)
+    tolerance = spec.tolerance if fmt is None else spec.tolerance_for(fmt)
+    return {"artifact": artifact.name, **check_cases(spec, reference, runner, tolerance)}
 
 
 def mean_cosine(checks: list[dict[str, Any]]) -> float | None:
@@ -222,9 +233,12 @@ def judge(spec: registry.ModelSpec, fmt: str, report: dict[str, Any]) -> list[st
                                                    and figures["max_score_diff"] <= tol.max_score_diff):
             failures.append(f"{report['artifact']} ({fmt}) score difference {figures.get('max_score_diff')} > "
                             f"{tol.max_score_diff} {where}")
-        if tol.atol is not None and not c["max_abs_diff"] <= tol.atol:  # `not <=` also catches NaN
+        bound = tol.bound(c["output"]) if c["max_abs_diff"] is not None else None
+        if bound is not None and not c.get("max_excess", c["max_abs_diff"]) <= bound.atol:  # `not <=`: NaN too
+            rule = f"atol {bound.atol:g}" + (f" + rtol {bound.rtol:g} x |reference| (worst excess "
+                                              f"{c['max_excess']:.3g})" if bound.rtol else "")
             failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} max abs diff {c['max_abs_diff']:.3g} > "
-                            f"atol {tol.atol:g} {where}")
+                            f"{rule} {where}")
         if tol.min_cosine is not None and not (c["min_cosine"] is not None and c["min_cosine"] >= tol.min_cosine):
             failures.append(f"{report['artifact']} ({fmt}) output {c['output']!r} cosine similarity {c['min_cosine']} < "
                             f"{tol.min_cosine} {where}")

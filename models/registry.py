@@ -78,6 +78,28 @@ class Tolerance:
     min_box_iou: float | None = None
     max_score_diff: float | None = None
     min_pixel_agreement: float | None = None
+    # Outputs with a bound of their own, by name, where outputs differ in kind (an FP16 output beside FP32 ones);
+    # every other output is held to `atol`.
+    outputs: dict[str, "OutputTolerance"] = field(default_factory=dict)
+
+    def bound(self, output: str) -> "OutputTolerance | None":
+        """The elementwise bound `output` is held to: its own, else the entry's atol (None: not checked)."""
+        if output in self.outputs:
+            return self.outputs[output]
+        return None if self.atol is None else OutputTolerance(atol=self.atol)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Tolerance":
+        return cls(**{**data, "outputs": {k: OutputTolerance(**v) for k, v in data.get("outputs", {}).items()}})
+
+
+@dataclass(frozen=True)
+class OutputTolerance:
+    """One output's bound: |artifact - reference| <= atol + rtol * |reference| for every element (torch.allclose's
+    rule). An FP16 output needs rtol: one FP16 step is about 1e-3 of the value (4.9e-4 at 1, 0.06 at 100)."""
+
+    atol: float = 0.0
+    rtol: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +285,11 @@ class ModelSpec:
             raise ValueError(f"{self.name}: quantization {self.quantization!r} is not one of {QUANTIZATIONS}")
         if self.quantization == "static" and self.dataset is None:
             raise ValueError(f"{self.name}: static quantization calibrates on the training split: it needs a dataset")
+        for where, tol in (("tolerance", self.tolerance), *((f"format_tolerance[{f!r}]", t)
+                                                             for f, t in self.format_tolerance.items())):
+            if set(tol.outputs) - set(self.outputs):
+                raise ValueError(f"{self.name}: {where}.outputs names {sorted(set(tol.outputs) - set(self.outputs))}, "
+                                 f"which the model does not give (its outputs: {list(self.outputs)})")
         if set(self.format_tolerance) - set(self.formats):
             raise ValueError(f"{self.name}: format_tolerance names formats not exported: "
                              f"{sorted(set(self.format_tolerance) - set(self.formats))}")
@@ -312,8 +339,8 @@ class ModelSpec:
                        tuple(t["value_range"]) if t.get("value_range") is not None else None)
             for t in data["inputs"]
         )
-        data["tolerance"] = Tolerance(**data["tolerance"])
-        data["format_tolerance"] = {k: Tolerance(**v) for k, v in data.get("format_tolerance", {}).items()}
+        data["tolerance"] = Tolerance.from_json(data["tolerance"])
+        data["format_tolerance"] = {k: Tolerance.from_json(v) for k, v in data.get("format_tolerance", {}).items()}
         data["check_shapes"] = tuple(tuple(s) for s in data.get("check_shapes", ()))
         data["verify_image_sizes"] = tuple(tuple(s) for s in data.get("verify_image_sizes", ()))
         for key in ("train", "train_quick"):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from handlers import kinds
 from models import registry
@@ -86,3 +89,41 @@ def test_each_entry_has_an_example_request_that_exists(spec):
     if spec.example.file:
         assert (ROOT / spec.example.file).is_file()
     assert spec.example.curl_arguments().startswith(f'-H "Content-Type: {spec.example.content_type}" --data-binary ')
+
+
+def test_an_output_with_its_own_tolerance_is_held_to_it_and_every_other_output_to_the_entrys_atol():
+    """An FP16 output beside an FP32 one: at values up to 100 its rounding alone is far past the entry's atol of
+    1e-4, so only a bound of its own (rtol) lets it pass, while the FP32 output keeps the strict atol."""
+    from export.verify import compare, judge
+
+    values = torch.linspace(1.0, 100.0, 64).reshape(2, 32)
+    half = values.half().float()  # one FP16 rounding: up to 4.9e-4 of each value
+    strict = registry.Tolerance(atol=1e-4)
+    loose = registry.Tolerance(atol=1e-4, outputs={"half": registry.OutputTolerance(atol=1e-6, rtol=1e-3)})
+
+    def report(tol, drift: float = 0.0):
+        checks = [compare("logits", values, values + drift, batch=2, inputs="random"),
+                  compare("half", values, half, rtol=tol.bound("half").rtol, batch=2, inputs="random")]
+        return {"artifact": "model.onnx", "checks": checks, "top1_agreement": None}
+
+    spec = registry.get("pair")
+    with_outputs = lambda tol: dataclasses.replace(spec, outputs=("logits", "half"), tolerance=tol,  # noqa: E731
+                                                   format_tolerance={})
+    failures = judge(with_outputs(strict), "onnx", report(strict))
+    assert len(failures) == 1 and "output 'half' max abs diff" in failures[0] and "> atol 0.0001" in failures[0]
+    assert judge(with_outputs(loose), "onnx", report(loose)) == []
+    drifted = judge(with_outputs(loose), "onnx", report(loose, drift=2e-4))  # the FP32 output is still strict
+    assert len(drifted) == 1 and "output 'logits'" in drifted[0]
+    beyond = registry.Tolerance(atol=1e-4, outputs={"half": registry.OutputTolerance(rtol=1e-4)})
+    too_tight = judge(with_outputs(beyond), "onnx", report(beyond))
+    assert len(too_tight) == 1 and "rtol 0.0001 x |reference|" in too_tight[0]
+
+
+def test_an_output_tolerance_must_name_an_output_of_the_model_and_survives_json():
+    spec = registry.get("pair")
+    with pytest.raises(ValueError, match="tolerance.outputs names \\['logit'\\]"):
+        dataclasses.replace(spec, tolerance=registry.Tolerance(atol=1e-4, outputs={
+            "logit": registry.OutputTolerance(rtol=1e-3)}))
+    own = dataclasses.replace(spec, tolerance=registry.Tolerance(atol=1e-4, outputs={
+        "scores": registry.OutputTolerance(atol=1e-5, rtol=1e-3)}))
+    assert registry.ModelSpec.from_json(json.loads(json.dumps(own.to_json()))) == own
