@@ -16,7 +16,7 @@ the test tiers) asks the kind instead of branching on its name. A kind module de
 This table is the one list of kinds; it imports nothing (the registry reads it with any Python). `bench` names
 the kind's bench workload (loadtest.bench.compute), `tolerance` how verification compares its outputs.
 
-    image-classifier  images in, top-k labels out            (handlers/kinds/image.py)
+    image-classifier  images in, top-k labels out            (handlers/kinds/classify.py)
     text-embedding    texts in, one vector per text out      (handlers/kinds/text.py)
     tensor            named tensors in, named tensors out    (handlers/kinds/tensor.py)
     object-detector   images in, boxes, labels, scores out   (handlers/kinds/detect.py)
@@ -52,7 +52,7 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("image-classifier", "handlers.kinds.image", "loadtest.bench.compute:ImageWorkload",
+    Kind("image-classifier", "handlers.kinds.classify", "loadtest.bench.compute:ImageWorkload",
          "max |diff| of the logits and top-1 agreement over the held-out split"),
     Kind("text-embedding", "handlers.kinds.text", "loadtest.bench.compute:TextWorkload",
          "max |diff| and cosine similarity per row against the reference library"),

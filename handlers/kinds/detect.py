@@ -4,7 +4,7 @@ TorchServe.
 The model's exported graph does the whole detection, decoding and suppression included (models/detector.py):
 for an (N, 3, S, S) batch it gives `boxes` (N, k, 4) [x0, y0, x1, y1] in input pixels, `scores` (N, k) best first
 and `labels` (N, k) class indices (0 is the background). Requests are read and decoded as every image kind's are
-(handlers/kinds/image.py: the three native forms and OIP, the same limits and errors); the preset letterboxes each
+(handlers/images.py: the three native forms and OIP, the same limits and errors); the preset letterboxes each
 image into the model's square (models.preprocessing.LetterboxPreset), so images of any size share one forward pass.
 Here each row keeps its detections at or over `score_threshold`, at most `max_detections`, and its boxes go back to
 its own image's pixels (divided by the letterbox's scale, clipped to the image).
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from handlers import oip
-from handlers.kinds import image
-from handlers.kinds.image import ImageConfig, ImagePipeline, Size
+from handlers import images
+from handlers.images import ImageConfig, ImagePipeline, Size
 from handlers.requests import RequestError
 
 OUTPUTS = ("boxes", "scores", "labels", "count")
@@ -149,7 +149,7 @@ Settings = DetectorConfig
 def signature(export_manifest: dict, settings: DetectorConfig) -> dict:
     """OIP model metadata: one encoded image per row in; k (-1) varies per answer, as `parameters` says."""
     note = {"padding": PADDING, "max_detections": settings.max_detections, "score_threshold": settings.score_threshold}
-    return {"inputs": image.input_signature(export_manifest),
+    return {"inputs": images.input_signature(export_manifest),
             "outputs": [{"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4], "parameters": note},
                         {"name": "scores", "datatype": "FP32", "shape": [-1, -1], "parameters": note},
                         {"name": "labels", "datatype": "BYTES", "shape": [-1, -1], "parameters": note},
@@ -158,8 +158,7 @@ def signature(export_manifest: dict, settings: DetectorConfig) -> dict:
 
 def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
           settings: DetectorConfig, *, served_as: tuple[str, str], max_batch: int) -> Detector:
-    return image.build(model_dir, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch,
-                       pipeline=Detector)
+    return images.build(Detector, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch)
 
 
 # Export verification (export/verify.py): an export's detections against eager's, matched one to one.

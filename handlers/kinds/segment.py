@@ -1,7 +1,7 @@
 """The image-segmenter kind: images in, a class per pixel out. Pure functions; nothing here knows about TorchServe.
 
 The model's exported graph gives each pixel's class, the argmax included (models/segmenter.py): (N, 3, S, S) ->
-(N, S, S) uint8. Requests are read and decoded as every image kind's are (handlers/kinds/image.py); the preset
+(N, S, S) uint8. Requests are read and decoded as every image kind's are (handlers/images.py); the preset
 letterboxes each image into the model's square (models.preprocessing.LetterboxPreset), so images of any size share
 one forward pass. Here each row's mask is cut to its image's part of the square and scaled back to the image's own
 size (nearest neighbour: classes are not blended).
@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from handlers import oip
-from handlers.kinds import image
-from handlers.kinds.image import ImageConfig, ImagePipeline, Size
+from handlers import images
+from handlers.images import ImageConfig, ImagePipeline, Size
 
 OUTPUTS = ("mask", "size", "fraction")
 PAD = 255  # no class has this index
@@ -100,7 +100,7 @@ Settings = SegmenterConfig
 
 def signature(export_manifest: dict, settings: SegmenterConfig) -> dict:
     """OIP model metadata: one encoded image per row in; the mask's height and width (-1) vary per answer."""
-    return {"inputs": image.input_signature(export_manifest),
+    return {"inputs": images.input_signature(export_manifest),
             "outputs": [{"name": "mask", "datatype": "UINT8", "shape": [-1, -1, -1],
                          "parameters": {"padding": PADDING, "labels": list(export_manifest["labels"])}},
                         {"name": "size", "datatype": "INT32", "shape": [-1, 2]},
@@ -109,8 +109,7 @@ def signature(export_manifest: dict, settings: SegmenterConfig) -> dict:
 
 def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
           settings: SegmenterConfig, *, served_as: tuple[str, str], max_batch: int) -> Segmenter:
-    return image.build(model_dir, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch,
-                       pipeline=Segmenter)
+    return images.build(Segmenter, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch)
 
 
 def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> dict:

@@ -1,4 +1,4 @@
-"""Test checks of the image-classifier kind (handlers/kinds/image.py): answers against the eager checkpoint."""
+"""Test checks of the image-classifier kind (handlers/kinds/classify.py): answers against the eager checkpoint."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from handlers import oip
-from handlers.kinds.image import ClassifierConfig, ImageClassifier, extract_image_bytes
+from handlers.images import extract_image_bytes
+from handlers.kinds.classify import ClassifierConfig, ImageClassifier
 from handlers.requests import RequestError, parse_json_body
 from handlers.kinds.text import EmbeddingConfig, extract_texts
 from models.preprocessing import InvalidImage, build_preset, decode_image
@@ -154,7 +155,8 @@ def test_infer_request_parsing_raises_only_request_errors(body, binary):
 def test_pillow_bomb_guard_stays_on():
     """Nothing in the project turns Pillow's decompression-bomb guard off; limits are per model instead."""
     import handlers.handler  # noqa: F401  (import everything that could touch it)
-    import handlers.kinds.image  # noqa: F401
+    import handlers.images  # noqa: F401
+    import handlers.kinds.classify  # noqa: F401
     import handlers.kinds.tensor  # noqa: F401
     import handlers.kinds.text  # noqa: F401
     import models.samples  # noqa: F401

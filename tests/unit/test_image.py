@@ -1,4 +1,4 @@
-"""The image pipeline (handlers.kinds.image) and the shared request helpers (handlers.requests), against a tiny fixed-weight model (exact outputs)."""
+"""The image pipeline (handlers.images, and the classifier of handlers.kinds.classify) and the shared request helpers (handlers.requests), against a tiny fixed-weight model (exact outputs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from handlers.kinds.image import ClassifierConfig, ImageClassifier, extract_image_bytes, topk_predictions
+from handlers.images import extract_image_bytes
+from handlers.kinds.classify import ClassifierConfig, ImageClassifier, topk_predictions
 from handlers.requests import (MAX_QUERY_FIELDS, QUERY_HEADER, RequestError, content_type_of, expired,
                                with_query)
 from models.preprocessing import DigitsPreset

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol in the pipelines (handlers.oip, handlers.kinds.image), against a tiny fixed-weight
+"""The Open Inference Protocol in the pipelines (handlers.oip, handlers.images, handlers.kinds.classify), against a tiny fixed-weight
 model: parsing (JSON and binary tensors), every error a 4xx with the protocol's body, rows split into passes of
 the configured size, native and infer requests answered side by side in one batch."""
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from handlers import oip
-from handlers.kinds.image import ClassifierConfig, ImageClassifier
+from handlers.kinds.classify import ClassifierConfig, ImageClassifier
 from handlers.requests import RequestError
 from models.preprocessing import DigitsPreset
 from models.samples import encode, render

@@ -55,7 +55,7 @@ def test_half_precision_and_tf32_are_gpu_only(tmp_path):
 
 
 def test_handler_config_checks_precision_and_tf32():
-    from handlers.kinds.image import ClassifierConfig
+    from handlers.kinds.classify import ClassifierConfig
 
     assert ClassifierConfig.from_mapping({"precision": "fp16", "allow_tf32": True}).precision == "fp16"
     with pytest.raises(ValueError, match="precision"):

@@ -1,12 +1,13 @@
-"""The image-classifier kind, and what every image kind shares: pure request and batch functions. Nothing here
-knows about TorchServe.
+"""What every image kind shares: reading an image request in each of its forms, decoding it within the
+request's and the batch's pixel budgets, and the batched pipeline a kind subclasses. Pure request and batch
+functions; nothing here knows about TorchServe.
 
 One request in, one answer out: `ImagePipeline.process` takes a batch of requests and returns, per request,
 either a JSON string or a `RequestError` that carries its own HTTP status and JSON body. A bad request never fails
 its neighbours. `ImagePipeline` reads and decodes the requests and runs the batch; each image kind says what its
 rows' outputs mean (`answers`), how one row is answered natively (`native`) and how rows are answered over OIP
-(`infer_outputs`): the classifier here, the detector in handlers/kinds/detect.py, the segmenter in
-handlers/kinds/segment.py.
+(`infer_outputs`): the classifier in handlers/kinds/classify.py, the detector in handlers/kinds/detect.py, the
+segmenter in handlers/kinds/segment.py.
 
 Accepted request forms (per request):
 - the raw image bytes as the body (`curl --data-binary @digit.png`; over gRPC, the one input's bytes);
@@ -16,7 +17,6 @@ Accepted request forms (per request):
 - an Open Inference Protocol infer request (handlers.oip) with one input of several rows: BYTES `[n]`
   (encoded images, base64 in JSON, raw in the binary extension), UINT8 `[n, h, w, c]` pixels (c = 1, 3
   or 4, any size: the preset resizes) or FP32 in the model's own input layout (already preprocessed).
-  A classifier's answer has `label` BYTES, `index` INT64 and `score` FP32 outputs, each `[n, topk]`.
 Every row of every request of a batch goes through the model together, in passes of at most
 `max_rows_per_pass` rows (the largest verified batch).
 """
@@ -41,7 +41,6 @@ from handlers.settings import HandlerSettings
 from models.preprocessing import ImageTooLarge, InvalidImage, decode_for, shown_size
 
 PREFERRED_PARTS = ("data", "file", "image")
-OUTPUTS = ("label", "index", "score")  # an OIP answer's outputs, in this order
 PIXEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels of a UINT8 [n, h, w, c] input -> PIL mode
 
 
@@ -64,13 +63,6 @@ class ImageConfig(HandlerSettings):
     @property
     def rows_per_pass(self) -> int:
         return self.max_rows_per_pass
-
-
-@dataclass(frozen=True)
-class ClassifierConfig(ImageConfig):
-    """An image classifier's settings."""
-
-    topk: int = 5
 
 
 def _from_json(value: Any) -> bytes:
@@ -129,15 +121,6 @@ def extract_image_bytes(request: Mapping[str, Any], content_type: str = "", *, m
     if len(data) > max_bytes:
         raise RequestError(413, "PayloadTooLarge", f"the image is {len(data)} bytes; this model accepts at most {max_bytes}")
     return data
-
-
-def topk_predictions(probs: torch.Tensor, labels: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
-    """(B, C) probabilities -> per row, the top k as [{"label", "index", "score"}], best first."""
-    scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [
-        [{"label": labels[i], "index": i, "score": round(s, 6)} for s, i in zip(row_s.tolist(), row_i.tolist())]
-        for row_s, row_i in zip(scores, indices)
-    ]
 
 
 class DecodeBudget:
@@ -381,23 +364,6 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         raise NotImplementedError
 
 
-class ImageClassifier(ImagePipeline):
-    """Top-k labels per image."""
-
-    OUTPUTS = OUTPUTS
-
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Any] = ()
-                ) -> list[list[dict[str, Any]]]:
-        return topk_predictions(torch.softmax(outputs[0].float(), dim=1), self.labels, self.config.topk)
-
-    def infer_outputs(self, rows: list[list[dict[str, Any]]]) -> list[oip.Tensor]:
-        shape = (len(rows), len(rows[0]))
-        flat = [p for row in rows for p in row]
-        return [oip.Tensor("label", "BYTES", shape, [p["label"] for p in flat]),
-                oip.Tensor("index", "INT64", shape, [p["index"] for p in flat]),
-                oip.Tensor("score", "FP32", shape, [p["score"] for p in flat])]
-
-
 def _stack(rows: list[tuple[torch.Tensor, Size]]) -> tuple[torch.Tensor, list[Size]]:
     return torch.stack([row for row, _ in rows]), [size for _, size in rows]
 
@@ -412,28 +378,17 @@ def _encoded(value: str | bytes, index: int) -> bytes:
         raise RequestError(400, "InvalidBase64", f"row {index} is not valid base64") from None
 
 
-Settings = ClassifierConfig
-
-
 def input_signature(export_manifest: dict) -> list[dict]:
     """Every image kind's one input as OIP model metadata lists it. The input also takes UINT8 [n, h, w, c] pixels
     or FP32 in the model's layout (docs/protocols.md); metadata names one datatype per input, the encoded image."""
     return [{"name": export_manifest["inputs"][0]["name"], "datatype": "BYTES", "shape": [-1]}]
 
 
-def signature(export_manifest: dict, settings: ClassifierConfig) -> dict:
-    """What an infer request takes and its answer gives, as OIP model metadata lists them (-1: any size)."""
-    k = min(settings.topk, len(export_manifest["labels"]))
-    return {"inputs": input_signature(export_manifest),
-            "outputs": [{"name": name, "datatype": datatype, "shape": [-1, k]}
-                        for name, datatype in zip(OUTPUTS, ("BYTES", "INT64", "FP32"), strict=True)]}
-
-
-def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
-          settings: ImageConfig, *, served_as: tuple[str, str], max_batch: int,
-          pipeline: type[ImagePipeline] = ImageClassifier) -> ImagePipeline:
-    """The kind's pipeline for an exported model (an image kind passes its own `pipeline` class): its preprocessing
-    preset, labels and input shape come from the export manifest."""
+def build(pipeline: type[ImagePipeline], export_manifest: dict,
+          runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], settings: ImageConfig, *,
+          served_as: tuple[str, str], max_batch: int) -> ImagePipeline:
+    """An image kind's `pipeline` for an exported model: its preprocessing preset, labels and input shape come from
+    the export manifest."""
     from models.preprocessing import build_preset
 
     return pipeline(runner, build_preset(export_manifest["preset"]), export_manifest["labels"], settings,
