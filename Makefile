@@ -209,8 +209,8 @@ $(CPP_RUNNER): export/cpp/runner.cpp | $(VENV_STAMP) prereqs-core
 mobile: $(TREE)checkpoints/$(MODEL)/model.pt | $(MOBILE_STAMP) ## lower MODEL (an image model) to an ExecuTorch .pte (XNNPACK), verify it with ExecuTorch's runtime, report size and latency
 	$(PY) -m export.mobile --model $(MODEL) --checkpoint $(TREE)checkpoints/$(MODEL) --out $(TREE)mobile/$(MODEL)
 
-mobile-check: ## make mobile for every image model: what .ci/run runs
-	$(foreach m,$(shell $(PYTHON) -m models.registry list | while read m; do [ "$$($(PYTHON) -m models.registry get $$m kind)" = image-classifier ] && echo $$m; done),$(MAKE) --no-print-directory mobile MODEL=$(m) &&) true
+mobile-check: ## make mobile for every model whose kind lowers to a device (models/kinds.py): what .ci/run runs
+	$(foreach m,$(shell $(PYTHON) -m models.registry list --lowers),$(MAKE) --no-print-directory mobile MODEL=$(m) &&) true
 
 cpp-runner: $(CPP_RUNNER) ## build the C++ runner (libtorch, no Python): TorchScript and AOTInductor exports
 cpp-run: $(TREE)artifacts/$(MODEL)/verified.json $(CPP_RUNNER) | $(VENV_STAMP) ## MODEL's TorchScript and AOTInductor exports run in C++, beside Python's outputs

@@ -50,7 +50,7 @@ def signature(spec: registry.ModelSpec, manifest: dict, config: Path, serialized
     handler settings), and its platform."""
     import yaml
 
-    from handlers import kinds
+    from models import kinds
 
     kind = kinds.load(spec.kind)
     settings = kind.Settings.from_mapping((yaml.safe_load(config.read_text()) or {}).get("handler"))
@@ -152,7 +152,7 @@ def archive_generator(checkpoint: Path, out: Path, *, config: Path, name: str, a
     TorchServe's continuous batching, which the kind's scheduler needs."""
     import yaml
 
-    from handlers import kinds
+    from models import kinds
     from models.chat import FOLDER_FILES, weights_file
 
     values = yaml.safe_load(config.read_text()) or {}

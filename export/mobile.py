@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 
-from models import checkpoint, registry
+from models import checkpoint, kinds, registry
 from models.paths import ROOT, model_config_values
 
 PTE = "model.pte"
 REPORT = "mobile.json"
-KINDS = ("image-classifier",)  # what a device runs here: an image in, scores out
 
 
 def served_batch(spec: registry.ModelSpec) -> int:
@@ -44,8 +43,9 @@ def lower(spec: registry.ModelSpec, checkpoint_dir: Path, out: Path) -> dict[str
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    if spec.kind not in KINDS:
-        raise ValueError(f"{spec.name} is a {spec.kind} model: `make mobile` lowers image models ({', '.join(KINDS)})")
+    if not kinds.get(spec.kind).lowers:
+        raise ValueError(f"{spec.name} is a {spec.kind} model: `make mobile` lowers the kinds that declare it "
+                         f"({', '.join(k.name for k in kinds.KINDS.values() if k.lowers)}; models/kinds.py)")
     model, _ = checkpoint.load(checkpoint_dir, spec)
     batch = max(2, served_batch(spec))  # 2 at least: a batch of 1 would be specialised away
     example = torch.randn((batch, *spec.inputs[0].example_shape[1:]), generator=torch.Generator().manual_seed(0))

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from export import manifest as mf
-from handlers import kinds
+from models import kinds
 from models import checkpoint, registry
 from models.paths import ROOT
 

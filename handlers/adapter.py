@@ -2,7 +2,7 @@
 through the kind's pipeline.
 
 A pipeline (handlers.kinds.*) is pure (handlers.requests.Pipeline). `PipelineHandler` reads the export
-manifest packed in the archive, which names the model's kind (handlers.kinds), reads the model config's
+manifest packed in the archive, which names the model's kind (models.kinds), reads the model config's
 `handler:` section into that kind's `Settings`, fixes the worker's threads and device, loads the archive's
 model with the runtime backend, has the kind build its pipeline, warms it up (stand-in input, then the archive's
 sample request through the whole pipeline), and per batch reads each
@@ -21,9 +21,10 @@ from typing import Sequence
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import cache, kinds, oip, openai
+from handlers import cache, oip, openai
 from handlers.batch_metrics import StageClock, publish
 from handlers.requests import REQUEST_ID_HEADER, Pipeline, RequestError, content_type_of, expired, header, with_query
+from models import kinds
 from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 
 logger = logging.getLogger(__name__)

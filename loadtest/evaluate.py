@@ -23,7 +23,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from models import registry, scene_metrics
+from models import kinds, registry
 from models.paths import current, model_config_values
 
 
@@ -35,8 +35,6 @@ def png(image: np.ndarray) -> bytes:
 
 def from_answer(kind: str, answer: Any):
     """A native answer -> what scene_metrics scores: (boxes, scores, labels) or a class mask (the kind's `parse`)."""
-    from handlers import kinds
-
     return kinds.load(kind).parse(answer)
 
 
@@ -61,7 +59,6 @@ def eager_pipeline(spec: registry.ModelSpec, checkpoint_dir: Path, handler: dict
     import torch
 
     from export.export import input_records
-    from handlers import kinds
     from models import checkpoint
 
     model, meta = checkpoint.load(checkpoint_dir, spec)
@@ -83,13 +80,13 @@ def offline(spec: registry.ModelSpec, checkpoint_dir: Path, scenes: Sequence, ha
     post-processing (eager_pipeline), as scene_metrics scores them."""
     import torch
 
-    pipeline = eager_pipeline(spec, checkpoint_dir, handler)
+    pipeline, scored = eager_pipeline(spec, checkpoint_dir, handler), kinds.load(spec.kind).scored
     out = []
     for start in range(0, len(scenes), 50):
         chunk = scenes[start:start + 50]
         outputs = pipeline.runner([torch.stack([pipeline.preset.from_array(s.image) for s in chunk])])
         answers = pipeline.answers(outputs, [(s.image.shape[1], s.image.shape[0]) for s in chunk])
-        out.extend(from_answer(spec.kind, a) if spec.kind == "object-detector" else a.mask for a in answers)
+        out.extend(scored(a) for a in answers)
     return out
 
 
@@ -105,10 +102,10 @@ def evaluate(spec: registry.ModelSpec, url: str, headers: dict[str, str], *, che
     classes = len(spec.labels)
     served_answers = served(url, spec.name, headers, scenes)
     offline_answers = offline(spec, checkpoint_dir, scenes, handler)
-    figures = {"served": scene_metrics.score(spec.kind, [from_answer(spec.kind, a) for a in served_answers], scenes,
-                                             classes),
-               "offline": scene_metrics.score(spec.kind, offline_answers, scenes, classes)}
-    headline = scene_metrics.HEADLINE[spec.kind]
+    kind = kinds.get(spec.kind)
+    figures = {"served": kind.score([from_answer(spec.kind, a) for a in served_answers], scenes, classes),
+               "offline": kind.score(offline_answers, scenes, classes)}
+    headline = kind.headline
     return {"model": spec.name, "scenes": len(scenes), "headline": headline, **figures,
             "difference": abs(figures["served"][headline] - figures["offline"][headline])}
 
@@ -125,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     spec = registry.get(args.model)
-    if spec.kind not in scene_metrics.HEADLINE:
-        print(f"error: {spec.name} is a {spec.kind}; make evaluate scores the scene kinds "
-              f"{sorted(scene_metrics.HEADLINE)}", file=sys.stderr)
+    if kinds.get(spec.kind).metric is None:
+        print(f"error: {spec.name} is a {spec.kind}; make evaluate scores the kinds with a metric "
+              f"{sorted(k.name for k in kinds.KINDS.values() if k.metric)} (models/kinds.py)", file=sys.stderr)
         return 2
     token = inference_key(args.run_dir)
     if token is None:

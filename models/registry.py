@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from handlers import kinds
+from models import kinds
 
 # trace/script: TorchScript (deprecated upstream, kept for what loads it); onnx; onnx_int8 (ONNX Runtime's dynamic
 # quantisation of the onnx export); program: a torch.export ExportedProgram (torch.export.save); aoti: that program
@@ -34,7 +34,7 @@ DEFAULT_FORMATS = ("trace", "script", "onnx", "program", "aoti")
 BACKEND_ARTIFACT = {"onnx": "onnx", "onnx-int8": "onnx_int8", "torchscript-trace": "trace",
                     "torchscript-script": "script", "aoti": "aoti"}
 QUANTIZATIONS = ("dynamic", "static")
-KINDS = tuple(kinds.KINDS)  # handlers.kinds: one module per kind
+KINDS = tuple(kinds.KINDS)  # models.kinds: the table of kinds, one module each
 # The ratios `make bench` reports, each served target at its best concurrency against another figure.
 BENCH_RATIOS = ("served_over_compute_limit", "served_over_ceiling", "ours_over_peer")
 
@@ -667,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     p_list.add_argument("--default", action="store_true", help="only the models `make serve` serves")
     p_list.add_argument("--tested", action="store_true",
                         help="the models `make test` builds: those served by default and those trained here")
+    p_list.add_argument("--lowers", action="store_true",
+                        help="only the models whose kind `make mobile` lowers to a device (models/kinds.py)")
     p_get = sub.add_parser("get", help="print one field of a model's entry")
     p_get.add_argument("model")
     p_get.add_argument("field")
@@ -686,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "list":
         chosen = tested if args.tested else (lambda s: s.serve_by_default) if args.default else (lambda s: True)
-        print("\n".join(n for n, s in REGISTRY.items() if chosen(s)))
+        print("\n".join(n for n, s in REGISTRY.items() if chosen(s) and (not args.lowers or kinds.get(s.kind).lowers)))
         return 0
     try:
         spec = get(args.model)

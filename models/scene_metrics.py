@@ -1,6 +1,8 @@
 """Scores on the shapes scenes, from maintained evaluators only: COCO mean average precision by torchmetrics'
 MeanAveragePrecision on pycocotools (COCO's own evaluator), and mean IoU by torchmetrics' MulticlassJaccardIndex.
-Training, the offline evaluation and the evaluation through the server all score here, so the figures compare."""
+Training, the offline evaluation and the evaluation through the server all score here, so the figures compare. Each
+scene kind names its scorer and headline figure in models/kinds.py (`metric`, `headline`); `num_classes` is what a
+scorer takes whether it needs it or not."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 from models.scenes import Scene
 
 
-def detection(predictions: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], scenes: Sequence[Scene]) -> dict:
+def detection(predictions: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], scenes: Sequence[Scene],
+              num_classes: int | None = None) -> dict:
     """COCO mAP of `predictions` (per scene: boxes (k, 4) x0 y0 x1 y1 in the scene's pixels, scores (k,), labels
     (k,) 1-based) against the scenes' boxes: {"map_50": mAP at IoU 0.5, "map": mAP over IoU 0.5:0.95, "map_small",
     "map_medium", "map_large"} (COCO's area ranges; -1 where the split has no object of that size)."""
@@ -42,17 +45,3 @@ def segmentation(masks: Iterable[np.ndarray], scenes: Sequence[Scene], num_class
         mean.update(*pair)
         per_class.update(*pair)
     return {"miou": round(float(mean.compute()), 6), "per_class": [round(float(v), 6) for v in per_class.compute()]}
-
-
-# The figure each scene kind is judged by (its recipe's min_accuracy bounds it).
-HEADLINE = {"object-detector": "map_50", "image-segmenter": "miou"}
-
-
-def score(kind: str, predictions: Sequence, scenes: Sequence[Scene], num_classes: int) -> dict:
-    """The held-out figures of a scene model of `kind` (its predictions per scene, as detection() or segmentation()
-    take them)."""
-    if kind == "object-detector":
-        return detection(predictions, scenes)
-    if kind == "image-segmenter":
-        return segmentation(predictions, scenes, num_classes)
-    raise ValueError(f"no scene metric for kind {kind!r}; kinds: {sorted(HEADLINE)}")

@@ -133,10 +133,10 @@ def predict(model: torch.nn.Module, split: list[scenes.Scene], preset, *, chunk:
 
 
 def score(spec, model: torch.nn.Module, split: list[scenes.Scene], preset) -> dict:
-    """`model`'s held-out figures on `split` (models/scene_metrics.py), by its kind."""
-    from models import scene_metrics
+    """`model`'s held-out figures on `split`, by its kind's metric (models/kinds.py)."""
+    from models import kinds
 
-    return scene_metrics.score(spec.kind, predict(model, split, preset), split, len(spec.labels))
+    return kinds.get(spec.kind).score(predict(model, split, preset), split, len(spec.labels))
 
 
 def initial_model(spec, seed: int) -> torch.nn.Module:
@@ -152,7 +152,7 @@ def train(spec, out: Path, *, epochs: int | None = None, recipe_name: str = "ful
     """Train scene model `spec` (a registry entry whose builder's module also defines its `loss`) with its recipe;
     write its checkpoint to `out` and return the metrics, `gate` naming the figure min_accuracy bounds
     (models.train's interface). `epochs` cuts the recipe short (test runs)."""
-    from models import checkpoint, registry, scene_metrics
+    from models import checkpoint, kinds, registry
     from models.preprocessing import build_preset
 
     recipe = spec.recipe(recipe_name)
@@ -164,10 +164,9 @@ def train(spec, out: Path, *, epochs: int | None = None, recipe_name: str = "ful
     loss = registry.resolve(spec.builder.partition(":")[0] + ":loss")
     test = scenes.cached("test", recipe.dataset_kwargs["test"], seed=recipe.dataset_kwargs.get("seed", 0))
     log = lambda line: print(f"{spec.name} ({recipe_name} recipe): {line}", flush=True)  # noqa: E731
-    metrics = fit(model, loss, recipe, preset, log=log,
-                  evaluate=lambda m: score(spec, m, test[:100], preset)[scene_metrics.HEADLINE[spec.kind]])
+    gate = kinds.get(spec.kind).headline
+    metrics = fit(model, loss, recipe, preset, log=log, evaluate=lambda m: score(spec, m, test[:100], preset)[gate])
     started = time.monotonic()
-    gate = scene_metrics.HEADLINE[spec.kind]
     metrics.update(score(spec, model, test, preset), test_scenes=len(test), epochs=recipe.epochs, recipe=recipe_name,
                    eval_seconds=round(time.monotonic() - started, 1), gate=gate, min_accuracy=recipe.min_accuracy)
     checkpoint.save(model, spec, out, metrics=metrics)

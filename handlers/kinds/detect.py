@@ -200,3 +200,7 @@ def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor
         extra += int(((g_scores > g_bar) & ~taken).sum())
     return {"detections": checked, "unmatched": unmatched, "extra": extra, "min_box_iou": round(min_iou, 6),
             "max_score_diff": max_score_diff}
+
+
+# What the kind's metric scores (models/kinds.py): one row of `Detector.answers` is a native answer's detections.
+scored = parse

@@ -118,3 +118,8 @@ def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> di
     if e.shape != g.shape:
         return {"pixel_agreement": 0.0, "pixels": int(e.numel())}
     return {"pixel_agreement": float((e.to(torch.uint8) == g.to(torch.uint8)).float().mean()), "pixels": int(e.numel())}
+
+
+def scored(row: "Segmentation") -> np.ndarray:
+    """One row of `Segmenter.answers` as the kind's metric scores it (models/kinds.py): its class mask."""
+    return row.mask

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from handlers import oip
-from handlers.kinds import DATATYPES
+from models.kinds import DATATYPES
 from handlers.requests import Pipeline, RequestError, json_value, per_request, request_body
 from handlers.settings import HandlerSettings
 

@@ -50,7 +50,7 @@ OWN_MODULE_KINDS = sorted({spec.kind for spec in registry.REGISTRY.values()
 def test_editing_a_kind_re_verifies_its_models_and_no_other(kind):
     """Verification depends on the files it reads, the kind's module (its `compare`) among them: make, told that
     the kind's module changed (-W), re-verifies that kind's tested models and nothing else, and re-exports none."""
-    from handlers import kinds
+    from models import kinds
 
     lines = dry_run("-W", str(kinds.module_file(kind)))
     verified = sorted(line.split("--model ")[1].split()[0] for line in lines if "export.verify" in line)

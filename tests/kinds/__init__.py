@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-from handlers import kinds
+from models import kinds
 
 
 def checks(spec):

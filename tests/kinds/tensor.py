@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from handlers.kinds import DATATYPES
+from models.kinds import DATATYPES
 from tests.conftest import TREE, built
 from tests.ops.bad_inputs import JSON, hostile_json
 

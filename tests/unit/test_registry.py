@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from handlers import kinds
+from models import kinds
 from models import registry
 from models.paths import model_config_values
 from serve_config.control import read_properties

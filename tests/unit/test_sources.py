@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from handlers import kinds
+from models import kinds
 from models import registry
 from models.sources import closure, relative
 from tests.conftest import ROOT, SERVED

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.kinds import DATATYPES, tensor
+from handlers.kinds import tensor
+from models.kinds import DATATYPES
 from handlers.requests import RequestError
 from export.export import input_records
 from models import checkpoint, registry
