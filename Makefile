@@ -224,8 +224,11 @@ verify: $(TREE)artifacts/$(MODEL)/verified.json ## check MODEL's exports against
 archive: $(TREE)model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.mar
 models: $(MARS)
 
-serve: $(MARS) $(PLUGIN_JAR) | $(VENV_STAMP) ## set up, build the default models and serve them in the background
-	$(PY) -m serve_config.control start --run-dir $(RUN_DIR) --models $(SERVE_MODELS) --model-store $(TREE)model_store \
+# Each model is built and served in turn (serve_config/control/building.py): the first answers within minutes of a clean
+# clone, the others join as they are built, `make ready` says which are still building.
+serve: $(PLUGIN_JAR) | $(VENV_STAMP) ## set up, build the default models and serve each as soon as it is built (in the background)
+	$(PY) -m serve_config.control serve --run-dir $(RUN_DIR) --models $(SERVE_MODELS) --model-store $(TREE)model_store \
+		--build "$(MAKE) --no-print-directory RECIPE=$(RECIPE) {archive}" --check "$(MAKE) -q RECIPE=$(RECIPE) {archive}" \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
 		--grpc-ports $(GRPC_PORTS)
 

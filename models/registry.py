@@ -573,7 +573,9 @@ SHAPES_SEGMENTER = ModelSpec(
     **SCENE_COMMON,
 )
 
-REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (DIGITS, SHAPES, MINILM, CANCER, PAIR, SHAPES_DETECTOR,
+# In the order a first `make serve` builds the default ones, quickest first: it answers once the first is built and
+# serves each other as soon as it is (serve_config/control/building.py).
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (CANCER, DIGITS, MINILM, SHAPES, PAIR, SHAPES_DETECTOR,
                                                                SHAPES_SEGMENTER)}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from models import scenes
+from models.progress import Eta
 from models.registry import TrainSpec
 
 # Forward passes in bfloat16 (autocast; weights, gradients and the optimiser stay fp32) where the CPU multiplies
@@ -94,6 +95,7 @@ def fit(model: torch.nn.Module, loss: Callable, recipe: TrainSpec, preset, *, lo
                                                     pct_start=0.15)
     log(f"{len(data.masks)} train scenes ready in {time.monotonic() - started:.1f}s; {recipe.epochs} epochs of "
         f"{steps_per_epoch} steps, crops {list(sides)}")
+    eta = Eta([side * side for side in sides])
     for epoch, side in enumerate(sides, 1):
         order = torch.randperm(len(data.masks), generator=generator)
         total = 0.0
@@ -107,7 +109,8 @@ def fit(model: torch.nn.Module, loss: Callable, recipe: TrainSpec, preset, *, lo
             optimizer.step()
             scheduler.step()
             total += value.item()
-        progress = f"epoch {epoch}/{recipe.epochs} at {side} px  loss {total / steps_per_epoch:.4f}  {time.monotonic() - started:6.1f}s"
+        progress = (f"epoch {epoch}/{recipe.epochs} at {side} px  loss {total / steps_per_epoch:.4f}  "
+                    f"{time.monotonic() - started:6.1f}s  {eta.epoch_done()}")
         if evaluate is not None and epoch % 8 == 0 and epoch < recipe.epochs:
             progress += f"  held-out (100 scenes) {evaluate(model):.4f}"
             model.train()

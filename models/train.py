@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models import checkpoint, registry
+from models.progress import Eta
 from models.preprocessing import build_preset
 
 
@@ -79,6 +80,8 @@ def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None, rec
     steps_per_epoch = -(-len(train_y) // recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=epochs * steps_per_epoch)
     test_acc = None
+    sides = [recipe.epoch_sizes[e] if recipe.epoch_sizes else None for e in range(epochs)]
+    eta = Eta([side * side if side else 1 if full_size is None else full_size[0] * full_size[1] for side in sides])
     for epoch in range(1, epochs + 1):
         side = recipe.epoch_sizes[epoch - 1] if recipe.epoch_sizes else None  # None: the full size
         model.train()
@@ -103,7 +106,7 @@ def train(spec: registry.ModelSpec, out: Path, *, epochs: int | None = None, rec
         test_acc = accuracy(model, test_x, test_y) if side is None or (side, side) == full_size else None
         progress = f"test acc {test_acc:.4f}" if test_acc is not None else f"at {side} px"
         print(f"epoch {epoch:3d}/{epochs}  loss {total_loss / len(train_y):.4f}  {progress}  "
-              f"{time.monotonic() - started:6.1f}s", flush=True)
+              f"{time.monotonic() - started:6.1f}s  {eta.epoch_done()}", flush=True)
     train_seconds = round(time.monotonic() - started, 1)
     metrics = {
         # the last epoch's figure when it ran at full size (the model has not changed since)

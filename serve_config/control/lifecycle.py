@@ -30,7 +30,7 @@ from serve_config.control.access import ready
 from serve_config.control.instance import (CONFIG_FILE, KEY_FILE, NETNS_FILE, OUT_FILE, PID_FILE, Ports, Server,
                                            ServerError, port_free, port_holder, read_properties, write_keys)
 from serve_config.control.netns import exec_prefix
-from serve_config.control import deploys, supervisor
+from serve_config.control import building, deploys, supervisor
 from serve_config.control.records import owned_pid, record_pid
 
 TEMPLATE = ROOT / "serve_config" / "config.properties"
@@ -132,6 +132,7 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     else:
         (run_dir / KEY_FILE).unlink(missing_ok=True)
     config = run_dir / CONFIG_FILE
+    overrides = {"building_file": run_dir / building.FILE, **(overrides or {})}
     write_atomic(config, render_config(template, ports, model_store.resolve(), overrides=overrides))
     # TorchServe reads TS_CONFIG_FILE before --ts-config, and TS_<KEY> over the config where a config enables it:
     # none of the caller's may change what runs here. extra_env is this module's callers' deliberate choice.
@@ -162,6 +163,34 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
         stop(run_dir)
         raise
     return server
+
+
+def add_model(server: Server, name: str, model_store: Path, *, timeout: float = 180.0) -> None:
+    """Serve one more model from `model_store` on the running instance: its archive checked and kept as start()
+    keeps each, added to what the supervisor serves after a restart, registered with TorchServe (not synchronously:
+    a synchronous registration holds a frontend thread that inference connections share) with its model-config
+    YAML's workers, and waited for (ModelLoadError names it when it does not load)."""
+    import requests
+
+    from models.paths import model_config_values
+
+    run_dir = server.run_dir
+    if not (model_store / f"{name}.mar").exists():
+        raise ServerError(f"{model_store}/{name}.mar is missing: run `make archive MODEL={name}`")
+    deploys.started_copy(run_dir, name).parent.mkdir(parents=True, exist_ok=True)
+    copy_archive(model_store / f"{name}.mar", deploys.started_copy(run_dir, name))
+    spec = json.loads((run_dir / supervisor.SPEC_FILE).read_text())
+    if name not in spec["models"]:
+        spec["models"].append(name)
+        write_atomic(run_dir / supervisor.SPEC_FILE, json.dumps(spec, indent=2))
+    workers = int(model_config_values(name).get("minWorkers", 1))
+    with server.network():
+        answer = requests.post(f"{server.management_url}/models", headers=server.headers("management"), timeout=60,
+                               params={"url": deploys.startup_archive(run_dir, name, model_store),
+                                       "initial_workers": workers, "synchronous": "false"})
+    if not answer.ok:
+        raise ModelLoadError(server, {name: f"registration answered {answer.status_code}: {answer.text.strip()[:300]}"})
+    wait_ready(server, [name], timeout=timeout)
 
 
 def wait_ready(server: Server, models: Sequence[str], *, timeout: float) -> None:

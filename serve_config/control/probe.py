@@ -110,7 +110,9 @@ def check(inference_url: str, token: str | None, models: Sequence[str] = (), *, 
         served = detail.get("models", {}) if isinstance(detail, dict) else {}  # {model: ready}
         if status != 200:
             waiting = sorted(name for name, ok in served.items() if not ok)
-            why = (f"no loaded worker for {', '.join(waiting)}" if waiting else "no model is served" if status == 503
+            building = detail.get("building", []) if isinstance(detail, dict) else []
+            why = (f"no loaded worker for {', '.join(waiting)}" if waiting else
+                   f"still building {', '.join(building)}" if building else "no model is served" if status == 503
                    else body[:200].decode(errors="replace"))
             raise ProbeError(f"/v2/health/ready answered {status}: {why}")
         return f"ready: {', '.join(sorted(served))}"

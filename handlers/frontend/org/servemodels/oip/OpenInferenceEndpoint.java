@@ -43,6 +43,7 @@ import org.pytorch.serve.wlm.WorkerThread;
  * <pre>
  *   GET  /v2                                          server metadata
  *   GET  /v2/health/live | /v2/health/ready           live; ready while every model has a READY worker (and which)
+ *                                                    and `make serve` is building none ("building": which)
  *   GET  /v2/models/{m}[/versions/{v}]                model metadata: name, versions, platform, inputs, outputs
  *   GET  /v2/models/{m}[/versions/{v}]/ready          ready while that model (version) has a READY worker
  *   POST /v2/models/{m}[/versions/{v}]/infer          the handler, as TorchServe's own infer route does it
@@ -92,9 +93,17 @@ public class OpenInferenceEndpoint extends ModelServerEndpoint {
                 models.addProperty(model.getModelName(), loaded);
                 ready &= loaded;
             }
+            // Models `make serve` is still building are not served yet: the server is not ready until they are.
+            List<String> building = Settings.building();
+            ready &= building.isEmpty();
             JsonObject body = new JsonObject();
             body.addProperty("ready", ready);
             body.add("models", models);
+            if (!building.isEmpty()) {
+                JsonArray names = new JsonArray();
+                building.forEach(names::add);
+                body.add("building", names);
+            }
             if (!unpatched.isEmpty()) {
                 body.addProperty("unpatched", String.join(", ", unpatched));
             }
