@@ -225,10 +225,14 @@ archive: $(TREE)model_store/$(MODEL).mar ## pack MODEL into model_store/MODEL.ma
 models: $(MARS)
 
 # Each model is built and served in turn (serve_config/control/building.py): the first answers within minutes of a clean
-# clone, the others join as they are built, `make ready` says which are still building.
+# clone, the others join as they are built, `make ready` says which are still building. The builds are make's own, run
+# by the command: under `make -n` the first line lists them (it expands to nothing in a real run), and the command
+# names make as SUBMAKE, so that a dry run does not run it (make runs a line naming its MAKE variable even then).
+SUBMAKE = $(MAKE)
 serve: $(PLUGIN_JAR) | $(VENV_STAMP) ## set up, build the default models and serve each as soon as it is built (in the background)
+	$(if $(findstring n,$(firstword -$(MAKEFLAGS))),$(MAKE) --no-print-directory $(MARS))
 	$(PY) -m serve_config.control serve --run-dir $(RUN_DIR) --models $(SERVE_MODELS) --model-store $(TREE)model_store \
-		--build "$(MAKE) --no-print-directory RECIPE=$(RECIPE) {archive}" --check "$(MAKE) -q RECIPE=$(RECIPE) {archive}" \
+		--build "$(SUBMAKE) --no-print-directory RECIPE=$(RECIPE) {archive}" --check "$(SUBMAKE) -q RECIPE=$(RECIPE) {archive}" \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
 		--grpc-ports $(GRPC_PORTS)
 
