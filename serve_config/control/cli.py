@@ -20,7 +20,7 @@ from models.paths import FULL, ROOT
 from serve_config.control.access import ready, rotate_token
 from serve_config.control.instance import KEY_KINDS, PID_FILE, Ports, Server, ServerError, read_keys
 from serve_config.control import building
-from serve_config.control.lifecycle import ModelLoadError, PortInUse, add_model, start, stop
+from serve_config.control.lifecycle import ModelLoadError, PortInUse, add_model, refuse_if_running, start, stop
 from serve_config.control.records import read_pid
 from serve_config.control.supervisor import run as supervise
 
@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
 def serve(args) -> int:
     """`make serve`: building.serve with this command line's server, the outcome said as `start` says it."""
     ports = Ports(args.inference_port, args.management_port, args.metrics_port, *args.grpc_ports)
+    refuse_if_running(args.run_dir.resolve())  # before any build: the running one's record is its own
     failed: dict[str, str] = {}
 
     def begin(names: list[str]) -> Server:

@@ -98,6 +98,12 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def refuse_if_running(run_dir: Path) -> None:
+    """ServerError when a TorchServe started from `run_dir` is still running."""
+    if (pid := owned_pid(run_dir / PID_FILE)) is not None and _alive(pid):
+        raise ServerError(f"a TorchServe from {run_dir} is already running (PID {pid}); `make stop` first")
+
+
 def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model_store: Path = FULL.model_store,
           template: Path = TEMPLATE, timeout: float = 180.0, extra_env: dict[str, str] | None = None,
           overrides: dict[str, str] | None = None, netns: str | None = None, log_config: Path = LOG_CONFIG,
@@ -109,8 +115,7 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     sends). Either way a restart by the supervisor keeps the keys."""
     run_dir = run_dir.resolve()
     server = Server(run_dir, ports, netns=netns)
-    if (pid := owned_pid(run_dir / PID_FILE)) is not None and _alive(pid):
-        raise ServerError(f"a TorchServe from {run_dir} is already running (PID {pid}); `make stop` first")
+    refuse_if_running(run_dir)
     with server.network():
         taken = [role for role, port in asdict(ports).items() if not port_free(server.host, port)]
     if taken:  # said now, by name, rather than as a bind error buried in TorchServe's log

@@ -60,6 +60,10 @@ def test_make_serve_answers_with_the_first_model_and_adds_each_other_as_it_is_bu
         probe = subprocess.run([sys.executable, "-m", "serve_config.control", "ready", "--run-dir", str(run_dir)],
                                cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert probe.returncode == 1 and "still building cancer, nope (cancer for" in probe.stdout, probe.stdout
+        again = subprocess.run([*command[:command.index("--build")], "--build", "false", "--check", "false"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "already running" in again.stderr, again.stderr
+        assert building.read(run_dir)["building"] == ["cancer", "nope"]  # the running one's record is untouched
         go.touch()
         out, err = process.communicate(timeout=300)
         assert process.returncode == 1, out + err
