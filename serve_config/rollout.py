@@ -41,6 +41,7 @@ from export.manifest import MAR_MANIFEST, ArchiveError, archive_model, check_arc
 from models import durable
 from models.paths import FULL, ROOT
 from serve_config.control import Server, ServerError, deploys, model_workers, ready
+from serve_config.control.lifecycle import register
 
 FAULT_ENV = "SERVE_FAULT_AT"
 # Where a command can be killed, in order: the archive kept, then in the store; the new version registered and
@@ -159,11 +160,8 @@ class Rollout:
         step("in-store")
         workers = max(1, len(model_workers(self.server, self.model)[0]))
         steps, t0 = {}, time.monotonic()
-        if version not in registered:
-            # Not synchronous: TorchServe waits for a synchronous registration's workers on the Netty thread that
-            # took the request, and the inference connections that share that event loop hang meanwhile (wrk
-            # measured requests with no answer for seconds). _wait_ready polls instead.
-            self._api("POST", "/models", params={"url": url, "initial_workers": workers, "synchronous": "false"})
+        if version not in registered:  # not synchronously (register says why); _wait_ready polls
+            register(self.server, url, workers, timeout=self.timeout)
         step("registered")
         self._wait_ready(version, workers)
         steps["register_ready_s"] = time.monotonic() - t0

@@ -170,13 +170,25 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     return server
 
 
-def add_model(server: Server, name: str, model_store: Path, *, timeout: float = 180.0) -> None:
-    """Serve one more model from `model_store` on the running instance: its archive checked and kept as start()
-    keeps each, added to what the supervisor serves after a restart, registered with TorchServe (not synchronously:
-    a synchronous registration holds a frontend thread that inference connections share) with its model-config
-    YAML's workers, and waited for (ModelLoadError names it when it does not load)."""
+def register(server: Server, archive: str, workers: int, *, timeout: float = 60.0) -> None:
+    """Register `archive` (a file name in the instance's model store) with `workers` workers, not synchronously:
+    TorchServe waits for a synchronous registration's workers on the Netty thread that took the request, and the
+    inference connections sharing that event loop hang meanwhile (wrk measured requests with no answer for
+    seconds). The caller polls readiness. ServerError when TorchServe refuses it."""
     import requests
 
+    with server.network():
+        answer = requests.post(f"{server.management_url}/models", headers=server.headers("management"),
+                               timeout=timeout, params={"url": archive, "initial_workers": workers,
+                                                        "synchronous": "false"})
+    if not answer.ok:
+        raise ServerError(f"POST /models answered {answer.status_code}: {answer.text.strip()[:300]}")
+
+
+def add_model(server: Server, name: str, model_store: Path, *, timeout: float = 180.0) -> None:
+    """Serve one more model from `model_store` on the running instance: its archive checked and kept as start()
+    keeps each, added to what the supervisor serves after a restart, registered (register) with its model-config
+    YAML's workers, and waited for (ModelLoadError names it when it does not load)."""
     from models.paths import model_config_values
 
     run_dir = server.run_dir
@@ -188,13 +200,11 @@ def add_model(server: Server, name: str, model_store: Path, *, timeout: float = 
     if name not in spec["models"]:
         spec["models"].append(name)
         write_atomic(run_dir / supervisor.SPEC_FILE, json.dumps(spec, indent=2))
-    workers = int(model_config_values(name).get("minWorkers", 1))
-    with server.network():
-        answer = requests.post(f"{server.management_url}/models", headers=server.headers("management"), timeout=60,
-                               params={"url": deploys.startup_archive(run_dir, name, model_store),
-                                       "initial_workers": workers, "synchronous": "false"})
-    if not answer.ok:
-        raise ModelLoadError(server, {name: f"registration answered {answer.status_code}: {answer.text.strip()[:300]}"})
+    try:
+        register(server, deploys.startup_archive(run_dir, name, model_store),
+                 int(model_config_values(name).get("minWorkers", 1)))
+    except ServerError as err:
+        raise ModelLoadError(server, {name: str(err)}) from None
     wait_ready(server, [name], timeout=timeout)
 
 
