@@ -54,6 +54,24 @@ def header_lengths(context, count: int) -> list[int | None]:
 
 
 VERSION_HEADER = "X-Model-Version"
+
+
+def within(answer, limit: int):
+    """`answer`, or a 413 in its protocol's form when its body passes `limit` bytes: TorchServe's frontend drops a
+    worker whose answer passes max_response_size (the whole batch then fails with it), so the worker refuses it."""
+    if isinstance(answer, RequestError):
+        return answer
+    binary = isinstance(answer, oip.BinaryAnswer)
+    if not binary and len(answer) * 4 <= limit:  # UTF-8 takes at most 4 bytes a character
+        return answer
+    size = len(answer.body) if binary else len(answer.encode("utf-8"))
+    if size <= limit:
+        return answer
+    infer = binary or answer.startswith(oip.ANSWER_HEAD)
+    return RequestError(413, "AnswerTooLarge", f"the answer would be {size} bytes, over the {limit} this server "
+                        "sends (handler.max_answer_bytes)" + ("; ask for binary outputs (the binary tensor extension), "
+                                                              "fewer outputs or a smaller input" if infer else
+                                                              "; send a smaller input"), oip=infer)
 BATCH_MS_WEIGHT = 0.2  # the newest batch's share of the moving average a deadline is judged with
 
 
@@ -148,12 +166,14 @@ class PipelineHandler(BaseHandler):
         self.pipeline.warm_up()
         warm_up_with_sample(self.pipeline, model_dir)
         self.cache = cache.ResponseCache(settings.response_cache_mb << 20) if settings.response_cache_mb else None
+        self.max_answer_bytes = settings.max_answer_bytes
         logger.info("%s (%s) ready on %s with %s (%d intra-op threads)", context.model_name, export_manifest["kind"],
                     self.device, type(runner).__name__, threads.intra_op)
         self.initialized = True
 
     generation: "GenerationSession | None" = None
     cache: "cache.ResponseCache | None" = None
+    max_answer_bytes = 8 << 20
     batch_ms = 0.0  # a moving average of a computed batch's milliseconds in this worker (BATCH_MS_WEIGHT per batch)
 
     def handle(self, data, context):
@@ -186,7 +206,7 @@ class PipelineHandler(BaseHandler):
             if results is None:
                 results = self.pipeline.postprocess(batch, outputs) if data else []
             for idx, result in zip(live, results, strict=True):
-                outcome[idx] = result
+                outcome[idx] = result = within(result, self.max_answer_bytes)
                 if keys[idx] is not None and not isinstance(result, RequestError):
                     counts.evicted += self.cache.put(keys[idx], result)
             ids = request_ids(context, headers)

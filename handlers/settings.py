@@ -20,12 +20,15 @@ class HandlerSettings:
     precision on a GPU (ignored on a CPU, where it would be slower); `allow_tf32` lets CUDA matmuls and
     convolutions use TF32 (off: parity with the verified fp32 export depends on it). `response_cache_mb`: each
     worker keeps this many MiB of answers to requests it has answered (handlers.cache); 0, the default, keeps none.
-    Setting it says the model's answer is a function of its request alone."""
+    Setting it says the model's answer is a function of its request alone. `max_answer_bytes`: the largest answer
+    the worker sends; a larger one is refused (413) for its request alone, since TorchServe's frontend drops the
+    worker whose answer passes its max_response_size (serve_config/config.properties; keep this at most that)."""
 
     intra_op_threads: int = 1
     precision: str = "fp32"
     allow_tf32: bool = False
     response_cache_mb: int = 0
+    max_answer_bytes: int = 8 << 20  # config.properties' max_response_size (tests/unit/test_settings.py)
 
     MAY_BE_ZERO = frozenset({"response_cache_mb"})  # int fields where 0 means off
 

@@ -62,11 +62,15 @@ def stubs(out: Path = OUT, proto: str = "inference") -> tuple[ModuleType, Module
 class Client:
     """A channel to one TorchServe's gRPC inference port, with its key."""
 
-    def __init__(self, host: str, port: int, token: str | None) -> None:
+    def __init__(self, host: str, port: int, token: str | None, *, max_answer_bytes: int = 8 << 20) -> None:
+        """`max_answer_bytes`: the largest answer taken (gRPC's default is 4 MiB; the server sends up to its
+        max_response_size, 8 MiB in serve_config/config.properties)."""
         import grpc
 
         self.pb2, pb2_grpc = stubs()
-        self.channel = grpc.insecure_channel(f"{host}:{port}")
+        # an answer's message holds its body and a little framing
+        self.channel = grpc.insecure_channel(f"{host}:{port}",
+                                             options=[("grpc.max_receive_message_length", max_answer_bytes + 4096)])
         self.stub = pb2_grpc.InferenceAPIsServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
 

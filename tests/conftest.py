@@ -2,7 +2,8 @@
 own context objects), export (parity), integration (real TorchServe over HTTP), load (real Locust),
 ops (operations against real TorchServes, and fuzzing), fleet (replicas behind HAProxy, failover,
 model updates under load), gpu (CUDA paths; skipped visibly without CUDA).
-Model-specific tests are parametrized from the registry.
+Model-specific tests are parametrized from the registry. $TEST_SERVED (model names) stands for the registry's
+default models, to run the generic tiers as if those were the defaults (tests/integration/test_served_set.py).
 
 The built models come from the build tree make names in $BUILD_TREE (`make test`: the quick tree).
 Markers agree with what a test does: one that starts TorchServe is `integration` (a guard below fails a
@@ -10,21 +11,23 @@ test that starts one without the marker), so `pytest -m "not integration"` start
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from models import paths, registry
 from models.paths import ROOT
+from tests.kinds import model_store, models_of
 
 TREE = paths.current()
-SERVED = [spec for spec in registry.REGISTRY.values() if spec.serve_by_default]
+# the models served by default, or those $TEST_SERVED names
+SERVED = ([registry.get(name) for name in os.environ["TEST_SERVED"].split()] if os.environ.get("TEST_SERVED")
+          else [spec for spec in registry.REGISTRY.values() if spec.serve_by_default])
 TRAINED = [spec for spec in registry.REGISTRY.values() if spec.train is not None]
 BUILT = [spec for spec in registry.REGISTRY.values() if registry.tested(spec)]  # what `make test` builds
-# The served models of each kind, for the tests of what one kind does (tiers over every model use tests/kinds).
-CLASSIFIERS = [spec for spec in SERVED if spec.kind == "image-classifier"]
-EMBEDDERS = [spec for spec in SERVED if spec.kind == "text-embedding"]
-TENSORS = [spec for spec in SERVED if spec.kind == "tensor"]
+# The served models of one kind, for the tests of what that kind does (tiers over every model use tests/kinds).
+CLASSIFIERS, EMBEDDERS, TENSORS = (models_of(module, SERVED) for module in ("classify", "text", "tensor"))
 
 
 def built(path: Path) -> Path:
@@ -75,8 +78,9 @@ def server(tmp_path_factory):
     for spec in SERVED:
         built(TREE.archive(spec.name))
     run_dir = tmp_path_factory.mktemp("torchserve")
+    store = model_store(SERVED, tmp_path_factory.mktemp("store"), TREE)  # with the test tiers' handler settings
     try:  # a model that fails to load leaves the server up (ModelLoadError): stopped here all the same
-        yield start(run_dir, [s.name for s in SERVED], ports=Ports.free(), model_store=TREE.model_store)
+        yield start(run_dir, [s.name for s in SERVED], ports=Ports.free(), model_store=store)
     finally:
         stop(run_dir)
 
@@ -166,9 +170,10 @@ def assert_serves_every_model(inference_url: str, headers: dict[str, str] | None
     assert_oip_metadata(inference_url, headers, [spec.name for spec in SERVED])
 
 
-def assert_oip_metadata(inference_url: str, headers: dict[str, str], models) -> None:
+def assert_oip_metadata(inference_url: str, headers: dict[str, str], models, archive_of=TREE.archive) -> None:
     """Triton's HTTP client at `inference_url` gets each model's metadata (what its archive's signature.json says,
-    with its name and versions) and finds it ready: the frontend plugin runs there (handlers/frontend)."""
+    with its name and versions) and finds it ready: the frontend plugin runs there (handlers/frontend).
+    `archive_of(name)`: the archive served as `name` (the build tree's by default)."""
     import json
     import zipfile
 
@@ -177,7 +182,7 @@ def assert_oip_metadata(inference_url: str, headers: dict[str, str], models) -> 
     client = httpclient.InferenceServerClient(inference_url.split("://", 1)[-1], network_timeout=60)
     for name in models:
         metadata = client.get_model_metadata(name, headers=headers)
-        with zipfile.ZipFile(TREE.archive(name)) as archive:
+        with zipfile.ZipFile(archive_of(name)) as archive:
             signature = json.loads(archive.read("signature.json"))
         assert metadata["name"] == name and metadata["versions"], metadata
         oip = {k: v for k, v in signature.items() if k != "openai"}  # "openai": the OpenAI routes it speaks

@@ -4,9 +4,9 @@
 //
 //   runner ARTIFACT INPUT [INPUT ...]      INPUT = FILE:DTYPE:D0xD1x...  (raw little-endian values, C order)
 //
-// DTYPE is float32, int64 or int32. Each output is printed as one line, "output <i> <dtype> <d0>x<d1>..." and
-// then its values on one line, space separated, floats with 9 significant digits (enough to round-trip a
-// float32). Exit status 2 for bad arguments, 1 when the model cannot be loaded or run.
+// DTYPE is float32, int64 or int32. Each output is printed as one line, "output <i> <dtype> <d0>x<d1>..." (numpy's
+// name of the dtype) and then its values on one line, space separated, floats with 9 significant digits (enough
+// to round-trip a float32). Exit status 2 for bad arguments, 1 when the model cannot be loaded or run.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
@@ -36,6 +36,11 @@ std::string dtype_name(at::ScalarType type) {
     case at::kLong: return "int64";
     case at::kInt: return "int32";
     case at::kBool: return "bool";
+    case at::kByte: return "uint8";  // a segmenter's class mask
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kHalf: return "float16";
+    case at::kDouble: return "float64";
     default: return c10::toString(type);
   }
 }

@@ -15,7 +15,7 @@ from export.export import export
 from export.verify import STAMP, ToleranceError, verify
 from models import checkpoint, registry
 from tests.conftest import CLASSIFIERS, EMBEDDERS, ROOT, TENSORS, TREE, built
-from tests.kinds.scene import SCENE_KINDS
+from tests.kinds import checks, models_of
 
 
 @pytest.mark.parametrize("spec", CLASSIFIERS, ids=lambda s: s.name)
@@ -241,19 +241,15 @@ def test_an_engineers_own_torchvision_model_exports_verifies_archives_and_serves
     assert top[0]["score"] >= top[1]["score"] >= top[2]["score"] and 0 < sum(p["score"] for p in top) <= 1.0001
 
 
-@pytest.mark.parametrize("spec", [s for s in registry.REGISTRY.values() if s.kind in SCENE_KINDS], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [s for module in ("detect", "segment") for s in models_of(module, registry.REGISTRY.values())],
+                         ids=lambda s: s.name)
 def test_scene_exports_were_verified_by_their_kind_s_own_figures(spec):
     """The detector's and the segmenter's exports, compared by their kind (handlers/kinds: matched detections, pixel
     agreement) at every verified batch size and every image size, within the registry's tolerance."""
     stamp = build_stamp(spec)
     for fmt in spec.formats:
         result, tol = stamp["artifacts"][fmt], spec.tolerance_for(fmt)
-        figures = result["figures"]
         assert result["checks"] == len(spec.verify_batch_sizes) + len(spec.verify_image_sizes)
-        if spec.kind == "object-detector":
-            assert figures["detections"] > 0 and figures["unmatched"] == figures["extra"] == 0, (fmt, figures)
-            assert figures["min_box_iou"] >= tol.min_box_iou and figures["max_score_diff"] <= tol.max_score_diff
-        else:
-            assert figures["pixel_agreement"] >= tol.min_pixel_agreement, (fmt, figures)
+        checks(spec).assert_verified(result["figures"], tol)
     for fmt, reason in spec.not_applicable.items():
         assert stamp["artifacts"][fmt] == {"not_applicable": reason}

@@ -14,8 +14,7 @@ from ts.context import Context, RequestProcessor
 from loadtest.payloads import payloads
 from models import registry
 from tests.conftest import CLASSIFIERS, EMBEDDERS, TENSORS, TREE, ClassifierReference, built
-from tests.kinds import checks, scene
-from tests.kinds.scene import SCENE_KINDS
+from tests.kinds import checks, handler_settings, models_of, scene
 
 
 def load_handler(spec, tmp_path, **handler_settings):
@@ -163,21 +162,21 @@ def test_tensor_batch_of_infer_requests_and_bad_ones_each_get_their_own_answer(s
     checks(spec).assert_native(samples, good)
 
 
-SCENES = [spec for spec in registry.REGISTRY.values() if spec.kind in SCENE_KINDS]
+SCENES = models_of("detect", registry.REGISTRY.values()) + models_of("segment", registry.REGISTRY.values())
 
 
 @pytest.mark.parametrize("spec", SCENES, ids=lambda s: s.name)
 def test_scene_batch_of_many_sizes_and_bad_requests_each_get_their_own_answer(spec, tmp_path):
     """One batch of samples of many sizes (one forward pass, letterboxed) with bad requests among them: each bad one
     its own 4xx, each good one what the kind's pipeline on the eager checkpoint answers, in its own image's pixels.
-    The archive's config is given the test tiers' handler settings (tests/kinds/scene.py) before it loads."""
+    The archive's config is given the test tiers' handler settings (tests/kinds) before it loads."""
     model_dir = tmp_path / spec.name
     with zipfile.ZipFile(built(TREE.archive(spec.name))) as mar:
         mar.extractall(model_dir)
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config_file = model_dir / manifest["model"]["configFile"]
     config = yaml.safe_load(config_file.read_text())
-    config_file.write_text(yaml.safe_dump({**config, "handler": scene.handler_settings(spec)}))
+    config_file.write_text(yaml.safe_dump({**config, "handler": handler_settings(spec)}))
     handler, context = initialize(spec.name, model_dir)
     samples = payloads(spec.name, 8)
     bad = [({"body": b"not an image"}, {"body": {"content-type": "image/png"}}, 400, "InvalidImage"),
@@ -199,7 +198,7 @@ def test_scene_batch_of_many_sizes_and_bad_requests_each_get_their_own_answer(sp
             assert context.get_response_status(position)[0] == errors[position][0]
             continue
         sample = next(good)
-        scene.same(spec, json.loads(answer), reference.answer(sample.body, sample.content_type))
+        checks(spec).same(json.loads(answer), reference.answer(sample.body, sample.content_type))
 
 
 @pytest.mark.parametrize("spec", [group[0] for group in (CLASSIFIERS, EMBEDDERS, TENSORS) if group],

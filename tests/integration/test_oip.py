@@ -19,7 +19,7 @@ from loadtest.bench.prometheus import scrape
 from loadtest.payloads import payloads
 from models.paths import model_config_values
 from tests.conftest import CLASSIFIERS, SERVED, worker_pids
-from tests.kinds import checks
+from tests.kinds import checks, infer_samples
 
 pytestmark = pytest.mark.integration
 ROWS = 5
@@ -31,7 +31,7 @@ class Rows:
 
     def __init__(self, spec, server) -> None:
         self.spec, self.server, self.checks = spec, server, checks(spec)
-        self.samples = payloads(spec.name, ROWS)
+        self.samples = infer_samples(spec, ROWS)
 
     def inputs(self, *, binary: bool) -> list[tuple[str, str, np.ndarray]]:
         return self.checks.oip_inputs(self.samples, binary=binary)

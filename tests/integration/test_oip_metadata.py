@@ -13,9 +13,9 @@ import requests
 
 from export import archive
 from export import manifest as mf
-from loadtest.payloads import payloads
+from serve_config.control.deploys import started_copy
 from tests.conftest import SERVED, TREE, assert_oip_metadata, worker_pids
-from tests.kinds import checks
+from tests.kinds import checks, infer_samples
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,8 @@ def fits(shape: list[int], got: list[int]) -> bool:
 @pytest.mark.parametrize("spec", SERVED, ids=lambda s: s.name)
 def test_metadata_and_readiness_of_every_model_through_real_clients(server, spec):
     client, headers = triton(server), dict(server.headers())
-    assert_oip_metadata(server.inference_url, headers, [spec.name])  # what the archive's signature.json says, ready
+    # what the served archive's signature.json says, ready
+    assert_oip_metadata(server.inference_url, headers, [spec.name], lambda name: started_copy(server.run_dir, name))
     metadata = client.get_model_metadata(spec.name, headers=headers)
     print(f"\n{spec.name} metadata (tritonclient): {json.dumps(metadata)}")
     assert metadata["versions"] == ["1.0"]
@@ -58,7 +59,7 @@ def test_metadata_and_readiness_of_every_model_through_real_clients(server, spec
 
     # what the metadata says comes out is what an infer answer holds: names, datatypes, shapes (-1: any)
     answer = requests.post(f"{server.inference_url}/v2/models/{spec.name}/infer", timeout=60, headers=headers,
-                           data=checks(spec).good_infer(payloads(spec.name, 1)[0]))
+                           data=checks(spec).good_infer(infer_samples(spec, 1)[0]))
     assert answer.status_code == 200, answer.text
     outputs = answer.json()["outputs"]
     assert [(o["name"], o["datatype"]) for o in outputs] == [(o["name"], o["datatype"]) for o in metadata["outputs"]]

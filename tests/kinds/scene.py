@@ -1,7 +1,6 @@
-"""What the test tiers check of a scene model's answers (the object-detector and image-segmenter kinds,
-handlers/kinds/detect.py and segment.py): the kind's own pipeline run in-process on the eager checkpoint is the
-reference a served answer must equal. The scene models are opt-in (not among the models every generic tier
-serves), so their tiers (tests/integration/test_scene_kinds.py, tests/handler) use these directly."""
+"""What the test Checks of the scene kinds share (tests/kinds/detect.py and segment.py, for the object-detector and
+image-segmenter kinds of handlers/kinds/detect.py and segment.py): the kind's own pipeline run in-process on the
+eager checkpoint is the reference a served answer must equal; images go in as the image kinds' do."""
 
 from __future__ import annotations
 
@@ -13,19 +12,8 @@ from PIL import Image
 
 from handlers.kinds.detect import VERIFY_MARGIN as TIE  # scores this close tie; also the tolerance on scores
 from handlers.kinds.segment import parse as mask_of  # a native mask answer read back
-from models.paths import current, model_config_values
-
-
-SCENE_KINDS = ("object-detector", "image-segmenter")
-# The quick detector (`make test`) scores its peaks near its prior, about 0.09 to 0.11, under the shipped threshold
-# (0.3): the test tiers serve it with a lower one, so that answers carry detections to check (18 a scene on average
-# over its 100 held-out scenes).
-TEST_HANDLER = {"object-detector": {"score_threshold": 0.1}}
-
-
-def handler_settings(spec) -> dict:
-    """The handler settings the test tiers serve `spec` with: its model-config YAML's, with TEST_HANDLER's changes."""
-    return {**model_config_values(spec.name)["handler"], **TEST_HANDLER.get(spec.kind, {})}
+from models.paths import current
+from tests.kinds.images import ImageChecks
 
 
 def shown_size(body: bytes) -> tuple[int, int]:
@@ -41,6 +29,7 @@ class Reference:
 
     def __init__(self, spec) -> None:
         from loadtest.evaluate import eager_pipeline
+        from tests.kinds import handler_settings
 
         self.pipeline = eager_pipeline(spec, current().checkpoint(spec.name), handler_settings(spec))
 
@@ -72,10 +61,25 @@ def same_masks(a: dict, b: dict) -> None:
     assert (mask_of(a) == mask_of(b)).mean() >= 0.999
 
 
-def same(spec, a, b) -> None:
-    """Two answers of `spec`'s kind to one request agree."""
-    if spec.kind == "object-detector":
-        settings = handler_settings(spec)
-        same_detections(a, b, settings["score_threshold"], settings["max_detections"])
-    else:
-        same_masks(a, b)
+class SceneChecks(ImageChecks):
+    """What the two scene kinds' Checks share: answers held to the eager pipeline's by the kind's `same`."""
+
+    handler: dict = {}  # handler settings the test tiers serve the kind's models with (over the model config's)
+
+    def __init__(self, spec) -> None:
+        from tests.kinds import handler_settings
+
+        super().__init__(spec)
+        self.settings = handler_settings(spec)
+
+    def same(self, a, b) -> None:
+        raise NotImplementedError
+
+    def assert_native(self, payloads, answers) -> None:
+        reference = Reference(self.spec)
+        for payload, answer in zip(payloads, answers, strict=True):
+            self.same(answer, reference.answer(payload.body, payload.content_type))
+
+
+def text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -7,20 +7,15 @@ from __future__ import annotations
 import pytest
 
 from loadtest.payloads import payloads
-from models.paths import model_config_values
 from serve_config import control as ts
 from tests.conftest import SERVED, post_together, worker_pids
-from tests.kinds import checks
+from tests.kinds import checks, handler_settings, infer_samples
 
 pytestmark = [pytest.mark.ops, pytest.mark.integration]
 
 
 def server_limit(key: str) -> int:
     return int(ts.read_properties(ts.TEMPLATE)[key])
-
-
-def handler_settings(spec) -> dict:
-    return model_config_values(spec.name)["handler"]
 
 
 def matrix(spec) -> list[tuple[str, bytes, dict, int, str | None]]:
@@ -76,7 +71,7 @@ def test_each_bad_infer_request_gets_its_own_4xx_among_good_native_and_infer_req
 
     import requests
 
-    samples = payloads(spec.name, 6)
+    samples = infer_samples(spec, 6)
     kind = checks(spec)
     good_infer = kind.good_infer(samples[0])
     native_url = f"{server.inference_url}/predictions/{spec.name}"

@@ -37,6 +37,9 @@ def test_model_config_yaml_matches_the_registry(spec):
     settings = kinds.load(spec.kind).Settings.from_mapping(config["handler"])
     assert settings.rows_per_pass <= max(spec.verify_batch_sizes), "a forward pass larger than verified"
     assert 1 <= getattr(settings, "topk", 1) <= max(len(spec.labels), 1)
+    # a larger answer would make the frontend drop the worker (with its batch) instead of the worker refusing it
+    limit = int(read_properties(ROOT / "serve_config" / "config.properties")["max_response_size"])
+    assert settings.max_answer_bytes <= limit
 
 
 def test_config_properties_is_locked_down():
