@@ -69,7 +69,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
-	chat-bench decoder-bench cache-bench deadline-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
+	chat-bench decoder-bench cache-bench deadline-bench trace-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
 
 help: ## show the targets and the variables they take
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -330,6 +330,9 @@ cache-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## the response cac
 
 deadline-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## goodput (answers within their deadline) at 3x MODEL's capacity, with and without X-Request-Timeout-Ms
 	$(PY) -m loadtest.bench.deadlines --model $(MODEL)
+
+trace-bench: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## what tracing costs: MODEL served with tracing off and on (OTLP to a local receiver) side by side
+	$(PY) -m loadtest.bench.tracing --model $(MODEL)
 
 sweep: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## sweep batch size, delay, workers x threads and backend for MODEL
 	$(PY) -m loadtest.bench.sweep --model $(MODEL) --out results/sweep

@@ -6,8 +6,9 @@ manifest packed in the archive, which names the model's kind (models.kinds), rea
 `handler:` section into that kind's `Settings`, fixes the worker's threads and device, loads the archive's
 model with the runtime backend, has the kind build its pipeline, warms it up (stand-in input, then the archive's
 sample request through the whole pipeline), and per batch reads each
-request's media type from TorchServe's context, times the three stages, sets each request's status and
-publishes the stage times as metrics. TorchServe loads it as the archive's handler (handlers/handler.py).
+request's media type from TorchServe's context, times the three stages, sets each request's status,
+publishes the stage times as metrics and, when the environment names a collector, each request's trace
+(handlers/tracing.py). TorchServe loads it as the archive's handler (handlers/handler.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Sequence
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import cache, oip, openai
+from handlers import cache, oip, openai, tracing
 from handlers.batch_metrics import StageClock, publish
 from handlers.requests import REQUEST_ID_HEADER, Pipeline, RequestError, content_type_of, expired, header, with_query
 from models import kinds
@@ -166,6 +167,7 @@ class PipelineHandler(BaseHandler):
         self.pipeline.warm_up()
         warm_up_with_sample(self.pipeline, model_dir)
         self.cache = cache.ResponseCache(settings.response_cache_mb << 20) if settings.response_cache_mb else None
+        self.tracing = tracing.Tracing.start()  # None unless the environment names an OTLP collector
         self.max_answer_bytes = settings.max_answer_bytes
         logger.info("%s (%s) ready on %s with %s (%d intra-op threads)", context.model_name, export_manifest["kind"],
                     self.device, type(runner).__name__, threads.intra_op)
@@ -173,6 +175,7 @@ class PipelineHandler(BaseHandler):
 
     generation: "GenerationSession | None" = None
     cache: "cache.ResponseCache | None" = None
+    tracing: "tracing.Tracing | None" = None
     max_answer_bytes = 8 << 20
     batch_ms = 0.0  # a moving average of a computed batch's milliseconds in this worker (BATCH_MS_WEIGHT per batch)
 
@@ -214,6 +217,8 @@ class PipelineHandler(BaseHandler):
             answers = answer_all(context, outcome, self.served_as(context)[1], cached)
         publish(context.metrics, len(data), clock, expired=late, cache=counts)
         log_batch(context.model_name, ids, outcome, cached, clock)
+        if self.tracing is not None:
+            self.tracing.record(self.served_as(context), headers, ids, outcome, live, clock, cached)
         if data:  # what a computed batch takes now: a deadline shorter than the wait and this is refused unrun
             self.batch_ms += BATCH_MS_WEIGHT * (sum(clock.ms.values()) - self.batch_ms)
         return answers

@@ -25,18 +25,23 @@ STAGE_MS = {stage: f"Handler{stage.capitalize()}Ms" for stage in STAGES}
 
 
 class StageClock:
-    """Wall-clock milliseconds per stage of one batch: `with clock.stage("inference"): ...`."""
+    """Wall-clock milliseconds per stage of one batch, `with clock.stage("inference"): ...`, and for its trace
+    (handlers/tracing.py) when each stage began and ended, and when the worker took the batch, in nanoseconds since
+    the epoch."""
 
     def __init__(self) -> None:
         self.ms = dict.fromkeys(STAGES, 0.0)
+        self.taken_ns = time.time_ns()
+        self.spans: dict[str, tuple[int, int]] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.time_ns()
         try:
             yield
         finally:
             self.ms[name] += (time.perf_counter() - start) * 1000.0
+            self.spans[name] = (began, time.time_ns())
 
 
 def publish(metrics, batch_size: int, clock: StageClock, expired: int = 0, cache=None) -> None:

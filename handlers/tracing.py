@@ -1,0 +1,98 @@
+"""OpenTelemetry traces of each request through a worker, exported over OTLP (HTTP, protobuf): off unless the
+server's environment names a collector, as OpenTelemetry's own variables do (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; TorchServe hands its environment to every worker). With it set, each request
+of a batch gets, in the trace its W3C `traceparent` header names (a new trace when it names none or one that does
+not parse; none when it says the client does not sample it):
+
+    <model> request      SERVER: from the frontend's arrival time (X-Received-Ms) to its answer; model, version,
+                         request ID (X-Request-ID), status, cache status
+      queue              arrival to the worker taking its batch (TorchServe's own queue and batch aggregation)
+      preprocess         the batch's decoding and preset          \
+      inference          the batch's forward pass, `batch.size`    } a computed request's; one batch, shared
+      postprocess        the batch's answers                      /
+
+A request answered without being computed (its deadline passed in the queue, or the response cache held it) has
+its request span and queue span alone; one refused has preprocess too. Spans leave on a background thread in batches (BatchSpanProcessor): a
+collector that is down costs the exporter's retries, never an answer. The other OTEL_* variables (service name,
+sampler, batch delay, headers) are the SDK's own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from handlers.batch_metrics import STAGES, StageClock
+from handlers.requests import RECEIVED_HEADER, RequestError, header
+
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+TRACE_HEADERS = ("traceparent", "tracestate")  # W3C Trace Context
+
+
+def enabled(environment: Mapping[str, str] = os.environ) -> bool:
+    return any(environment.get(name) for name in ENDPOINT_VARIABLES)
+
+
+class Tracing:
+    """A worker's tracer and its exporter (`Tracing.start()`: None when tracing is off)."""
+
+    def __init__(self, provider) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.provider, self.tracer, self.trace = provider, provider.get_tracer("servemodels.handlers"), trace
+        self.propagator = TraceContextTextMapPropagator()
+
+    @classmethod
+    def start(cls, environment: Mapping[str, str] = os.environ) -> "Tracing | None":
+        if not enabled(environment):
+            return None
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create({"service.name": environment.get("OTEL_SERVICE_NAME") or "torchserve-worker"})
+        provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER (default: parent-based)
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        return cls(provider)
+
+    def record(self, served_as: tuple[str, str], headers: Sequence[Mapping[str, Any] | None], ids: Sequence[str],
+               outcome: Sequence[Any], computed: Sequence[int], clock: StageClock,
+               cached: Sequence[str | None] = ()) -> None:
+        """The spans of one batch's requests, once they are answered: `outcome` each request's answer, `computed`
+        the indexes of those the model ran on (in one batch of that size)."""
+        model, version = served_as
+        now = time.time_ns()
+        ran = set(computed)
+        for idx, (request_headers, request_id, answer) in enumerate(zip(headers, ids, outcome, strict=True)):
+            carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
+            parent = self.propagator.extract(carrier)
+            received = header(request_headers, RECEIVED_HEADER)
+            arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else clock.taken_ns
+            arrived = min(arrived, clock.taken_ns)
+            status = answer.status if isinstance(answer, RequestError) else 200
+            attributes = {"model.name": model, "model.version": version, "request.id": request_id,
+                          "http.response.status_code": status}
+            if cached and cached[idx] is not None:
+                attributes["cache.status"] = cached[idx]
+            root = self.tracer.start_span(f"{model} request", context=parent, kind=self.trace.SpanKind.SERVER,
+                                          start_time=arrived, attributes=attributes)
+            if status >= 500:
+                root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(status)))
+            inside = self.trace.set_span_in_context(root)
+            self._span("queue", inside, arrived, clock.taken_ns)
+            if idx in ran:  # a refused one was read, and went no further
+                for stage in STAGES if status == 200 else STAGES[:1]:
+                    if stage in clock.spans:
+                        extra = {"batch.size": len(computed)} if stage == "inference" else None
+                        self._span(stage, inside, *clock.spans[stage], extra)
+            root.end(end_time=now)
+
+    def _span(self, name: str, context, start: int, end: int, attributes: dict | None = None) -> None:
+        self.tracer.start_span(name, context=context, start_time=start, attributes=attributes).end(end_time=end)
+
+    def shutdown(self) -> None:
+        """Export what is still held (a worker that stops)."""
+        self.provider.shutdown()

@@ -1,0 +1,114 @@
+"""A trace receiver that speaks OTLP over HTTP (protobuf, `POST /v1/traces`, OpenTelemetry's wire format read
+with its own `opentelemetry-proto` messages), on a free loopback port: what the tracing tests and
+`make trace-bench` point the server at (handlers/tracing.py). It keeps every span it is sent, flattened.
+
+    with Receiver() as receiver:
+        ... OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint ...
+        receiver.wait_for(lambda spans: ..., timeout=30)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Span:
+    name: str
+    trace_id: str  # 32 hex digits
+    span_id: str  # 16 hex digits
+    parent_id: str  # "" for a root
+    start_ns: int
+    end_ns: int
+    kind: int  # OTLP's SpanKind number (2: SERVER)
+    service: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    status: int = 0  # OTLP's StatusCode number (2: ERROR)
+
+
+def _value(any_value) -> Any:
+    which = any_value.WhichOneof("value")
+    return getattr(any_value, which) if which else None
+
+
+def parse(body: bytes) -> list[Span]:
+    """The spans of one OTLP/HTTP protobuf export request."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for s in scope_spans.spans:
+                spans.append(Span(s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
+                                  s.start_time_unix_nano, s.end_time_unix_nano, s.kind,
+                                  str(resource.get("service.name", "")),
+                                  {a.key: _value(a.value) for a in s.attributes}, s.status.code))
+    return spans
+
+
+class Receiver:
+    """The receiver, serving on 127.0.0.1 from a thread until closed; `endpoint` is what
+    OTEL_EXPORTER_OTLP_ENDPOINT takes."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.exports = 0
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
+                    self.send_error(404 if self.path != "/v1/traces" else 415)
+                    return
+                try:
+                    spans = parse(body)
+                except Exception:  # noqa: BLE001 - a body that is no export request
+                    self.send_error(400)
+                    return
+                with receiver._lock:
+                    receiver.spans.extend(spans)
+                    receiver.exports += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")  # an empty ExportTraceServiceResponse: all accepted
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "Receiver":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def snapshot(self) -> list[Span]:
+        with self._lock:
+            return list(self.spans)
+
+    def wait_for(self, done: Callable[[list[Span]], bool], timeout: float = 30.0) -> list[Span]:
+        """The spans received, once `done(spans)` holds; AssertionError naming what came after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            spans = self.snapshot()
+            if done(spans):
+                return spans
+            if time.monotonic() > deadline:
+                raise AssertionError(f"spans received in {timeout} s do not suffice: "
+                                     f"{sorted({(s.name, s.trace_id[:8]) for s in spans})[:40]}")
+            time.sleep(0.1)

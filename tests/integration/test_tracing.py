@@ -1,0 +1,129 @@
+"""Traces on a real TorchServe whose environment names a collector (handlers/tracing.py): each request joins the
+trace its W3C `traceparent` names, with the worker's spans (queue wait from the frontend's arrival time,
+preprocess, inference with the batch size, postprocess) exported over OTLP/HTTP to a real receiver
+(loadtest/otlp.py) that reads OpenTelemetry's wire format."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import requests
+
+from loadtest.otlp import Receiver
+from loadtest.payloads import payloads
+from tests.conftest import CLASSIFIERS, EMBEDDERS, TREE, built, post_together
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("queue", "preprocess", "inference", "postprocess")
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """(server, receiver): one classifier and one embedder served with tracing on, spans sent every 100 ms."""
+    from serve_config.control import Ports, start, stop
+
+    models = [CLASSIFIERS[0].name, EMBEDDERS[0].name]
+    for model in models:
+        built(TREE.archive(model))
+    run_dir = tmp_path_factory.mktemp("traced")
+    with Receiver() as receiver:
+        try:
+            yield start(run_dir, models, ports=Ports.free(), model_store=TREE.model_store,
+                        extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+                                   "OTEL_SERVICE_NAME": "torchserve-test"}), receiver
+        finally:
+            stop(run_dir)
+
+
+def parent() -> tuple[str, str, str]:
+    """A client's (trace ID, span ID, traceparent) of a sampled trace."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
+
+
+def trace_of(receiver: Receiver, trace_id: str, *, computed: bool = True) -> dict:
+    """The spans of one request's trace by name, once all have arrived (a refused one: through preprocess)."""
+    wanted = set(STAGES if computed else STAGES[:2])
+    spans = receiver.wait_for(lambda got: wanted | {"request"} <= {
+        "request" if s.name.endswith(" request") else s.name for s in got if s.trace_id == trace_id})
+    return {("request" if s.name.endswith(" request") else s.name): s for s in spans if s.trace_id == trace_id}
+
+
+def test_a_request_joins_its_clients_trace_with_the_workers_spans_nested_in_time(traced):
+    server, receiver = traced
+    spec = CLASSIFIERS[0]
+    sample = payloads(spec.name, 1)[0]
+    trace_id, span_id, traceparent = parent()
+    answer = requests.post(f"{server.inference_url}/predictions/{spec.name}", data=sample.body, timeout=60,
+                           headers={**server.headers(), "Content-Type": sample.content_type, "traceparent": traceparent,
+                                    "X-Request-ID": "traced-1"})
+    assert answer.status_code == 200, answer.text
+    spans = trace_of(receiver, trace_id)
+    root = spans["request"]
+    assert root.name == f"{spec.name} request" and root.parent_id == span_id and root.kind == 2  # SERVER
+    assert root.service == "torchserve-test"
+    assert root.attributes["request.id"] == "traced-1" and root.attributes["http.response.status_code"] == 200
+    assert root.attributes["model.name"] == spec.name and root.attributes["model.version"]
+    for stage in STAGES:
+        assert spans[stage].parent_id == root.span_id, stage
+        assert root.start_ns <= spans[stage].start_ns <= spans[stage].end_ns <= root.end_ns, stage
+    assert spans["queue"].start_ns == root.start_ns  # from the frontend's arrival
+    order = [spans[stage] for stage in STAGES]
+    assert all(a.end_ns <= b.start_ns for a, b in zip(order, order[1:])), [(s.name, s.start_ns, s.end_ns) for s in order]
+    assert spans["inference"].attributes["batch.size"] >= 1
+
+
+def test_requests_that_share_a_batch_each_get_their_own_trace_with_the_batchs_size(traced):
+    server, receiver = traced
+    spec = EMBEDDERS[0]
+    samples = payloads(spec.name, 12)
+    parents = [parent() for _ in samples]
+    answers = post_together(server, [(spec.name, s.body, {"Content-Type": s.content_type, "traceparent": p[2]})
+                                     for s, p in zip(samples, parents)])
+    assert [a.status_code for a in answers] == [200] * len(samples), [a.text for a in answers]
+    traces = [trace_of(receiver, trace_id) for trace_id, _, _ in parents]
+    assert len({t["request"].span_id for t in traces}) == len(traces)
+    assert all(t["request"].parent_id == span_id for t, (_, span_id, _) in zip(traces, parents))
+    # requests of one batch share its inference span's times, and its size counts them all
+    batches: dict[tuple[int, int], list] = {}
+    for t in traces:
+        batches.setdefault((t["inference"].start_ns, t["inference"].end_ns), []).append(t["inference"])
+    for members in batches.values():
+        assert {span.attributes["batch.size"] for span in members} == {members[0].attributes["batch.size"]}
+        assert members[0].attributes["batch.size"] >= len(members)
+    assert max(len(m) for m in batches.values()) >= 2, "no two requests shared a batch: nothing was compared"
+
+
+def test_a_new_trace_without_a_parent_none_when_the_client_does_not_sample_and_errors_traced_uncomputed(traced):
+    server, receiver = traced
+    spec = CLASSIFIERS[0]
+    sample = payloads(spec.name, 1)[0]
+    url = f"{server.inference_url}/predictions/{spec.name}"
+    headers = {**server.headers(), "Content-Type": sample.content_type}
+    for traceparent in (None, "00-not-a-trace-01", f"00-{'0' * 32}-{'1' * 16}-01"):  # none, or one that is invalid
+        request_id = f"root-{secrets.token_hex(4)}"
+        extra = {"X-Request-ID": request_id, **({"traceparent": traceparent} if traceparent else {})}
+        assert requests.post(url, data=sample.body, headers={**headers, **extra}, timeout=60).status_code == 200
+        spans = receiver.wait_for(lambda got: any(s.attributes.get("request.id") == request_id for s in got))
+        (root,) = [s for s in spans if s.attributes.get("request.id") == request_id]
+        assert root.parent_id == "" and root.trace_id != "0" * 32, traceparent
+    unsampled, _, traceparent = parent()
+    requests.post(url, data=sample.body, headers={**headers, "traceparent": traceparent[:-2] + "00"}, timeout=60)
+    bad_id, _, bad_parent = parent()
+    refused = requests.post(url, data=b"\xff not an image", timeout=60, headers={**headers, "traceparent": bad_parent})
+    assert refused.status_code == 400
+    spans = trace_of(receiver, bad_id, computed=False)
+    assert spans["request"].attributes["http.response.status_code"] == 400
+    assert "preprocess" in spans and "inference" not in spans and "postprocess" not in spans
+    # by now the worker has exported what came after the unsampled request; none of it is in its trace
+    assert not [s for s in receiver.snapshot() if s.trace_id == unsampled]
+
+
+def test_tracing_is_off_unless_the_environment_names_a_collector():
+    from handlers import tracing
+
+    assert tracing.Tracing.start({}) is None and tracing.Tracing.start({"OTEL_SERVICE_NAME": "x"}) is None
+    assert not tracing.enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": ""})
+    assert tracing.enabled({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:1/v1/traces"})
