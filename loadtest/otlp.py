@@ -1,6 +1,7 @@
-"""A trace receiver that speaks OTLP over HTTP (protobuf, `POST /v1/traces`, OpenTelemetry's wire format read
-with its own `opentelemetry-proto` messages), on a free loopback port: what the tracing tests and
-`make trace-bench` point the server at (handlers/tracing.py). It keeps every span it is sent, flattened.
+"""A trace receiver that speaks OTLP over HTTP (`POST /v1/traces`, in OTLP's protobuf form, read with
+OpenTelemetry's own `opentelemetry-proto` messages, as the workers send it, or its JSON form, as the frontend's
+RequestTraces sends it), on a free loopback port: what the tracing tests and `make trace-bench` point the server at
+(handlers/tracing.py). It keeps every span it is sent, flattened.
 
     with Receiver() as receiver:
         ... OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint ...
@@ -9,11 +10,16 @@ with its own `opentelemetry-proto` messages), on a free loopback port: what the 
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+
+PROTOBUF, JSON = "application/x-protobuf", "application/json"
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,22 @@ def _value(any_value) -> Any:
     return getattr(any_value, which) if which else None
 
 
-def parse(body: bytes) -> list[Span]:
-    """The spans of one OTLP/HTTP protobuf export request."""
+def parse(body: bytes, content_type: str = PROTOBUF) -> list[Span]:
+    """The spans of one OTLP/HTTP export request, protobuf or JSON (OTLP's JSON mapping: ids in hex)."""
+    from google.protobuf import json_format
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     request = ExportTraceServiceRequest()
-    request.ParseFromString(body)
+    if content_type == JSON:
+        data = json.loads(body)
+        for resource_spans in data.get("resourceSpans", []):  # hex ids, where protobuf's JSON mapping has base64
+            for scope_spans in resource_spans.get("scopeSpans", []):
+                for span in scope_spans.get("spans", []):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        span[key] = base64.b64encode(bytes.fromhex(span.get(key, ""))).decode()
+        json_format.ParseDict(data, request)
+    else:
+        request.ParseFromString(body)
     spans = []
     for resource_spans in request.resource_spans:
         resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
@@ -57,8 +73,12 @@ class Receiver:
     """The receiver, serving on 127.0.0.1 from a thread until closed; `endpoint` is what
     OTEL_EXPORTER_OTLP_ENDPOINT takes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool = True) -> None:
+        """`strict`: parse each export as it arrives, to refuse one that does not parse (400); without it the
+        bodies are kept and parsed when the spans are asked for (a bench's receiver, sharing the server's cores)."""
+        self.strict = strict
         self.spans: list[Span] = []
+        self._raw: list[tuple[bytes, str]] = []
         self.exports = 0
         self._lock = threading.Lock()
         receiver = self
@@ -66,21 +86,25 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
+                content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+                if self.path != "/v1/traces" or content_type not in (PROTOBUF, JSON):
                     self.send_error(404 if self.path != "/v1/traces" else 415)
                     return
-                try:
-                    spans = parse(body)
-                except Exception:  # noqa: BLE001 - a body that is no export request
-                    self.send_error(400)
-                    return
+                if receiver.strict:  # a body that is no export request is refused; its spans are read when asked for
+                    try:
+                        parse(body, content_type)
+                    except Exception:  # noqa: BLE001
+                        self.send_error(400)
+                        return
                 with receiver._lock:
-                    receiver.spans.extend(spans)
+                    receiver._raw.append((body, content_type))
                     receiver.exports += 1
+                answer = b"{}" if content_type == JSON else b""  # an empty ExportTraceServiceResponse: all accepted
                 self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")  # an empty ExportTraceServiceResponse: all accepted
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, *args) -> None:
                 pass
@@ -99,6 +123,9 @@ class Receiver:
 
     def snapshot(self) -> list[Span]:
         with self._lock:
+            raw, self._raw = self._raw, []
+            for body, content_type in raw:
+                self.spans.extend(parse(body, content_type))
             return list(self.spans)
 
     def wait_for(self, done: Callable[[list[Span]], bool], timeout: float = 30.0) -> list[Span]:

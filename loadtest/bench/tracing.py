@@ -7,7 +7,8 @@ Both servers serve the build tree's archive on free loopback ports (stopped by t
 the receiver's address the way an operator tells it a collector's (OTEL_EXPORTER_OTLP_ENDPOINT, handlers/tracing.py),
 and every request to it carries a sampled `traceparent`. Latency: `--pairs` sequential pairs, the two servers
 alternating. Throughput: `--users` closed-loop clients for `--seconds` on each, off then on, `--rounds` times. Prints
-p50/p99, requests/s, the ratios traced/untraced and the spans the receiver got (five a request when it kept up).
+p50/p99, requests/s, the ratios traced/untraced and the spans the receiver got (six a request: the frontend's
+and the worker's five). The receiver keeps the bodies and reads them at the end, but it shares the host's cores.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = payloads(args.model, 1)[0]
     seen: dict[str, list[float]] = {"off": [], "on": []}
     rates: dict[str, list[float]] = {"off": [], "on": []}
-    with Receiver() as receiver:
+    with Receiver(strict=False) as receiver:
         servers = {}
         try:
             servers["off"] = start(work / "off", [args.model], ports=Ports.free(), model_store=store)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p50 = quantile(seen["on"], 0.5) / quantile(seen["off"], 0.5)
     rate = statistics.median(rates["on"]) / statistics.median(rates["off"])
     print(f"traced/untraced: p50 latency {p50:.2f}x, throughput {rate:.2f}x; the receiver got {spans} spans "
-          f"(the sequential requests alone make {5 * sent_on})")
+          f"(the sequential requests alone make {6 * sent_on}: the frontend's and the worker's five)")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Traces on a real TorchServe whose environment names a collector (handlers/tracing.py): each request joins the
-trace its W3C `traceparent` names, with the worker's spans (queue wait from the frontend's arrival time,
-preprocess, inference with the batch size, postprocess) exported over OTLP/HTTP to a real receiver
-(loadtest/otlp.py) that reads OpenTelemetry's wire format."""
+"""Traces on a real TorchServe whose environment names a collector: each request joins the trace its W3C
+`traceparent` names with the frontend's span (org.servemodels.oip.RequestTraces, OTLP's JSON form) and, under it,
+the worker's (handlers/tracing.py, protobuf: the request from the frontend's arrival time, queue wait, preprocess,
+inference with the batch size, postprocess), exported over OTLP/HTTP to a real receiver (loadtest/otlp.py) that
+reads OpenTelemetry's wire format."""
 
 from __future__ import annotations
 
@@ -43,12 +44,16 @@ def parent() -> tuple[str, str, str]:
     return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
 
 
+def role(span) -> str:
+    """"frontend" (the frontend's span, named by its method and path), "request" (the worker's), or the stage."""
+    return "frontend" if span.name.startswith("POST /") else "request" if span.name.endswith(" request") else span.name
+
+
 def trace_of(receiver: Receiver, trace_id: str, *, computed: bool = True) -> dict:
-    """The spans of one request's trace by name, once all have arrived (a refused one: through preprocess)."""
-    wanted = set(STAGES if computed else STAGES[:2])
-    spans = receiver.wait_for(lambda got: wanted | {"request"} <= {
-        "request" if s.name.endswith(" request") else s.name for s in got if s.trace_id == trace_id})
-    return {("request" if s.name.endswith(" request") else s.name): s for s in spans if s.trace_id == trace_id}
+    """The spans of one request's trace by role, once all have arrived (a refused one: through preprocess)."""
+    wanted = set(STAGES if computed else STAGES[:2]) | {"request", "frontend"}
+    spans = receiver.wait_for(lambda got: wanted <= {role(s) for s in got if s.trace_id == trace_id})
+    return {role(s): s for s in spans if s.trace_id == trace_id}
 
 
 def test_a_request_joins_its_clients_trace_with_the_workers_spans_nested_in_time(traced):
@@ -61,9 +66,13 @@ def test_a_request_joins_its_clients_trace_with_the_workers_spans_nested_in_time
                                     "X-Request-ID": "traced-1"})
     assert answer.status_code == 200, answer.text
     spans = trace_of(receiver, trace_id)
-    root = spans["request"]
-    assert root.name == f"{spec.name} request" and root.parent_id == span_id and root.kind == 2  # SERVER
-    assert root.service == "torchserve-test"
+    frontend, root = spans["frontend"], spans["request"]
+    assert frontend.name == f"POST /predictions/{spec.name}" and frontend.parent_id == span_id and frontend.kind == 2
+    assert frontend.attributes == {"request.id": "traced-1", "http.response.status_code": 200}
+    assert root.name == f"{spec.name} request" and root.parent_id == frontend.span_id and root.kind == 2  # SERVER
+    assert root.service == frontend.service == "torchserve-test"
+    # the worker's request span begins at the frontend's arrival time, in whole milliseconds
+    assert frontend.start_ns - 1_000_000 <= root.start_ns and root.end_ns <= frontend.end_ns
     assert root.attributes["request.id"] == "traced-1" and root.attributes["http.response.status_code"] == 200
     assert root.attributes["model.name"] == spec.name and root.attributes["model.version"]
     for stage in STAGES:
@@ -85,7 +94,8 @@ def test_requests_that_share_a_batch_each_get_their_own_trace_with_the_batchs_si
     assert [a.status_code for a in answers] == [200] * len(samples), [a.text for a in answers]
     traces = [trace_of(receiver, trace_id) for trace_id, _, _ in parents]
     assert len({t["request"].span_id for t in traces}) == len(traces)
-    assert all(t["request"].parent_id == span_id for t, (_, span_id, _) in zip(traces, parents))
+    assert all(t["frontend"].parent_id == span_id and t["request"].parent_id == t["frontend"].span_id
+               for t, (_, span_id, _) in zip(traces, parents))
     # requests of one batch share its inference span's times, and its size counts them all
     batches: dict[tuple[int, int], list] = {}
     for t in traces:
@@ -106,9 +116,10 @@ def test_a_new_trace_without_a_parent_none_when_the_client_does_not_sample_and_e
         request_id = f"root-{secrets.token_hex(4)}"
         extra = {"X-Request-ID": request_id, **({"traceparent": traceparent} if traceparent else {})}
         assert requests.post(url, data=sample.body, headers={**headers, **extra}, timeout=60).status_code == 200
-        spans = receiver.wait_for(lambda got: any(s.attributes.get("request.id") == request_id for s in got))
-        (root,) = [s for s in spans if s.attributes.get("request.id") == request_id]
-        assert root.parent_id == "" and root.trace_id != "0" * 32, traceparent
+        spans = receiver.wait_for(lambda got: len([s for s in got if s.attributes.get("request.id") == request_id]) == 2)
+        frontend, root = sorted((s for s in spans if s.attributes.get("request.id") == request_id), key=role)
+        assert frontend.parent_id == "" and frontend.trace_id == root.trace_id != "0" * 32, traceparent
+        assert root.parent_id == frontend.span_id
     unsampled, _, traceparent = parent()
     requests.post(url, data=sample.body, headers={**headers, "traceparent": traceparent[:-2] + "00"}, timeout=60)
     bad_id, _, bad_parent = parent()
@@ -116,6 +127,7 @@ def test_a_new_trace_without_a_parent_none_when_the_client_does_not_sample_and_e
     assert refused.status_code == 400
     spans = trace_of(receiver, bad_id, computed=False)
     assert spans["request"].attributes["http.response.status_code"] == 400
+    assert spans["frontend"].attributes["http.response.status_code"] == 400
     assert "preprocess" in spans and "inference" not in spans and "postprocess" not in spans
     # by now the worker has exported what came after the unsampled request; none of it is in its trace
     assert not [s for s in receiver.snapshot() if s.trace_id == unsampled]

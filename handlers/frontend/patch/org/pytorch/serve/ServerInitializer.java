@@ -39,7 +39,9 @@ import org.slf4j.LoggerFactory;
  * front of it on the inference port, org.servemodels.oip.StreamEnd, which ends a streamed answer that fails
  * midway with an error chunk in the stream's own form, and org.servemodels.oip.RequestFacts, which tells the handler a
  * prediction's query parameters (TorchServe drops them on /predictions) and when the request arrived; right behind the
- * codec, org.servemodels.oip.RequestIds gives each request of every port its ID and each answer its X-Request-ID. Substituted for TorchServe's class at start-up by
+ * codec, org.servemodels.oip.RequestIds gives each request of every port its ID and each answer its X-Request-ID,
+ * and, when the environment names an OpenTelemetry collector, org.servemodels.oip.RequestTraces records the
+ * frontend's span of each inference request. Substituted for TorchServe's class at start-up by
  * org.servemodels.oip.FrontendPatches, only when that class's bytes are the 0.12.0 release's.
  */
 public class ServerInitializer extends ChannelInitializer<Channel> {
@@ -70,9 +72,13 @@ public class ServerInitializer extends ChannelInitializer<Channel> {
         pipeline.addLast("idle", new IdleStateHandler(BodyAdmission.readTimeoutSeconds(), 0, 0, TimeUnit.SECONDS));
         pipeline.addLast("http", new HttpServerCodec());
         pipeline.addLast("ids", new org.servemodels.oip.RequestIds());
+        boolean inference = ConnectorType.ALL.equals(connectorType) || ConnectorType.INFERENCE_CONNECTOR.equals(connectorType);
+        if (inference && org.servemodels.oip.RequestTraces.enabled()) {
+            pipeline.addLast("traces", new org.servemodels.oip.RequestTraces());
+        }
         pipeline.addLast("admission", new BodyAdmission(connectorType));
         pipeline.addLast("aggregator", new HttpObjectAggregator(config.getMaxRequestSize()));
-        if (ConnectorType.ALL.equals(connectorType) || ConnectorType.INFERENCE_CONNECTOR.equals(connectorType)) {
+        if (inference) {
             pipeline.addLast("stream-end", new org.servemodels.oip.StreamEnd());
             pipeline.addLast("facts", new org.servemodels.oip.RequestFacts());
             pipeline.addLast("openai", new org.servemodels.oip.OpenAiRoutes());
