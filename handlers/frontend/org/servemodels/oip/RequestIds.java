@@ -1,12 +1,7 @@
 package org.servemodels.oip;
 
-import io.netty.channel.ChannelDuplexHandler;
-import io.netty.channel.ChannelHandlerContext;
-import io.netty.channel.ChannelPromise;
 import io.netty.handler.codec.http.HttpRequest;
 import io.netty.handler.codec.http.HttpResponse;
-import io.netty.handler.codec.http.HttpResponseStatus;
-import java.util.ArrayDeque;
 import java.util.UUID;
 
 /**
@@ -17,16 +12,12 @@ import java.util.UUID;
  * The ID replaces the request's header, so what reads the request later sees the same one: TorchServe's Session
  * (our substitute, handlers/frontend/patch) takes it as the request's ID, which the access log prints and the job
  * hands to the worker, and the handler reads it from the request's headers for its log lines and an OIP answer's
- * id. Answers on one connection go out in the order of its requests (HTTP/1.1), so the IDs wait in that order.
+ * id. The IDs wait for their answers in the order of the requests (PerAnswer).
  */
-public final class RequestIds extends ChannelDuplexHandler {
+public final class RequestIds extends PerAnswer<String> {
 
     public static final String HEADER = "x-request-id";
     public static final int MAX_LENGTH = 128;
-    private static final int MAX_WAITING = 256; // requests of one connection still unanswered (pipelined)
-
-    private final ArrayDeque<String> waiting = new ArrayDeque<>();
-
     /** Whether a client's request ID may be kept: 1 to MAX_LENGTH characters, each visible ASCII (no space). */
     public static boolean valid(String id) {
         if (id == null || id.isEmpty() || id.length() > MAX_LENGTH) {
@@ -47,30 +38,14 @@ public final class RequestIds extends ChannelDuplexHandler {
     }
 
     @Override
-    public void channelRead(ChannelHandlerContext ctx, Object msg) throws Exception {
-        if (msg instanceof HttpRequest) {
-            HttpRequest request = (HttpRequest) msg;
-            String id = chosen(request.headers().get(HEADER));
-            request.headers().set(HEADER, id);
-            if (waiting.size() == MAX_WAITING) {
-                waiting.pollFirst();
-            }
-            waiting.addLast(id);
-        }
-        ctx.fireChannelRead(msg);
+    String read(HttpRequest request) {
+        String id = chosen(request.headers().get(HEADER));
+        request.headers().set(HEADER, id);
+        return id;
     }
 
     @Override
-    public void write(ChannelHandlerContext ctx, Object msg, ChannelPromise promise) throws Exception {
-        if (msg instanceof HttpResponse) {
-            HttpResponse response = (HttpResponse) msg;
-            if (!HttpResponseStatus.CONTINUE.equals(response.status())) {
-                String id = waiting.pollFirst();
-                if (id != null) {
-                    response.headers().set(HEADER, id);
-                }
-            }
-        }
-        ctx.write(msg, promise);
+    void answered(HttpResponse response, String id) {
+        response.headers().set(HEADER, id);
     }
 }

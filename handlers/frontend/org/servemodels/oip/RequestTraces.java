@@ -1,11 +1,7 @@
 package org.servemodels.oip;
 
-import io.netty.channel.ChannelDuplexHandler;
-import io.netty.channel.ChannelHandlerContext;
-import io.netty.channel.ChannelPromise;
 import io.netty.handler.codec.http.HttpRequest;
 import io.netty.handler.codec.http.HttpResponse;
-import io.netty.handler.codec.http.HttpResponseStatus;
 import java.net.URI;
 import java.net.http.HttpClient;
 import java.net.http.HttpRequest.BodyPublishers;
@@ -13,7 +9,6 @@ import java.net.http.HttpResponse.BodyHandlers;
 import java.security.SecureRandom;
 import java.time.Duration;
 import java.time.Instant;
-import java.util.ArrayDeque;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.concurrent.ArrayBlockingQueue;
@@ -30,14 +25,11 @@ import java.util.concurrent.atomic.AtomicLong;
  * are its children. A client that does not sample is passed on untouched and nothing is recorded. Spans leave
  * from one daemon thread in batches; a full queue drops spans (counted), never delays a request.
  */
-public final class RequestTraces extends ChannelDuplexHandler {
+public final class RequestTraces extends PerAnswer<RequestTraces.Span> {
 
     public static final String HEADER = "traceparent";
-    private static final int MAX_WAITING = 256; // requests of one connection still unanswered (pipelined)
     private static final SecureRandom RANDOM = new SecureRandom();
     private static final Exporter EXPORTER = Exporter.fromEnvironment();
-
-    private final ArrayDeque<Span> waiting = new ArrayDeque<>();
 
     /** Whether the environment names a collector (ServerInitializer installs this handler only then). */
     public static boolean enabled() {
@@ -45,7 +37,7 @@ public final class RequestTraces extends ChannelDuplexHandler {
     }
 
     /** One request's span while it is open; null fields of an unsampled request. */
-    private static final class Span {
+    static final class Span {
         String traceId;
         String spanId;
         String parentId;
@@ -97,51 +89,37 @@ public final class RequestTraces extends ChannelDuplexHandler {
     }
 
     @Override
-    public void channelRead(ChannelHandlerContext ctx, Object msg) throws Exception {
-        if (msg instanceof HttpRequest) {
-            HttpRequest request = (HttpRequest) msg;
-            Span span = new Span();
-            span.startNanos = nowNanos();
-            String offered = request.headers().get(HEADER);
-            String[] parts = offered == null ? new String[0] : offered.trim().split("-", -1);
-            if (parts.length == 4 && "00".equals(parts[0]) && lowerHex(parts[1], 32) && lowerHex(parts[2], 16)
-                    && parts[3].matches("[0-9a-f]{2}")) {
-                span.traceId = parts[1];
-                span.parentId = parts[2];
-                span.sampled = (Integer.parseInt(parts[3], 16) & 1) == 1;
-            } else {
-                span.traceId = hex(16);
-                span.parentId = "";
-                span.sampled = true;
-            }
-            if (span.sampled) {
-                span.spanId = hex(8);
-                String path = request.uri();
-                int query = path.indexOf('?');
-                span.name = request.method().name() + " " + (query < 0 ? path : path.substring(0, query));
-                span.requestId = request.headers().get(RequestIds.HEADER);
-                request.headers().set(HEADER, "00-" + span.traceId + "-" + span.spanId + "-01");
-            }
-            if (waiting.size() == MAX_WAITING) {
-                waiting.pollFirst();
-            }
-            waiting.addLast(span);
+    Span read(HttpRequest request) {
+        Span span = new Span();
+        span.startNanos = nowNanos();
+        String offered = request.headers().get(HEADER);
+        String[] parts = offered == null ? new String[0] : offered.trim().split("-", -1);
+        if (parts.length == 4 && "00".equals(parts[0]) && lowerHex(parts[1], 32) && lowerHex(parts[2], 16)
+                && parts[3].matches("[0-9a-f]{2}")) {
+            span.traceId = parts[1];
+            span.parentId = parts[2];
+            span.sampled = (Integer.parseInt(parts[3], 16) & 1) == 1;
+        } else {
+            span.traceId = hex(16);
+            span.parentId = "";
+            span.sampled = true;
         }
-        ctx.fireChannelRead(msg);
+        if (span.sampled) {
+            span.spanId = hex(8);
+            String path = request.uri();
+            int query = path.indexOf('?');
+            span.name = request.method().name() + " " + (query < 0 ? path : path.substring(0, query));
+            span.requestId = request.headers().get(RequestIds.HEADER);
+            request.headers().set(HEADER, "00-" + span.traceId + "-" + span.spanId + "-01");
+        }
+        return span;
     }
 
     @Override
-    public void write(ChannelHandlerContext ctx, Object msg, ChannelPromise promise) throws Exception {
-        if (msg instanceof HttpResponse) {
-            HttpResponse response = (HttpResponse) msg;
-            if (!HttpResponseStatus.CONTINUE.equals(response.status())) {
-                Span span = waiting.pollFirst();
-                if (span != null && span.sampled) {
-                    EXPORTER.add(span, response.status().code(), nowNanos());
-                }
-            }
+    void answered(HttpResponse response, Span span) {
+        if (span.sampled) {
+            EXPORTER.add(span, response.status().code(), nowNanos());
         }
-        ctx.write(msg, promise);
     }
 
     /** Spans queued for one daemon thread that posts them in batches. */
