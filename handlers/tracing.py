@@ -1,10 +1,10 @@
 """OpenTelemetry traces of each request through a worker, exported over OTLP (HTTP, protobuf): off unless the
 server's environment names a collector, as OpenTelemetry's own variables do (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; TorchServe hands its environment to every worker). With it set, each request
-of a batch gets, in the trace its W3C `traceparent` header names (a new trace when it names none or one that does
-not parse; none when it says the client does not sample it):
+of a batch gets, under the span its W3C `traceparent` header names (the frontend's, org.servemodels.oip.RequestTraces,
+which rewrote the header; nothing when it says the trace is not sampled):
 
-    <model> request      SERVER: from the frontend's arrival time (X-Received-Ms) to its answer; model, version,
+    <model> request      from the frontend's arrival time (X-Received-Ms) to its answer; model, version,
                          request ID (X-Request-ID), status, cache status
       queue              arrival to the worker taking its batch (TorchServe's own queue and batch aggregation)
       preprocess         the batch's decoding and preset          \
@@ -12,9 +12,9 @@ not parse; none when it says the client does not sample it):
       postprocess        the batch's answers                      /
 
 A request answered without being computed (its deadline passed in the queue, or the response cache held it) has
-its request span and queue span alone; one refused has preprocess too. Spans leave on a background thread in batches (BatchSpanProcessor): a
-collector that is down costs the exporter's retries, never an answer. The other OTEL_* variables (service name,
-sampler, batch delay, headers) are the SDK's own.
+its request span and queue span alone; one refused has preprocess too. Spans leave on a background thread in
+batches (BatchSpanProcessor): a collector that is down costs the exporter's retries, never an answer. The other
+OTEL_* variables (service name, sampler, batch delay, headers) are the SDK's own.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class Tracing:
                           "http.response.status_code": status}
             if cached and cached[idx] is not None:
                 attributes["cache.status"] = cached[idx]
-            root = self.tracer.start_span(f"{model} request", context=parent, kind=self.trace.SpanKind.SERVER,
+            # INTERNAL: the frontend's span (org.servemodels.oip.RequestTraces), its parent, is the server's
+            root = self.tracer.start_span(f"{model} request", context=parent, kind=self.trace.SpanKind.INTERNAL,
                                           start_time=arrived, attributes=attributes)
             if status >= 500:
                 root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(status)))
@@ -92,7 +93,3 @@ class Tracing:
 
     def _span(self, name: str, context, start: int, end: int, attributes: dict | None = None) -> None:
         self.tracer.start_span(name, context=context, start_time=start, attributes=attributes).end(end_time=end)
-
-    def shutdown(self) -> None:
-        """Export what is still held (a worker that stops)."""
-        self.provider.shutdown()

@@ -69,7 +69,7 @@ def test_a_request_joins_its_clients_trace_with_the_workers_spans_nested_in_time
     frontend, root = spans["frontend"], spans["request"]
     assert frontend.name == f"POST /predictions/{spec.name}" and frontend.parent_id == span_id and frontend.kind == 2
     assert frontend.attributes == {"request.id": "traced-1", "http.response.status_code": 200}
-    assert root.name == f"{spec.name} request" and root.parent_id == frontend.span_id and root.kind == 2  # SERVER
+    assert root.name == f"{spec.name} request" and root.parent_id == frontend.span_id and root.kind == 1  # INTERNAL
     assert root.service == frontend.service == "torchserve-test"
     # the worker's request span begins at the frontend's arrival time, in whole milliseconds
     assert frontend.start_ns - 1_000_000 <= root.start_ns and root.end_ns <= frontend.end_ns
