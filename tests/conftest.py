@@ -69,6 +69,18 @@ def post_together(server, jobs) -> list:
         return list(pool.map(send, jobs))
 
 
+def logged(server, name: str, text: str, seconds: float = 10.0) -> bool:
+    """Whether `text` appears in the server's log `name` within `seconds` (log lines are written asynchronously)."""
+    import time
+
+    path = server.run_dir / "logs" / name
+    for _ in range(int(seconds / 0.2)):
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One real TorchServe serving every default model, on free loopback ports, with token auth on.

@@ -5,6 +5,8 @@ REST, in every body form, with no media type to go by; a call without the key is
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -12,7 +14,9 @@ import requests
 
 from loadtest.grpc_client import Client
 from loadtest.payloads import payloads
-from tests.conftest import CLASSIFIERS, SERVED, worker_pids
+from handlers.batch_metrics import EXPIRED
+from loadtest.bench.prometheus import scrape
+from tests.conftest import CLASSIFIERS, EMBEDDERS, SERVED, logged, worker_pids
 from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
@@ -124,3 +128,45 @@ def test_oip_grpc_model_infer_reaches_the_image_handler(server):
     index = next(o for o in reply.outputs if o.name == "index")
     assert reply.id == "g" and list(index.shape) == [1, len(native)]
     assert list(index.contents.int64_contents) == [p["index"] for p in native]
+
+
+def test_a_calls_deadline_reaches_the_worker_which_answers_it_uncomputed_once_it_has_passed(server, client):
+    """A gRPC client's timeout (its call's deadline, grpc-timeout) is the request's deadline in the worker, as
+    X-Request-Timeout-Ms is an HTTP client's: a call queued behind at least 12 requests of 16 texts each (three
+    batches of 4 for two workers) with a deadline of 200 ms ends DEADLINE_EXCEEDED and the worker answers its job
+    504 without computing it, while the requests ahead, with no deadline, are all answered; a call with a live
+    deadline is answered."""
+    spec = EMBEDDERS[0]
+    sample = payloads(spec.name, 1)[0]
+    answer = client.stub.Predictions(client.pb2.PredictionsRequest(model_name=spec.name, input={"data": sample.body}),
+                                     metadata=[*client.metadata, ("x-request-id", "grpc-live")], timeout=60)
+    assert json.loads(answer.prediction) == rest(server, spec.name, sample.body, sample.content_type).json()
+    assert logged(server, "model_log.log", "grpc-live 200")
+    before = scrape(server.metrics_url, spec.name, server.headers("management")).get(EXPIRED, 0.0)
+    heavy = json.dumps({"texts": [sample.body.decode()] * 16}).encode()
+    described = f"{server.management_url}/models/{spec.name}"
+
+    def pending() -> int:
+        model = requests.get(described, headers=server.headers("management"), timeout=10).json()[0]
+        return model["jobQueueStatus"]["pendingRequests"]
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        ahead = [pool.submit(rest, server, spec.name, heavy, "application/json") for _ in range(32)]
+        for _ in range(600):  # the burst in the queue first, so that the call waits behind it
+            if pending() >= 12:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the burst never queued 12 requests")
+        with pytest.raises(grpc.RpcError) as late:
+            client.stub.Predictions(client.pb2.PredictionsRequest(model_name=spec.name, input={"data": sample.body}),
+                                    metadata=[*client.metadata, ("x-request-id", "grpc-late")], timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert [future.result().status_code for future in ahead] == [200] * 32
+    assert logged(server, "model_log.log", "grpc-late 504"), "the worker did not answer the late call's job 504"
+    for _ in range(50):  # the counter reaches /metrics through the worker's metric log lines
+        expired = scrape(server.metrics_url, spec.name, server.headers("management")).get(EXPIRED, 0.0) - before
+        if expired >= 1:
+            break
+        time.sleep(0.2)
+    assert expired == 1

@@ -5,7 +5,6 @@ worker's log line for the request, and is an OIP answer's id when the request na
 from __future__ import annotations
 
 import re
-import time
 import uuid
 
 import grpc
@@ -14,21 +13,11 @@ import requests
 
 from loadtest.grpc_client import Client, stubs
 from loadtest.payloads import payloads
-from tests.conftest import CLASSIFIERS, EMBEDDERS
+from tests.conftest import CLASSIFIERS, EMBEDDERS, logged, post_together
 
 pytestmark = pytest.mark.integration
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def logged(server, name: str, text: str, seconds: float = 10.0) -> bool:
-    """Whether `text` appears in the server's log `name` within `seconds` (log lines are written asynchronously)."""
-    path = server.run_dir / "logs" / name
-    for _ in range(int(seconds / 0.2)):
-        if path.exists() and text in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_a_prediction_keeps_the_clients_id_or_gets_a_new_one_and_both_logs_show_it(server):
@@ -52,6 +41,18 @@ def test_a_prediction_keeps_the_clients_id_or_gets_a_new_one_and_both_logs_show_
     longest = "a" * 128
     answer = requests.post(url, data=sample.body, headers={**headers, "X-Request-ID": longest}, timeout=60)
     assert answer.headers["X-Request-ID"] == longest
+
+
+def test_requests_that_share_an_id_in_one_batch_are_each_answered(server):
+    """TorchServe holds a batch's jobs by their ID: a client's X-Request-ID is the request's ID, never its job's, so
+    requests sent together with one ID are each answered, each with that ID."""
+    spec = CLASSIFIERS[0]
+    sample = payloads(spec.name, 1)[0]
+    jobs = [(spec.name, sample.body, {"Content-Type": sample.content_type, "X-Request-ID": "shared-1"})] * 6
+    answers = post_together(server, jobs)
+    assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+    assert {a.headers["X-Request-ID"] for a in answers} == {"shared-1"}
+    assert len({a.text for a in answers}) == 1
 
 
 def test_refusals_and_errors_carry_the_id_on_every_port(server):
@@ -97,7 +98,7 @@ def test_the_openai_routes_answer_with_the_id(server):
     assert missing.status_code == 404 and missing.headers["X-Request-ID"] == "emb-2"
 
 
-def test_a_grpc_call_answers_with_its_clients_id_or_a_new_one(server):
+def test_a_grpc_call_answers_with_its_clients_id_or_a_new_one_and_its_worker_logs_it(server):
     spec = CLASSIFIERS[0]
     sample = payloads(spec.name, 1)[0]
     client = Client("127.0.0.1", server.ports.grpc_inference, server.keys()["inference"])
@@ -114,9 +115,17 @@ def test_a_grpc_call_answers_with_its_clients_id_or_a_new_one(server):
     finally:
         client.close()
     assert logged(server, "access_log.log", "id=grpc-1")
+    # TorchServe's gRPC services give each job a UUID of their own: the worker names the call's ID all the same
+    assert logged(server, "model_log.log", "grpc-1 200"), "the worker's log has no line with the gRPC call's ID"
     pb2, pb2_grpc = stubs(proto="open_inference_grpc")
+    metadata = [("authorization", f"Bearer {server.keys()['inference']}")]
     with grpc.insecure_channel(f"127.0.0.1:{server.ports.grpc_inference}") as channel:
-        _, call = pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive.with_call(
-            pb2.ServerLiveRequest(), timeout=10,
-            metadata=[("authorization", f"Bearer {server.keys()['inference']}"), ("x-request-id", "grpc-3")])
-    assert dict(call.initial_metadata()).get("x-request-id") == "grpc-3"
+        stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+        _, call = stub.ServerLive.with_call(pb2.ServerLiveRequest(), timeout=10,
+                                            metadata=[*metadata, ("x-request-id", "grpc-3")])
+        assert dict(call.initial_metadata()).get("x-request-id") == "grpc-3"
+        infer = pb2.ModelInferRequest(model_name=spec.name, inputs=[pb2.ModelInferRequest.InferInputTensor(
+            name="image", datatype="BYTES", shape=[1], contents=pb2.InferTensorContents(bytes_contents=[sample.body]))])
+        _, call = stub.ModelInfer.with_call(infer, timeout=60, metadata=[*metadata, ("x-request-id", "grpc-4")])
+        assert dict(call.initial_metadata()).get("x-request-id") == "grpc-4"
+    assert logged(server, "model_log.log", "grpc-4 200"), "the worker's log has no line with the ModelInfer call's ID"

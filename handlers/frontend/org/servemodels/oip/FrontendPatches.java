@@ -32,7 +32,9 @@ import java.util.concurrent.ConcurrentHashMap;
  *       access log, instead of a UUID of its own.
  * </ul>
  *
- * One more class, GRPCJob, is edited in one method rather than substituted (MethodEdits; EDITS lists it).
+ * One more class, GRPCJob, is edited in three methods rather than substituted (MethodEdits; EDITS lists it): isOpen()
+ * answers whether the call is open, and its inference constructors hand the frontend's facts of the gRPC call to the
+ * job's request (GrpcAdmission.adopt).
  *
  * A class is substituted only when TorchServe's is byte for byte the one its replacement was written for
  * (TorchServe 0.12.0, whose release is final), and the agent fails closed: when a replacement is missing from the
@@ -58,12 +60,24 @@ public final class FrontendPatches {
             GRPC_CALLS, "43ccf60fdede17fb9194c59ccf2304d47d94a60884a0880a91595e6e33b53292",
             SESSIONS, "08cab9ac58d796c7a9553efc84e485efd299a7d75f00860395dbdc2762613181");
     // Classes edited in one method (MethodEdits) rather than substituted, -> the sha256 of 0.12.0's bytes of them.
-    // GRPCJob: isOpen() returns !isCancelled(), so ContinuousBatching keeps a gRPC stream while its client is there.
+    // GRPCJob: isOpen() returns !isCancelled(), so ContinuousBatching keeps a gRPC stream while its client is there;
+    // its inference constructors end with GrpcAdmission.adopt(request).
     static final String GRPC_JOBS = "org/pytorch/serve/job/GRPCJob";
     static final Map<String, String> EDITS = Map.of(
             GRPC_JOBS, "37d38e228b6314e854c0ab05d7488eb29ade8239683289b36d027357784058ce");
     // its isOpen()'s code in 0.12.0: aload_0; getfield #7; checkcast #65; invokevirtual #64 (isCancelled); ireturn
     static final byte[] GRPC_JOB_IS_OPEN = MethodEdits.hex("2ab40007c00041b60040ac");
+    // its inference constructors' code in 0.12.0 (Job's constructor, the observer, the queue-time metric), by
+    // descriptor, with the local slot of their RequestInput argument
+    static final Map<String, MethodEdits.Call> GRPC_JOB_CONSTRUCTORS = Map.of(
+            "(Lio/grpc/stub/StreamObserver;Ljava/lang/String;Ljava/lang/String;"
+                    + "Lorg/pytorch/serve/util/messages/WorkerCommands;Lorg/pytorch/serve/util/messages/RequestInput;)V",
+            new MethodEdits.Call(MethodEdits.hex("2a2c2d19041905b700012a2bb500072ab8000d1213b60015b500192a05bd001d5903"
+                    + "121f535904b80021b6002653b8002ab50030b1"), 5),
+            "(Lio/grpc/stub/StreamObserver;Ljava/lang/String;Ljava/lang/String;"
+                    + "Lorg/pytorch/serve/util/messages/RequestInput;Lorg/pytorch/serve/util/messages/WorkerCommands;)V",
+            new MethodEdits.Call(MethodEdits.hex("2a2c2d19051904b700012a2bb500342ab8000d1213b60015b500192a05bd001d5903"
+                    + "121f535904b80021b6002653b8002ab50030b1"), 4));
     static final Set<String> substituted = ConcurrentHashMap.newKeySet();
     static final Set<String> announced = ConcurrentHashMap.newKeySet();
 
@@ -120,7 +134,10 @@ public final class FrontendPatches {
         for (String name : EDITS.keySet()) {
             byte[] bytes = pinnedClass(name, EDITS.get(name));
             try {
-                replacements.put(name, MethodEdits.negateReturn(bytes, "isOpen", GRPC_JOB_IS_OPEN));
+                byte[] edited = MethodEdits.negateReturn(bytes, "isOpen", GRPC_JOB_IS_OPEN);
+                replacements.put(name, MethodEdits.callBeforeReturn(edited, "<init>", GRPC_JOB_CONSTRUCTORS,
+                        "org/servemodels/oip/GrpcAdmission", "adopt",
+                        "(Lorg/pytorch/serve/util/messages/RequestInput;)V"));
             } catch (RuntimeException e) {
                 throw refuse(name, "its edit does not apply: " + e.getMessage());
             }

@@ -47,7 +47,7 @@ public class GRPCInterceptor implements ServerInterceptor {
             if (!headers.containsKey(tokenAuthHeaderKey)
                     || !checkTokenAuthorization(headers.get(tokenAuthHeaderKey))) {
                 Metadata trailers = new Metadata();
-                trailers.put(GrpcAdmission.ID_KEY, session.getRequestId());
+                trailers.put(GrpcAdmission.ID_KEY, session.chosenId());
                 call.close(
                         Status.PERMISSION_DENIED.withDescription(
                                 "Token Authorization failed. Token either incorrect, expired, or not provided correctly"),
@@ -55,7 +55,7 @@ public class GRPCInterceptor implements ServerInterceptor {
                 return GrpcAdmission.nothing();
             }
         }
-        return GrpcAdmission.start(call, headers, next, session, logger);
+        return GrpcAdmission.start(call, headers, next, session, session.chosenId(), logger);
     }
 
     private Boolean checkTokenAuthorization(String tokenAuthHeaderValue) {

@@ -6,10 +6,12 @@ import org.servemodels.oip.RequestIds;
 
 /**
  * TorchServe 0.12.0's Session (one request's access-log record and the ID its job carries to the worker), with the
- * request's own ID: the X-Request-ID that org.servemodels.oip.RequestIds chose for an HTTP request (the client's
- * when valid), and for a gRPC call the one GRPCInterceptor chose from its x-request-id metadata, instead of a UUID
- * of its own; the access-log line ends with it. Substituted for TorchServe's by the frontend agent
- * (FrontendPatches).
+ * request's own ID (`chosenId`): the X-Request-ID that org.servemodels.oip.RequestIds chose for an HTTP request (the
+ * client's when valid), and for a gRPC call the one GRPCInterceptor chose from its x-request-id metadata; the
+ * access-log line ends with it. Its job keeps a UUID of its own (`getRequestId`, what TorchServe asks for): a batch
+ * holds its jobs by that ID, so two requests in one batch that carried the same X-Request-ID would leave one of them
+ * unanswered. The worker reads the request's own ID from its x-request-id header. Substituted for TorchServe's by
+ * the frontend agent (FrontendPatches).
  */
 public class Session {
     static {
@@ -17,6 +19,7 @@ public class Session {
     }
 
     private String requestId;
+    private final String jobId = UUID.randomUUID().toString();
     private String remoteIp;
     private String method;
     private String uri;
@@ -52,7 +55,13 @@ public class Session {
         startTime = System.currentTimeMillis();
     }
 
+    /** The ID of the request's job: unique, whatever the client sent (NettyUtils hands it to the job). */
     public String getRequestId() {
+        return jobId;
+    }
+
+    /** The request's own ID: the client's when valid (RequestIds.chosen), else a new one. */
+    public String chosenId() {
         return requestId;
     }
 
