@@ -2,7 +2,7 @@
 `traceparent` names with the frontend's span (org.servemodels.oip.RequestTraces, OTLP's JSON form) and, under it,
 the worker's (handlers/tracing.py, protobuf: the request from the frontend's arrival time, queue wait, preprocess,
 inference with the batch size, postprocess), exported over OTLP/HTTP to a real receiver (loadtest/otlp.py) that
-reads OpenTelemetry's wire format."""
+reads OpenTelemetry's wire format. A gRPC call has the worker's spans alone, under its traceparent metadata."""
 
 from __future__ import annotations
 
@@ -131,6 +131,33 @@ def test_a_new_trace_without_a_parent_none_when_the_client_does_not_sample_and_e
     assert "preprocess" in spans and "inference" not in spans and "postprocess" not in spans
     # by now the worker has exported what came after the unsampled request; none of it is in its trace
     assert not [s for s in receiver.snapshot() if s.trace_id == unsampled]
+
+
+def test_a_grpc_call_joins_its_clients_trace_with_the_workers_spans(traced):
+    """The frontend records no span for gRPC: the worker's spans sit under the span the call's traceparent
+    metadata names, its request span from the call's start and named by the call's x-request-id."""
+    from loadtest.grpc_client import Client
+
+    server, receiver = traced
+    spec = CLASSIFIERS[0]
+    sample = payloads(spec.name, 1)[0]
+    trace_id, span_id, traceparent = parent()
+    client = Client("127.0.0.1", server.ports.grpc_inference, server.keys()["inference"])
+    try:
+        client.stub.Predictions(client.pb2.PredictionsRequest(model_name=spec.name, input={"data": sample.body}),
+                                metadata=[*client.metadata, ("traceparent", traceparent), ("x-request-id", "grpc-t")],
+                                timeout=60)
+    finally:
+        client.close()
+    wanted = {"request", *STAGES}
+    spans = {role(s): s for s in receiver.wait_for(
+        lambda got: wanted <= {role(s) for s in got if s.trace_id == trace_id}) if s.trace_id == trace_id}
+    assert set(spans) == wanted, spans
+    root = spans["request"]
+    assert root.parent_id == span_id and root.attributes["request.id"] == "grpc-t"
+    assert root.attributes["http.response.status_code"] == 200
+    for stage in STAGES:
+        assert spans[stage].parent_id == root.span_id and root.start_ns <= spans[stage].start_ns, stage
 
 
 def test_tracing_is_off_unless_the_environment_names_a_collector():
