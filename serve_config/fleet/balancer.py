@@ -8,17 +8,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Mapping
 
+from handlers import tracing
 from models.durable import write_atomic
 from serve_config.control import TEMPLATE, ServerError, end_group, owned_pid, read_properties, record_pid
 from serve_config.fleet.state import Fleet, ensure_token, replica_keys
 
 HAPROXY_TEMPLATE = Path(__file__).resolve().parent / "haproxy.cfg"
+TRACING_LUA = Path(__file__).resolve().parent / "tracing.lua"
 BALANCER_PID = "haproxy.pid"
 ERRORS = {
     502: ("Bad Gateway", "BadGateway", "the replica answering this request failed; retry"),
@@ -27,8 +31,19 @@ ERRORS = {
 }
 
 
-def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE) -> str:
-    """haproxy.cfg for `fleet`: its addresses, its replicas as checked servers, the error pages and token."""
+def tracing_lines(environ: Mapping[str, str]) -> dict[str, str]:
+    """haproxy.cfg's tracing lines: the balancer's span of each request it proxies (tracing.lua) when `environ` (the
+    balancer's environment) names an OpenTelemetry collector, as the replicas' tracing is turned on; none otherwise."""
+    if not tracing.enabled(environ):
+        return {"tracing_global": "", "tracing_frontend": ""}
+    return {"tracing_global": f"    lua-load {TRACING_LUA}\n",
+            "tracing_frontend": "    # its span in the request's trace, the replica's frontend span its child (tracing.lua)\n"
+                                "    http-request lua.trace_start\n    http-response lua.trace_end\n"}
+
+
+def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE, environ: Mapping[str, str] | None = None) -> str:
+    """haproxy.cfg for `fleet`: its addresses, its replicas as checked servers, the error pages and token, and its
+    tracing when `environ` (by default the process's) names a collector."""
     root = Path(fleet.root)
     errors = root / "errors"
     errors.mkdir(exist_ok=True)
@@ -44,7 +59,8 @@ def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE) -> str:
                         + (f" namespace {r.netns}" if r.netns else "") for r in fleet.replicas)
     return template.read_text().format(socket=fleet.socket, errors=errors, bind=fleet.bind, port=fleet.port,
                                        stats_port=fleet.stats_port, bearers=bearers, max_body=max_body,
-                                       servers=servers, replica_key=replica_keys(fleet)["inference"])
+                                       servers=servers, replica_key=replica_keys(fleet)["inference"],
+                                       **tracing_lines(os.environ if environ is None else environ))
 
 
 def haproxy_binary() -> str:
