@@ -262,11 +262,15 @@ class GenerationSession:
         self.slots = int(context.system_properties.get("batch_size") or 1)
         self.scheduler = kind.build(model_dir, settings, served_as=served_as, max_batch=self.slots, device=device)
         self.scheduler.warm_up()
+        self.served_as = served_as
+        self.tracing = tracing.Tracing.start()  # None unless the environment names an OTLP collector
 
     def handle(self, data, context) -> list[bytes]:
         requests = [(context.get_request_id(idx), data[idx] or {}, context.get_all_request_header(idx) or {})
                     for idx in range(len(data))]
         chunks = self.scheduler.serve(requests)
+        if (ended := self.scheduler.ended()) and self.tracing is not None:
+            self.tracing.record_generation(self.served_as, ended)
         for idx, chunk in enumerate(chunks):
             context.set_response_status(chunk.status, http.HTTPStatus(chunk.status).phrase, idx)
             context.set_response_content_type(idx, chunk.content_type)

@@ -11,6 +11,7 @@ which rewrote the header; nothing when it says the trace is not sampled):
       inference          the batch's forward pass, `batch.size`    } a computed request's; one batch, shared
       postprocess        the batch's answers                      /
 
+A generator's request (continuous batching, handlers.kinds.generate) has its own layout: `record_generation`.
 A request answered without being computed (its deadline passed in the queue, or the response cache held it) has
 its request span and queue span alone; one refused has preprocess too. Spans leave on a background thread in
 batches (BatchSpanProcessor): a collector that is down costs the exporter's retries, never an answer. The other
@@ -90,6 +91,34 @@ class Tracing:
                         extra = {"batch.size": len(computed)} if stage == "inference" else None
                         self._span(stage, inside, *clock.spans[stage], extra)
             root.end(end_time=now)
+
+    def record_generation(self, served_as: tuple[str, str], timelines: Sequence[Any]) -> None:
+        """The spans of a generator's requests answered in full (handlers.kinds.generate.Timeline each): the request
+        from the frontend's arrival to its last chunk, its queue (to the scheduler reading it), preprocess (read:
+        decoded, templated, tokenized), inference (its prefill, with the prompts prefilled together as batch.size)
+        and decode (first to last decode step, with the most sequences stepped together)."""
+        model, version = served_as
+        for timeline in timelines:
+            request_headers = timeline.headers
+            carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
+            received = header(request_headers, RECEIVED_HEADER)
+            arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else timeline.read[0]
+            arrived = min(arrived, timeline.read[0])
+            attributes = {"model.name": model, "model.version": version, "request.id": timeline.request_id,
+                          "http.response.status_code": timeline.status, "gen_ai.usage.input_tokens":
+                          timeline.prompt_tokens, "gen_ai.usage.output_tokens": timeline.generated_tokens}
+            root = self.tracer.start_span(f"{model} request", context=self.propagator.extract(carrier),
+                                          kind=self.trace.SpanKind.INTERNAL, start_time=arrived, attributes=attributes)
+            if timeline.status >= 500:
+                root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(timeline.status)))
+            inside = self.trace.set_span_in_context(root)
+            self._span("queue", inside, arrived, timeline.read[0])
+            self._span("preprocess", inside, *timeline.read)
+            if timeline.prefill is not None:
+                self._span("inference", inside, *timeline.prefill, {"batch.size": timeline.prefill_batch})
+            if timeline.decode is not None:
+                self._span("decode", inside, *timeline.decode, {"batch.size": timeline.decode_batch})
+            root.end(end_time=max(timeline.ended, timeline.read[1]))
 
     def _span(self, name: str, context, start: int, end: int, attributes: dict | None = None) -> None:
         self.tracer.start_span(name, context=context, start_time=start, attributes=attributes).end(end_time=end)

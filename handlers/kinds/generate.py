@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from handlers import openai
-from handlers.requests import RequestError, content_type_of, decode_utf8, expired, parse_json_body, request_body
+from handlers.requests import (REQUEST_ID_HEADER, RequestError, content_type_of, decode_utf8, expired, header,
+                               parse_json_body, request_body)
 from handlers.settings import HandlerSettings
 from models.llama import KVCache, LlamaConfig, step_inputs
 
@@ -241,6 +242,25 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 
 
 @dataclass
+class Timeline:
+    """One request's way through the scheduler, for its trace (handlers/tracing.py reads it; times in ns since the
+    epoch): when it was read (decoded, templated, tokenized), its prefill with the prompts prefilled beside it, its
+    decode steps from the first to the last with the most sequences stepped together, and how it ended."""
+
+    request_id: str
+    headers: Mapping[str, Any]
+    read: tuple[int, int]
+    prefill: tuple[int, int] | None = None
+    prefill_batch: int = 0
+    decode: tuple[int, int] | None = None
+    decode_batch: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    status: int = 200
+    ended: int = 0
+
+
+@dataclass
 class Sequence_:
     """A running request: its cache slot, tokens, text sent so far and how it answers."""
 
@@ -255,6 +275,7 @@ class Sequence_:
     started: bool = False  # a first chunk went out (the OpenAI chat stream's role delta)
     finish_reason: str | None = None
     text: str = ""  # the answer's text once finished
+    timeline: Timeline | None = None
 
     @property
     def position(self) -> int:
@@ -266,6 +287,7 @@ class Sequence_:
 
 
 ACTIVE_SEQUENCES = "GenerationActiveSequences"
+CLIENT_CLOSED = 499  # a sequence dropped because its client went away (nginx's name for it), in its trace alone
 
 
 @dataclass
@@ -315,6 +337,7 @@ class Scheduler:
         self.running: dict[str, Sequence_] = {}
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "evicted": 0}
         self.pending = Figures()  # since the last publish
+        self.finished: list[Timeline] = []  # the requests answered in full since the last `ended()`
 
     def warm_up(self) -> None:
         """A short greedy answer through prefill and decode, so a first request pays no one-off costs."""
@@ -326,6 +349,12 @@ class Scheduler:
         if chunks[0].status != 200:
             raise RuntimeError(f"the warm-up prompt was refused: {chunks[0].body[:300]!r}")
         self.pending = Figures()
+        self.ended()
+
+    def ended(self) -> list[Timeline]:
+        """The timelines of the requests answered in full (or dropped by their client) since the last call."""
+        finished, self.finished = self.finished, []
+        return finished
 
     def publish(self, metrics) -> None:
         """The figures since the last call into TorchServe's metrics (counters, and the running sequences as a
@@ -345,24 +374,41 @@ class Scheduler:
         running comes with no parameters."""
         present = {rid for rid, _, _ in requests}
         for rid in [r for r in self.running if r not in present]:
+            self._end(self.running[rid], CLIENT_CLOSED)
             self.evict(rid)  # its client went away: the frontend stopped sending it
         answers: dict[str, Chunk] = {}
         stepping = [rid for rid in present if rid in self.running]
         admitted: list[tuple[str, Sequence_]] = []
+        timelines = {rid: self.running[rid].timeline for rid in stepping}
         for rid, params, headers in requests:
             if rid in self.running or rid in answers:
                 continue
+            started = time.time_ns()
             outcome = self._admit(rid, params, headers)
+            timelines[rid] = Timeline(header(headers, REQUEST_ID_HEADER) or rid, headers, (started, time.time_ns()))
             if isinstance(outcome, Chunk):
                 answers[rid] = outcome
             else:
+                outcome.timeline = timelines[rid]
                 admitted.append((rid, outcome))
         answers.update(self._prefill(admitted))
         for rid in answers:  # so far, only this call's new requests
             answers[rid].first = True
         if stepping:
             answers.update(self._decode(stepping))
+        for rid, chunk in answers.items():
+            if not chunk.more:
+                timeline = timelines.get(rid)
+                if timeline is not None:
+                    timeline.status, timeline.ended = chunk.status, time.time_ns()
+                    self.finished.append(timeline)
         return [answers[rid] for rid, _, _ in requests]
+
+    def _end(self, seq: Sequence_, status: int) -> None:
+        """A running sequence's timeline, ended without an answer of its own (its client went away)."""
+        if seq.timeline is not None:
+            seq.timeline.status, seq.timeline.ended = status, time.time_ns()
+            self.finished.append(seq.timeline)
 
     def evict(self, rid: str) -> None:
         seq = self.running.pop(rid, None)
@@ -412,6 +458,7 @@ class Scheduler:
             positions[row, :count] = torch.arange(count)
         last = torch.tensor([len(seq.ask.prompt_ids) - 1 for _, seq in new], device=self.device)
         slots = torch.tensor([seq.slot for _, seq in new], device=self.device)
+        started = time.time_ns()
         try:
             with torch.inference_mode():
                 logits = self.decoder(*step_inputs(tokens.to(self.device), positions.to(self.device), slots,
@@ -426,7 +473,11 @@ class Scheduler:
                     422, "ModelRejectedInput", f"the model cannot run this prompt: {message}"))
             return answers
         answers = {}
+        done = time.time_ns()
         for row, (rid, seq) in enumerate(new):
+            if seq.timeline is not None:
+                seq.timeline.prefill, seq.timeline.prefill_batch = (started, done), len(new)
+                seq.timeline.prompt_tokens = len(seq.ask.prompt_ids)
             self.stats["prefill_tokens"] += len(seq.ask.prompt_ids)
             self.pending.prompt_tokens += len(seq.ask.prompt_ids)
             self.pending.first_tokens += 1
@@ -442,7 +493,7 @@ class Scheduler:
     # ---- decoding ---------------------------------------------------------------------------------------------
     def _decode(self, rids: list[str]) -> dict[str, Chunk]:
         seqs = [self.running[r] for r in rids]
-        start = time.monotonic()
+        start, started = time.monotonic(), time.time_ns()
         with torch.inference_mode():
             tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
             positions = torch.tensor([[s.position - 1] for s in seqs], device=self.device)
@@ -454,12 +505,19 @@ class Scheduler:
         self.pending.step_ms += step_ms
         self.pending.inter_token_ms += step_ms * len(seqs)
         self.pending.decoded_tokens += len(seqs)
+        done = time.time_ns()
+        for seq in seqs:
+            if seq.timeline is not None:
+                seq.timeline.decode = (seq.timeline.decode or (started, done))[0], done
+                seq.timeline.decode_batch = max(seq.timeline.decode_batch, len(seqs))
         return {rid: self._advance(rid, seq, logits[i]) for i, (rid, seq) in enumerate(zip(rids, seqs))}
 
     def _advance(self, rid: str, seq: Sequence_, logits: torch.Tensor) -> Chunk:
         """Sample the next token of `seq`, and the chunk of text it makes sendable."""
         token = sample(logits, seq.ask.sampling, seq.generator)
         seq.generated.append(token)
+        if seq.timeline is not None:
+            seq.timeline.generated_tokens = len(seq.generated)
         self.pending.generated_tokens += 1
         ended = token in self.chat.stop_token_ids and not seq.ask.ignore_eos
         ids = seq.generated[:-1] if ended else seq.generated

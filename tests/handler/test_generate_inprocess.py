@@ -230,3 +230,24 @@ def test_a_request_whose_client_deadline_passed_in_the_queue_is_refused_504_with
     assert json.loads(answers[0].body)["type"] == "DeadlineExceeded"
     assert json.loads(answers[2].body)["error"]["code"] == "DeadlineExceeded"
     assert list(sched.running) == ["fresh"] and len(sched.free) == 1
+
+
+def test_each_request_leaves_a_timeline_once_answered_or_dropped_by_its_client(decoder):
+    """What a trace of a generation is made of (handlers/tracing.py, record_generation): read, prefill and decode
+    times in order, the prompts prefilled together and the sequences stepped together, the token counts, and how it
+    ended; a request whose client stopped asking for it ends 499 when the scheduler sees it gone."""
+    sched = scheduler(decoder)
+    headers = {**JSON, "x-request-id": "mine"}
+    chunks = drive(sched, {0: [("a", greedy(PROMPTS[0], max_tokens=6, ignore_eos=True), headers),
+                               ("b", greedy(PROMPTS[1], max_tokens=3, ignore_eos=True), JSON)]})
+    assert [c.more for c in chunks["a"]][-1] is False
+    ended = {t.request_id: t for t in sched.ended()}
+    assert set(ended) == {"mine", "b"} and sched.ended() == []
+    a = ended["mine"]
+    assert a.status == 200 and a.generated_tokens == 6 and a.prompt_tokens > 0
+    assert a.prefill_batch == 2 and a.decode_batch == 2  # prefilled together, stepped together while both ran
+    assert a.read[0] <= a.read[1] <= a.prefill[0] <= a.prefill[1] <= a.decode[0] <= a.decode[1] <= a.ended
+    sched.serve([("c", greedy(PROMPTS[2], max_tokens=50, ignore_eos=True), JSON)])
+    sched.serve([])  # its client went away: the aggregator no longer sends it
+    (gone,) = sched.ended()
+    assert gone.request_id == "c" and gone.status == generate.CLIENT_CLOSED and gone.generated_tokens == 1

@@ -6,6 +6,7 @@ reads OpenTelemetry's wire format. A gRPC call has the worker's spans alone, und
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import pytest
@@ -18,14 +19,16 @@ from tests.conftest import CLASSIFIERS, EMBEDDERS, TREE, built, post_together
 pytestmark = pytest.mark.integration
 
 STAGES = ("queue", "preprocess", "inference", "postprocess")
+GENERATOR = "chat-tiny"  # the generate kind, random weights
 
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
-    """(server, receiver): one classifier and one embedder served with tracing on, spans sent every 100 ms."""
+    """(server, receiver): a classifier, an embedder and a generator served with tracing on, spans sent every
+    100 ms."""
     from serve_config.control import Ports, start, stop
 
-    models = [CLASSIFIERS[0].name, EMBEDDERS[0].name]
+    models = [CLASSIFIERS[0].name, EMBEDDERS[0].name, GENERATOR]
     for model in models:
         built(TREE.archive(model))
     run_dir = tmp_path_factory.mktemp("traced")
@@ -158,6 +161,34 @@ def test_a_grpc_call_joins_its_clients_trace_with_the_workers_spans(traced):
     assert root.attributes["http.response.status_code"] == 200
     for stage in STAGES:
         assert spans[stage].parent_id == root.span_id and root.start_ns <= spans[stage].start_ns, stage
+
+
+def test_a_streamed_generation_has_its_prefill_and_decode_in_the_workers_spans(traced):
+    """A generator's request is traced when it has been answered in full: the worker's request span from the
+    frontend's arrival to the last chunk, holding its queue, preprocess (the prompt read and tokenized), inference (its
+    prefill) and decode (first to last decode step), in the client's trace under the frontend's span."""
+    server, receiver = traced
+    trace_id, span_id, traceparent = parent()
+    tokens = 24
+    with requests.post(f"{server.inference_url}/predictions/{GENERATOR}", stream=True, timeout=120,
+                       json={"prompt": "Tell me about lighthouses.", "max_tokens": tokens, "temperature": 0,
+                             "ignore_eos": True, "stream": True},
+                       headers={**server.headers(), "traceparent": traceparent, "X-Request-ID": "gen-t"}) as answer:
+        assert answer.status_code == 200, answer.text
+        lines = [json.loads(line) for line in answer.iter_lines() if line]
+    assert lines[-1]["usage"]["completion_tokens"] == tokens
+    wanted = {"frontend", "request", "queue", "preprocess", "inference", "decode"}
+    spans = {role(s): s for s in receiver.wait_for(
+        lambda got: wanted <= {role(s) for s in got if s.trace_id == trace_id}) if s.trace_id == trace_id}
+    frontend, root = spans["frontend"], spans["request"]
+    assert frontend.parent_id == span_id and root.parent_id == frontend.span_id
+    assert root.attributes["request.id"] == "gen-t" and root.attributes["http.response.status_code"] == 200
+    assert root.attributes["gen_ai.usage.output_tokens"] == tokens and root.attributes["gen_ai.usage.input_tokens"] > 0
+    order = [spans[name] for name in ("queue", "preprocess", "inference", "decode")]
+    assert all(s.parent_id == root.span_id for s in order)
+    assert all(a.end_ns <= b.start_ns for a, b in zip(order, order[1:])), [(s.name, s.start_ns, s.end_ns) for s in order]
+    assert root.start_ns <= order[0].start_ns and order[-1].end_ns <= root.end_ns
+    assert spans["inference"].attributes["batch.size"] >= 1 and spans["decode"].attributes["batch.size"] >= 1
 
 
 def test_tracing_is_off_unless_the_environment_names_a_collector():
