@@ -5,6 +5,7 @@ import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
 import java.util.Arrays;
 import java.util.Map;
+import java.util.Set;
 import java.util.TreeMap;
 
 /**
@@ -40,7 +41,20 @@ public final class MethodEdits {
     public static byte[] negateReturn(byte[] original, String name, byte[] expectedCode) {
         ByteBuffer in = ByteBuffer.wrap(original);
         String[] utf8 = constants(in);
+        Map<Integer, String> codes = codes(in, utf8, name, Set.of("()Z"));
+        if (codes.isEmpty()) {
+            throw new IllegalStateException("no method " + name + "()Z to edit");
+        }
+        return withNegatedCode(original, codes.keySet().iterator().next(), expectedCode);
+    }
+
+    /**
+     * The Code attributes of the methods named `name` whose descriptor is one of `descriptors`: each attribute's
+     * offset in the class, in order, with its method's descriptor. `in` is just after the constant pool.
+     */
+    private static Map<Integer, String> codes(ByteBuffer in, String[] utf8, String name, Set<String> descriptors) {
         skipToMethods(in);
+        Map<Integer, String> codes = new TreeMap<>();
         int methods = in.getShort() & 0xffff;
         for (int m = 0; m < methods; m++) {
             in.getShort();
@@ -51,13 +65,13 @@ public final class MethodEdits {
                 int attributeStart = in.position();
                 String attribute = utf8[in.getShort() & 0xffff];
                 int length = in.getInt();
-                if (name.equals(methodName) && "()Z".equals(descriptor) && "Code".equals(attribute)) {
-                    return withNegatedCode(original, attributeStart, expectedCode);
+                if (name.equals(methodName) && descriptors.contains(descriptor) && "Code".equals(attribute)) {
+                    codes.put(attributeStart, descriptor);
                 }
                 in.position(in.position() + length);
             }
         }
-        throw new IllegalStateException("no method " + name + "()Z to edit");
+        return codes;
     }
 
     /** One method to edit with `callBeforeReturn`: its exact code, and the local slot of the argument to pass on. */
@@ -75,24 +89,7 @@ public final class MethodEdits {
         String[] utf8 = constants(in);
         int poolEnd = in.position();
         int next = utf8.length; // the first new constant's index
-        skipToMethods(in);
-        Map<Integer, Call> codes = new TreeMap<>(); // Code attribute's offset -> its edit
-        int methods = in.getShort() & 0xffff;
-        for (int m = 0; m < methods; m++) {
-            in.getShort();
-            String methodName = utf8[in.getShort() & 0xffff];
-            String methodDescriptor = utf8[in.getShort() & 0xffff];
-            int attributes = in.getShort() & 0xffff;
-            for (int a = 0; a < attributes; a++) {
-                int attributeStart = in.position();
-                String attribute = utf8[in.getShort() & 0xffff];
-                int length = in.getInt();
-                if (method.equals(methodName) && edits.containsKey(methodDescriptor) && "Code".equals(attribute)) {
-                    codes.put(attributeStart, edits.get(methodDescriptor));
-                }
-                in.position(in.position() + length);
-            }
-        }
+        Map<Integer, String> codes = codes(in, utf8, method, edits.keySet());
         if (codes.size() != edits.size()) {
             throw new IllegalStateException("found " + codes.size() + " of the " + edits.size() + " " + method
                     + " methods to edit");
@@ -116,31 +113,33 @@ public final class MethodEdits {
         putShort(out, next + 3);
         putShort(out, next + 4);
         int copied = poolEnd;
-        for (Map.Entry<Integer, Call> edit : codes.entrySet()) {
+        for (Map.Entry<Integer, String> found : codes.entrySet()) {
+            int start = found.getKey();
+            Call call = edits.get(found.getValue());
             ByteBuffer code = ByteBuffer.wrap(original);
-            code.position(edit.getKey() + 2);
+            code.position(start + 2);
             int length = code.getInt();
             int maxStack = code.getShort() & 0xffff;
             int maxLocals = code.getShort() & 0xffff;
             byte[] bytes = new byte[code.getInt()];
             code.get(bytes);
-            if (!Arrays.equals(bytes, edit.getValue().expectedCode()) || bytes[bytes.length - 1] != RETURN
+            if (!Arrays.equals(bytes, call.expectedCode()) || bytes[bytes.length - 1] != RETURN
                     || code.getShort() != 0 || hasStackMap(code, utf8)) {
                 throw new IllegalStateException("the code of a " + method + " is not the one this edit was written for");
             }
-            out.write(original, copied, edit.getKey() + 2 - copied);
+            out.write(original, copied, start + 2 - copied);
             putInt(out, length + 5);
             putShort(out, Math.max(maxStack, 1));
             putShort(out, maxLocals);
             putInt(out, bytes.length + 5);
             out.write(bytes, 0, bytes.length - 1);
             out.write(ALOAD);
-            out.write(edit.getValue().slot());
+            out.write(call.slot());
             out.write(INVOKESTATIC);
             putShort(out, next + 5);
             out.write(RETURN);
-            copied = edit.getKey() + 2 + 4 + 2 + 2 + 4 + bytes.length;
-            copied = withLocalsToTheEnd(original, copied, edit.getKey() + 6 + length, bytes.length, utf8, out);
+            copied = start + 2 + 4 + 2 + 2 + 4 + bytes.length;
+            copied = withLocalsToTheEnd(original, copied, start + 6 + length, bytes.length, utf8, out);
         }
         out.write(original, copied, original.length - copied);
         return out.toByteArray();
