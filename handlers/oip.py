@@ -185,6 +185,7 @@ def parse(body: Any, binary: bytes = b"") -> InferRequest:
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise invalid(f"'id' must be a string, got {type(request_id).__name__}")
+    request_id = request_id or None  # an empty id is none: over gRPC (proto3) an unset id arrives as ""
     binary_default = _flag(body.get("parameters"), "binary_data_output", "the request's parameters")
     outputs, flags = body.get("outputs"), []
     if outputs is not None:

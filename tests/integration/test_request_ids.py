@@ -126,6 +126,7 @@ def test_a_grpc_call_answers_with_its_clients_id_or_a_new_one_and_its_worker_log
         assert dict(call.initial_metadata()).get("x-request-id") == "grpc-3"
         infer = pb2.ModelInferRequest(model_name=spec.name, inputs=[pb2.ModelInferRequest.InferInputTensor(
             name="image", datatype="BYTES", shape=[1], contents=pb2.InferTensorContents(bytes_contents=[sample.body]))])
-        _, call = stub.ModelInfer.with_call(infer, timeout=60, metadata=[*metadata, ("x-request-id", "grpc-4")])
+        reply, call = stub.ModelInfer.with_call(infer, timeout=60, metadata=[*metadata, ("x-request-id", "grpc-4")])
         assert dict(call.initial_metadata()).get("x-request-id") == "grpc-4"
+        assert reply.id == "grpc-4"  # proto3 cannot tell an unset id from "": the request named none
     assert logged(server, "model_log.log", "grpc-4 200"), "the worker's log has no line with the ModelInfer call's ID"

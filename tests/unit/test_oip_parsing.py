@@ -32,6 +32,8 @@ def test_json_tensors_parse_flat_or_nested_with_their_shapes():
                                {"name": "y", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}],
                               id="r", outputs=[{"name": "score"}]))
     assert request.id == "r" and request.outputs == ("score",)
+    # an empty id names nothing (gRPC's proto3 sends an unset id as ""): the answer takes the request's ID instead
+    assert oip.parse(infer([{"name": "y", "shape": [1], "datatype": "BYTES", "data": ["a"]}], id="")).id is None
     x, y = request.inputs
     assert x.data.dtype == np.float32 and x.data.tolist() == [[1, 2], [3, 4]] and x.rows == 2
     assert y.data == ["a", "b"] and y.shape == (2,)
