@@ -38,7 +38,22 @@ end
 
 local queue = {}
 local dropped = 0
-math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+-- seeded from the kernel once, at load (a blocking read is allowed then), so that balancers started in the same
+-- second do not make the same IDs
+local function seed()
+    local urandom = io.open("/dev/urandom", "rb")
+    if urandom == nil then
+        return os.time() + math.floor(os.clock() * 1000000)
+    end
+    local bytes = urandom:read(6)
+    urandom:close()
+    local value = 0
+    for i = 1, #bytes do
+        value = value * 256 + bytes:byte(i)
+    end
+    return value
+end
+math.randomseed(seed())
 
 local function hex(bytes)
     local out = {}
