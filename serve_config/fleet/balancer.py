@@ -31,14 +31,17 @@ ERRORS = {
 }
 
 
-def tracing_lines(environ: Mapping[str, str]) -> dict[str, str]:
-    """haproxy.cfg's tracing lines: the balancer's span of each request it proxies (tracing.lua) when `environ` (the
-    balancer's environment) names an OpenTelemetry collector, as the replicas' tracing is turned on; none otherwise."""
+def tracing_lines(environ: Mapping[str, str], max_body: int = 0) -> dict[str, str]:
+    """haproxy.cfg's tracing lines: the balancer's span of each request (tracing.lua) when `environ` (the balancer's
+    environment) names an OpenTelemetry collector, as the replicas' tracing is turned on; none otherwise. Its own
+    refusals (413 past `max_body`, 401) end the span just before they answer."""
     if not tracing.enabled(environ):
-        return {"tracing_global": "", "tracing_frontend": ""}
+        return {"tracing_global": "", "tracing_frontend": "", "tracing_refused_413": "", "tracing_refused_401": ""}
     return {"tracing_global": f"    lua-load {TRACING_LUA}\n",
             "tracing_frontend": "    # its span in the request's trace, the replica's frontend span its child (tracing.lua)\n"
-                                "    http-request lua.trace_start\n    http-response lua.trace_end\n"}
+                                "    http-request lua.trace_start\n    http-response lua.trace_end\n",
+            "tracing_refused_413": f"    http-request lua.trace_refused 413 if {{ req.hdr_val(content-length) gt {max_body} }}\n",
+            "tracing_refused_401": "    http-request lua.trace_refused 401 unless authorized\n"}
 
 
 def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE, environ: Mapping[str, str] | None = None) -> str:
@@ -60,7 +63,7 @@ def render_haproxy(fleet: Fleet, template: Path = HAPROXY_TEMPLATE, environ: Map
     return template.read_text().format(socket=fleet.socket, errors=errors, bind=fleet.bind, port=fleet.port,
                                        stats_port=fleet.stats_port, bearers=bearers, max_body=max_body,
                                        servers=servers, replica_key=replica_keys(fleet)["inference"],
-                                       **tracing_lines(os.environ if environ is None else environ))
+                                       **tracing_lines(os.environ if environ is None else environ, max_body))
 
 
 def haproxy_binary() -> str:

@@ -7,11 +7,12 @@
 --   trace_start (http-request, after the request's ID is set): reads traceparent, opens the span and passes the
 --                request on with a traceparent naming it, so the replica's frontend span is its child;
 --   trace_end   (http-response, a replica's answer head): closes the span with the status and the replica's name
---                and queues it;
+--                and queues it; trace_refused <status>, just before the balancer answers a request itself (its
+--                401 and 413), closes it with that status;
 --   a task posts the queued spans every OTEL_BSP_SCHEDULE_DELAY ms (5000 by default, as OpenTelemetry's SDKs).
 --
--- The queue is bounded (MAX_QUEUED): past it, spans are dropped, never requests. An answer HAProxy makes itself
--- (401, 413, a 503 without a ready replica) has no span: http-after-response rules cannot call Lua in 2.6; its log
+-- The queue is bounded (MAX_QUEUED): past it, spans are dropped, never requests. An error HAProxy answers while
+-- connecting (a 503 without a ready replica, a 504) has no span: 2.6 runs no Lua in http-after-response; its log
 -- line names the request's ID.
 
 local MAX_QUEUED = 4096
@@ -111,17 +112,18 @@ core.register_action("trace_start", {"http-req"}, function(txn)
     txn:set_var("txn.trace_name", txn.sf:method() .. " " .. txn.sf:path())
 end, 0)
 
-core.register_action("trace_end", {"http-res"}, function(txn)
+-- Closes the request's span, if it has one, with `status`, and queues it.
+local function finish(txn, status, server)
     local opened = txn:get_var("txn.trace_span")
     if opened == nil then
         return
     end
+    txn:unset_var("txn.trace_span")
     local trace, span, parent, start = opened:match("^(%x+) (%x+) (%x*) (%d+)$")
-    local status = tonumber(txn.sf:status()) or 0
-    local attributes = {
-        '{"key":"http.response.status_code","value":{"intValue":"' .. status .. '"}}',
-        '{"key":"haproxy.server","value":{"stringValue":"' .. escaped(txn.sf:srv_name() or "") .. '"}}',
-    }
+    local attributes = {'{"key":"http.response.status_code","value":{"intValue":"' .. status .. '"}}'}
+    if server ~= nil then
+        attributes[#attributes + 1] = '{"key":"haproxy.server","value":{"stringValue":"' .. escaped(server) .. '"}}'
+    end
     local request_id = txn:get_var("txn.request_id")
     if request_id ~= nil then
         attributes[#attributes + 1] = '{"key":"request.id","value":{"stringValue":"' .. escaped(request_id) .. '"}}'
@@ -134,7 +136,16 @@ core.register_action("trace_end", {"http-res"}, function(txn)
         .. '","name":"' .. escaped(txn:get_var("txn.trace_name") or "") .. '","kind":2,"startTimeUnixNano":"'
         .. start .. '","endTimeUnixNano":"' .. tostring(now_ns()) .. '","attributes":['
         .. table.concat(attributes, ",") .. '],"status":{"code":' .. (status >= 500 and 2 or 0) .. '}}'
+end
+
+core.register_action("trace_end", {"http-res"}, function(txn)
+    finish(txn, tonumber(txn.sf:status()) or 0, txn.sf:srv_name() or "")
 end, 0)
+
+-- Just before the balancer answers a request itself (`http-request return`): the span ends with that status.
+core.register_action("trace_refused", {"http-req"}, function(txn, status)
+    finish(txn, tonumber(status) or 0, nil)
+end, 1)
 
 local function post(spans)
     local body = '{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":'

@@ -94,9 +94,27 @@ def test_without_a_parent_the_balancer_starts_the_trace_and_an_unsampled_request
     assert not [s for s in receiver.snapshot() if s.trace_id == unsampled]
 
 
+def test_the_balancers_own_refusals_end_its_span_with_their_status(traced):
+    fleet, receiver = traced
+    sample = payloads(MODEL, 1)[0]
+    url = f"{fleet.url}/predictions/{MODEL}"
+    refused = {}
+    for status, extra in ((401, {"Authorization": "Bearer wrong"}), (413, fleet.headers())):
+        trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+        headers = {"Content-Type": sample.content_type, "traceparent": f"00-{trace_id}-{client_span}-01", **extra}
+        body = sample.body if status == 401 else b"\0" * (9 << 20)  # over max_request_size
+        assert requests.post(url, data=body, headers=headers, timeout=60).status_code == status
+        refused[status] = (trace_id, client_span)
+    spans = receiver.wait_for(lambda got: {t for t, _ in refused.values()} <= {s.trace_id for s in got})
+    for status, (trace_id, client_span) in refused.items():
+        (balancer,) = [s for s in spans if s.trace_id == trace_id]  # it never reached a replica
+        assert role(balancer) == "balancer" and balancer.parent_id == client_span
+        assert balancer.attributes["http.response.status_code"] == status and "haproxy.server" not in balancer.attributes
+
+
 def test_the_balancer_loads_no_tracing_unless_the_environment_names_a_collector():
     from serve_config.fleet.balancer import tracing_lines
 
-    assert tracing_lines({}) == {"tracing_global": "", "tracing_frontend": ""}
-    on = tracing_lines({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"})
+    assert set(tracing_lines({}).values()) == {""}
+    on = tracing_lines({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, 1024)
     assert "lua-load" in on["tracing_global"] and "lua.trace_start" in on["tracing_frontend"]
