@@ -64,19 +64,32 @@ class Tracing:
                cached: Sequence[str | None] = ()) -> None:
         """The spans of one batch's requests, once they are answered: `outcome` each request's answer, `computed`
         the indexes of those the model ran on (in one batch of that size)."""
+        model, version = served_as
         now = time.time_ns()
         ran = set(computed)
         for idx, (request_headers, request_id, answer) in enumerate(zip(headers, ids, outcome, strict=True)):
+            carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
+            parent = self.propagator.extract(carrier)
+            received = header(request_headers, RECEIVED_HEADER)
+            arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else clock.taken_ns
+            arrived = min(arrived, clock.taken_ns)
             status = answer.status if isinstance(answer, RequestError) else 200
-            extra = {"cache.status": cached[idx]} if cached and cached[idx] is not None else {}
-            root, inside, arrived = self._request(served_as, request_headers, request_id, status, clock.taken_ns,
-                                                  extra)
+            attributes = {"model.name": model, "model.version": version, "request.id": request_id,
+                          "http.response.status_code": status}
+            if cached and cached[idx] is not None:
+                attributes["cache.status"] = cached[idx]
+            # INTERNAL: the frontend's span (org.servemodels.oip.RequestTraces), its parent, is the server's
+            root = self.tracer.start_span(f"{model} request", context=parent, kind=self.trace.SpanKind.INTERNAL,
+                                          start_time=arrived, attributes=attributes)
+            if status >= 500:
+                root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(status)))
+            inside = self.trace.set_span_in_context(root)
             self._span("queue", inside, arrived, clock.taken_ns)
             if idx in ran:  # a refused one was read, and went no further
                 for stage in STAGES if status == 200 else STAGES[:1]:
                     if stage in clock.spans:
-                        size = {"batch.size": len(computed)} if stage == "inference" else None
-                        self._span(stage, inside, *clock.spans[stage], size)
+                        extra = {"batch.size": len(computed)} if stage == "inference" else None
+                        self._span(stage, inside, *clock.spans[stage], extra)
             root.end(end_time=now)
 
     def record_generation(self, served_as: tuple[str, str], timelines: Sequence[Any]) -> None:
@@ -84,11 +97,21 @@ class Tracing:
         from the frontend's arrival to its last chunk, its queue (to the scheduler reading it), preprocess (read:
         decoded, templated, tokenized), inference (its prefill, with the prompts prefilled together as batch.size)
         and decode (first to last decode step, with the most sequences stepped together)."""
+        model, version = served_as
         for timeline in timelines:
-            tokens = {"gen_ai.usage.input_tokens": timeline.prompt_tokens,
-                      "gen_ai.usage.output_tokens": timeline.generated_tokens}
-            root, inside, arrived = self._request(served_as, timeline.headers, timeline.request_id, timeline.status,
-                                                  timeline.read[0], tokens)
+            request_headers = timeline.headers
+            carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
+            received = header(request_headers, RECEIVED_HEADER)
+            arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else timeline.read[0]
+            arrived = min(arrived, timeline.read[0])
+            attributes = {"model.name": model, "model.version": version, "request.id": timeline.request_id,
+                          "http.response.status_code": timeline.status, "gen_ai.usage.input_tokens":
+                          timeline.prompt_tokens, "gen_ai.usage.output_tokens": timeline.generated_tokens}
+            root = self.tracer.start_span(f"{model} request", context=self.propagator.extract(carrier),
+                                          kind=self.trace.SpanKind.INTERNAL, start_time=arrived, attributes=attributes)
+            if timeline.status >= 500:
+                root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(timeline.status)))
+            inside = self.trace.set_span_in_context(root)
             self._span("queue", inside, arrived, timeline.read[0])
             self._span("preprocess", inside, *timeline.read)
             if timeline.prefill is not None:
@@ -96,24 +119,6 @@ class Tracing:
             if timeline.decode is not None:
                 self._span("decode", inside, *timeline.decode, {"batch.size": timeline.decode_batch})
             root.end(end_time=max(timeline.ended, timeline.read[1]))
-
-    def _request(self, served_as: tuple[str, str], request_headers: Mapping[str, Any] | None, request_id: str,
-                 status: int, taken_ns: int, extra: Mapping[str, Any]):
-        """A request's span, open, from the frontend's arrival stamp (never after `taken_ns`, when the worker took
-        it), under the span its traceparent names; with the context for its children and its start."""
-        model, version = served_as
-        carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
-        received = header(request_headers, RECEIVED_HEADER)
-        arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else taken_ns
-        arrived = min(arrived, taken_ns)
-        attributes = {"model.name": model, "model.version": version, "request.id": request_id,
-                      "http.response.status_code": status, **extra}
-        # INTERNAL: the frontend's span (org.servemodels.oip.RequestTraces), its parent, is the server's
-        root = self.tracer.start_span(f"{model} request", context=self.propagator.extract(carrier),
-                                      kind=self.trace.SpanKind.INTERNAL, start_time=arrived, attributes=attributes)
-        if status >= 500:
-            root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(status)))
-        return root, self.trace.set_span_in_context(root), arrived
 
     def _span(self, name: str, context, start: int, end: int, attributes: dict | None = None) -> None:
         self.tracer.start_span(name, context=context, start_time=start, attributes=attributes).end(end_time=end)
