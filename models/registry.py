@@ -579,6 +579,58 @@ REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (CANCER, DIGITS, M
                                                                SHAPES_SEGMENTER)}
 
 
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """A model of a kind that generates (models/kinds.py): a decoder built from checked pretrained files, not
+    trained; exported and verified in one step by its kind's `exporter` (export/decoder.py for generate: each
+    artifact greedy-token-identical to the eager decoder in a fresh process); packed with the decoder its
+    model-config YAML's `handler.backend` names and served with continuous batching. Adding one is adding one of
+    these to GENERATORS: make builds, verifies and archives it as it does a ModelSpec (`make test` builds them all)."""
+
+    name: str
+    pretrained: str  # "module:function(spec, out)": writes the checkpoint folder from checked files
+    config: str  # its model-config YAML, serve_config/<config>.yaml (several generators may share one)
+    kind: str = "generate"
+    handler: str = "handlers/handler.py"  # the TorchServe entry point; the kind's module comes with it
+    serve_by_default: bool = False
+
+    def __post_init__(self) -> None:
+        if ":" not in self.pretrained:
+            raise ValueError(f"{self.name}: pretrained must look like 'package.module:callable', got {self.pretrained!r}")
+        if self.kind not in KINDS or not kinds.get(self.kind).generates or not kinds.get(self.kind).exporter:
+            raise ValueError(f"{self.name}: kind {self.kind!r} is not a kind that generates and exports its own models; "
+                             f"those that do: {sorted(k.name for k in kinds.KINDS.values() if k.generates)}")
+
+    @property
+    def exporter(self) -> str:
+        """The module that exports and verifies this model (its kind's)."""
+        return kinds.get(self.kind).exporter
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# chat: SmolLM2-135M-Instruct's GGUF weights (models/chat.py); chat-tiny: the same tokenizer and architecture with
+# random weights, which most of the generate kind's tests serve. Neither is served by default (SERVE_MODELS="... chat").
+GENERATORS: dict[str, GeneratorSpec] = {spec.name: spec for spec in (
+    GeneratorSpec("chat-tiny", pretrained="models.chat:import_tiny", config="chat"),
+    GeneratorSpec("chat", pretrained="models.chat:import_smollm2", config="chat"),
+)}
+
+
+def entries() -> dict[str, "ModelSpec | GeneratorSpec"]:
+    """Every registered model, generators last."""
+    return {**REGISTRY, **GENERATORS}
+
+
+def entry(name: str) -> "ModelSpec | GeneratorSpec":
+    """Any registered model `name` (a generator too), or fail with the list of known names."""
+    try:
+        return entries()[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(entries()))}") from None
+
+
 def get(name: str) -> ModelSpec:
     """Return the registered model `name`, or fail with the list of known names."""
     try:
@@ -587,9 +639,10 @@ def get(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}") from None
 
 
-def tested(spec: ModelSpec) -> bool:
-    """Whether `make test` builds `spec`: it is served by default, or trained here (it has a recipe)."""
-    return spec.serve_by_default or spec.train is not None
+def tested(spec: "ModelSpec | GeneratorSpec") -> bool:
+    """Whether `make test` builds `spec`: it is served by default, trained here (it has a recipe), or a generator
+    (built from checked files)."""
+    return spec.serve_by_default or isinstance(spec, GeneratorSpec) or spec.train is not None
 
 
 def checkpoint_sources(spec: ModelSpec) -> list[str]:
@@ -599,6 +652,8 @@ def checkpoint_sources(spec: ModelSpec) -> list[str]:
     an entry with neither a recipe nor a pretrained import: its checkpoint is brought, not built."""
     from models.sources import closure, relative
 
+    if isinstance(spec, GeneratorSpec):
+        return relative(closure([spec.pretrained.partition(":")[0]], exclude=["models.registry"]))
     if spec.train is None and spec.pretrained is None:
         return []
 
@@ -615,10 +670,14 @@ def entry_points(spec: ModelSpec, handler: str | None = None) -> list:
     return [ROOT / (handler or spec.handler), ROOT / kinds.module_file(spec.kind)]
 
 
-def archive_sources(spec: ModelSpec) -> list[str]:
-    """The repository files the model's .mar carries: its entry points and everything they import."""
+def archive_sources(spec: "ModelSpec | GeneratorSpec") -> list[str]:
+    """The repository files the model's .mar carries: its entry points and everything they import (a generator's
+    also its model-config YAML, which it may share with others, and the checkpoint module its archive reads)."""
     from models.sources import closure, relative
 
+    if isinstance(spec, GeneratorSpec):
+        return [*relative(closure([*entry_points(spec), spec.pretrained.partition(":")[0]])),
+                f"serve_config/{spec.config}.yaml"]
     return relative(closure(entry_points(spec)))
 
 
@@ -633,6 +692,8 @@ def export_sources(spec: ModelSpec) -> list[str]:
     builder, its example inputs and its dataset (the registry module left out, as for checkpoints)."""
     from models.sources import closure, relative
 
+    if isinstance(spec, GeneratorSpec):  # one step exports and verifies it
+        return verify_sources(spec)
     return relative(closure(["export.export", *_modules(spec, "builder", "example_inputs", "dataset")],
                             exclude=["models.registry"]))
 
@@ -643,6 +704,8 @@ def verify_sources(spec: ModelSpec) -> list[str]:
     re-verifies that kind's models and nothing else."""
     from models.sources import closure, relative
 
+    if isinstance(spec, GeneratorSpec):
+        return relative(closure([spec.exporter], exclude=["models.registry"]))
     return relative(closure(["export.verify", kinds.get(spec.kind).module,
                              *_modules(spec, "builder", "example_inputs", "dataset", "reference")],
                             exclude=["models.registry"]))
@@ -671,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the models `make test` builds: those served by default and those trained here")
     p_list.add_argument("--lowers", action="store_true",
                         help="only the models whose kind `make mobile` lowers to a device (models/kinds.py)")
+    p_list.add_argument("--generates", action="store_true",
+                        help="only the models of a kind that generates (GENERATORS: the kind exports them)")
     p_get = sub.add_parser("get", help="print one field of a model's entry")
     p_get.add_argument("model")
     p_get.add_argument("field")
@@ -683,17 +748,21 @@ def main(argv: list[str] | None = None) -> int:
     p_stamps = sub.add_parser("stamps", help="write every entry's stamp, DIR/<model>.json, where it changed (the "
                                              "Makefile does this when it reads itself, so `make -n` tells the truth)")
     p_stamps.add_argument("dir")
+    p_pretrained = sub.add_parser("pretrained", help="write a generator's checkpoint folder OUT (its `pretrained`)")
+    p_pretrained.add_argument("model")
+    p_pretrained.add_argument("out")
     args = parser.parse_args(argv)
     if args.cmd == "stamps":
-        for name, spec in REGISTRY.items():
+        for name, spec in entries().items():
             write_stamp(spec, f"{args.dir}/{name}.json")
         return 0
     if args.cmd == "list":
         chosen = tested if args.tested else (lambda s: s.serve_by_default) if args.default else (lambda s: True)
-        print("\n".join(n for n, s in REGISTRY.items() if chosen(s) and (not args.lowers or kinds.get(s.kind).lowers)))
+        print("\n".join(n for n, s in entries().items() if chosen(s) and (not args.lowers or kinds.get(s.kind).lowers)
+                        and (not args.generates or kinds.get(s.kind).generates)))
         return 0
     try:
-        spec = get(args.model)
+        spec = entry(args.model)
     except KeyError as err:
         print(err.args[0], file=sys.stderr)
         return 2
@@ -704,6 +773,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "stamp":
         write_stamp(spec, args.file)
+        return 0
+    if args.cmd == "pretrained":
+        if not isinstance(spec, GeneratorSpec):
+            print(f"{spec.name} is not a generator: `python -m models.train` builds it", file=sys.stderr)
+            return 2
+        from pathlib import Path
+
+        try:
+            print(resolve(spec.pretrained)(spec, Path(args.out)))
+        except RuntimeError as err:  # the checked files are missing or are not the published ones
+            print(f"{type(err).__name__}: {err}", file=sys.stderr)
+            return 1
         return 0
     value = getattr(spec, args.field, None)
     if value is None and not hasattr(spec, args.field):

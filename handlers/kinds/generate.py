@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from handlers import openai
-from handlers.requests import (REQUEST_ID_HEADER, RequestError, content_type_of, decode_utf8, expired, header,
-                               parse_json_body, request_body)
+from handlers.requests import (RequestError, content_type_of, decode_utf8, expired, parse_json_body, request_body,
+                               request_id)
 from handlers.settings import HandlerSettings
 from models.llama import KVCache, LlamaConfig, step_inputs
 
@@ -385,7 +385,7 @@ class Scheduler:
                 continue
             started = time.time_ns()
             outcome = self._admit(rid, params, headers)
-            timelines[rid] = Timeline(header(headers, REQUEST_ID_HEADER) or rid, headers, (started, time.time_ns()))
+            timelines[rid] = Timeline(request_id(headers, rid), headers, (started, time.time_ns()))
             if isinstance(outcome, Chunk):
                 answers[rid] = outcome
             else:

@@ -16,11 +16,11 @@ import yaml
 
 from export import decoder
 from export.verify import STAMP
-from models import chat, paths
+from models import chat, paths, registry
 from models.paths import ROOT
 from tests.conftest import TREE, built
 
-GENERATORS = ("chat-tiny", "chat")
+GENERATORS = list(registry.GENERATORS)
 
 
 @pytest.mark.parametrize("model", GENERATORS)

@@ -13,7 +13,9 @@ import pytest
 import requests
 
 from loadtest.bench.prometheus import delta, scrape
+from models import registry
 from tests.conftest import TREE, built, worker_pids
+from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
 TINY, REAL = "chat-tiny", "chat"
@@ -67,7 +69,7 @@ def text_of(lines) -> str:
 
 
 def greedy(prompt: str, max_tokens: int) -> dict:
-    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+    return checks(registry.entry(TINY)).ask(prompt, max_tokens)
 
 
 def test_the_openai_client_lists_chats_and_completes_whole_and_streamed(client):
@@ -118,15 +120,28 @@ def test_errors_come_as_openai_error_objects_with_their_statuses(client, chat_se
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize("model", [TINY, REAL])
+def test_whole_greedy_answers_are_the_eager_decoders_own(chat_server, model):
+    """Served greedy answers (the archive's exported decoder, in the server's batches) against the eager decoder's
+    greedy tokens for the same prompts, each alone, computed in this process (tests/kinds/generate.py)."""
+    kind = checks(registry.entry(model))
+    asks = [{**kind.ask(prompt, 8 + 4 * i), "stream": False} for i, prompt in enumerate(PROMPTS[:4])]
+
+    def send(ask):
+        answer = requests.post(f"{chat_server.inference_url}/predictions/{model}", json=ask,
+                               headers=chat_server.headers(), timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        kind.assert_native(asks, list(pool.map(send, asks)))
+
+
 def test_hostile_bodies_get_their_own_4xx_while_their_neighbours_are_answered(chat_server):
     url, auth = f"{chat_server.inference_url}/v1/chat/completions", chat_server.headers()
-    hostile = [{"model": TINY, "messages": [{"role": "user", "content": "x"}] * 10_000},
-               {"model": TINY, "messages": [{"role": "user", "content": 7}]},
-               {"model": TINY, "messages": [{"role": "wizard", "content": "x"}]},
-               {"model": TINY, "messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 10_000}]
-    bodies = [json.dumps(b).encode() for b in hostile] + [b'{"model": "chat-tiny", "prompt": "\xff\xfe"}']
+    matrix = checks(registry.entry(TINY)).bad_matrix()
     good = json.dumps({"model": TINY, **greedy("Hi", 4)}).encode()
-    jobs = [good, *bodies, good]
+    jobs = [good, *(body for body, _ in matrix), good]
     barrier = threading.Barrier(len(jobs))
 
     def send(data: bytes):
@@ -135,7 +150,7 @@ def test_hostile_bodies_get_their_own_4xx_while_their_neighbours_are_answered(ch
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(send, jobs))
-    assert [a.status_code for a in answers] == [200] + [400] * len(bodies) + [200]
+    assert [a.status_code for a in answers] == [200, *(status for _, status in matrix), 200]
     assert all("error" in a.json() for a in answers[1:-1])
 
 
@@ -306,4 +321,4 @@ def test_grpc_stream_predictions_carries_the_same_chunks_as_the_native_route(cha
         client.close()
     lines = [json.loads(line) for chunk in chunks for line in chunk.decode().splitlines()]
     assert len(chunks) > 5 and lines[-1]["usage"]["completion_tokens"] == 24
-    assert text_of(lines) == text_of(native_stream(chat_server, ask)[0])
+    checks(registry.entry(TINY)).same(lines, native_stream(chat_server, ask)[0])

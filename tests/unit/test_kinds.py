@@ -62,6 +62,10 @@ def test_every_kind_module_defines_what_the_table_says_it_does(name):
     for attr in ("Settings", "build", "signature"):
         assert callable(getattr(module, attr, None)), f"{kind.module} has no {attr}"
     assert kinds.module_file(name).exists()
+    tests_module = "tests.kinds." + kind.module.rpartition(".")[2]
+    assert callable(getattr(importlib.import_module(tests_module), "Checks", None)), f"{tests_module} has no Checks"
+    if kind.exporter is not None:  # the module make runs to export and verify the kind's models
+        assert callable(getattr(importlib.import_module(kind.exporter), "main", None)), kind.exporter
     workload_module, _, workload = kind.bench.partition(":")
     assert hasattr(importlib.import_module(workload_module), workload), kind.bench
     if kind.metric is not None:

@@ -73,6 +73,25 @@ def test_cli_is_what_the_makefile_reads():
     assert run("list", "--default").stdout.split() == [s.name for s in SERVED]
     assert run("get", "digits", "serve_backend").stdout.strip() == "onnx"
     assert run("get", "nope", "name").returncode == 2
+    generators = run("list", "--generates").stdout.split()
+    assert generators == list(registry.GENERATORS) and set(generators) <= set(run("list", "--tested").stdout.split())
+    assert run("get", generators[0], "exporter").stdout.strip() == kinds.get("generate").exporter
+
+
+@pytest.mark.parametrize("spec", list(registry.GENERATORS.values()), ids=lambda s: s.name)
+def test_a_generator_entry_names_what_builds_and_serves_it(spec):
+    assert callable(registry.resolve(spec.pretrained)) and (ROOT / spec.handler).exists()
+    config = model_config_values(spec.config)
+    assert config["continuousBatching"] is True
+    kinds.load(spec.kind).Settings.from_mapping(config["handler"])
+    assert registry.entry(spec.name) is spec and spec.to_json()["config"] == spec.config
+    assert f"serve_config/{spec.config}.yaml" in registry.archive_sources(spec)
+
+
+def test_a_generator_of_a_kind_that_does_not_generate_is_refused():
+    spec = next(iter(registry.GENERATORS.values()))
+    with pytest.raises(ValueError, match="not a kind that generates"):
+        registry.GeneratorSpec(**{**spec.__dict__, "kind": "tensor"})
 
 
 @pytest.mark.parametrize("description", [{"name": "digits"}, {"name": "digits", "size": 28}, {"name": "rgb"},
