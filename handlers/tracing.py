@@ -68,23 +68,11 @@ class Tracing:
         now = time.time_ns()
         ran = set(computed)
         for idx, (request_headers, request_id, answer) in enumerate(zip(headers, ids, outcome, strict=True)):
-            carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
-            parent = self.propagator.extract(carrier)
-            received = header(request_headers, RECEIVED_HEADER)
-            arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else clock.taken_ns
-            arrived = min(arrived, clock.taken_ns)
             status = answer.status if isinstance(answer, RequestError) else 200
-            attributes = {"model.name": model, "model.version": version, "request.id": request_id,
-                          "http.response.status_code": status}
+            attributes = {"model.name": model, "model.version": version, "request.id": request_id}
             if cached and cached[idx] is not None:
                 attributes["cache.status"] = cached[idx]
-            # INTERNAL: the frontend's span (org.servemodels.oip.RequestTraces), its parent, is the server's
-            root = self.tracer.start_span(f"{model} request", context=parent, kind=self.trace.SpanKind.INTERNAL,
-                                          start_time=arrived, attributes=attributes)
-            if status >= 500:
-                root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(status)))
-            inside = self.trace.set_span_in_context(root)
-            self._span("queue", inside, arrived, clock.taken_ns)
+            root, inside = self._request(model, request_headers, clock.taken_ns, status, attributes)
             if idx in ran:  # a refused one was read, and went no further
                 for stage in STAGES if status == 200 else STAGES[:1]:
                     if stage in clock.spans:
@@ -99,26 +87,36 @@ class Tracing:
         and decode (first to last decode step, with the most sequences stepped together)."""
         model, version = served_as
         for timeline in timelines:
-            request_headers = timeline.headers
-            carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
-            received = header(request_headers, RECEIVED_HEADER)
-            arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else timeline.read[0]
-            arrived = min(arrived, timeline.read[0])
             attributes = {"model.name": model, "model.version": version, "request.id": timeline.request_id,
-                          "http.response.status_code": timeline.status, "gen_ai.usage.input_tokens":
-                          timeline.prompt_tokens, "gen_ai.usage.output_tokens": timeline.generated_tokens}
-            root = self.tracer.start_span(f"{model} request", context=self.propagator.extract(carrier),
-                                          kind=self.trace.SpanKind.INTERNAL, start_time=arrived, attributes=attributes)
-            if timeline.status >= 500:
-                root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(timeline.status)))
-            inside = self.trace.set_span_in_context(root)
-            self._span("queue", inside, arrived, timeline.read[0])
+                          "gen_ai.usage.input_tokens": timeline.prompt_tokens,
+                          "gen_ai.usage.output_tokens": timeline.generated_tokens}
+            root, inside = self._request(model, timeline.headers, timeline.read[0], timeline.status, attributes)
             self._span("preprocess", inside, *timeline.read)
             if timeline.prefill is not None:
                 self._span("inference", inside, *timeline.prefill, {"batch.size": timeline.prefill_batch})
             if timeline.decode is not None:
                 self._span("decode", inside, *timeline.decode, {"batch.size": timeline.decode_batch})
             root.end(end_time=max(timeline.ended, timeline.read[1]))
+
+    def _request(self, model: str, request_headers: Mapping[str, Any] | None, taken_ns: int, status: int,
+                 attributes: dict[str, Any]):
+        """A request's span, opened under the span its `traceparent` names (the frontend's) from the frontend's
+        arrival stamp (X-Received-Ms; never after `taken_ns`, when the worker took the request), with its status and
+        `attributes`, and its queue span (arrival to `taken_ns`): (the span, the context of spans inside it). The
+        caller ends it."""
+        carrier = {name: value for name in TRACE_HEADERS if (value := header(request_headers, name)) is not None}
+        received = header(request_headers, RECEIVED_HEADER)
+        arrived = int(received) * 1_000_000 if received is not None and received.isdigit() else taken_ns
+        arrived = min(arrived, taken_ns)
+        # INTERNAL: the frontend's span (org.servemodels.oip.RequestTraces), its parent, is the server's
+        root = self.tracer.start_span(f"{model} request", context=self.propagator.extract(carrier),
+                                      kind=self.trace.SpanKind.INTERNAL, start_time=arrived,
+                                      attributes={**attributes, "http.response.status_code": status})
+        if status >= 500:
+            root.set_status(self.trace.Status(self.trace.StatusCode.ERROR, str(status)))
+        inside = self.trace.set_span_in_context(root)
+        self._span("queue", inside, arrived, taken_ns)
+        return root, inside
 
     def _span(self, name: str, context, start: int, end: int, attributes: dict | None = None) -> None:
         self.tracer.start_span(name, context=context, start_time=start, attributes=attributes).end(end_time=end)

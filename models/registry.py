@@ -2,15 +2,18 @@
 
 An entry says how to build the model (an import path and keyword arguments, so a checkpoint can
 rebuild it), where its data and preprocessing come from, what its inputs look like for export,
-which artifacts to export and how closely they must match the eager model, and how it is served.
+which artifacts to export and how closely they must match the eager model, and how it is served. A model of a
+kind that generates is a GeneratorSpec (GENERATORS): its pretrained import and its model-config YAML; its kind
+exports and verifies it.
 
 This module imports nothing heavy (no torch), so the Makefile can query it with any Python 3.11:
 
-    python -m models.registry list [--default]
+    python -m models.registry list [--default | --tested] [--lowers] [--generates]
     python -m models.registry get digits serve_backend
     python -m models.registry sources digits checkpoint    # the files its checkpoint is built from
     python -m models.registry stamp digits build/registry/digits.json   # rewritten only when the entry changes
     python -m models.registry stamps build/registry                     # every entry's, the same way
+    python -m models.registry pretrained chat build/quick/checkpoints/chat  # a generator's checkpoint
 """
 
 from __future__ import annotations
