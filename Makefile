@@ -182,6 +182,19 @@ $(GENERATORS:%=$(TREE)model_store/%.mar): $(TREE)model_store/%.mar: $(TREE)check
 		--out $(TREE)model_store
 endif
 
+# Every class of the patch folder is packed as the agent's resource (FrontendPatches.REPLACES lists them; a test checks
+# that the two agree).
+$(PLUGIN_JAR): $(shell find handlers/frontend -type f) | $(VENV_STAMP) prereqs-core
+	rm -rf build/plugin-classes build/plugin-patch && mkdir -p build/plugin-classes build/plugin-patch $(@D)
+	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR) -d build/plugin-classes \
+		$(shell find handlers/frontend/org -name '*.java')
+	javac --release 17 -Xlint:all,-processing -Werror -cp $(TS_JAR):build/plugin-classes -d build/plugin-patch \
+		$(shell find handlers/frontend/patch -name '*.java')
+	for source in $(shell find handlers/frontend/patch -name '*.java'); do class=$${source#handlers/frontend/patch/}; \
+		cp build/plugin-patch/$${class%.java}.class build/plugin-classes/org/servemodels/oip/$$(basename $${class%.java}).class.bin; done
+	cp -r handlers/frontend/META-INF build/plugin-classes/
+	jar --create --file $@.tmp --manifest handlers/frontend/agent.mf -C build/plugin-classes . && mv $@.tmp $@
+
 # The C++ runner, against the libtorch the torch wheel ships. By hand, not find_package(Torch): that fails on a host
 # without CUDA libraries. The rpath (not runpath: --disable-new-dtags) lets libtorch find its own neighbours.
 $(CPP_RUNNER): export/cpp/runner.cpp | $(VENV_STAMP) prereqs-core

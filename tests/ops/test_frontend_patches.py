@@ -50,6 +50,15 @@ def test_the_agent_lists_exactly_the_classes_of_the_patch_folder():
     assert set(replaced()) == in_folder and len(in_folder) == 6
 
 
+def test_make_builds_the_agent_from_the_frontend_sources():
+    """The jar's rule is there (a built tree says "nothing to be done" without one, a fresh clone cannot build):
+    a dry run that must remake it compiles both folders and packs every class of the patch folder."""
+    proc = subprocess.run(["make", "-n", "-B", f"{ts.PLUGINS_DIR.relative_to(ROOT)}/{ts.PLUGIN_JAR}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("javac --release 17") == 2 and "jar --create" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_every_patch_announces_itself_on_a_running_server(private_server, tmp_path):
     """Each replacement says it is in force when its class initializes, and the server reports ready only once all
     have (the readiness route would answer 503 naming the rest)."""
