@@ -69,6 +69,10 @@ def parse(body: bytes, content_type: str = PROTOBUF) -> list[Span]:
     return spans
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # a collector's backlog: the frontend's and every worker's exporters may connect at once
+
+
 class Receiver:
     """The receiver, serving on 127.0.0.1 from a thread until closed; `endpoint` is what
     OTEL_EXPORTER_OTLP_ENDPOINT takes."""
@@ -80,6 +84,7 @@ class Receiver:
         self.spans: list[Span] = []
         self._raw: list[tuple[bytes, str]] = []
         self.exports = 0
+        self.refusing: dict[str, set[str]] = {}  # trace ID -> media types whose first export of it is refused
         self._lock = threading.Lock()
         receiver = self
 
@@ -92,9 +97,16 @@ class Receiver:
                     return
                 if receiver.strict:  # a body that is no export request is refused; its spans are read when asked for
                     try:
-                        parse(body, content_type)
+                        spans = parse(body, content_type)
                     except Exception:  # noqa: BLE001
                         self.send_error(400)
+                        return
+                    with receiver._lock:  # the first export of a trace `refuse` named, from each exporter's form
+                        refused = [t for t in {s.trace_id for s in spans} if content_type in receiver.refusing.get(t, ())]
+                        for trace_id in refused:
+                            receiver.refusing[trace_id].discard(content_type)
+                    if refused:
+                        self.send_error(503)
                         return
                 with receiver._lock:
                     receiver._raw.append((body, content_type))
@@ -109,7 +121,7 @@ class Receiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -120,6 +132,13 @@ class Receiver:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def refuse(self, trace_id: str) -> None:
+        """Answer 503 Service Unavailable (OTLP's retryable answer: a collector briefly unavailable) to the first
+        export holding a span of `trace_id` in each form (protobuf: the workers' SDK; JSON: the frontend's exporter);
+        strict receivers only."""
+        with self._lock:
+            self.refusing[trace_id] = {PROTOBUF, JSON}
 
     def snapshot(self) -> list[Span]:
         with self._lock:

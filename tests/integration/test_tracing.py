@@ -87,6 +87,22 @@ def test_a_request_joins_its_clients_trace_with_the_workers_spans_nested_in_time
     assert spans["inference"].attributes["batch.size"] >= 1
 
 
+def test_a_collector_that_refuses_an_export_once_loses_no_span(traced):
+    """The first export holding the request's spans is answered 503 by the collector, from the frontend's exporter
+    and from the worker's: each tries again, and the whole trace arrives."""
+    server, receiver = traced
+    spec = CLASSIFIERS[0]
+    sample = payloads(spec.name, 1)[0]
+    trace_id, _, traceparent = parent()
+    receiver.refuse(trace_id)
+    answer = requests.post(f"{server.inference_url}/predictions/{spec.name}", data=sample.body, timeout=60,
+                           headers={**server.headers(), "Content-Type": sample.content_type, "traceparent": traceparent})
+    assert answer.status_code == 200, answer.text
+    spans = trace_of(receiver, trace_id)
+    assert spans["request"].parent_id == spans["frontend"].span_id
+    assert receiver.refusing[trace_id] == set(), "an exporter never sent the trace, so nothing was refused"
+
+
 def test_requests_that_share_a_batch_each_get_their_own_trace_with_the_batchs_size(traced):
     server, receiver = traced
     spec = EMBEDDERS[0]

@@ -23,7 +23,9 @@ import java.util.concurrent.atomic.AtomicLong;
  * workers' spans are (handlers/tracing.py); installed only when one is named. The span lasts from the request's
  * head to its answer's head. The request's traceparent is replaced by one naming this span, so the worker's spans
  * are its children. A client that does not sample is passed on untouched and nothing is recorded. Spans leave
- * from one daemon thread in batches; a full queue drops spans (counted), never delays a request.
+ * from one daemon thread in batches; a full queue drops spans (counted), never delays a request. A post that fails
+ * to connect or is answered 429, 502, 503 or 504 is tried again (OTLP's retryable answers), at most twice, after
+ * 200 and 400 ms; then, or on any other answer but a 2xx, its spans are dropped (counted).
  */
 public final class RequestTraces extends PerAnswer<RequestTraces.Span> {
 
@@ -131,7 +133,10 @@ public final class RequestTraces extends PerAnswer<RequestTraces.Span> {
         private final long delayMillis;
         private final BlockingQueue<String> queue = new ArrayBlockingQueue<>(QUEUE);
         private final AtomicLong dropped = new AtomicLong();
-        private final HttpClient client = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(5)).build();
+        private static final int TRIES = 3;
+        private static final long RETRY_MILLIS = 200;
+        private final HttpClient client = HttpClient.newBuilder().version(HttpClient.Version.HTTP_1_1)
+                .connectTimeout(Duration.ofSeconds(5)).build();
 
         private Exporter(URI endpoint, String service, long delayMillis) {
             this.endpoint = endpoint;
@@ -233,11 +238,23 @@ public final class RequestTraces extends PerAnswer<RequestTraces.Span> {
             java.net.http.HttpRequest request = java.net.http.HttpRequest.newBuilder(endpoint)
                     .timeout(Duration.ofSeconds(10)).header("Content-Type", "application/json")
                     .POST(BodyPublishers.ofString(body.toString())).build();
-            try {
-                client.send(request, BodyHandlers.discarding());
-            } catch (java.io.IOException e) {
-                dropped.addAndGet(spans.size());
+            for (int attempt = 1; attempt <= TRIES; attempt++) {
+                int status;
+                try {
+                    status = client.send(request, BodyHandlers.discarding()).statusCode();
+                } catch (java.io.IOException e) {
+                    status = -1; // no answer: the collector is down, or the connection failed
+                }
+                if (status >= 200 && status < 300) {
+                    return;
+                }
+                boolean retryable = status == -1 || status == 429 || status == 502 || status == 503 || status == 504;
+                if (!retryable || attempt == TRIES) {
+                    break;
+                }
+                Thread.sleep(RETRY_MILLIS * attempt);
             }
+            dropped.addAndGet(spans.size());
         }
     }
 }
