@@ -626,20 +626,21 @@ def entries() -> dict[str, "ModelSpec | GeneratorSpec"]:
     return {**REGISTRY, **GENERATORS}
 
 
+def _find(table: dict[str, Any], name: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(table))}") from None
+
+
 def entry(name: str) -> "ModelSpec | GeneratorSpec":
     """Any registered model `name` (a generator too), or fail with the list of known names."""
-    try:
-        return entries()[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(entries()))}") from None
+    return _find(entries(), name)
 
 
 def get(name: str) -> ModelSpec:
-    """Return the registered model `name`, or fail with the list of known names."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}") from None
+    """Return the registered model `name` (not a generator), or fail with the list of known names."""
+    return _find(REGISTRY, name)
 
 
 def tested(spec: "ModelSpec | GeneratorSpec") -> bool:

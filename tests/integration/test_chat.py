@@ -19,6 +19,7 @@ from tests.kinds import checks
 
 pytestmark = pytest.mark.integration
 TINY, REAL = "chat-tiny", "chat"
+TINY_CHECKS = checks(registry.entry(TINY))  # the generate kind's test checks (tests/kinds/generate.py)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea and the wind over it.", "Hi",
            "List three prime numbers, and say why each one is prime, in one sentence.", "2+2=?",
            "Name a color.", "Why is the sky blue? Explain it to a child of five.", "Tell me a story."]
@@ -69,7 +70,7 @@ def text_of(lines) -> str:
 
 
 def greedy(prompt: str, max_tokens: int) -> dict:
-    return checks(registry.entry(TINY)).ask(prompt, max_tokens)
+    return TINY_CHECKS.ask(prompt, max_tokens)
 
 
 def test_the_openai_client_lists_chats_and_completes_whole_and_streamed(client):
@@ -139,7 +140,7 @@ def test_whole_greedy_answers_are_the_eager_decoders_own(chat_server, model):
 
 def test_hostile_bodies_get_their_own_4xx_while_their_neighbours_are_answered(chat_server):
     url, auth = f"{chat_server.inference_url}/v1/chat/completions", chat_server.headers()
-    matrix = checks(registry.entry(TINY)).bad_matrix()
+    matrix = TINY_CHECKS.bad_matrix()
     good = json.dumps({"model": TINY, **greedy("Hi", 4)}).encode()
     jobs = [good, *(body for body, _ in matrix), good]
     barrier = threading.Barrier(len(jobs))
@@ -321,4 +322,4 @@ def test_grpc_stream_predictions_carries_the_same_chunks_as_the_native_route(cha
         client.close()
     lines = [json.loads(line) for chunk in chunks for line in chunk.decode().splitlines()]
     assert len(chunks) > 5 and lines[-1]["usage"]["completion_tokens"] == 24
-    checks(registry.entry(TINY)).same(lines, native_stream(chat_server, ask)[0])
+    TINY_CHECKS.same(lines, native_stream(chat_server, ask)[0])

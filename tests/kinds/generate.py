@@ -44,11 +44,11 @@ class Checks:
         with torch.no_grad():
             tokens = greedy(model, model.config, [prompt], ask["max_tokens"], torch.device("cpu"))[0][0]
         end = next((i for i, t in enumerate(tokens) if t in form.stop_token_ids), None)
-        kept = tokens if end is None else tokens[:end]
-        return {"text": form.decode(kept), "finish_reason": "length" if end is None else "stop",
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(tokens if end is None else
-                                                                               tokens[:end + 1]),
-                          "total_tokens": len(prompt) + len(tokens if end is None else tokens[:end + 1])}}
+        made = tokens if end is None else tokens[:end + 1]  # the ending token is generated, and counted, not shown
+        return {"text": form.decode(made if end is None else made[:-1]),
+                "finish_reason": "length" if end is None else "stop",
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(made),
+                          "total_tokens": len(prompt) + len(made)}}
 
     def assert_native(self, asks: list[dict], answers: list[dict]) -> None:
         """Served whole native answers to greedy `asks` equal the eager decoder's, text, end and token counts."""
