@@ -198,7 +198,7 @@ def calibration_batches(spec: registry.ModelSpec, meta: dict[str, Any], *, count
     split = registry.resolve(spec.dataset)(**spec.recipe(recipe).dataset_kwargs)
     preset = build_preset(spec.preset)
     chosen = np.random.default_rng(0).choice(len(split.train_images), min(count, len(split.train_images)), replace=False)
-    images = torch.stack([preset.from_array(split.train_images[i]) for i in sorted(chosen)]).numpy()
+    images = np.stack([preset.from_array(split.train_images[i]) for i in sorted(chosen)])
     return [{spec.inputs[0].name: images[i : i + batch]} for i in range(0, len(images), batch)]
 
 

@@ -62,7 +62,7 @@ def compare(spec: registry.ModelSpec, artifacts: Path, runner: Path, *, batch: i
     for fmt in (f for f in NATIVE_FORMATS if f in manifest["artifacts"]):
         artifact = artifacts / manifest["artifacts"][fmt]["file"]
         native = run_native(runner, artifact, inputs)
-        python = [t.numpy() for t in load_runner(artifact, torch.device("cpu"), ThreadBudget())(inputs)]
+        python = load_runner(artifact, torch.device("cpu"), ThreadBudget())(inputs)
         same_layout = [(n.dtype, n.shape) for n in native] == [(p.dtype, p.shape) for p in python]
         report[fmt] = {"file": artifact.name, "native": native, "python": python, "same_layout": same_layout,
                        "max_abs_diff": max(float(np.abs(n.astype(np.float64) - p.astype(np.float64)).max())

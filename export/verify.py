@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from export import manifest as mf
@@ -69,7 +70,7 @@ def held_out_inputs(spec: registry.ModelSpec) -> tuple[torch.Tensor, torch.Tenso
 
     split = registry.resolve(spec.dataset)(test_only=True)
     preset = build_preset(spec.preset)
-    return torch.stack([preset.from_array(x) for x in split.test_images]), torch.as_tensor(split.test_labels)
+    return torch.from_numpy(np.stack([preset.from_array(x) for x in split.test_images])), torch.as_tensor(split.test_labels)
 
 
 def image_cases(spec: registry.ModelSpec) -> list[tuple[dict[str, Any], torch.Tensor]]:
@@ -83,13 +84,13 @@ def image_cases(spec: registry.ModelSpec) -> list[tuple[dict[str, Any], torch.Te
     images = registry.resolve(spec.dataset)(test_only=True).test_images
     preset = build_preset(spec.preset)
     cases = [({"inputs": "real", "batch": batch},
-              torch.stack([preset.from_array(images[i % len(images)]) for i in range(batch)]))
+              torch.from_numpy(np.stack([preset.from_array(images[i % len(images)]) for i in range(batch)])))
              for batch in spec.verify_batch_sizes]
     for n, (width, height) in enumerate(spec.verify_image_sizes):
         picks = [images[(7 * n + i) % len(images)] for i in range(3)]
         rows = [preset.from_array(np.asarray(Image.fromarray(x).resize((width, height), Image.Resampling.BILINEAR)))
                 for x in picks]
-        cases.append(({"inputs": f"real {width}x{height}", "batch": 3}, torch.stack(rows)))
+        cases.append(({"inputs": f"real {width}x{height}", "batch": 3}, torch.from_numpy(np.stack(rows))))
     return cases
 
 
@@ -198,7 +199,11 @@ def check_artifact(spec: registry.ModelSpec, artifact: Path, reference: dict[str
     from models.runtime import ThreadBudget, load_runner
 
     torch.manual_seed(0)
-    runner = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
+    serving = load_runner(artifact, torch.device("cpu"), ThreadBudget(intra_op=torch.get_num_threads()))
+
+    def runner(inputs):  # the serving backend's NumPy outputs, as tensors beside eager's
+        return [torch.from_numpy(o) for o in serving(inputs)]
+
     fmt = next((f for f, e in mf.read(artifact.parent)["artifacts"].items() if e["file"] == artifact.name), None)
     tolerance = spec.tolerance if fmt is None else spec.tolerance_for(fmt)
     return {"artifact": artifact.name, **check_cases(spec, reference, runner, tolerance)}

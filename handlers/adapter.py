@@ -9,6 +9,10 @@ sample request through the whole pipeline), and per batch reads each
 request's media type from TorchServe's context, times the three stages, sets each request's status,
 publishes the stage times as metrics and, when the environment names a collector, each request's trace
 (handlers/tracing.py). TorchServe loads it as the archive's handler (handlers/handler.py).
+
+It is a plain class (TorchServe asks a handler for `initialize` and `handle` alone), not a subclass of TorchServe's
+BaseHandler, which imports torch: a worker of an ONNX model imports no torch (the CPU image has none). A model that
+needs torch (a generating kind, a TorchScript or AOTInductor artifact) says so when it loads where torch is missing.
 """
 
 from __future__ import annotations
@@ -20,13 +24,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ts.torch_handler.base_handler import BaseHandler
-
 from handlers import cache, oip, openai, tracing
 from handlers.batch_metrics import StageClock, publish
 from handlers.requests import Pipeline, RequestError, content_type_of, expired, request_id, with_query
 from models import kinds
-from models.runtime import ThreadBudget, configure_cuda_math, load_runner, select_device
+from models.runtime import ThreadBudget, as_torch_device, configure_cuda_math, load_runner, needs_torch, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +134,10 @@ def warm_up_with_sample(pipeline: Pipeline, model_dir: Path) -> None:
             raise RuntimeError(f"the archive's sample request ({sample['content_type']}) was refused: {answer.body()}")
 
 
-class PipelineHandler(BaseHandler):
+class PipelineHandler:
     """Builds the pipeline of the kind the export manifest names (handlers.kinds)."""
+
+    initialized = False
 
     @staticmethod
     def served_as(context) -> tuple[str, str]:
@@ -144,6 +148,8 @@ class PipelineHandler(BaseHandler):
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         export_manifest = json.loads((model_dir / "manifest.json").read_text())
+        if kinds.get(export_manifest["kind"]).generates:
+            needs_torch(f"model {context.model_name} (the {export_manifest['kind']} kind)")
         kind = kinds.load(export_manifest["kind"])
         settings = kind.Settings.from_mapping((context.model_yaml_config or {}).get("handler"))
         threads = ThreadBudget(intra_op=settings.intra_op_threads)
@@ -259,7 +265,8 @@ class GenerationSession:
 
     def __init__(self, kind, model_dir: Path, settings, device, context, *, served_as: tuple[str, str]) -> None:
         self.slots = int(context.system_properties.get("batch_size") or 1)
-        self.scheduler = kind.build(model_dir, settings, served_as=served_as, max_batch=self.slots, device=device)
+        self.scheduler = kind.build(model_dir, settings, served_as=served_as, max_batch=self.slots,
+                                    device=as_torch_device(device))
         self.scheduler.warm_up()
         self.served_as = served_as
         self.tracing = tracing.Tracing.start()  # None unless the environment names an OTLP collector

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from handlers import oip
@@ -52,7 +51,7 @@ class ImageConfig(HandlerSettings):
     max_image_pixels: int = 16 * 1024 * 1024
     min_image_side: int = 8  # smaller images carry no usable content (and sklearn's digits are 8x8)
     max_aspect_ratio: int = 20  # long side / short side; a 10000x1 strip is no photo of anything
-    preprocess_threads: int = 1  # decode a batch's images on this many threads (Pillow and torch release the GIL)
+    preprocess_threads: int = 1  # decode a batch's images on this many threads (Pillow and NumPy release the GIL)
     max_rows_per_request: int = 64  # images in one OIP request
     max_rows_per_pass: int = 64  # rows in one forward pass: at most the largest verified batch
     # Decoding costs in proportion to decoded pixels (about 55 ns each here, a 58 KB PNG of 4096x4096 takes 0.9 s),
@@ -162,14 +161,14 @@ class Batch:
     """A batch after preprocessing: per request, an error already decided or its rows in `inputs`."""
 
     results: list  # per request: RequestError, or None until postprocess fills in the answer
-    inputs: torch.Tensor | None  # (rows, ...) of every decoded request in order; None when none decoded
+    inputs: np.ndarray | None  # (rows, ...) of every decoded request in order; None when none decoded
     owners: list[int]  # the request each row belongs to
     sizes: list[Size]  # each row's image as shown, before the preset (what boxes and masks map back to)
     infer: list  # per request: its oip.InferRequest, or None for a native request (one row)
     options: list = field(default_factory=list)  # per row: its request's own knobs (the kind's `options`)
 
 
-class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
+class ImagePipeline(Pipeline[Batch, "list[np.ndarray] | None"]):
     """preprocess (decode, collate) -> run (forward passes) -> postprocess (the kind's answers), one answer per
     request. A kind subclasses it with `OUTPUTS` (its OIP outputs, in order), `answers`, `native` and
     `infer_outputs`.
@@ -179,7 +178,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
 
     OUTPUTS: tuple[str, ...] = ()
 
-    def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: Callable,
+    def __init__(self, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]], preset: Callable,
                  labels: Sequence[str], config: ImageConfig, *, input_shape: Sequence[int] = (),
                  max_batch: int = 1, served_as: tuple[str, str] = ("model", "1")) -> None:
         self.runner, self.preset, self.labels, self.config = runner, preset, list(labels), config
@@ -187,7 +186,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="decode") \
             if config.preprocess_threads > 1 else None
 
-    def image(self, data: bytes, charge: Callable[[int], None] = no_budget) -> tuple[torch.Tensor, Size]:
+    def image(self, data: bytes, charge: Callable[[int], None] = no_budget) -> tuple[np.ndarray, Size]:
         """Encoded image bytes -> the model's input row and the image's size as shown, or RequestError naming what
         is wrong with them; `charge` is told the pixels before they are decoded (DecodeBudget)."""
         if not data:
@@ -205,7 +204,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         except InvalidImage as err:
             raise RequestError(400, "InvalidImage", str(err)) from None
 
-    def pixels(self, array: np.ndarray, charge: Callable[[int], None] = no_budget) -> tuple[torch.Tensor, Size]:
+    def pixels(self, array: np.ndarray, charge: Callable[[int], None] = no_budget) -> tuple[np.ndarray, Size]:
         """(h, w, c) uint8 pixels -> the model's input row and (w, h), under the same size limits as encoded images."""
         height, width, channels = array.shape
         if height * width > self.config.max_image_pixels:
@@ -222,7 +221,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         return self.preset(Image.fromarray(np.ascontiguousarray(plane), mode=PIXEL_MODES[channels])), (width, height)
 
     def infer_rows(self, request: oip.InferRequest, charge: Callable[[int], None] = no_budget
-                   ) -> tuple[torch.Tensor, list[Size]]:
+                   ) -> tuple[np.ndarray, list[Size]]:
         """An OIP request's rows, (n, *input_shape), and their sizes as shown, from its one input in any of the three
         accepted forms (FP32 rows are the model's own input: their size is the input's)."""
         request.check_outputs(self.OUTPUTS)
@@ -244,12 +243,12 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
             if not np.isfinite(tensor.data).all():
                 raise oip.invalid(f"input {tensor.name!r} holds NaN or infinite values")
             size = (self.input_shape[-1], self.input_shape[-2]) if len(self.input_shape) >= 2 else (1, 1)
-            return torch.from_numpy(np.ascontiguousarray(tensor.data, dtype=np.float32)), [size] * rows
+            return np.ascontiguousarray(tensor.data, dtype=np.float32), [size] * rows
         raise oip.invalid(f"input {tensor.name!r} is {tensor.datatype} {list(shape)}; {accepted}")
 
     @staticmethod
-    def _row(index: int, convert: Callable[..., tuple[torch.Tensor, Size]], value: Any, charge: Callable[[int], None]
-             ) -> tuple[torch.Tensor, Size]:
+    def _row(index: int, convert: Callable[..., tuple[np.ndarray, Size]], value: Any, charge: Callable[[int], None]
+             ) -> tuple[np.ndarray, Size]:
         try:
             return convert(value, charge)
         except RequestError as err:
@@ -262,7 +261,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
 
     def _decode_with_options(self, request: Mapping[str, Any], content_type: str, header_length: int | None,
                              charge: Callable[[int], None]
-                             ) -> tuple[torch.Tensor, list[Size], oip.InferRequest | None, Any]:
+                             ) -> tuple[np.ndarray, list[Size], oip.InferRequest | None, Any]:
         rows, sizes, infer = self.decode(request, content_type, header_length, charge)
         try:
             return rows, sizes, infer, self.options(request, infer)
@@ -271,7 +270,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
 
     def decode(self, request: Mapping[str, Any], content_type: str = "", header_length: int | None = None,
                charge: Callable[[int], None] = no_budget
-               ) -> tuple[torch.Tensor, list[Size], oip.InferRequest | None]:
+               ) -> tuple[np.ndarray, list[Size], oip.InferRequest | None]:
         """One request -> its rows, their sizes as shown and, for an OIP request, the parsed request; or
         RequestError. `charge` is its share of the batch's DecodeBudget."""
         if header_length is not None:  # the binary tensor extension: raw bytes, JSON header first
@@ -318,24 +317,24 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         owners = [i for i, rows, _ in good for _ in range(rows.shape[0])]
         sizes = [size for _, _, row_sizes in good for size in row_sizes]
         options = [decoded[i][3] for i in owners]
-        return Batch(results, torch.cat([rows for _, rows, _ in good]) if good else None, owners, sizes, infer,
+        return Batch(results, np.concatenate([rows for _, rows, _ in good]) if good else None, owners, sizes, infer,
                      options)
 
-    def run(self, batch: Batch) -> list[torch.Tensor] | None:
+    def run(self, batch: Batch) -> list[np.ndarray] | None:
         """The batch's forward passes, `max_rows_per_pass` rows at a time: (rows, C, H, W) -> each of the model's
         outputs for every row, on the CPU (None when no request of the batch decoded)."""
         if batch.inputs is None:
             return None
         step = self.config.max_rows_per_pass
         passes = [self.runner([batch.inputs[i:i + step]]) for i in range(0, batch.inputs.shape[0], step)]
-        return [torch.cat(parts) for parts in zip(*passes, strict=True)]
+        return [np.concatenate(parts) for parts in zip(*passes, strict=True)]
 
     def warm_up(self) -> None:
         """The smallest and the largest batch, once each."""
         for size in sorted({1, self.max_batch}):
-            self.runner([torch.zeros((size, *self.input_shape))])
+            self.runner([np.zeros((size, *self.input_shape), dtype=np.float32)])
 
-    def postprocess(self, batch: Batch, outputs: list[torch.Tensor] | None
+    def postprocess(self, batch: Batch, outputs: list[np.ndarray] | None
                     ) -> list[str | oip.BinaryAnswer | RequestError]:
         """Fill in each decoded request's JSON answer (native, or an OIP response); errors stay as they are."""
         results = list(batch.results)
@@ -350,7 +349,7 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
                 oip.response(*self.served_as, request, self.infer_outputs(rows))
         return results
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Any] = ()) -> list[Any]:
+    def answers(self, outputs: list[np.ndarray], sizes: list[Size], options: Sequence[Any] = ()) -> list[Any]:
         """The model's outputs for every row of a batch -> each row's answer (the kind's own structure); `options`:
         each row's request's knobs (empty: the model's config for every row)."""
         raise NotImplementedError
@@ -364,8 +363,8 @@ class ImagePipeline(Pipeline[Batch, "list[torch.Tensor] | None"]):
         raise NotImplementedError
 
 
-def _stack(rows: list[tuple[torch.Tensor, Size]]) -> tuple[torch.Tensor, list[Size]]:
-    return torch.stack([row for row, _ in rows]), [size for _, size in rows]
+def _stack(rows: list[tuple[np.ndarray, Size]]) -> tuple[np.ndarray, list[Size]]:
+    return np.stack([row for row, _ in rows]), [size for _, size in rows]
 
 
 def _encoded(value: str | bytes, index: int) -> bytes:
@@ -385,7 +384,7 @@ def input_signature(export_manifest: dict) -> list[dict]:
 
 
 def build(pipeline: type[ImagePipeline], export_manifest: dict,
-          runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], settings: ImageConfig, *,
+          runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]], settings: ImageConfig, *,
           served_as: tuple[str, str], max_batch: int) -> ImagePipeline:
     """An image kind's `pipeline` for an exported model: its preprocessing preset, labels and input shape come from
     the export manifest."""

@@ -56,35 +56,27 @@ def served(url: str, model: str, headers: dict[str, str], scenes: Sequence, *, t
 def eager_pipeline(spec: registry.ModelSpec, checkpoint_dir: Path, handler: dict, *, max_batch: int = 1):
     """The kind's serving pipeline (handlers/kinds) in-process, with the eager checkpoint as its model and `handler`
     as its settings: the reference a served answer is held to."""
-    import torch
-
     from export.export import input_records
     from models import checkpoint
+    from models.runtime import ModuleRunner
 
     model, meta = checkpoint.load(checkpoint_dir, spec)
     kind = kinds.load(spec.kind)
     # what an export's manifest tells the handler of the model (export.export writes the same three fields)
     manifest = {"preset": meta["preset"], "labels": meta["labels"], "inputs": input_records(spec)}
 
-    def runner(inputs):
-        with torch.inference_mode():
-            out = model(*inputs)
-        return list(out) if isinstance(out, (tuple, list)) else [out]
-
-    return kind.build(None, manifest, runner, kind.Settings.from_mapping(handler), served_as=(spec.name, "1"),
+    return kind.build(None, manifest, ModuleRunner(model), kind.Settings.from_mapping(handler), served_as=(spec.name, "1"),
                       max_batch=max_batch)
 
 
 def offline(spec: registry.ModelSpec, checkpoint_dir: Path, scenes: Sequence, handler: dict) -> list:
     """The eager checkpoint's predictions for the same scenes, through the served preset and the kind's own
     post-processing (eager_pipeline), as scene_metrics scores them."""
-    import torch
-
     pipeline, scored = eager_pipeline(spec, checkpoint_dir, handler), kinds.load(spec.kind).scored
     out = []
     for start in range(0, len(scenes), 50):
         chunk = scenes[start:start + 50]
-        outputs = pipeline.runner([torch.stack([pipeline.preset.from_array(s.image) for s in chunk])])
+        outputs = pipeline.runner([np.stack([pipeline.preset.from_array(s.image) for s in chunk])])
         answers = pipeline.answers(outputs, [(s.image.shape[1], s.image.shape[0]) for s in chunk])
         out.extend(scored(a) for a in answers)
     return out

@@ -4,7 +4,10 @@ Two layers:
 - decoding: request bytes -> a PIL image, with byte and pixel limits checked *before* pixels are
   decoded (Pillow's own decompression-bomb guard stays on; nothing here changes process-wide state);
 - presets: small callables with keyword-only settings that turn a decoded image (or, for training
-  data that is already an array, the array) into the exact tensor the model was trained on.
+  data that is already an array, the array) into the exact tensor the model was trained on, as a float32 NumPy
+  array. They need no torch: a worker serving an ONNX model runs them without it (the CPU image has none).
+  Resizing is Pillow's bilinear resampling, antialiased when it shrinks (its filter widens with the scale; torch's
+  `antialias=True` follows the same scheme).
 
 A preset is described by a JSON-able dict ({"name": "digits", "size": 32, ...}) that is stored in
 the checkpoint and the export manifest, so the server rebuilds the same preset the model saw.
@@ -17,8 +20,6 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -117,7 +118,22 @@ def to_gray_array(image: Image.Image) -> np.ndarray:
     return np.asarray(_onto_white(image).convert("L"), dtype=np.float32) / 255.0
 
 
-class DigitsPreset:
+def resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` at `size` (width, height): bilinear, antialiased when it shrinks; unchanged when it has that size."""
+    return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
+
+
+class _Preset:
+    def torchvision_transforms(self) -> Callable[[Image.Image], Any]:
+        """The same preprocessing as one torchvision Compose over a PIL image, for TorchServe's stock VisionHandler
+        (the bench's peer): the preset itself, its array made a tensor."""
+        import torch
+        from torchvision.transforms import v2
+
+        return v2.Compose([v2.Lambda(self), v2.Lambda(torch.from_numpy)])
+
+
+class DigitsPreset(_Preset):
     """Grayscale digit -> (1, size, size) tensor normalised like the training data.
 
     The training data (scikit-learn's digits) is white ink on black. People draw dark ink on light
@@ -128,7 +144,7 @@ class DigitsPreset:
     3. framing: the ink's bounding box (pixels above `ink_threshold`) is centred on a square canvas
        with `margin` of its side on every edge, so a small digit in a big canvas fills the frame as
        the training digits do;
-    4. resize to `size` x `size` (bilinear, antialiased), then (x - mean) / std.
+    4. resize to `size` x `size` (bilinear, antialiased: `resized`), then (x - mean) / std.
     A blank image yields an all-background tensor; it is still a valid input.
     """
 
@@ -143,15 +159,12 @@ class DigitsPreset:
             raise ValueError(f"std must be positive, got {std}")
         self.size, self.margin, self.mean, self.std, self.ink_threshold = size, margin, mean, std, ink_threshold
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> np.ndarray:
         """A decoded image of any mode and size -> (1, size, size) float32."""
         return self.from_array(to_gray_array(image))
 
-    def from_array(self, gray: np.ndarray) -> torch.Tensor:
-        """(H, W) intensities in [0, 1], either polarity -> (1, size, size) float32.
-
-        Steps 1-3 run in NumPy (per-call overhead matters at serving rates: a few microseconds per
-        op against tens for small torch ops); the antialiased resize is torch's."""
+    def from_array(self, gray: np.ndarray) -> np.ndarray:
+        """(H, W) intensities in [0, 1], either polarity -> (1, size, size) float32."""
         x = np.asarray(gray, dtype=np.float32)  # (H, W)
         if x.ndim != 2:
             raise ValueError(f"expected a 2-D grayscale array, got shape {tuple(x.shape)}")
@@ -164,10 +177,9 @@ class DigitsPreset:
             x = np.zeros_like(x)
         else:
             x = np.clip((x - background) / (peak - background), 0.0, 1.0)
-        canvas = torch.from_numpy(self._frame(x))
-        out = F.interpolate(canvas[None, None], size=(self.size, self.size), mode="bilinear", antialias=True,
-                            align_corners=False)
-        return ((out[0] - self.mean) / self.std).contiguous()  # (1, size, size)
+        canvas = resized(Image.fromarray(self._frame(x), mode="F"), (self.size, self.size))
+        out = np.asarray(canvas, dtype=np.float32)
+        return ((out - np.float32(self.mean)) / np.float32(self.std))[None]  # (1, size, size)
 
     def _frame(self, x: np.ndarray) -> np.ndarray:
         """Crop to the ink's bounding box and centre it on a square canvas with a margin."""
@@ -183,15 +195,6 @@ class DigitsPreset:
         canvas[top : top + height, left : left + width] = x
         return canvas
 
-    def torchvision_transforms(self) -> Callable[[Image.Image], torch.Tensor]:
-        """The same preprocessing as torchvision transforms, for TorchServe's stock VisionHandler.
-
-        Steps 1-3 have no stock transform, so they are Lambdas over the same functions; the result is
-        the tensor __call__ gives."""
-        from torchvision.transforms import v2
-
-        return v2.Compose([v2.Lambda(to_gray_array), v2.Lambda(self.from_array)])
-
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> RGB with EXIF rotation applied; transparency is composited onto white,
@@ -203,57 +206,65 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-class _ColourPreset:
-    """A preset that makes its tensor from (3, H, W) uint8 RGB (`from_tensor`), whatever image it is given."""
+class _ColourPreset(_Preset):
+    """A preset that makes its array from an RGB PIL image (`from_rgb`), whatever image it is given; per channel,
+    (x / 255 - mean) / std."""
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """A decoded image of any mode and size -> the model's input tensor."""
-        rgb = to_rgb(image)
-        return self.from_tensor(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
-    def from_array(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 (the generated training data) -> the model's input tensor."""
-        return self.from_tensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1))
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """A decoded image of any mode and size -> the model's input array."""
+        return self.from_rgb(to_rgb(image))
 
-    def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
+    def from_array(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 (the generated training data) -> the model's input array."""
+        return self.from_rgb(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="RGB"))
+
+    def from_rgb(self, rgb: Image.Image) -> np.ndarray:
         raise NotImplementedError
 
-    def torchvision_transforms(self) -> Callable[[Image.Image], torch.Tensor]:
-        """The same steps as one torchvision Compose over a PIL image, for TorchServe's stock VisionHandler."""
-        from torchvision.transforms import v2
+    def normalise(self, images: Any) -> Any:
+        """(..., 3, H, W) uint8 -> float32 (x / 255 - mean) / std: a NumPy array, or a torch tensor on its own device
+        (the scene models' training loop, a batch at a time) by the same float32 steps."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        if isinstance(images, np.ndarray):
+            return (images.astype(np.float32) / np.float32(255) - mean) / std
+        import torch
 
-        return v2.Compose([v2.Lambda(to_rgb), v2.PILToTensor(), v2.Lambda(self.from_tensor)])
+        return (images.float() / 255 - torch.from_numpy(mean).to(images.device)) / torch.from_numpy(std).to(images.device)
+
+    def _planes(self, rgb: Image.Image) -> np.ndarray:
+        """An RGB image -> (3, H, W) float32, normalised."""
+        return self.normalise(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 
 class RGBPreset(_ColourPreset):
-    """Colour image -> (3, crop, crop) tensor, torchvision-reference style (transforms v2):
-    resize the shorter side to `resize` (antialiased, on uint8, before any float conversion), centre
-    crop `crop`, scale to [0, 1], normalise by `mean` and `std` per channel.
+    """Colour image -> (3, crop, crop) array, torchvision-reference style: resize the shorter side to `resize`
+    (antialiased, on uint8, before any float conversion; the longer side in proportion, rounded down), centre crop
+    `crop`, scale to [0, 1], normalise by `mean` and `std` per channel.
 
     `draft_size` lets the decoder shrink large JPEGs by DCT scaling to no less than the resize target,
     so a 1920x1080 photo is decoded at 1/8 of its size at a fraction of the cost."""
 
     def __init__(self, *, resize: int = 128, crop: int = 128, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                  std: tuple[float, ...] = (0.25, 0.25, 0.25)) -> None:
-        from torchvision.transforms import v2
-
         if crop > resize:
             raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
         self.resize, self.crop, self.mean, self.std = resize, crop, tuple(mean), tuple(std)
         self.draft_size = (resize, resize)
-        self._tensor_steps = v2.Compose([
-            v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.CenterCrop(crop),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ])
 
-    def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 -> (3, crop, crop) float32."""
-        return self._tensor_steps(chw).contiguous()
-
+    def from_rgb(self, rgb: Image.Image) -> np.ndarray:
+        """An RGB image -> (3, crop, crop) float32."""
+        width, height = rgb.size
+        long = int(self.resize * max(width, height) / min(width, height))
+        size = (self.resize, long) if width <= height else (long, self.resize)
+        rgb = resized(rgb, size)
+        left, top = int(round((size[0] - self.crop) / 2.0)), int(round((size[1] - self.crop) / 2.0))
+        return self._planes(rgb.crop((left, top, left + self.crop, top + self.crop)))
 
 
 def shown_size(image: Image.Image) -> tuple[int, int]:
@@ -264,7 +275,7 @@ def shown_size(image: Image.Image) -> tuple[int, int]:
 
 
 class LetterboxPreset(_ColourPreset):
-    """Colour image of any size -> (3, size, size) tensor for the scene models (detector, segmenter): scaled, aspect
+    """Colour image of any size -> (3, size, size) array for the scene models (detector, segmenter): scaled, aspect
     kept, so its long side is `size` (antialiased, on uint8), placed at the top left of the square, the rest padded
     with the mean colour (0 after normalising), then scaled to [0, 1] and normalised by `mean` and `std`.
 
@@ -281,8 +292,6 @@ class LetterboxPreset(_ColourPreset):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
-        self._mean = torch.tensor(self.mean).reshape(-1, 1, 1)
-        self._std = torch.tensor(self.std).reshape(-1, 1, 1)
 
     def scale(self, width: int, height: int) -> float:
         return self.size / max(width, height)
@@ -292,21 +301,11 @@ class LetterboxPreset(_ColourPreset):
         scale = self.scale(width, height)
         return max(1, min(self.size, round(width * scale))), max(1, min(self.size, round(height * scale)))
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """(..., 3, H, W) uint8 -> float32 normalised (the training loop's input, batch at a time)."""
-        mean, std = self._mean.to(images.device), self._std.to(images.device)
-        return (images.float() / 255 - mean) / std
-
-    def from_tensor(self, chw: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 -> (3, size, size) float32."""
-        from torchvision.transforms.v2 import functional as TF
-
-        height, width = chw.shape[-2:]
-        new_width, new_height = self.content(width, height)
-        if (new_height, new_width) != (height, width):
-            chw = TF.resize(chw, [new_height, new_width], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        out = torch.zeros(3, self.size, self.size)
-        out[:, :new_height, :new_width] = self.normalise(chw)
+    def from_rgb(self, rgb: Image.Image) -> np.ndarray:
+        """An RGB image -> (3, size, size) float32."""
+        width, height = self.content(*rgb.size)
+        out = np.zeros((3, self.size, self.size), dtype=np.float32)
+        out[:, :height, :width] = self._planes(resized(rgb, (width, height)))
         return out
 
 
@@ -320,8 +319,8 @@ class TensorPreset:
     """Rows that are already the model's input (tabular features): float32, unchanged. A model that needs its
     features scaled scales them itself, inside the exported graph, so a client sends the raw values."""
 
-    def from_array(self, row: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(row, dtype=np.float32))
+    def from_array(self, row: np.ndarray) -> np.ndarray:
+        return np.asarray(row, dtype=np.float32)
 
 
 PRESETS: dict[str, Callable[..., Any]] = {"digits": DigitsPreset, "rgb": RGBPreset, "letterbox": LetterboxPreset,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ class TextPreset:
         heads = [self.head(t) for t in texts]
         return [Encoded(e.ids, bool(e.overflowing)) for e in self.tokenizer.encode_batch(heads)]
 
-    def collate(self, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, encoded: Sequence[Encoded]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), int64, padded to the longest text in `encoded`."""
         width = max(e.tokens for e in encoded)
         ids = np.full((len(encoded), width), self.pad_id, dtype=np.int64)
@@ -102,7 +101,7 @@ class TextPreset:
         for row, e in enumerate(encoded):
             ids[row, : e.tokens] = e.ids
             mask[row, : e.tokens] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return ids, mask
 
 
 def length_groups(lengths: Sequence[int], *, max_tokens: int, max_texts: int, pass_cost: int = 8) -> list[list[int]]:

@@ -25,7 +25,7 @@ from models.preprocessing import build_preset
 
 def preprocess_all(images: np.ndarray, preset) -> torch.Tensor:
     """Raw rows ((N, H, W) images, or (N, F) feature rows) -> model inputs through the preset the handler uses."""
-    return torch.stack([preset.from_array(image) for image in images])
+    return torch.from_numpy(np.stack([preset.from_array(image) for image in images]))
 
 
 def layout(batch: torch.Tensor) -> torch.Tensor:

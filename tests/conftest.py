@@ -120,7 +120,7 @@ class ClassifierReference:
             artifacts = built(TREE.artifacts(model_name))
             runner = load_runner(artifacts / mf.read(artifacts)["artifacts"][spec.serve_artifact]["file"],
                                  torch.device("cpu"), ThreadBudget())
-            self.model, self.source = (lambda batch: runner([batch])[0]), spec.serve_artifact
+            self.model, self.source = (lambda batch: torch.from_numpy(runner([batch])[0])), spec.serve_artifact
 
     def probs(self, body: bytes):
         import torch
@@ -128,7 +128,8 @@ class ClassifierReference:
         from models.preprocessing import decode_for
 
         with torch.inference_mode():
-            return torch.softmax(self.model(self.preset(decode_for(self.preset, body, max_pixels=10**8))[None]), dim=1)[0]
+            row = torch.from_numpy(self.preset(decode_for(self.preset, body, max_pixels=10**8)))
+            return torch.softmax(self.model(row[None]), dim=1)[0]
 
     def assert_matches(self, answer: list[dict], body: bytes, *, atol: float = 1e-4) -> None:
         """The served top-k equals the reference's: same classes in the same order, scores within atol."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
+import numpy as np
 
 from handlers import images, oip
 from handlers.images import ImageConfig, ImagePipeline, Size
@@ -23,9 +23,17 @@ class ClassifierConfig(ImageConfig):
     topk: int = 5
 
 
-def topk_predictions(probs: torch.Tensor, labels: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
-    """(B, C) probabilities -> per row, the top k as [{"label", "index", "score"}], best first."""
-    scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(B, C) logits -> (B, C) float32 probabilities (the largest logit subtracted first, as torch.softmax does)."""
+    shifted = np.exp(logits.astype(np.float32) - logits.max(axis=1, keepdims=True).astype(np.float32))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def topk_predictions(probs: np.ndarray, labels: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
+    """(B, C) probabilities -> per row, the top k as [{"label", "index", "score"}], best first (ties: the lower
+    index first)."""
+    indices = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
+    scores = np.take_along_axis(probs, indices, axis=1)
     return [
         [{"label": labels[i], "index": i, "score": round(s, 6)} for s, i in zip(row_s.tolist(), row_i.tolist())]
         for row_s, row_i in zip(scores, indices)
@@ -37,9 +45,9 @@ class ImageClassifier(ImagePipeline):
 
     OUTPUTS = OUTPUTS
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Any] = ()
+    def answers(self, outputs: list[np.ndarray], sizes: list[Size], options: Sequence[Any] = ()
                 ) -> list[list[dict[str, Any]]]:
-        return topk_predictions(torch.softmax(outputs[0].float(), dim=1), self.labels, self.config.topk)
+        return topk_predictions(softmax(outputs[0]), self.labels, self.config.topk)
 
     def infer_outputs(self, rows: list[list[dict[str, Any]]]) -> list[oip.Tensor]:
         shape = (len(rows), len(rows[0]))
@@ -60,7 +68,7 @@ def signature(export_manifest: dict, settings: ClassifierConfig) -> dict:
                         for name, datatype in zip(OUTPUTS, ("BYTES", "INT64", "FP32"), strict=True)]}
 
 
-def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]],
           settings: ClassifierConfig, *, served_as: tuple[str, str], max_batch: int) -> ImagePipeline:
     """The kind's pipeline for an exported model."""
     return images.build(ImageClassifier, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from handlers import oip
 from handlers import images
@@ -95,15 +94,15 @@ def knobs(values: Mapping[str, Any], config: DetectorConfig) -> Knobs:
                  config.max_detections if limit is None else int(limit))
 
 
-def detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, names: Sequence[str], *,
+def detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, names: Sequence[str], *,
                scale: float, size: Size, threshold: float, limit: int) -> list[dict[str, Any]]:
     """One row's detections (k, 4) / (k,) / (k,) in the model's input pixels -> those at or over `threshold`, at most
     `limit`, best first, with boxes divided by `scale` and clipped to the image of `size` (width, height)."""
-    order = torch.argsort(scores, descending=True, stable=True)
+    order = np.argsort(-scores, kind="stable")  # best first, ties in the model's order
     keep = order[scores[order] >= threshold][:limit]
     width, height = size
     found = []
-    for box, score, label in zip((boxes[keep].double() / scale).tolist(), scores[keep].tolist(),
+    for box, score, label in zip((boxes[keep].astype(np.float64) / scale).tolist(), scores[keep].tolist(),
                                  labels[keep].tolist(), strict=True):
         x0, y0, x1, y1 = (min(max(v, 0.0), bound) for v, bound in zip(box, (width, height, width, height)))
         found.append({"label": names[label], "index": int(label), "score": round(score, 6),
@@ -125,11 +124,11 @@ class Detector(ImagePipeline):
     def options(self, request: Mapping[str, Any], infer: oip.InferRequest | None) -> Knobs:
         return knobs(infer.parameters if infer is not None else request, self.config)
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Knobs] = ()
+    def answers(self, outputs: list[np.ndarray], sizes: list[Size], options: Sequence[Knobs] = ()
                 ) -> list[list[dict[str, Any]]]:
         boxes, scores, labels = outputs
         default = Knobs(self.config.score_threshold, self.config.max_detections)
-        return [detections(boxes[i].float(), scores[i].float(), labels[i], self.labels,
+        return [detections(boxes[i].astype(np.float32), scores[i].astype(np.float32), labels[i], self.labels,
                            scale=self.preset.scale(*size), size=size, threshold=row.threshold, limit=row.limit)
                 for i, (size, row) in enumerate(zip(sizes, options or [default] * len(sizes), strict=True))]
 
@@ -156,7 +155,7 @@ def signature(export_manifest: dict, settings: DetectorConfig) -> dict:
                         {"name": "count", "datatype": "INT32", "shape": [-1]}]}
 
 
-def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]],
           settings: DetectorConfig, *, served_as: tuple[str, str], max_batch: int) -> Detector:
     return images.build(Detector, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch)
 
@@ -166,7 +165,7 @@ VERIFY_FLOOR = 0.05  # detections scoring under this are noise, not checked
 VERIFY_MARGIN = 1e-3  # scores this close are a tie an export may break either way (the tolerance on scores)
 
 
-def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor: float = VERIFY_FLOOR,
+def compare(expected: Sequence[Any], got: Sequence[Any], floor: float = VERIFY_FLOOR,
             margin: float = VERIFY_MARGIN) -> dict:
     """(boxes, scores, labels) of a batch from eager (`expected`) and from an export (`got`), k detections an image.
 
@@ -175,9 +174,11 @@ def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], floor
     takes the unmatched detection of `got` with the same label and the greatest box IoU (torchvision.ops.box_iou).
     Figures: detections checked, `unmatched` (no same-label partner), `extra` (detections of `got` that clearly
     make its k, over `floor` + `margin`, that no expected one took), the least IoU and the largest score difference
-    of the matched pairs."""
+    of the matched pairs. Either side's arrays may be torch tensors or NumPy arrays (a runner's)."""
+    import torch
     from torchvision.ops import box_iou
 
+    expected, got = ([torch.as_tensor(t) for t in side] for side in (expected, got))
     checked = unmatched = extra = 0
     min_iou, max_score_diff = 1.0, 0.0
     for e_boxes, e_scores, e_labels, g_boxes, g_scores, g_labels in zip(*expected, *got, strict=True):

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from handlers import oip
 from handlers import images
 from handlers.images import ImageConfig, ImagePipeline, Size
+from models.runtime import host_array
 
 OUTPUTS = ("mask", "size", "fraction")
 PAD = 255  # no class has this index
@@ -47,10 +47,10 @@ class Segmentation:
     fractions: np.ndarray  # (classes,) float, each class's share of the pixels
 
 
-def restore(mask: torch.Tensor, content: Size, size: Size, classes: int) -> Segmentation:
+def restore(mask: np.ndarray, content: Size, size: Size, classes: int) -> Segmentation:
     """One row's (S, S) mask -> its image's part (`content`, (width, height) in the square) at the image's `size`."""
     width, height = size
-    part = mask[:content[1], :content[0]].to(torch.uint8).numpy()
+    part = np.ascontiguousarray(mask[:content[1], :content[0]], dtype=np.uint8)
     if (part.shape[1], part.shape[0]) != (width, height):
         part = np.asarray(Image.fromarray(part).resize((width, height), Image.Resampling.NEAREST))
     counts = np.bincount(part.ravel(), minlength=classes)[:classes]
@@ -72,7 +72,7 @@ def parse(answer: dict) -> np.ndarray:
 class Segmenter(ImagePipeline):
     OUTPUTS = OUTPUTS
 
-    def answers(self, outputs: list[torch.Tensor], sizes: list[Size], options: Sequence[Any] = ()
+    def answers(self, outputs: list[np.ndarray], sizes: list[Size], options: Sequence[Any] = ()
                 ) -> list[Segmentation]:
         return [restore(outputs[0][i], self.preset.content(*size), size, len(self.labels))
                 for i, size in enumerate(sizes)]
@@ -107,17 +107,18 @@ def signature(export_manifest: dict, settings: SegmenterConfig) -> dict:
                         {"name": "fraction", "datatype": "FP32", "shape": [-1, len(export_manifest["labels"])]}]}
 
 
-def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]],
           settings: SegmenterConfig, *, served_as: tuple[str, str], max_batch: int) -> Segmenter:
     return images.build(Segmenter, export_manifest, runner, settings, served_as=served_as, max_batch=max_batch)
 
 
-def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> dict:
-    """Export verification (export/verify.py): the share of pixels whose class an export gives as eager does."""
-    (e,), (g,) = expected, got
+def compare(expected: Sequence[Any], got: Sequence[Any]) -> dict:
+    """Export verification (export/verify.py): the share of pixels whose class an export gives as eager does (torch
+    tensors or NumPy arrays either side)."""
+    (e,), (g,) = ([np.asarray(host_array(t), dtype=np.uint8) for t in side] for side in (expected, got))
     if e.shape != g.shape:
-        return {"pixel_agreement": 0.0, "pixels": int(e.numel())}
-    return {"pixel_agreement": float((e.to(torch.uint8) == g.to(torch.uint8)).float().mean()), "pixels": int(e.numel())}
+        return {"pixel_agreement": 0.0, "pixels": int(e.size)}
+    return {"pixel_agreement": float((e == g).mean()), "pixels": int(e.size)}
 
 
 def scored(row: "Segmentation") -> np.ndarray:

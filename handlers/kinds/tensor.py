@@ -30,14 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from handlers import oip
 from models.kinds import DATATYPES
 from handlers.requests import Pipeline, RequestError, json_value, per_request, request_body
 from handlers.settings import HandlerSettings
 
-OF_TORCH = {getattr(torch, name): datatype for name, datatype in DATATYPES.items()}
 FLOATING = ("FP16", "FP32", "FP64")
 
 
@@ -100,7 +98,7 @@ class TensorBatch:
 class TensorModel(Pipeline[TensorBatch, dict]):
     """preprocess (parse, check against the model's inputs) -> run (grouped forward passes) -> postprocess."""
 
-    def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], inputs: Sequence[Port],
+    def __init__(self, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]], inputs: Sequence[Port],
                  outputs: Sequence[str], config: TensorConfig, *, served_as: tuple[str, str] = ("model", "1")) -> None:
         self.runner, self.inputs, self.outputs, self.config = runner, list(inputs), list(outputs), config
         self.served_as = served_as
@@ -189,19 +187,18 @@ class TensorModel(Pipeline[TensorBatch, dict]):
                 batch.parsed[idx] = parsed
         return batch
 
-    def forward(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def forward(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One group's rows, in passes of at most `max_rows_per_pass`; the outputs' rows in order."""
         rows, step = arrays[0].shape[0], self.config.max_rows_per_pass
-        passes = [self.runner([torch.from_numpy(np.ascontiguousarray(a[i:i + step])) for a in arrays])
-                  for i in range(0, rows, step)]
-        return [torch.cat([p[o] for p in passes]) for o in range(len(self.outputs))]
+        passes = [self.runner([np.ascontiguousarray(a[i:i + step]) for a in arrays]) for i in range(0, rows, step)]
+        return [np.concatenate([p[o] for p in passes]) for o in range(len(self.outputs))]
 
     def run(self, batch: TensorBatch) -> dict:
         """Per request index, its outputs: each group of same-shaped requests in one set of passes."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for idx, parsed in batch.parsed.items():
             groups[parsed.group].append(idx)
-        answers: dict[int, list[torch.Tensor]] = {}
+        answers: dict[int, list[np.ndarray]] = {}
         for members in groups.values():
             stacked = [np.concatenate([batch.parsed[i].arrays[k] for i in members]) for k in range(len(self.inputs))]
             outputs, start = self.forward(stacked), 0
@@ -223,15 +220,15 @@ class TensorModel(Pipeline[TensorBatch, dict]):
         """Every answer of this kind is in the protocol's form."""
         return error.as_oip()
 
-    def answer(self, request: oip.InferRequest, tensors: Sequence[torch.Tensor]) -> str | oip.BinaryAnswer:
-        named = [oip.Tensor(name, OF_TORCH[t.dtype], tuple(t.shape), t.detach().cpu().numpy())
-                 for name, t in zip(self.outputs, tensors, strict=True)]
+    def answer(self, request: oip.InferRequest, arrays: Sequence[np.ndarray]) -> str | oip.BinaryAnswer:
+        named = [oip.Tensor(name, DATATYPES[a.dtype.name], tuple(a.shape), a)
+                 for name, a in zip(self.outputs, arrays, strict=True)]
         return oip.response(*self.served_as, request, named)
 
     def warm_up(self) -> None:
         """One pass of one example row (dynamic axes at size 1)."""
-        self.runner([torch.zeros([1 if size == -1 else size for size in p.shape],
-                                 dtype=next(t for t, d in OF_TORCH.items() if d == p.datatype)) for p in self.inputs])
+        self.runner([np.zeros([1 if size == -1 else size for size in p.shape], dtype=oip.NUMERIC[p.datatype])
+                     for p in self.inputs])
 
 
 Settings = TensorConfig
@@ -245,7 +242,7 @@ def signature(export_manifest: dict, settings: TensorConfig) -> dict:
                         for o in export_manifest["output_specs"]]}
 
 
-def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]],
           settings: TensorConfig, *, served_as: tuple[str, str], max_batch: int) -> TensorModel:
     """The kind's pipeline: inputs and outputs from the export manifest, nothing from the model's own code."""
     return TensorModel(runner, model_inputs(export_manifest), export_manifest["outputs"], settings,

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from handlers import oip, openai
 from handlers.requests import (Pipeline, RequestError, decode_utf8, json_value, looks_like_json, parse_json_body,
@@ -177,10 +176,10 @@ class TextBatch:
     forms: list  # per request: "single", "listed" or its oip.InferRequest
 
 
-class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
+class SentenceEncoder(Pipeline[TextBatch, np.ndarray]):
     """preprocess (parse, tokenize) -> run (length-grouped forward passes) -> postprocess (JSON)."""
 
-    def __init__(self, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], preset: TextPreset,
+    def __init__(self, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]], preset: TextPreset,
                  config: EmbeddingConfig, *, served_as: tuple[str, str] = ("model", "1")) -> None:
         self.runner, self.preset, self.config, self.served_as = runner, preset, config, served_as
 
@@ -227,21 +226,21 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
                                                   "this one; retry")
         return total
 
-    def embed(self, encoded: Sequence[Encoded]) -> torch.Tensor:
+    def embed(self, encoded: Sequence[Encoded]) -> np.ndarray:
         """(N, hidden) embeddings in the order of `encoded`, one forward pass per length group."""
         if not encoded:
-            return torch.empty((0, 0))
+            return np.empty((0, 0), dtype=np.float32)
         groups = length_groups([e.tokens for e in encoded], max_tokens=self.config.max_batch_tokens,
                                max_texts=self.config.max_group_texts)
-        out: torch.Tensor | None = None
+        out: np.ndarray | None = None
         for group in groups:
             embeddings = self.runner(list(self.preset.collate([encoded[i] for i in group])))[0]
             if out is None:
-                out = torch.empty((len(encoded), embeddings.shape[1]), dtype=torch.float32)
-            out[group] = embeddings.float()
+                out = np.empty((len(encoded), embeddings.shape[1]), dtype=np.float32)
+            out[group] = embeddings
         return out
 
-    def run(self, batch: TextBatch) -> torch.Tensor:
+    def run(self, batch: TextBatch) -> np.ndarray:
         """The batch's forward passes, one per length group."""
         return self.embed(batch.encoded)
 
@@ -249,9 +248,9 @@ class SentenceEncoder(Pipeline[TextBatch, torch.Tensor]):
         """One short and one full-length pass."""
         self.embed(self.preset.encode(["warm up", "warm " * 300]))
 
-    def postprocess(self, batch: TextBatch, embeddings: torch.Tensor) -> list[str | oip.BinaryAnswer | RequestError]:
+    def postprocess(self, batch: TextBatch, embeddings: np.ndarray) -> list[str | oip.BinaryAnswer | RequestError]:
         results = list(batch.results)
-        rows = np.round(embeddings.numpy().astype(np.float64), self.config.decimals).tolist() if len(batch.encoded) else []
+        rows = np.round(embeddings.astype(np.float64), self.config.decimals).tolist() if len(batch.encoded) else []
         items_of: dict[int, list[dict[str, Any]]] = {}
         for owner, encoded, row in zip(batch.owners, batch.encoded, rows, strict=True):
             items_of.setdefault(owner, []).append(
@@ -287,7 +286,7 @@ def signature(export_manifest: dict, settings: EmbeddingConfig) -> dict:
             "openai": [openai.EMBEDDINGS]}
 
 
-def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+def build(model_dir, export_manifest: dict, runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]],
           settings: EmbeddingConfig, *, served_as: tuple[str, str], max_batch: int) -> SentenceEncoder:
     """The kind's pipeline for an exported model: its tokenizer (an asset beside the model) from the export
     manifest's text preset."""

@@ -29,22 +29,15 @@ import torch
 from export import manifest as mf
 from export.verify import reference_inputs
 from models import checkpoint, paths, registry
-from models.runtime import ThreadBudget, load_runner, select_device
+from models.runtime import ModuleRunner, ThreadBudget, load_runner, select_device
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 Run = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
-def eager_runner(checkpoint_dir: Path, device: torch.device) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+def eager_runner(checkpoint_dir: Path, device) -> ModuleRunner:
     model, _ = checkpoint.load(checkpoint_dir)
-    model = model.to(device)
-
-    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            out = model(*[t.to(device) for t in inputs])
-        return [o.cpu() for o in (out if isinstance(out, (tuple, list)) else [out])]
-
-    return run
+    return ModuleRunner(model, device)
 
 
 def items_per_second(run: Run, passes: list[list[torch.Tensor]], items: int, *, seconds: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from handlers.kinds.classify import ClassifierConfig, ImageClassifier, topk_pred
 from handlers.requests import (MAX_QUERY_FIELDS, QUERY_HEADER, RequestError, content_type_of, expired,
                                with_query)
 from models.preprocessing import DigitsPreset
+from models.runtime import ModuleRunner
 from models.samples import encode, render
 from tests.ops.bad_inputs import png
 
@@ -111,7 +113,7 @@ def test_an_oip_requests_timeout_parameter_is_a_deadline_in_microseconds():
 
 
 def test_topk_is_best_first_and_clipped_to_the_class_count():
-    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], dtype=np.float32)
     top = topk_predictions(probs, ["a", "b", "c"], k=5)
     assert [p["label"] for p in top[0]] == ["b", "c", "a"] and [p["index"] for p in top[1]] == [0, 2, 1]
     assert top[0][0]["score"] == pytest.approx(0.6)
@@ -136,7 +138,7 @@ class Brightness(nn.Module):
 @pytest.fixture
 def classifier() -> ImageClassifier:
     model = Brightness().eval()
-    return ImageClassifier(lambda inputs: [model(*inputs)], DigitsPreset(), ["dark", "bright"],
+    return ImageClassifier(ModuleRunner(model), DigitsPreset(), ["dark", "bright"],
                            ClassifierConfig(topk=2, max_image_bytes=10_000, max_image_pixels=10_000))
 
 

@@ -17,6 +17,7 @@ from handlers import oip
 from handlers.kinds.classify import ClassifierConfig, ImageClassifier
 from handlers.requests import RequestError
 from models.preprocessing import DigitsPreset
+from models.runtime import ModuleRunner
 from models.samples import encode, render
 
 PNG = encode(render(torch.eye(8).numpy(), polarity="dark-on-light"))
@@ -84,7 +85,7 @@ def classifier():
 
     def runner(inputs):
         calls.append(inputs[0].shape[0])
-        return [model(*inputs)]
+        return ModuleRunner(model)(inputs)
 
     pipeline = ImageClassifier(runner, DigitsPreset(), ["dark", "bright"],
                                ClassifierConfig(topk=2, max_rows_per_pass=3, max_rows_per_request=8),
