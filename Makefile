@@ -15,6 +15,7 @@ SHELL := /bin/bash
 MODEL ?= digits## a model of the registry (python3.11 -m models.registry list)
 PYTHON ?= python3.11## the Python 3.11 the venv is made from
 VENV ?= .venv## where the locked dependencies are installed
+CPU_VENV ?= build/venv-cpu## the CPU image's runtime, torch-free (requirements/runtime-cpu.txt), for the test tier that serves from it
 RECIPE ?= full## training recipe and build tree: full (checkpoints/, artifacts/, model_store/) or quick (build/quick/)
 TEST_RECIPE ?= quick## the recipe, and so the build tree, `make test` builds and tests (quick: about 17 minutes from nothing on 2 cores)
 BUILD_JOBS ?= 2## models `make test` builds at once
@@ -37,9 +38,9 @@ FLEET_PORT ?= 8090## the balancer's port: the fleet's only way in
 FLEET_STATS_PORT ?= 8091## HAProxy's per-replica stats page (/stats)
 FLEET_ISOLATION ?= auto## netns: each replica in a network namespace of its own (root); loopback; auto: netns where allowed
 TOKEN_FILE ?=## the fleet's bearer token file (a mounted Secret); empty: FLEET_DIR/token, made when missing
-IMAGE ?= localhost/torchserve-models## the serving image `make image` builds (tag: IMAGE_TAG, -cuda for VARIANT=cuda)
+IMAGE ?= localhost/torchserve-models## the serving image `make image` builds (tag: IMAGE_TAG, -<variant> for VARIANT other than cpu)
 IMAGE_TAG ?= latest## the image's tag
-VARIANT ?= cpu## the image's target: cpu, or cuda for GPU nodes
+VARIANT ?= cpu## the image's target: cpu (ONNX Runtime models, no torch), cpu-torch (any model, torch for the CPU) or cuda (GPU nodes)
 IMAGE_MODELS ?= $(SERVE_MODELS)## archives baked into the image (empty: none, mount a model store)
 BASE_IMAGE ?= localhost/debian-bookworm-minbase## the local base image, made with debootstrap when podman lacks it
 PODMAN ?= podman --runtime runc --cgroup-manager cgroupfs## podman and its flags (runc: crun refuses hybrid cgroups)
@@ -50,6 +51,7 @@ TEST_MODELS ?= $(shell $(PYTHON) -m models.registry list --tested)## models `mak
 
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
+CPU_VENV_STAMP := $(CPU_VENV)/.installed
 LOCK := requirements/dev.txt
 TREE := $(if $(filter quick,$(RECIPE)),build/quick/,)
 # Processes started from here read the build tree from this variable (models/paths.py).
@@ -67,7 +69,7 @@ VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LI
 
 .PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
-	deploy rollback venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
+	deploy rollback venv cpu-venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
 	chat-bench decoder-bench cache-bench deadline-bench trace-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
 
 help: ## show the targets and the variables they take
@@ -121,6 +123,18 @@ $(VENV_STAMP): $(LOCK) requirements/uv.txt | prereqs-core
 	$(PY) -m pip check
 	touch $@
 
+# The CPU image's runtime as a venv here, as the image installs it: the torch-free lock, and TorchServe's worker
+# patched to start without torch (serve_config/torch_free.py, sha256-checked). The test tier serves from it.
+$(CPU_VENV_STAMP): requirements/runtime-cpu.txt serve_config/torch_free.py | $(VENV_STAMP)
+	rm -rf $(CPU_VENV)
+	$(PYTHON) -m venv $(CPU_VENV)
+	$(UV) pip install --quiet --compile-bytecode $(UV_INDEXES) --require-hashes --no-deps --python $(CPU_VENV)/bin/python -r requirements/runtime-cpu.txt
+	$(CPU_VENV)/bin/python -m pip check
+	$(PY) -m serve_config.torch_free $(CPU_VENV)
+	touch $@
+
+cpu-venv: $(CPU_VENV_STAMP) ## the CPU image's torch-free runtime as a venv (CPU_VENV), TorchServe's worker patched as in the image
+
 # ExecuTorch, for `make mobile` alone, from its own lock (resolved against dev.txt, so nothing already installed moves).
 MOBILE_STAMP := $(VENV)/.mobile-installed
 $(MOBILE_STAMP): requirements/mobile.txt | $(VENV_STAMP)
@@ -134,6 +148,7 @@ lock: | $(VENV_STAMP) ## re-resolve requirements/*.in into the hashed locks (nee
 	$(UV_COMPILE) --output-file requirements/uv.txt requirements/uv.in
 	$(UV_COMPILE) --output-file requirements/dev.txt requirements/dev.in
 	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/runtime.txt requirements/runtime.in
+	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/runtime-cpu.txt requirements/runtime-cpu.in
 	$(UV_COMPILE) --constraint requirements/dev.txt --output-file requirements/mobile.txt requirements/mobile.in
 
 # A registry entry as JSON, rewritten only when the entry changes: what depends on the entry depends on this. Every
@@ -292,14 +307,14 @@ rollback: | $(VENV_STAMP) ## serve MODEL's previous version again (after make de
 recover: | $(VENV_STAMP) ## after a deploy or rollback was killed: put MODEL back on the version its history records
 	$(PY) -m serve_config.rollout recover --model $(MODEL) --run-dir $(RUN_DIR) --model-store $(TREE)model_store --keep $(KEEP)
 
-IMAGE_REF = $(IMAGE):$(IMAGE_TAG)$(if $(filter cuda,$(VARIANT)),-cuda)
+IMAGE_REF = $(IMAGE):$(IMAGE_TAG)$(if $(filter-out cpu,$(VARIANT)),-$(VARIANT))
 
 image: $(foreach m,$(IMAGE_MODELS),$(TREE)model_store/$(m).mar) $(PLUGIN_JAR) | $(VENV_STAMP) prereqs-image ## build the serving image with podman (runtime lock only, models baked in)
 	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m serve_config.cluster.image build --tag $(IMAGE_REF) --variant $(VARIANT) \
 		--models $(IMAGE_MODELS) --model-store $(TREE)model_store --podman "$(PODMAN)" $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
 
 image-test: image ## build the image, then run it: every model through it, its probes, the KServe runtime, a draining stop
-	IMAGE=$(IMAGE_REF) PODMAN="$(PODMAN)" $(PY) -m pytest tests/container $(PYTEST_ARGS)
+	IMAGE=$(IMAGE_REF) VARIANT=$(VARIANT) PODMAN="$(PODMAN)" $(PY) -m pytest tests/container $(PYTEST_ARGS)
 
 bundle: $(MARS) | $(VENV_STAMP) ## KServe storageUri layout per model: BUNDLE_DIR/<model>/{config/config.properties,model-store/<model>.mar}
 	$(foreach m,$(SERVE_MODELS),$(PY) -m serve_config.cluster.bundle --models $(m) --model-store $(TREE)model_store --out $(BUNDLE_DIR)/$(m) &&) true
@@ -345,7 +360,7 @@ soak: $(TREE)model_store/$(MODEL).mar | $(VENV_STAMP) ## hold ~70 % of capacity 
 # compiling, starting interpreters) overlap another's training. Each keeps torch's own thread count (the same
 # checkpoints as one at a time); OMP_WAIT_POLICY=PASSIVE lets an idle OpenMP thread sleep instead of spinning on a
 # core the other build needs. Each build's output is printed whole when it ends. docs/development.md has the times.
-test: | $(VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's and the proofs'
+test: | $(VENV_STAMP) $(CPU_VENV_STAMP) prereqs-fleet prereqs-deploy ## set up, build the default models (TEST_RECIPE, in its own tree) and run every test tier but the image's and the proofs'
 	OMP_WAIT_POLICY=PASSIVE $(MAKE) --no-print-directory -j$(BUILD_JOBS) --output-sync=target \
 		RECIPE=$(TEST_RECIPE) models plugin cpp-runner SERVE_MODELS="$(TEST_MODELS)"
 	$(MAKE) --no-print-directory RECIPE=$(TEST_RECIPE) pytest

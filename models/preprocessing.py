@@ -236,8 +236,9 @@ class _ColourPreset(_Preset):
         return (images.float() / 255 - torch.from_numpy(mean).to(images.device)) / torch.from_numpy(std).to(images.device)
 
     def _planes(self, rgb: Image.Image) -> np.ndarray:
-        """An RGB image -> (3, H, W) float32, normalised."""
-        return self.normalise(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+        """An RGB image -> (3, H, W) float32, normalised, C-contiguous (a compiled model, AOTInductor's, reads its
+        input in that layout whatever its strides say)."""
+        return np.ascontiguousarray(self.normalise(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 class RGBPreset(_ColourPreset):
@@ -265,6 +266,15 @@ class RGBPreset(_ColourPreset):
         rgb = resized(rgb, size)
         left, top = int(round((size[0] - self.crop) / 2.0)), int(round((size[1] - self.crop) / 2.0))
         return self._planes(rgb.crop((left, top, left + self.crop, top + self.crop)))
+
+    def _planes(self, rgb: Image.Image) -> np.ndarray:
+        """An RGB image -> (3, H, W) float32, C-contiguous, scaled as torchvision's ToDtype(scale=True) scales (times
+        the float32 reciprocal of 255) and then normalised as its Normalize does: the floats of the torchvision
+        reference transforms this preset follows, so a model trained with them is served the same input."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        planes = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255)
+        return np.ascontiguousarray((planes - mean) / std)
 
 
 def shown_size(image: Image.Image) -> tuple[int, int]:

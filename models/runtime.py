@@ -214,10 +214,10 @@ def host_array(value: Any) -> np.ndarray:
 
 
 def _as_tensors(inputs: Sequence[Any], device) -> list:
-    """Inputs as torch tensors on `device` (from pinned memory, non_blocking, on a GPU)."""
+    """Inputs as C-contiguous torch tensors on `device` (from pinned memory, non_blocking, on a GPU)."""
     import torch
 
-    tensors = [torch.as_tensor(host_array(t)) for t in inputs]
+    tensors = [torch.as_tensor(np.ascontiguousarray(host_array(t))) for t in inputs]  # AOTInductor reads C order
     if device.type == "cuda":
         return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
     return tensors

@@ -3,8 +3,9 @@
     python -m serve_config.cluster.image build --tag torchserve-models:latest --models digits shapes minilm \
         --model-store model_store [--base localhost/debian:bookworm-slim]
 
-1. Stage a small build context under build/image/context: the Containerfile, the runtime lock (and uv's), the
-   container's own files (entrypoint, probe, log4j2.xml, config.properties rendered by bundle.py) and the
+1. Stage a small build context under build/image/context: the Containerfile, the variant's runtime lock (and uv's;
+   VARIANTS: the CPU image's has no torch, and TorchServe's worker is patched by torch_free.py to start without it),
+   the container's own files (entrypoint, probe, log4j2.xml, config.properties rendered by bundle.py) and the
    archives to bake in (checked against their recorded sha256; none with --models and nothing after it).
 2. Make sure the base exists. `--base` names a local image; where podman has none by that name, it is built
    with `debootstrap --variant=minbase bookworm` from Debian's mirror and imported (no image registry needs
@@ -37,6 +38,10 @@ from serve_config.control import PLUGIN_JAR, PLUGINS_DIR
 from serve_config.cluster.bundle import container_config, copy_archives
 
 HERE = Path(__file__).resolve().parent / "image"
+# Each variant's Containerfile target and runtime lock: `cpu` serves the models that run on ONNX Runtime, without torch
+# (about a fifth of the image); `cpu-torch` any model on CPU nodes; `cuda` any model on GPU nodes.
+VARIANTS = {"cpu": ("cpu", "runtime-cpu.txt"), "cpu-torch": ("cpu", "runtime.txt"), "cuda": ("cuda", "runtime.txt")}
+TORCH_FREE = ROOT / "serve_config" / "torch_free.py"
 # The container's own files, as /opt/serve holds them: the entrypoint, the readiness probe (the control plane's one
 # readiness, run as a script) and log4j2.xml.
 OPT_SERVE = {"entrypoint.py": HERE / "entrypoint.py", "probe.py": ROOT / "serve_config" / "control" / "probe.py",
@@ -77,7 +82,17 @@ def containerfile_env(path: Path = HERE / "Containerfile", base_path: str = BASE
     return env
 
 
-def stage(context: Path, models: Sequence[str], model_store: Path) -> Path:
+def needing_torch(models: Sequence[str]) -> list[str]:
+    """The models of `models` whose worker needs torch: a generating kind, or an archive served by a backend other
+    than ONNX Runtime (TorchScript, AOTInductor)."""
+    from models import kinds, registry
+
+    return [name for name in models
+            if kinds.get((entry := registry.entry(name)).kind).generates
+            or not getattr(entry, "serve_artifact", "onnx").startswith("onnx")]
+
+
+def stage(context: Path, models: Sequence[str], model_store: Path, lock: str = "runtime-cpu.txt") -> Path:
     """Lay out the build context: only what the image is made of."""
     if context.exists():
         shutil.rmtree(context)
@@ -90,8 +105,9 @@ def stage(context: Path, models: Sequence[str], model_store: Path) -> Path:
     (context / "image" / "config.properties").write_text(container_config(STORE_IN_IMAGE))
     (context / "image" / "plugins").mkdir()  # the frontend's endpoint plugins (plugins_path in the config)
     shutil.copy2(PLUGINS_DIR / PLUGIN_JAR, context / "image" / "plugins" / PLUGIN_JAR)
-    for name in ("uv.txt", "runtime.txt"):
+    for name in ("uv.txt", lock):
         shutil.copy2(ROOT / "requirements" / name, context / "requirements" / name)
+    shutil.copy2(TORCH_FREE, context / TORCH_FREE.name)
     copy_archives(model_store, models, context / "model-store")
     return context
 
@@ -147,13 +163,18 @@ def build_arguments(secrets_dir: Path = SECRETS) -> tuple[list[str], list[str]]:
 
 def build(tag: str, models: Sequence[str], model_store: Path, *, base: str | None, podman: list[str],
           variant: str = "cpu") -> None:
-    context = stage(CONTEXT, models, model_store)
+    target, lock = VARIANTS[variant]
+    if lock == VARIANTS["cpu"][1] and (torch := needing_torch(models)):
+        raise RuntimeError(f"{', '.join(torch)} need torch, which the {variant} image leaves out: build VARIANT=cpu-torch "
+                           "(or cuda), or leave them out of IMAGE_MODELS")
+    context = stage(CONTEXT, models, model_store, lock)
     args, volumes = build_arguments()
+    args += ["--build-arg", f"LOCK={lock}"]
     if base:
         ensure_base(podman, base)
         args += ["--build-arg", f"BASE_IMAGE={base}"]
     # docker format: OCI images have no HEALTHCHECK.
-    run([*podman, "build", "--network", "host", "--format", "docker", "--target", variant, "--tag", tag, *args,
+    run([*podman, "build", "--network", "host", "--format", "docker", "--target", target, "--tag", tag, *args,
          *volumes, "--file", str(context / "Containerfile"), str(context)])
 
 
@@ -165,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--models", nargs="*", default=[], help="archives to bake in (none: mount a store)")
     p_build.add_argument("--model-store", type=Path, required=True)
     p_build.add_argument("--base", help="a local base image, made with debootstrap when podman lacks it")
-    p_build.add_argument("--variant", choices=("cpu", "cuda"), default="cpu",
-                         help="the Containerfile's target: cpu, or cuda for GPU nodes (docs/deploy.md)")
+    p_build.add_argument("--variant", choices=tuple(VARIANTS), default="cpu",
+                         help="cpu (ONNX Runtime models, no torch), cpu-torch (any model) or cuda (GPU nodes; "
+                              "docs/deploy.md)")
     p_build.add_argument("--podman", default=PODMAN, help=f"the podman command line (default: {PODMAN})")
     args = parser.parse_args(argv)
     try:

@@ -107,12 +107,14 @@ def refuse_if_running(run_dir: Path) -> None:
 def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model_store: Path = FULL.model_store,
           template: Path = TEMPLATE, timeout: float = 180.0, extra_env: dict[str, str] | None = None,
           overrides: dict[str, str] | None = None, netns: str | None = None, log_config: Path = LOG_CONFIG,
-          keys: dict[str, str] | None = None) -> Server:
+          keys: dict[str, str] | None = None, python: Path | None = None) -> Server:
     """Start TorchServe serving `models` from `model_store` and wait until every model has a ready worker.
     `overrides` replace settings of the template (render_config); `netns` runs it inside that network namespace
     (serve_config/control/netns.py), where its loopback addresses are its own; `keys` (inference, management,
     api) are the keys it takes, instead of new random ones (a fleet's replicas share the keys their balancer
-    sends). Either way a restart by the supervisor keeps the keys."""
+    sends). Either way a restart by the supervisor keeps the keys. `python`: the interpreter of the environment
+    whose TorchServe runs, and so its workers (default: this one; the CPU image's torch-free runtime, `make cpu-venv`,
+    in its test tier)."""
     run_dir = run_dir.resolve()
     server = Server(run_dir, ports, netns=netns)
     refuse_if_running(run_dir)
@@ -144,7 +146,7 @@ def start(run_dir: Path, models: Sequence[str], *, ports: Ports = Ports(), model
     env = {key: value for key, value in os.environ.items() if not key.startswith("TS_")}
     env.update({"TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"), "LOG_LOCATION": str(run_dir / "logs"),
                 "METRICS_LOCATION": str(run_dir / "logs"), **(extra_env or {})})
-    torchserve = Path(sys.executable).parent / "torchserve"
+    torchserve = Path(python or sys.executable).parent / "torchserve"
     if netns:
         write_atomic(run_dir / NETNS_FILE, netns)
     else:

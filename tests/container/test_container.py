@@ -26,6 +26,7 @@ from tests.deploy import runtime as rt
 
 pytestmark = [pytest.mark.container, pytest.mark.integration, pytest.mark.slow]
 IMAGE = os.environ.get("IMAGE", "localhost/torchserve-models:latest")
+VARIANT = os.environ.get("VARIANT", "cpu")  # the variant make built (serve_config/cluster/image.py VARIANTS)
 PODMAN = shlex.split(os.environ.get("PODMAN", im.PODMAN))
 LOCKED_DOWN = ["--read-only", "--tmpfs", "/tmp:rw,mode=1777", "--tmpfs", "/home/model-server/run:rw,mode=1777",
                "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--network", "host"]
@@ -85,10 +86,15 @@ def test_the_image_is_the_runtime_only_and_runs_as_a_user(image_config):
     assert image_config["Entrypoint"][:1] == ["/usr/bin/tini"]
     healthcheck = image_config["Healthcheck"]["Test"]
     assert healthcheck[0] == "CMD" and healthcheck[1:] == ["/opt/venv/bin/python", "/opt/serve/probe.py", "ready"]
+    left_out = ["sklearn", "locust", "pytest", "transformers", "matplotlib"]
+    if VARIANT == "cpu":  # ONNX Runtime's models alone: no torch, none of the CUDA libraries it brings
+        left_out += ["torch", "torchvision", "triton", "nvidia"]
     answer = podman("run", "--rm", "--network", "host", "--entrypoint", "/opt/venv/bin/python", IMAGE, "-c",
-                    "import importlib.util as u, sys; print(sys.version_info[:2], [m for m in ('sklearn', 'locust', "
-                    "'pytest', 'transformers', 'matplotlib') if u.find_spec(m)], u.find_spec('ts') is not None)")
+                    "import importlib.util as u, sys; print(sys.version_info[:2], [m for m in sys.argv[1:] "
+                    "if u.find_spec(m)], u.find_spec('ts') is not None)", *left_out)
     assert answer.stdout.strip() == "(3, 11) [] True", answer.stdout + answer.stderr
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout)
+    print(f"\n{IMAGE} ({VARIANT}): {size / 1e9:.2f} GB")
 
 
 def test_the_package_indexes_reach_the_build_as_a_secret_and_stay_out_of_the_image():

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # What a build or a running server writes (never committed), and paths inside TorchServe's own jar or repository
 GENERATED = ("run/", "build/", "checkpoints/", "artifacts/", "model_store/", "mobile/", "results/")
-UPSTREAM = {"META-INF/io.netty.versions.properties", "frontend/gradle.properties"}
+UPSTREAM = {"META-INF/io.netty.versions.properties", "frontend/gradle.properties", "ts/protocol/otf_message_handler.py"}
 PATH = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)+[\w.-]+\.(?:py|yaml|yml|md|java|txt|cfg|properties|json|sh|cpp|in|xml|"
                   r"http))(?![\w/])")
 MODULE = re.compile(r"(?<![\w/.-])((?:handlers|models|export|loadtest|serve_config|tests)(?:\.[A-Za-z_]\w*)+)"
