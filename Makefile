@@ -67,7 +67,7 @@ CPP_RUNNER = build/cpp/runner
 checkpoint_deps = $(if $(call sources,$(1),checkpoint),$(call sources,$(1),checkpoint) build/registry/$(1).json)
 VARIABLES := $(shell sed -nE 's/^([A-Z_]+) \?=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
 
-.PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test bundle k8s k8s-validate \
+.PHONY: help prereqs prereqs-core prereqs-fleet prereqs-wrk prereqs-deploy prereqs-image image image-test image-bench bundle k8s k8s-validate \
 	rules-test fleet fleet-stop fleet-reload-token fleet-status fleet-update fleet-loadtest fleet-scale recover \
 	deploy rollback venv cpu-venv train export verify archive serve stop token ready rotate-token predict evaluate loadtest bench \
 	chat-bench decoder-bench cache-bench deadline-bench trace-bench sweep soak switch-bench test proofs pytest unit lock clean models plugin cpp-runner cpp-run mobile mobile-check
@@ -315,6 +315,10 @@ image: $(foreach m,$(IMAGE_MODELS),$(TREE)model_store/$(m).mar) $(PLUGIN_JAR) | 
 
 image-test: image ## build the image, then run it: every model through it, its probes, the KServe runtime, a draining stop
 	IMAGE=$(IMAGE_REF) VARIANT=$(VARIANT) PODMAN="$(PODMAN)" $(PY) -m pytest tests/container $(PYTEST_ARGS)
+
+image-bench: | $(VENV_STAMP) prereqs-image ## pull to ready of the cpu image beside the cpu-torch one, each into an empty podman storage (build both with make image first)
+	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m loadtest.bench.image_start --podman "$(PODMAN)" \
+		--images $(IMAGE):$(IMAGE_TAG) $(IMAGE):$(IMAGE_TAG)-cpu-torch
 
 bundle: $(MARS) | $(VENV_STAMP) ## KServe storageUri layout per model: BUNDLE_DIR/<model>/{config/config.properties,model-store/<model>.mar}
 	$(foreach m,$(SERVE_MODELS),$(PY) -m serve_config.cluster.bundle --models $(m) --model-store $(TREE)model_store --out $(BUNDLE_DIR)/$(m) &&) true
