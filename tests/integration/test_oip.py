@@ -137,7 +137,7 @@ def test_pixels_and_the_models_own_layout_give_the_same_answer_as_the_encoded_im
     image = Image.open(__import__("io").BytesIO(sample.body)).convert("RGB")
     pixels = np.asarray(image, dtype=np.uint8)[None]
     preset = build_preset(spec.preset)
-    model_input = preset(decode_for(preset, sample.body, max_pixels=10**8)).numpy()[None]
+    model_input = preset(decode_for(preset, sample.body, max_pixels=10**8))[None]
     client = httpclient.InferenceServerClient(server.inference_url.removeprefix("http://"), network_timeout=60)
     answers = {}
     for name, array, datatype in (("pixels", pixels, "UINT8"), ("layout", model_input.astype(np.float32), "FP32")):
