@@ -266,19 +266,12 @@ class TorchScriptRunner:
             return _outputs(self.module(*tensors))  # fp16 comes back fp32
 
 
-class ProgramRunner:
+class ProgramRunner(ModuleRunner):
     """A torch.export program, unflattened to a module and run eagerly (on the CPU, or the worker's GPU)."""
 
     def __init__(self, path: Path, device: Any) -> None:
         torch = needs_torch(f"{Path(path).name} (a torch.export program)")
-        self.device = as_torch_device(device)
-        self.module = torch.export.load(str(path)).module().to(self.device)
-
-    def __call__(self, inputs: Sequence[Any]) -> list[np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            return _outputs(self.module(*_as_tensors(inputs, self.device)))
+        super().__init__(torch.export.load(str(path)).module(), device)
 
 
 # /proc/cpuinfo flags naming instruction-set extensions that code compiled with -march=native may use.
