@@ -159,6 +159,7 @@ def reference(spec, batch_sizes) -> list[dict[str, Any]]:
     for batch in batch_sizes:
         for start in range(0, len(texts), batch):
             rows = list(range(start, min(start + batch, len(texts))))
-            cases.append({"batch": len(rows), "inputs": [torch.from_numpy(a) for a in preset.collate([encoded[i] for i in rows])],
+            inputs = [torch.from_numpy(a) for a in preset.collate([encoded[i] for i in rows])]
+            cases.append({"batch": len(rows), "inputs": inputs,
                           "expected": [expected[rows]], "tokens": [encoded[i].tokens for i in rows]})
     return cases

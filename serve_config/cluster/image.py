@@ -38,8 +38,9 @@ from serve_config.control import PLUGIN_JAR, PLUGINS_DIR
 from serve_config.cluster.bundle import container_config, copy_archives
 
 HERE = Path(__file__).resolve().parent / "image"
-# Each variant's Containerfile target and runtime lock: `cpu` serves the models that run on ONNX Runtime, without torch
-# (about a fifth of the image); `cpu-torch` any model on CPU nodes; `cuda` any model on GPU nodes.
+# Each variant's Containerfile target and runtime lock: `cpu` serves the models that run on ONNX Runtime, without
+# torch (a seventh of the image with torch: docs/results.md); `cpu-torch` any model on CPU nodes; `cuda` any model on
+# GPU nodes.
 VARIANTS = {"cpu": ("cpu", "runtime-cpu.txt"), "cpu-torch": ("cpu", "runtime.txt"), "cuda": ("cuda", "runtime.txt")}
 TORCH_FREE = ROOT / "serve_config" / "torch_free.py"
 # The container's own files, as /opt/serve holds them: the entrypoint, the readiness probe (the control plane's one
@@ -165,8 +166,8 @@ def build(tag: str, models: Sequence[str], model_store: Path, *, base: str | Non
           variant: str = "cpu") -> None:
     target, lock = VARIANTS[variant]
     if lock == VARIANTS["cpu"][1] and (torch := needing_torch(models)):
-        raise RuntimeError(f"{', '.join(torch)} need torch, which the {variant} image leaves out: build VARIANT=cpu-torch "
-                           "(or cuda), or leave them out of IMAGE_MODELS")
+        raise RuntimeError(f"{', '.join(torch)} need torch, which the {variant} image leaves out: build "
+                           "VARIANT=cpu-torch (or cuda), or leave them out of IMAGE_MODELS")
     context = stage(CONTEXT, models, model_store, lock)
     args, volumes = build_arguments()
     args += ["--build-arg", f"LOCK={lock}"]

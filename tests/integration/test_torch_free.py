@@ -71,6 +71,7 @@ def test_a_model_that_needs_torch_is_refused_at_load_with_the_reason(torch_free_
     assert logged(server, "model_log.log", "needs torch, which this environment lacks")
     import requests
 
-    gone = requests.delete(f"{server.management_url}/models/chat-tiny", headers=server.headers("management"), timeout=60)
+    gone = requests.delete(f"{server.management_url}/models/chat-tiny", headers=server.headers("management"),
+                           timeout=60)
     assert gone.status_code == 200, gone.text
     assert_serves_every_model(server.inference_url, server.headers("inference"), samples=1)  # the others served on
